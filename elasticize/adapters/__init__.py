@@ -1,0 +1,237 @@
+"""Model-family adapters: build a model by name, its example inputs, and non-tensor state.
+
+A *recipe* (``{"adapter": "timm", "name": "resnet50", "kwargs": {...}}``) is how a
+checkpoint rebuilds its base model without pickle: the adapter builds the architecture
+(with random weights, fast, on the ``meta`` device when asked) and the checkpoint's
+tensors fill it in. Adapters import their libraries lazily, so ``import elasticize``
+needs neither timm nor torchvision.
+
+Model specs understood by :func:`resolve_spec` (and by ``elasticize convert``):
+
+* ``resnet50``: a timm model name;
+* ``timm:resnet50`` / ``torchvision:resnet50``: explicit family;
+* ``package.module:builder``: a function or class that builds your own model, as uvicorn names apps.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["Adapter", "register_adapter", "get_adapter", "resolve_spec", "build_from_recipe", "adapter_for_model"]
+
+_ADAPTERS: dict[str, "Adapter"] = {}
+
+
+class Adapter:
+    """Glue for one model family. Subclass and register with :func:`register_adapter`."""
+
+    name: str = ""
+
+    def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+        """Build model ``name``.
+
+        Raises:
+            KeyError: unknown name (with close matches).
+            RuntimeError: pretrained weights cannot be had (offline); the message names the way out.
+        """
+        raise NotImplementedError
+
+    def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
+        """Example inputs for tracing, batch 1."""
+        raise ValueError(f"pass example_inputs: the {self.name!r} adapter cannot guess {type(model).__name__}'s input")
+
+    def owns(self, model: nn.Module) -> bool:
+        """Whether a live model belongs to this family."""
+        return False
+
+    def after_extract(self, dense: nn.Module) -> None:
+        """Bring non-tensor state (feature counts, configs) in line with a dense sub-network."""
+
+
+def register_adapter(name: str) -> Callable[[type], type]:
+    """Class decorator registering an :class:`Adapter` under ``name``.
+
+    Raises:
+        ValueError: if ``name`` is taken.
+    """
+
+    def deco(cls: type) -> type:
+        if name in _ADAPTERS:
+            raise ValueError(f"an adapter named {name!r} is already registered")
+        inst = cls()
+        inst.name = name
+        _ADAPTERS[name] = inst
+        return cls
+
+    return deco
+
+
+def get_adapter(name: str) -> Adapter:
+    """The adapter registered as ``name``.
+
+    Raises:
+        KeyError: if none is; the message lists the known adapters.
+    """
+    if name not in _ADAPTERS:
+        raise KeyError(f"no adapter named {name!r}; adapters: {sorted(_ADAPTERS)}")
+    return _ADAPTERS[name]
+
+
+def adapter_for_model(model: nn.Module) -> Adapter | None:
+    """The adapter whose family ``model`` belongs to, if any."""
+    for a in _ADAPTERS.values():
+        if a.owns(model):
+            return a
+    return None
+
+
+def _offline_error(what: str, err: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"could not get pretrained weights for {what} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}). "
+        "If this machine is offline, use --no-pretrained (random weights) or --weights FILE.safetensors "
+        "(in Python: pretrained=False, or load your weights into the model first)")
+
+
+@register_adapter("timm")
+class TimmAdapter(Adapter):
+    """timm models, by name (``timm.create_model``)."""
+
+    def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+        import timm
+
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=5)
+            raise KeyError(f"unknown timm model {name!r}" + (f"; did you mean {close}?" if close else
+                           "; see timm.list_models(), or use torchvision:NAME or package.module:builder"))
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except (OSError, RuntimeError, ConnectionError) as e:
+            if pretrained:
+                raise _offline_error(f"timm model {name!r}", e) from e
+            raise
+
+    def owns(self, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg")
+
+    def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = tuple(cfg.get("input_size", (3, 224, 224)))
+        return (torch.randn(1, *size),)
+
+    def after_extract(self, dense: nn.Module) -> None:
+        get = getattr(dense, "get_classifier", None)
+        head = get() if callable(get) else None
+        if isinstance(head, nn.Linear):
+            for attr in ("num_features", "head_hidden_size"):
+                if isinstance(getattr(dense, attr, None), int):
+                    setattr(dense, attr, head.in_features)
+            if isinstance(getattr(dense, "embed_dim", None), int) and hasattr(dense, "blocks"):
+                dense.embed_dim = head.in_features
+
+
+@register_adapter("torchvision")
+class TorchvisionAdapter(Adapter):
+    """torchvision classification models, by name (``torchvision.models.get_model``)."""
+
+    def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=5)
+            raise KeyError(f"unknown torchvision model {name!r}" + (f"; did you mean {close}?" if close else ""))
+        try:
+            return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+        except (OSError, RuntimeError, ConnectionError) as e:
+            if pretrained:
+                raise _offline_error(f"torchvision model {name!r}", e) from e
+            raise
+
+    def owns(self, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("torchvision.")
+
+    def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
+        return (torch.randn(1, 3, 224, 224),)
+
+
+@register_adapter("import")
+class ImportAdapter(Adapter):
+    """Your own model: ``package.module:builder``, a function or class called with ``kwargs``."""
+
+    def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+        mod_name, _, attr = name.partition(":")
+        if not attr or not re.fullmatch(r"[\w.]+", mod_name) or not re.fullmatch(r"[\w.]+", attr):
+            raise KeyError(f"{name!r} is not an import path; write package.module:builder")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise KeyError(f"cannot import {mod_name!r} for {name!r} ({e}); is it on PYTHONPATH?") from e
+        obj: Any = mod
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise KeyError(f"{mod_name!r} has no {attr!r}")
+            obj = getattr(obj, part)
+        if not callable(obj):
+            raise KeyError(f"{name!r} is not callable")
+        model = obj(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
+        return model
+
+    def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
+        ex = getattr(model, "example_inputs", None)
+        if callable(ex):
+            ex = ex()
+        if isinstance(ex, torch.Tensor):
+            return (ex,)
+        if isinstance(ex, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in ex):
+            return tuple(ex)
+        raise ValueError(f"{type(model).__name__} has no example_inputs; give --input-shape (CLI) or "
+                         "example_inputs= (Python), or define model.example_inputs")
+
+
+def resolve_spec(spec: str) -> tuple[str, str]:
+    """``(adapter, name)`` for a model spec string; see the module docstring.
+
+    Raises:
+        KeyError: for an empty spec or an unknown family prefix.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise KeyError("empty model name")
+    family, sep, rest = spec.partition(":")
+    if sep and family in _ADAPTERS and family != "import":
+        return family, rest
+    if sep:
+        return "import", spec
+    return "timm", spec
+
+
+def build_from_recipe(recipe: dict[str, Any], *, pretrained: bool = False, device: str | None = None) -> nn.Module:
+    """Build the base model a checkpoint's recipe names, in eval mode.
+
+    Args:
+        recipe: ``{"adapter", "name", "kwargs"}``.
+        pretrained: fetch pretrained weights (off when a checkpoint brings its own).
+        device: ``"meta"`` builds without allocating weights (for loading).
+
+    Raises:
+        ValueError: if the recipe names no adapter (a model passed as an object): pass ``model=``.
+        KeyError: unknown adapter or model name.
+    """
+    if not recipe or not recipe.get("adapter"):
+        raise ValueError("this checkpoint was made from a model object, not a named model; pass the same "
+                         "architecture: elasticize.load(path, model=my_model)")
+    adapter = get_adapter(recipe["adapter"])
+    if device is None:
+        model = adapter.build(recipe["name"], pretrained=pretrained, kwargs=dict(recipe.get("kwargs") or {}))
+    else:
+        with torch.device(device):
+            model = adapter.build(recipe["name"], pretrained=pretrained, kwargs=dict(recipe.get("kwargs") or {}))
+    return model.eval()

@@ -1,0 +1,256 @@
+"""``elasticize(model)`` and the :class:`ElasticModel` it returns."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, adapter_for_model, get_adapter
+from .export import extract_from
+from .graph import analyze
+from .importance import magnitude_importance, sort_by_importance
+from .plan import Plan, apply_plan, build_plan, slice_ranges
+from .rules import find_rule
+from .space import Config, SearchSpace
+
+__all__ = ["ElasticModel", "elasticize"]
+
+SubnetLike = str | Mapping[str, Any] | None
+
+
+class ElasticModel(nn.Module):
+    """A super-network: the original model with elastic modules swapped in place.
+
+    ``model`` is the original module object (its parameters are reused, not copied);
+    ``state_dict`` names of the original are ``model.<name>`` here.
+
+    Attributes:
+        model: the converted model.
+        plan: what is elastic (:class:`elasticize.plan.Plan`).
+        space: the search space (:class:`elasticize.space.SearchSpace`).
+        recipe: how to rebuild the base model (``{"adapter", "name", "kwargs"}``), or ``{}``.
+        input_shapes: shapes of the example inputs used for the analysis.
+        metrics: measured metric per preset name (filled by training), JSON-native.
+    """
+
+    def __init__(self, model: nn.Module, plan: Plan, *, recipe: dict[str, Any] | None = None,
+                 input_shapes: Sequence[Sequence[int]] = ()) -> None:
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self.space = SearchSpace(plan)
+        self.recipe = dict(recipe or {})
+        self.input_shapes = [list(s) for s in input_shapes]
+        self.metrics: dict[str, dict[str, float]] = {}
+        self._state = apply_plan(model, plan)
+        self._active: Config = self.space.full()
+        self._resolved: dict[str, Config] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the active sub-network; inputs and outputs are the original model's."""
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------ sub-networks
+    @property
+    def presets(self) -> dict[str, Config]:
+        """Named sub-networks, sorted from largest to smallest MACs (``full`` is the original)."""
+        return self.space.presets
+
+    @property
+    def active(self) -> Config:
+        """The active sub-network's configuration."""
+        return {d: dict(v) for d, v in self._active.items()}
+
+    def resolve(self, subnet: SubnetLike) -> Config:
+        """A validated full configuration; see :meth:`elasticize.space.SearchSpace.resolve` for errors."""
+        if isinstance(subnet, str):
+            cfg = self._resolved.get(subnet)
+            if cfg is None:
+                cfg = self._resolved[subnet] = self.space.resolve(subnet)
+            return cfg
+        return self.space.resolve(subnet)
+
+    def set_subnet(self, subnet: SubnetLike) -> Config:
+        """Make ``subnet`` (a preset name, a config, or None for full) the active sub-network.
+
+        Costs a few integer stores per group and stage; no tensor is touched.
+
+        Raises:
+            KeyError, ValueError, TypeError: for a sub-network outside the search space.
+        """
+        cfg = self.resolve(subnet)
+        self.space.apply(self._state, cfg)
+        self._active = cfg
+        return cfg
+
+    @contextlib.contextmanager
+    def subnet(self, subnet: SubnetLike) -> Iterator["ElasticModel"]:
+        """Context manager: run at ``subnet`` inside, back to the previous sub-network after."""
+        previous = self._active
+        self.set_subnet(subnet)
+        try:
+            yield self
+        finally:
+            self.set_subnet(previous)
+
+    def macs(self, subnet: SubnetLike = None) -> int:
+        """MACs per sample of ``subnet`` (conv, linear, attention matmuls; FLOPs = 2 x MACs)."""
+        return self.space.macs(self.resolve(subnet))
+
+    def params(self, subnet: SubnetLike = None) -> int:
+        """Parameter count of ``subnet`` once extracted."""
+        return self.space.params(self.resolve(subnet))
+
+    def select(self, *, max_macs: int | None = None, max_params: int | None = None) -> Config:
+        """Largest nested sub-network within the budget, without search; see :meth:`SearchSpace.select`."""
+        return self.space.select(max_macs=max_macs, max_params=max_params)
+
+    # ------------------------------------------------------------ extraction
+    def extract(self, subnet: SubnetLike = None) -> nn.Module:
+        """A plain dense module of ``subnet``, made of the original layer classes.
+
+        Numerically equal to this model at ``subnet`` (fp32, max abs diff <= 1e-5); its
+        tensors are new (training it does not change this model).
+
+        Raises:
+            KeyError, ValueError, TypeError: for a sub-network outside the search space.
+        """
+        cfg = self.resolve(subnet)
+        state = dict(self.model.state_dict(keep_vars=True))
+        with self.subnet(cfg):
+            dense = extract_from(self.model, self.plan, self.space, self._state, cfg,
+                                 lambda src, ranges: slice_ranges(state[src], ranges))
+        adapter = get_adapter(self.recipe["adapter"]) if self.recipe.get("adapter") else adapter_for_model(self.model)
+        if adapter is not None:
+            adapter.after_extract(dense)
+        return dense.train(self.model.training)
+
+    def report(self) -> dict[str, Any]:
+        """What became elastic and what did not, as JSON-native values (what ``elasticize inspect`` prints)."""
+        return {
+            "tracer": self.plan.tracer,
+            "width": {g["name"]: g["choices"] for g in self.plan.groups if g["kind"] != "heads"},
+            "heads": {g["name"]: g["choices"] for g in self.plan.groups if g["kind"] == "heads"},
+            "depth": {s["name"]: s["choices"] for s in self.plan.stages},
+            "not_elastic": [list(x) for x in self.plan.not_elastic],
+            "presets": {n: {"macs": self.macs(n), "params": self.params(n)} for n in self.presets},
+        }
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of tensors, not {type(example_inputs).__name__}")
+
+
+def elasticize(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    dims: Sequence[str] = ("width", "heads", "depth"),
+    depth_mode: str = "prefix",
+    width_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+    heads_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+    exclude: Sequence[str] = (),
+    sort: str | None = "magnitude",
+    recipe: dict[str, Any] | None = None,
+) -> ElasticModel:
+    """Turn a trained model into an elastic super-network, in place.
+
+    The model's parameters are reused (not copied); after conversion the largest
+    sub-network computes what the original did (fp32, max abs diff <= 1e-5).
+
+    Args:
+        model: any ``nn.Module`` (timm, torchvision, your own).
+        example_inputs: positional inputs for tracing, e.g. a ``(1, 3, 224, 224)`` tensor;
+            optional for timm, torchvision and models with an ``example_inputs`` attribute.
+        dims: elastic dimensions: ``"width"`` (channels/features per coupling group),
+            ``"heads"`` (attention heads), ``"depth"`` (residual blocks per stage).
+        depth_mode: ``"prefix"`` (SortedNet, arXiv 2309.00255: keep the first k blocks of each
+            stage) or ``"skippable"`` (Adaptive Depth Networks, arXiv 2312.16392: each stage's
+            second half is one skippable sub-path; norms in the mandatory half are switchable).
+        width_ratios: fractions of each width group offered (SortedNet Table 1 uses 100/75/50/25%).
+        heads_ratios: fractions of each attention's heads offered.
+        exclude: ``fnmatch`` patterns of group or stage names to keep at full size.
+        sort: ``"magnitude"`` permutes every group by data-free weight-magnitude importance
+            (function-preserving) so that small sub-networks keep the important units; None keeps the order.
+        recipe: how to rebuild the base model on load, ``{"adapter", "name", "kwargs"}``;
+            filled in by ``elasticize convert`` and :func:`elasticize.convert`.
+
+    Returns:
+        The :class:`ElasticModel` (wrapping ``model``).
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module`` or is already elastic.
+        ValueError: if no example inputs can be found, the model cannot be traced, an option is
+            unknown, or nothing could be made elastic (the message lists why, per module).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"elasticize() takes an nn.Module, not {type(model).__name__}")
+    if isinstance(model, ElasticModel) or any(hasattr(m, "_el_tensors") for m in model.modules()):
+        raise TypeError("this model is already elastic; elasticize the original model once")
+    if sort not in ("magnitude", None):
+        raise ValueError(f"sort must be 'magnitude' or None, not {sort!r}")
+    inputs = _as_tuple(example_inputs)
+    adapter: Adapter | None = adapter_for_model(model)
+    if not inputs:
+        if adapter is None:
+            raise ValueError(f"pass example_inputs: elasticize cannot guess the input of {type(model).__name__} "
+                             "(e.g. example_inputs=torch.randn(1, 3, 224, 224))")
+        inputs = adapter.example_inputs(model)
+    was_training = model.training
+    model.eval()
+    analysis = analyze(model, inputs, find_rule)
+    plan = build_plan(analysis, dims=tuple(dims), depth_mode=depth_mode, width_ratios=tuple(width_ratios),
+                      heads_ratios=tuple(heads_ratios), exclude=tuple(exclude))
+    if not plan.groups and not plan.stages:
+        reasons = "; ".join(f"{w}: {r}" for w, r in plan.not_elastic[:12]) or "no convolution, linear layer or block"
+        raise ValueError(f"nothing in {type(model).__name__} could be made elastic ({reasons}). Add a rule for its "
+                         "modules (see README, 'Your own rule') or choose other dims")
+    if sort == "magnitude" and plan.groups:
+        sort_by_importance(model, plan, magnitude_importance(model, plan))
+    em = ElasticModel(model, plan, recipe=recipe, input_shapes=[list(t.shape) for t in inputs
+                                                                if isinstance(t, torch.Tensor)])
+    em.train(was_training)
+    return em
+
+
+def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None = None,
+            weights: str | None = None, example_inputs: Any = None, **options: Any) -> ElasticModel:
+    """Build a model by name and elasticize it, recording the recipe so ``load`` can rebuild it.
+
+    Args:
+        spec: ``resnet50`` (timm), ``torchvision:resnet50``, or ``package.module:builder``.
+        pretrained: fetch pretrained weights (fails offline with a message naming the way out).
+        kwargs: keyword arguments for the builder (JSON-native, stored in the recipe).
+        weights: a ``.safetensors`` state dict to load into the model before conversion.
+        example_inputs: as in :func:`elasticize`.
+        **options: the keyword options of :func:`elasticize`.
+
+    Raises:
+        KeyError: unknown model name (with close matches).
+        RuntimeError: pretrained weights unavailable.
+        ValueError: a weights file that is not safetensors or does not fit the model.
+    """
+    from .adapters import resolve_spec
+
+    adapter_name, name = resolve_spec(spec)
+    adapter = get_adapter(adapter_name)
+    kw = dict(kwargs or {})
+    model = adapter.build(name, pretrained=pretrained and weights is None, kwargs=kw)
+    if weights is not None:
+        from .checkpoint import load_weights_file
+
+        load_weights_file(model, weights)
+    if example_inputs is None and adapter_name == "import":
+        example_inputs = adapter.example_inputs(model)
+    recipe = {"adapter": adapter_name, "name": name, "kwargs": kw}
+    return elasticize(model.eval(), example_inputs, recipe=recipe, **options)
+

@@ -1,0 +1,232 @@
+"""Elastic modules: the original modules, with sliced views of their own parameters.
+
+Surgery never rebuilds a layer. Each module that owns an elastic tensor is given a
+dynamic subclass of its own class (``module.__class__ = Elastic<Name>``), so
+``isinstance`` still holds, the parameters stay the same ``nn.Parameter`` objects
+under the same names, and the module's own ``forward`` still runs. Two hooks do
+the work:
+
+* ``__getattr__`` returns, for an elastic tensor, a prefix view of it along each
+  elastic axis (``narrow``, no copy); a chunked axis such as the fused q/k/v rows
+  of an attention projection keeps the same prefix in each chunk.
+* class-level properties shadow the plain attributes that a forward reads
+  (``groups`` of a depthwise convolution, ``normalized_shape``, ``num_heads``),
+  computing them from the active sub-network.
+
+The active sub-network lives in shared :class:`GroupState` and :class:`StageState`
+objects, so switching sub-networks sets a few integers and never touches a weight
+(SortedNet, arXiv 2309.00255, Section 3: nested sub-networks share the super-network's
+parameters). Residual blocks get a gate that returns the block input when the block
+is skipped (SortedNet depth; Adaptive Depth Networks, arXiv 2312.16392, Section 3.1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "GroupState",
+    "StageState",
+    "TensorSpec",
+    "make_elastic",
+    "restore",
+    "is_elastic",
+    "SWITCH_PREFIX",
+]
+
+#: Prefix of every tensor elasticize adds to a model (switchable norms).
+SWITCH_PREFIX = "elastic_skip_"
+
+
+class GroupState:
+    """Active size of one coupling group (width or heads), shared by its members.
+
+    Attributes:
+        name: the group's name in the plan.
+        size: full size in channels.
+        unit: granularity in channels (1 for width, ``head_dim`` for heads).
+        active: active size in channels, a multiple of ``unit``.
+    """
+
+    __slots__ = ("name", "size", "unit", "active")
+
+    def __init__(self, name: str, size: int, unit: int = 1) -> None:
+        self.name = name
+        self.size = size
+        self.unit = unit
+        self.active = size
+
+    def __repr__(self) -> str:
+        return f"GroupState({self.name!r}, active={self.active}/{self.size})"
+
+
+class StageState:
+    """Active depth of one stage of residual blocks.
+
+    ``depth`` is the number of blocks kept from the start of the stage (SortedNet
+    prefix depth; with Adaptive Depth Networks' skippable sub-paths it is either the
+    whole stage or its mandatory part). ``skip`` is True when any block is dropped;
+    switchable norms read their second set of tensors then.
+    """
+
+    __slots__ = ("name", "size", "depth", "skip", "first_skippable")
+
+    def __init__(self, name: str, size: int, first_skippable: int) -> None:
+        self.name = name
+        self.size = size
+        self.depth = size
+        self.skip = False
+        self.first_skippable = first_skippable
+
+    def set(self, depth: int) -> None:
+        """Keep the first ``depth`` blocks."""
+        self.depth = depth
+        self.skip = depth < self.size
+
+
+#: One elastic axis of a tensor: (axis, group state, number of chunks along it).
+TensorSpec = tuple[tuple[int, GroupState, int], ...]
+
+
+def _slice(t: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    for axis, g, chunks in spec:
+        a = g.active
+        if a == g.size:
+            continue
+        if chunks == 1:
+            t = t.narrow(axis, 0, a)
+        else:
+            t = t.unflatten(axis, (chunks, g.size)).narrow(axis + 1, 0, a).flatten(axis, axis + 1)
+    return t
+
+
+class ElasticMixin:
+    """Slicing behaviour added in front of the module's own class."""
+
+    def __getattr__(self, name: str) -> Any:
+        d = self.__dict__
+        spec = d["_el_tensors"].get(name)
+        if spec is None:
+            return super().__getattr__(name)  # type: ignore[misc]
+        switch = d["_el_switch"]
+        if switch is not None and name in switch[1] and switch[0].skip:
+            t = super().__getattr__(SWITCH_PREFIX + name)  # type: ignore[misc]
+        else:
+            t = super().__getattr__(name)  # type: ignore[misc]
+        if t is None:
+            return None
+        return _slice(t, spec)
+
+
+class GateMixin:
+    """Skips a residual block: returns its input unchanged when the block is off."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        stage, index = self.__dict__["_el_gate"]
+        if index >= stage.depth:
+            return args[0] if args else next(iter(kwargs.values()))
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+
+def _attr_property(name: str) -> property:
+    def get(self: nn.Module) -> Any:
+        d = self.__dict__
+        spec = d["_el_attrs"].get(name)
+        if spec is None:
+            return d[name]
+        g, kind, mul, div = spec
+        n = g.active * mul // div
+        return (n,) if kind == "shape" else n
+
+    def set_(self: nn.Module, value: Any) -> None:
+        self.__dict__[name] = value
+
+    return property(get, set_)
+
+
+_CLASS_CACHE: dict[tuple, type] = {}
+
+
+def _elastic_class(base: type, attrs: tuple[str, ...], gate: bool, extra: tuple[type, ...]) -> type:
+    key = (base, attrs, gate, extra)
+    cls = _CLASS_CACHE.get(key)
+    if cls is None:
+        bases = (*extra, *((GateMixin,) if gate else ()), ElasticMixin, base)
+        ns = {name: _attr_property(name) for name in attrs}
+        ns["_el_base"] = base
+        ns["__module__"] = base.__module__
+        cls = type(f"Elastic{base.__name__}", bases, ns)
+        _CLASS_CACHE[key] = cls
+    return cls
+
+
+def is_elastic(module: nn.Module) -> bool:
+    """Whether ``module`` was given an elastic class by :func:`make_elastic`."""
+    return isinstance(module, ElasticMixin)
+
+
+def make_elastic(
+    module: nn.Module,
+    *,
+    tensors: dict[str, TensorSpec] | None = None,
+    attrs: dict[str, tuple[GroupState, str, int, int]] | None = None,
+    gate: tuple[StageState, int] | None = None,
+    switch: tuple[StageState, tuple[str, ...]] | None = None,
+    mixins: tuple[type, ...] = (),
+) -> nn.Module:
+    """Give ``module`` elastic behaviour in place; parameters are neither copied nor renamed.
+
+    Args:
+        module: the module to change; its class becomes a dynamic subclass of its class.
+        tensors: parameter or buffer name -> elastic axes (axis, group, chunks).
+        attrs: plain attribute name -> (group, kind, mul, div); kind ``"int"`` gives
+            ``active * mul // div``, ``"shape"`` gives ``(active * mul // div,)``.
+        gate: (stage, index) for a residual block that the stage's depth may skip.
+        switch: (stage, names) for switchable norms: when the stage's skippable
+            sub-path is skipped, ``names`` are read from ``elastic_skip_<name>``
+            (Adaptive Depth Networks, arXiv 2312.16392, skip-aware BatchNorm).
+        mixins: extra classes placed in front, for rules that need their own forward.
+
+    Returns:
+        The same module object.
+
+    Raises:
+        TypeError: if ``module`` is already elastic.
+    """
+    if is_elastic(module):
+        raise TypeError(f"{type(module).__name__} is already elastic; call restore() first")
+    d = module.__dict__
+    d["_el_tensors"] = dict(tensors or {})
+    d["_el_attrs"] = dict(attrs or {})
+    d["_el_switch"] = switch
+    if gate is not None:
+        d["_el_gate"] = gate
+    module.__class__ = _elastic_class(type(module), tuple(sorted(d["_el_attrs"])), gate is not None, mixins)
+    return module
+
+
+def restore(module: nn.Module, *, freeze_attrs: bool) -> nn.Module:
+    """Give an elastic module its original class back.
+
+    Args:
+        module: an elastic module.
+        freeze_attrs: if True, the elastic attributes keep their active values
+            (used by extraction); if False they return to their full values.
+
+    Returns:
+        The same module object, no longer elastic.
+    """
+    if not is_elastic(module):
+        return module
+    d = module.__dict__
+    if freeze_attrs:
+        for name in d["_el_attrs"]:
+            d[name] = getattr(module, name)
+    base = type(module)._el_base  # type: ignore[attr-defined]
+    for key in ("_el_tensors", "_el_attrs", "_el_switch", "_el_gate"):
+        d.pop(key, None)
+    module.__class__ = base
+    return module

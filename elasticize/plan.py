@@ -1,0 +1,313 @@
+"""The plan: a JSON-native record of what is elastic, replayed to rebuild an elastic model.
+
+``Analysis -> Plan`` chooses the dimensions and their nested choices; ``apply_plan``
+performs the surgery on a model (the converted one, or a freshly built base model when
+a checkpoint is loaded), so conversion and loading share one code path.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from .graph import Analysis
+from .modules import SWITCH_PREFIX, GroupState, StageState, make_elastic, restore
+from .rules import get_rule
+
+__all__ = ["Plan", "PLAN_VERSION", "build_plan", "apply_plan", "remove_elastic", "ElasticState", "DIMENSIONS"]
+
+PLAN_VERSION = 1
+#: The elastic dimensions elasticize knows.
+DIMENSIONS = ("width", "heads", "depth")
+_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+@dataclass
+class Plan:
+    """Everything needed to make a base model elastic again, as JSON-native values.
+
+    Attributes:
+        version: plan format version.
+        tracer: ``"fx"`` or ``"export"``.
+        dims: the elastic dimensions in use (subset of ``("width", "heads", "depth")``).
+        depth_mode: ``"prefix"`` (SortedNet) or ``"skippable"`` (Adaptive Depth Networks).
+        groups: one dict per coupling group: ``name, kind, size, unit, choices`` (choices in
+            channels for width, in heads for heads, largest first).
+        tensors: tensor fqn -> ``{"shape", "param", "axes": {axis: [group, chunks]}}``.
+        attrs: module path -> attribute -> ``[group, kind, mul, div]``.
+        sites: module path -> rule name, for every module a rule handled.
+        stages: one dict per stage: ``name, blocks, n_mandatory, first_skippable, choices``.
+        switchable: module path -> ``{"stage", "tensors"}`` for skip-aware norms.
+        mac_terms: ``[owner, macs per sample, [group, ...]]``.
+        not_elastic: ``[where, reason]`` for everything that stayed fixed.
+    """
+
+    version: int = PLAN_VERSION
+    tracer: str = "fx"
+    dims: list[str] = field(default_factory=lambda: list(DIMENSIONS))
+    depth_mode: str = "prefix"
+    groups: list[dict[str, Any]] = field(default_factory=list)
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attrs: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    sites: dict[str, str] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    switchable: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mac_terms: list[list[Any]] = field(default_factory=list)
+    not_elastic: list[list[str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as a JSON-native dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Plan":
+        """Rebuild a plan; unknown keys warn and are dropped.
+
+        Raises:
+            ValueError: if the plan was written by a newer format version.
+        """
+        version = int(data.get("version", 0))
+        if version > PLAN_VERSION:
+            raise ValueError(f"plan format version {version} is newer than this elasticize reads ({PLAN_VERSION}); "
+                             "upgrade elasticize (pip install -U elasticize)")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"ignoring unknown plan keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def group(self, name: str) -> dict[str, Any]:
+        """The group dict called ``name``.
+
+        Raises:
+            KeyError: if there is none; the message lists the group names.
+        """
+        for g in self.groups:
+            if g["name"] == name:
+                return g
+        raise KeyError(f"no group {name!r}; groups: {[g['name'] for g in self.groups]}")
+
+
+def _choices(size: int, unit: int, ratios: tuple[float, ...]) -> list[int]:
+    n = size // unit
+    out = sorted({max(1, min(n, round(r * n))) for r in ratios} | {n}, reverse=True)
+    return out
+
+
+def build_plan(
+    analysis: Analysis,
+    *,
+    dims: tuple[str, ...],
+    depth_mode: str,
+    width_ratios: tuple[float, ...],
+    heads_ratios: tuple[float, ...],
+    exclude: tuple[str, ...] = (),
+) -> Plan:
+    """Choose the elastic dimensions and their nested choices from an analysis.
+
+    Args:
+        analysis: output of :func:`elasticize.graph.analyze`.
+        dims: any of ``"width"``, ``"heads"``, ``"depth"``.
+        depth_mode: ``"prefix"`` keeps the first ``k`` blocks of each stage (SortedNet,
+            arXiv 2309.00255); ``"skippable"`` splits each stage into a mandatory first half
+            and a skippable second half with switchable norms (arXiv 2312.16392, Section 3).
+        width_ratios: fractions of each width group's size offered as choices.
+        heads_ratios: fractions of each attention's heads offered as choices.
+        exclude: group or stage names (``fnmatch`` patterns) kept at full size.
+
+    Returns:
+        The plan.
+
+    Raises:
+        ValueError: for an unknown dimension or depth mode.
+    """
+    import fnmatch
+
+    bad = [d for d in dims if d not in DIMENSIONS]
+    if bad:
+        raise ValueError(f"unknown dimension(s) {bad}; choose from {list(DIMENSIONS)}")
+    if depth_mode not in ("prefix", "skippable"):
+        raise ValueError(f"depth_mode must be 'prefix' or 'skippable', not {depth_mode!r}")
+
+    def excluded(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pat) for pat in exclude)
+
+    plan = Plan(tracer=analysis.tracer, dims=list(dims), depth_mode=depth_mode)
+    plan.not_elastic = [list(x) for x in analysis.not_elastic]
+    kept: set[str] = set()
+    for g in analysis.groups:
+        dim = "heads" if g.kind == "heads" else "width"
+        if dim not in dims or excluded(g.name):
+            plan.not_elastic.append([g.name, f"{dim} not selected" if dim not in dims else "excluded by the user"])
+            continue
+        ratios = heads_ratios if dim == "heads" else width_ratios
+        choices = _choices(g.size, g.unit, ratios)
+        if dim == "width":
+            choices = [c * g.unit for c in choices]
+        plan.groups.append({"name": g.name, "kind": g.kind, "size": g.size, "unit": g.unit, "choices": choices})
+        kept.add(g.name)
+    for fqn, info in analysis.tensors.items():
+        axes = {ax: v for ax, v in info["axes"].items() if v[0] in kept}
+        plan.tensors[fqn] = {"shape": info["shape"], "param": info["param"], "axes": axes}
+    for module, attrs in analysis.attrs.items():
+        a = {k: list(v) for k, v in attrs.items() if v[0] in kept}
+        if a:
+            plan.attrs[module] = a
+    plan.sites = dict(analysis.sites)
+    plan.mac_terms = [[t.owner, t.macs, [f for f in t.factors if f in kept]] for t in analysis.mac_terms]
+    if "depth" in dims:
+        for st in analysis.stages:
+            if excluded(st.name):
+                plan.not_elastic.append([st.name, "excluded by the user"])
+                continue
+            n = len(st.blocks)
+            if depth_mode == "prefix":
+                first, lo = n, max(1, st.n_mandatory)
+                choices = list(range(n, lo - 1, -1))
+            else:
+                first = max(st.n_mandatory, math.ceil(n / 2))
+                choices = [n, first] if first < n else [n]
+            if len(choices) < 2:
+                plan.not_elastic.append([st.name, "no block can be skipped"])
+                continue
+            plan.stages.append({"name": st.name, "blocks": list(st.blocks), "n_mandatory": st.n_mandatory,
+                                "first_skippable": first, "choices": choices})
+        if depth_mode == "skippable":
+            _plan_switchable(plan)
+    return plan
+
+
+def _plan_switchable(plan: Plan) -> None:
+    """Skip-aware norms: every norm in a stage's mandatory sub-path gets a second set of tensors."""
+    norms: dict[str, list[str]] = {}
+    for fqn in plan.tensors:
+        module, _, name = fqn.rpartition(".")
+        if name in _NORM_TENSORS and plan.sites.get(module) in ("batchnorm", "layernorm", "groupnorm"):
+            norms.setdefault(module, []).append(name)
+    for st in plan.stages:
+        mandatory = st["blocks"][: st["first_skippable"]]
+        for module, names in norms.items():
+            if any(module.startswith(b + ".") for b in mandatory):
+                plan.switchable[module] = {"stage": st["name"], "tensors": sorted(names)}
+
+
+@dataclass
+class ElasticState:
+    """The live switches of an elastic model: one state per group and per stage."""
+
+    groups: dict[str, GroupState]
+    stages: dict[str, StageState]
+    modules: list[str]
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
+    """Make ``model`` elastic in place, as the plan says.
+
+    Original parameters keep their objects and names. Switchable norms get new tensors
+    named ``elastic_skip_<name>``, initialised as copies of the originals.
+
+    Args:
+        model: a model with the plan's structure (the converted model, or a freshly built base model).
+        plan: the plan.
+
+    Returns:
+        The live state (groups, stages) that selects the active sub-network.
+
+    Raises:
+        ValueError: if the model does not match the plan (a tensor is missing or has another shape).
+        KeyError: if the plan names a rule that is not registered.
+    """
+    state = dict(model.state_dict(keep_vars=True))
+    for fqn, info in plan.tensors.items():
+        if not info["axes"]:
+            continue
+        t = state.get(fqn)
+        if t is None:
+            raise ValueError(f"the model has no tensor {fqn!r} that the plan makes elastic; the checkpoint was made "
+                             "from another architecture")
+        if list(t.shape) != list(info["shape"]):
+            raise ValueError(f"tensor {fqn!r} has shape {list(t.shape)} but the plan expects {info['shape']}; the "
+                             "checkpoint was made from another configuration of this model")
+    groups = {g["name"]: GroupState(g["name"], g["size"], g["unit"]) for g in plan.groups}
+    stages = {s["name"]: StageState(s["name"], len(s["blocks"]), s["first_skippable"]) for s in plan.stages}
+    per_module: dict[str, dict[str, Any]] = {}
+
+    def entry(path: str) -> dict[str, Any]:
+        return per_module.setdefault(path, {"tensors": {}, "attrs": {}, "gate": None, "switch": None, "mixins": ()})
+
+    for fqn, info in plan.tensors.items():
+        if info["axes"]:
+            module, _, name = fqn.rpartition(".")
+            spec = tuple(sorted((int(ax), groups[g], int(ch)) for ax, (g, ch) in info["axes"].items()))
+            entry(module)["tensors"][name] = spec
+    for module, attrs in plan.attrs.items():
+        entry(module)["attrs"] = {k: (groups[g], kind, int(mul), int(div)) for k, (g, kind, mul, div) in attrs.items()}
+    for st in plan.stages:
+        for i, b in enumerate(st["blocks"]):
+            entry(b)["gate"] = (stages[st["name"]], i)
+    for module, sw in plan.switchable.items():
+        m = model.get_submodule(module)
+        for name in sw["tensors"]:
+            t = getattr(m, name)
+            if t is None or hasattr(m, SWITCH_PREFIX + name):
+                continue
+            copy = t.detach().clone()
+            if isinstance(t, nn.Parameter):
+                m.register_parameter(SWITCH_PREFIX + name, nn.Parameter(copy, requires_grad=t.requires_grad))
+            else:
+                m.register_buffer(SWITCH_PREFIX + name, copy)
+        entry(module)["switch"] = (stages[sw["stage"]], tuple(sw["tensors"]))
+    for module, rule_name in plan.sites.items():
+        rule = get_rule(rule_name)
+        if rule.mixin is not None:
+            entry(module)["mixins"] = (rule.mixin,)
+    for path, e in per_module.items():
+        make_elastic(model.get_submodule(path), tensors=e["tensors"], attrs=e["attrs"], gate=e["gate"],
+                     switch=e["switch"], mixins=e["mixins"])
+    return ElasticState(groups, stages, sorted(per_module))
+
+
+def remove_elastic(model: nn.Module, *, freeze: bool) -> None:
+    """Give every elastic module its original class back (``freeze``: keep the active attribute values)."""
+    for m in model.modules():
+        restore(m, freeze_attrs=freeze)
+
+
+def tensor_ranges(plan: Plan, state: ElasticState, fqn: str) -> list[list[tuple[int, int]]] | None:
+    """Per axis, the ``[start, stop)`` ranges of ``fqn`` that the active sub-network uses.
+
+    Returns None when the tensor is not elastic (the whole tensor is used).
+    """
+    info = plan.tensors.get(fqn)
+    if info is None or not info["axes"]:
+        return None
+    out: list[list[tuple[int, int]]] = []
+    for ax, n in enumerate(info["shape"]):
+        a = info["axes"].get(str(ax))
+        if a is None:
+            out.append([(0, n)])
+            continue
+        g = state.groups[a[0]]
+        chunks = int(a[1])
+        out.append([(k * g.size, k * g.size + g.active) for k in range(chunks)])
+    return out
+
+
+def slice_ranges(t: torch.Tensor, ranges: list[list[tuple[int, int]]] | None) -> torch.Tensor:
+    """``t`` cut to ``ranges`` (as from :func:`tensor_ranges`); a new contiguous tensor."""
+    if ranges is None:
+        return t.detach().clone()
+    for ax, rs in enumerate(ranges):
+        if len(rs) == 1:
+            a, b = rs[0]
+            if a == 0 and b == t.shape[ax]:
+                continue
+            t = t.narrow(ax, a, b - a)
+        else:
+            t = torch.cat([t.narrow(ax, a, b - a) for a, b in rs], dim=ax)
+    return t.detach().clone().contiguous()

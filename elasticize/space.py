@@ -1,0 +1,263 @@
+"""The search space: named dimensions, nested choices, presets, MACs and search-free selection.
+
+A sub-network configuration is a JSON-native dict::
+
+    {"width": {group: channels}, "heads": {group: heads}, "depth": {stage: blocks}}
+
+Missing entries mean full size. A float in place of a dict applies one ratio to every
+group or stage of that dimension (``{"width": 0.5}``), rounded to the nearest choice.
+Choices are nested: a smaller choice keeps a prefix of the channels, heads or blocks of
+a larger one, so the sub-networks are sorted (SortedNet, arXiv 2309.00255, Section 3),
+and the largest sub-network under a budget is found by walking them in order, without
+a search (SortedNet's search-free extraction).
+
+MACs are multiply-accumulates of convolutions, linear layers and attention matmuls for
+one sample, the figure ``torch.utils.flop_counter.FlopCounterMode`` reports as FLOPs / 2
+(norms, activations and adds are not counted).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .modules import SWITCH_PREFIX
+from .plan import ElasticState, Plan
+
+__all__ = ["SearchSpace", "PRESET_RATIOS", "Config"]
+
+Config = dict[str, dict[str, int]]
+
+#: (width, heads, depth) ratios of the named presets, largest first.
+PRESET_RATIOS: dict[str, tuple[float, float, float]] = {
+    "full": (1.0, 1.0, 1.0),
+    "large": (0.75, 0.75, 1.0),
+    "medium": (0.5, 0.5, 0.75),
+    "small": (0.5, 0.5, 0.5),
+    "tiny": (0.25, 0.25, 0.0),
+}
+
+
+def _nearest(choices: list[int], target: float) -> int:
+    return min(choices, key=lambda c: (abs(c - target), -c))
+
+
+class SearchSpace:
+    """Dimensions and nested choices of one elastic model.
+
+    Args:
+        plan: the model's plan.
+        metrics: optional measured metrics per preset name (written by training).
+    """
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.width = {g["name"]: list(g["choices"]) for g in plan.groups if g["kind"] != "heads"}
+        self.heads = {g["name"]: list(g["choices"]) for g in plan.groups if g["kind"] == "heads"}
+        self.depth = {s["name"]: list(s["choices"]) for s in plan.stages}
+        self._size = {g["name"]: g["size"] for g in plan.groups}
+        self._unit = {g["name"]: g["unit"] for g in plan.groups}
+        blocks: dict[str, tuple[str, int]] = {}
+        for s in plan.stages:
+            for i, b in enumerate(s["blocks"]):
+                blocks[b] = (s["name"], i)
+
+        self._blocks = blocks
+        block_of = self.block_of
+        self._terms = [(int(macs), list(f), block_of(owner)) for owner, macs, f in plan.mac_terms]
+        self._params = []
+        for fqn, info in plan.tensors.items():
+            if not info["param"] or fqn.rsplit(".", 1)[-1].startswith(SWITCH_PREFIX):
+                continue
+            n = 1
+            for d in info["shape"]:
+                n *= int(d)
+            groups = [a[0] for a in info["axes"].values()]
+            self._params.append((n, groups, block_of(fqn.rsplit(".", 1)[0])))
+        self.presets = self._make_presets()
+
+    def block_of(self, path: str) -> tuple[str, int] | None:
+        """(stage, index) of the depth block that contains module ``path``, or None."""
+        while True:
+            if path in self._blocks:
+                return self._blocks[path]
+            if "." not in path:
+                return None
+            path = path.rsplit(".", 1)[0]
+
+    def kept(self, path: str, cfg: Config) -> bool:
+        """Whether module ``path`` runs in the (resolved) sub-network ``cfg``."""
+        return self._kept(self.block_of(path), cfg)
+
+    # ------------------------------------------------------------------ configs
+    @property
+    def dimensions(self) -> dict[str, dict[str, list[int]]]:
+        """``{"width": {group: choices}, "heads": {...}, "depth": {stage: choices}}``, largest choice first."""
+        return {"width": dict(self.width), "heads": dict(self.heads), "depth": dict(self.depth)}
+
+    def full(self) -> Config:
+        """The largest sub-network (the original model)."""
+        return {dim: {k: c[0] for k, c in table.items()} for dim, table in self.dimensions.items()}
+
+    def uniform(self, width: float = 1.0, heads: float = 1.0, depth: float = 1.0) -> Config:
+        """The configuration nearest to one ratio per dimension, for every group and stage."""
+        cfg: Config = {"width": {}, "heads": {}, "depth": {}}
+        for g, ch in self.width.items():
+            cfg["width"][g] = _nearest(ch, width * ch[0])
+        for g, ch in self.heads.items():
+            cfg["heads"][g] = _nearest(ch, heads * ch[0])
+        for s, ch in self.depth.items():
+            cfg["depth"][s] = _nearest(ch, depth * ch[0]) if depth < 1.0 else ch[0]
+        return cfg
+
+    def resolve(self, cfg: str | Mapping[str, Any] | None) -> Config:
+        """A full, validated configuration from a preset name, a (partial) config, or None (full).
+
+        Raises:
+            KeyError: for an unknown preset, dimension, group or stage; the message lists the known ones.
+            ValueError: for a value outside the search space; the message lists the choices.
+            TypeError: for a value of the wrong type.
+        """
+        if cfg is None:
+            return self.full()
+        if isinstance(cfg, str):
+            if cfg not in self.presets:
+                raise KeyError(f"no preset {cfg!r}; presets: {list(self.presets)}")
+            return {d: dict(v) for d, v in self.presets[cfg].items()}
+        if not isinstance(cfg, Mapping):
+            raise TypeError(f"a sub-network is a preset name or a dict like {{'width': 0.5}}, not {type(cfg).__name__}")
+        out = self.full()
+        tables = self.dimensions
+        for dim, value in cfg.items():
+            if dim not in tables:
+                raise KeyError(f"unknown dimension {dim!r}; dimensions: {list(tables)}")
+            table = tables[dim]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not 0.0 <= float(value) <= 1.0:
+                    raise ValueError(f"the ratio for {dim!r} must be in [0, 1], got {value}")
+                out[dim].update(self.uniform(**{dim: float(value)})[dim])
+                continue
+            if not isinstance(value, Mapping):
+                raise TypeError(f"{dim!r} takes a ratio or a dict of {{name: size}}, not {type(value).__name__}")
+            for name, v in value.items():
+                if name not in table:
+                    raise KeyError(f"unknown {dim} entry {name!r}; known: {list(table)}")
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(f"{dim} of {name!r} must be an int, one of {table[name]}; got {v!r}")
+                if v not in table[name]:
+                    raise ValueError(f"{dim} {v} for {name!r} is outside the search space; choose one of {table[name]}")
+                out[dim][name] = v
+        return out
+
+    def apply(self, state: ElasticState, cfg: Config) -> None:
+        """Set the live switches to a resolved configuration (integer stores only)."""
+        groups, stages = state.groups, state.stages
+        for g, v in cfg["width"].items():
+            groups[g].active = v
+        for g, v in cfg["heads"].items():
+            gs = groups[g]
+            gs.active = v * gs.unit
+        for s, v in cfg["depth"].items():
+            stages[s].set(v)
+
+    # ------------------------------------------------------------------ costs
+    def _ratios(self, cfg: Config) -> dict[str, float]:
+        r = {g: v / self._size[g] for g, v in cfg["width"].items()}
+        r.update({g: v * self._unit[g] / self._size[g] for g, v in cfg["heads"].items()})
+        return r
+
+    @staticmethod
+    def _kept(block: tuple[str, int] | None, cfg: Config) -> bool:
+        return block is None or block[1] < cfg["depth"].get(block[0], 1 << 30)
+
+    def macs(self, cfg: str | Mapping[str, Any] | None = None) -> int:
+        """Multiply-accumulates per sample of a sub-network (conv, linear, attention matmuls)."""
+        c = self.resolve(cfg)
+        r = self._ratios(c)
+        total = 0.0
+        for macs, factors, block in self._terms:
+            if self._kept(block, c):
+                f = float(macs)
+                for g in factors:
+                    f *= r.get(g, 1.0)
+                total += f
+        return int(round(total))
+
+    def params(self, cfg: str | Mapping[str, Any] | None = None) -> int:
+        """Number of parameters (elements) of the extracted sub-network."""
+        c = self.resolve(cfg)
+        r = self._ratios(c)
+        total = 0.0
+        for n, groups, block in self._params:
+            if self._kept(block, c):
+                f = float(n)
+                for g in groups:
+                    f *= r.get(g, 1.0)
+                total += f
+        return int(round(total))
+
+    # ------------------------------------------------------------------ presets and selection
+    def _make_presets(self) -> dict[str, Config]:
+        out: dict[str, Config] = {}
+        seen = []
+        for name, (w, h, d) in PRESET_RATIOS.items():
+            cfg = self.uniform(width=w, heads=h, depth=d)
+            if cfg in seen:
+                continue
+            seen.append(cfg)
+            out[name] = cfg
+        order = sorted(out, key=lambda n: -self._macs_raw(out[n]))
+        return {n: out[n] for n in order}
+
+    def _macs_raw(self, c: Config) -> float:
+        r = self._ratios(c)
+        total = 0.0
+        for macs, factors, block in self._terms:
+            if self._kept(block, c):
+                f = float(macs)
+                for g in factors:
+                    f *= r.get(g, 1.0)
+                total += f
+        return total
+
+    def candidates(self) -> list[Config]:
+        """Nested uniform sub-networks (one choice index per dimension), largest MACs first."""
+        lw = max([len(c) for c in self.width.values()] or [1])
+        lh = max([len(c) for c in self.heads.values()] or [1])
+        ld = max([len(c) for c in self.depth.values()] or [1])
+        out: list[Config] = []
+        for i in range(lw):
+            for j in range(lh):
+                for k in range(ld):
+                    cfg: Config = {
+                        "width": {g: c[min(i, len(c) - 1)] for g, c in self.width.items()},
+                        "heads": {g: c[min(j, len(c) - 1)] for g, c in self.heads.items()},
+                        "depth": {s: c[min(k, len(c) - 1)] for s, c in self.depth.items()},
+                    }
+                    if cfg not in out:
+                        out.append(cfg)
+        out.sort(key=lambda c: -self._macs_raw(c))
+        return out
+
+    def select(self, *, max_macs: int | None = None, max_params: int | None = None) -> Config:
+        """The largest nested sub-network within a budget, found without a search.
+
+        Args:
+            max_macs: upper bound on MACs per sample.
+            max_params: upper bound on parameters.
+
+        Returns:
+            The configuration with the most MACs that meets every bound.
+
+        Raises:
+            ValueError: if no bound is given, or no sub-network meets them (the message
+                gives the smallest sub-network's MACs and params).
+        """
+        if max_macs is None and max_params is None:
+            raise ValueError("give max_macs and/or max_params")
+        cands = self.candidates()
+        for c in cands:
+            if (max_macs is None or self.macs(c) <= max_macs) and (max_params is None or self.params(c) <= max_params):
+                return c
+        smallest = cands[-1]
+        raise ValueError(f"no sub-network meets max_macs={max_macs}, max_params={max_params}; the smallest has "
+                         f"{self.macs(smallest):,} MACs and {self.params(smallest):,} params")
