@@ -1,0 +1,373 @@
+"""One ``.safetensors`` file per elastic model, with its manifest in the header metadata.
+
+The file holds the super-network's tensors under the original model's names, and the
+header metadata key ``"elasticize"`` holds a JSON manifest (schema in the README):
+format version, library version, base-model recipe, the plan, and for each preset its
+configuration, MACs, params, bytes and, per dense tensor, the source tensor and the
+``[start, stop)`` ranges to read along each axis. A program in any language can cut a
+preset out with a plain safetensors reader; :func:`load_subnet` does so here, reading
+only the bytes that sub-network needs (``safe_open(...).get_slice``).
+
+Writes are atomic (a temporary file in the same folder, then ``os.replace``) and never
+replace the file a model was loaded from. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ._version import __version__
+from .adapters import build_from_recipe, get_adapter
+from .export import densify, dense_tensors, set_tensor
+from .model import ElasticModel, SubnetLike
+from .plan import Plan, apply_plan
+from .space import Config, SearchSpace
+
+__all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
+           "load_weights_file"]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "elasticize"
+
+
+# --------------------------------------------------------------------------- files
+def _same_file(a: Path, b: str | os.PathLike | None) -> bool:
+    if b is None:
+        return False
+    try:
+        return a.exists() and Path(b).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _atomic_write(path: Path, write: Callable[[str], None], *, overwrite: bool, inputs: tuple = ()) -> Path:
+    path = Path(path)
+    for src in inputs:
+        if _same_file(path, src):
+            raise ValueError(f"refusing to write {path}: it is the input file; choose another output path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) or choose another path")
+    if not path.parent.exists():
+        raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous tensors for safetensors; tensors that share storage are stored once (aliases)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in state.items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+            if t.device.type != "meta" else (name,)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t.contiguous().cpu()
+    return out, aliases
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of an elasticize file, validated.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a readable safetensors file (truncated or corrupted), no elasticize
+            manifest in it, a manifest that is not valid JSON, or one written in a newer
+            format version than this elasticize reads (the message says to upgrade).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    size = path.stat().st_size
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = list(f.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
+    if size < 8:
+        raise ValueError(f"{path} is not a readable safetensors file (only {size} bytes)")
+    raw = meta.get(METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"{path} is a safetensors file without an elasticize manifest; make one with "
+                         "`elasticize convert` or elasticize.save()")
+    try:
+        manifest = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the elasticize manifest is not valid JSON ({e}); the file is corrupted") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != "elasticize":
+        raise ValueError(f"{path}: the manifest is not an elasticize manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise ValueError(f"{path}: the manifest has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} was written in elasticize file format {version} (by elasticize "
+                         f"{manifest.get('library_version', '?')}); this elasticize {__version__} reads format "
+                         f"{FORMAT_VERSION} and older. Upgrade: pip install -U elasticize")
+    _check_complete(path, size)
+    manifest["_tensor_names"] = names
+    return manifest
+
+
+def _check_complete(path: Path, size: int) -> None:
+    """The header's data offsets must fit in the file: a truncated download fails here, not mid-load."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size}; "
+                         "copy or download it again")
+
+
+# --------------------------------------------------------------------------- manifest
+def _preset_entry(em: ElasticModel, name: str, cfg: Config) -> dict[str, Any]:
+    with em.subnet(cfg):
+        spec = dense_tensors(em.plan, em.space, em._state, cfg)
+    shapes = {k: list(v.shape) for k, v in em.model.state_dict().items()}
+    dtypes = {k: v.element_size() for k, v in em.model.state_dict().items()}
+    tensors: dict[str, Any] = {}
+    total = 0
+    for dense, (src, ranges) in spec.items():
+        if ranges is None:
+            shape = shapes[src]
+        else:
+            shape = [sum(b - a for a, b in rs) for rs in ranges]
+        n = 1
+        for d in shape:
+            n *= d
+        total += n * dtypes[src]
+        tensors[dense] = {"source": src, "shape": shape,
+                          "slices": None if ranges is None else [[list(r) for r in rs] for rs in ranges]}
+    return {"config": cfg, "macs": em.macs(cfg), "params": em.params(cfg), "bytes": total,
+            "metrics": dict(em.metrics.get(name, {})), "tensors": tensors}
+
+
+def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Config | None = None) -> dict[str, Any]:
+    m: dict[str, Any] = {
+        "format": "elasticize",
+        "format_version": FORMAT_VERSION,
+        "library_version": __version__,
+        "kind": kind,
+        "recipe": em.recipe,
+        "input_shapes": em.input_shapes,
+        "plan": em.plan.to_json(),
+        "search_space": em.space.dimensions,
+        "aliases": aliases,
+    }
+    if kind == "super-network":
+        m["presets"] = {n: _preset_entry(em, n, c) for n, c in em.presets.items()}
+    else:
+        m["config"] = config
+        m["macs"] = em.macs(config)
+        m["params"] = em.params(config)
+    return m
+
+
+# --------------------------------------------------------------------------- save
+def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the super-network and its manifest to one ``.safetensors`` file, atomically.
+
+    Args:
+        em: the elastic model.
+        path: output file.
+        overwrite: replace an existing file (never the one ``em`` was loaded from).
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: if ``em`` is not an :class:`ElasticModel`.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        ValueError: ``path`` is the file ``em`` was loaded from.
+        FileNotFoundError: the folder does not exist.
+    """
+    if not isinstance(em, ElasticModel):
+        raise TypeError(f"save() takes an ElasticModel (from elasticize.elasticize), not {type(em).__name__}")
+    tensors, aliases = _dedupe(em.model.state_dict())
+    manifest = _manifest(em, aliases, "super-network")
+    meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":"))}
+    return _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
+                         inputs=(getattr(em, "source_path", None),))
+
+
+def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write one dense sub-network to a ``.safetensors`` file (tensors under the original names).
+
+    :func:`load_subnet` reads it back into a dense module. Errors as :func:`save`, plus
+    those of :meth:`ElasticModel.resolve` for a sub-network outside the search space.
+    """
+    if not isinstance(em, ElasticModel):
+        raise TypeError(f"save_subnet() takes an ElasticModel, not {type(em).__name__}")
+    cfg = em.resolve(subnet)
+    dense = em.extract(cfg)
+    tensors, aliases = _dedupe(dense.state_dict())
+    meta = {METADATA_KEY: json.dumps(_manifest(em, aliases, "sub-network", cfg), separators=(",", ":"))}
+    return _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
+                         inputs=(getattr(em, "source_path", None),))
+
+
+# --------------------------------------------------------------------------- load
+def _base_model(manifest: dict[str, Any], model: nn.Module | None) -> tuple[nn.Module, bool]:
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
+        if any(hasattr(m, "_el_tensors") for m in model.modules()):
+            raise TypeError("pass the plain base model (not an elastic one) as model=")
+        return model.eval(), False
+    return build_from_recipe(manifest.get("recipe") or {}, device="meta"), True
+
+
+def _materialize(model: nn.Module, manifest: dict[str, Any]) -> None:
+    """Buffers not stored in the file (non-persistent) are still on ``meta``: take them from a real build."""
+    missing = [n for n, b in model.named_buffers() if b.is_meta]
+    if not missing:
+        return
+    real = dict(build_from_recipe(manifest["recipe"]).named_buffers())
+    for n in missing:
+        if n in real:
+            set_tensor(model, n, real[n])
+
+
+def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticModel:
+    """Load an elastic model saved by :func:`save`.
+
+    Args:
+        path: the ``.safetensors`` file.
+        model: the base model (same architecture as at conversion); if None it is rebuilt
+            from the manifest's recipe (timm, torchvision or an import path) without
+            allocating random weights.
+
+    Returns:
+        The :class:`ElasticModel`, in eval mode, with the file's weights.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`read_manifest`; also a file that is a dense
+            sub-network (use :func:`load_subnet`), or tensors that do not fit the model.
+        KeyError: the plan names a rule that is not registered (import the module that registers it).
+    """
+    manifest = read_manifest(path)
+    if manifest.get("kind") != "super-network":
+        raise ValueError(f"{path} holds one dense sub-network; load it with elasticize.load_subnet(path)")
+    base, meta = _base_model(manifest, model)
+    em = ElasticModel(base, Plan.from_json(manifest["plan"]), recipe=manifest.get("recipe"),
+                      input_shapes=manifest.get("input_shapes", []))
+    tensors = load_file(str(path))
+    for alias, target in (manifest.get("aliases") or {}).items():
+        tensors[alias] = tensors[target]
+    try:
+        em.model.load_state_dict(tensors, strict=True, assign=meta)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit the model: {str(e).splitlines()[0]}. Pass the architecture it was "
+                         "made from as model=") from e
+    if meta:
+        _materialize(em.model, manifest)
+    em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
+    em.source_path = str(path)
+    return em.eval()
+
+
+def _read_ranges(sl: Any, ranges: list[list[tuple[int, int]]]) -> torch.Tensor:
+    multi = [i for i, rs in enumerate(ranges) if len(rs) > 1]
+    if not multi:
+        return sl[tuple(slice(rs[0][0], rs[0][1]) for rs in ranges)]
+    ax = multi[0]
+    parts = [_read_ranges(sl, ranges[:ax] + [[r]] + ranges[ax + 1:]) for r in ranges[ax]]
+    return torch.cat(parts, dim=ax)
+
+
+def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn.Module | None = None) -> nn.Module:
+    """A dense sub-network, reading only the bytes it needs from the file.
+
+    Args:
+        path: a super-network file from :func:`save` (then ``subnet`` picks the preset or
+            config, default full), or a dense sub-network file from :func:`save_subnet`
+            (then ``subnet`` must be None or equal to its configuration).
+        subnet: preset name or configuration.
+        model: the base model, if the file's recipe cannot rebuild it.
+
+    Returns:
+        The dense module (ordinary layers), in eval mode; equal to
+        ``load(path).extract(subnet)``.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`read_manifest`.
+        KeyError, ValueError, TypeError: a sub-network outside the search space.
+    """
+    manifest = read_manifest(path)
+    plan = Plan.from_json(manifest["plan"])
+    space = SearchSpace(plan)
+    base, meta = _base_model(manifest, model)
+    state = apply_plan(base, plan)
+    if manifest.get("kind") == "sub-network":
+        cfg = manifest["config"]
+        if subnet is not None and space.resolve(subnet) != space.resolve(cfg):
+            raise ValueError(f"{path} holds only the sub-network {cfg}; it cannot give {subnet!r}")
+    else:
+        cfg = space.resolve(subnet)
+    space.apply(state, cfg)
+    spec = dense_tensors(plan, space, state, cfg)
+    densify(base, plan, space, cfg)
+    aliases = manifest.get("aliases") or {}
+    with safe_open(str(path), framework="pt") as f:
+        for dense, (src, ranges) in spec.items():
+            if manifest.get("kind") == "sub-network":
+                t = f.get_tensor(aliases.get(dense, dense))
+            else:
+                src = aliases.get(src, src)
+                t = f.get_tensor(src) if ranges is None or not ranges else _read_ranges(f.get_slice(src), ranges)
+            if meta:
+                set_tensor(base, dense, t.contiguous())
+            else:
+                with torch.no_grad():
+                    set_tensor(base, dense, t.contiguous())
+    if meta:
+        _materialize(base, manifest)
+    recipe = manifest.get("recipe") or {}
+    if recipe.get("adapter"):
+        get_adapter(recipe["adapter"]).after_extract(base)
+    return base.eval()
+
+
+def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a plain ``.safetensors`` state dict into ``model`` (strict).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a safetensors file (pickled ``.pt``/``.pth`` files are refused: elasticize
+            never unpickles), or its tensors do not fit the model.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such weights file: {p}")
+    try:
+        tensors = load_file(str(p))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{p} is not a safetensors file ({e}). elasticize never unpickles .pt/.pth files; convert "
+                         "them once with safetensors.torch.save_file(torch.load(f, weights_only=True), 'w.safetensors')"
+                         ) from e
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{p} does not fit the model: {str(e).splitlines()[0]}") from e
