@@ -446,6 +446,7 @@ class _Propagator:
             reason = f"grouped convolution (groups={groups}) in {owner}"
             self.c.fix(x[1], reason)
             self.c.fix(w[0], reason)
+            self.c.producer.add(w[0])  # listed in the report as not elastic, with the reason
             out_c = w[0]
         if b is not None:
             self.c.union(w[0], b[0])

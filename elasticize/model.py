@@ -199,11 +199,8 @@ def elasticize(
     if sort not in ("magnitude", None):
         raise ValueError(f"sort must be 'magnitude' or None, not {sort!r}")
     inputs = _as_tuple(example_inputs)
-    adapter: Adapter | None = adapter_for_model(model)
     if not inputs:
-        if adapter is None:
-            raise ValueError(f"pass example_inputs: elasticize cannot guess the input of {type(model).__name__} "
-                             "(e.g. example_inputs=torch.randn(1, 3, 224, 224))")
+        adapter: Adapter = adapter_for_model(model) or get_adapter("import")
         inputs = adapter.example_inputs(model)
     was_training = model.training
     model.eval()
@@ -249,8 +246,6 @@ def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None
         from .checkpoint import load_weights_file
 
         load_weights_file(model, weights)
-    if example_inputs is None and adapter_name == "import":
-        example_inputs = adapter.example_inputs(model)
     recipe = {"adapter": adapter_name, "name": name, "kwargs": kw}
     return elasticize(model.eval(), example_inputs, recipe=recipe, **options)
 

@@ -192,8 +192,9 @@ class ImportAdapter(Adapter):
             return (ex,)
         if isinstance(ex, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in ex):
             return tuple(ex)
-        raise ValueError(f"{type(model).__name__} has no example_inputs; give --input-shape (CLI) or "
-                         "example_inputs= (Python), or define model.example_inputs")
+        raise ValueError(f"pass example_inputs: elasticize cannot guess the input of {type(model).__name__} "
+                         "(e.g. example_inputs=torch.randn(1, 3, 224, 224)), or give --input-shape on the command line, "
+                         "or define model.example_inputs()")
 
 
 def resolve_spec(spec: str) -> tuple[str, str]:

@@ -1,0 +1,207 @@
+"""``elasticize`` command line: thin click commands over the Python API, with rich output."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fmt(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run an API call; a user error becomes a one-line message and exit code 1."""
+    try:
+        return fn()
+    except (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        raise click.ClickException(str(msg)) from e
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise click.BadParameter("ratios must be in (0, 1], e.g. 1,0.75,0.5,0.25")
+    return vals
+
+
+def _kwargs(items: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key):
+            raise click.BadParameter(f"{item!r}: write --kwarg name=value, e.g. --kwarg num_classes=10")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _report_tables(plan: dict[str, Any], presets: dict[str, dict[str, Any]], full_macs: int) -> None:
+    width = Table(title="Elastic width and heads (coupling groups)", show_lines=False)
+    for col in ("group", "kind", "size", "choices"):
+        width.add_column(col)
+    for g in plan["groups"]:
+        unit = " heads" if g["kind"] == "heads" else ""
+        width.add_row(g["name"], g["kind"], str(g["size"] // g["unit"] if g["kind"] == "heads" else g["size"]) + unit,
+                      ", ".join(map(str, g["choices"])))
+    if plan["groups"]:
+        console.print(width)
+    if plan["stages"]:
+        depth = Table(title=f"Elastic depth ({plan['depth_mode']})")
+        for col in ("stage", "blocks", "choices"):
+            depth.add_column(col)
+        for s in plan["stages"]:
+            depth.add_row(s["name"], str(len(s["blocks"])), ", ".join(map(str, s["choices"])))
+        console.print(depth)
+    if plan["not_elastic"]:
+        fixed = Table(title="Not elastic")
+        fixed.add_column("where")
+        fixed.add_column("why")
+        for where, why in plan["not_elastic"]:
+            fixed.add_row(where, why)
+        console.print(fixed)
+    pt = Table(title="Presets (MACs per sample; FLOPs = 2 x MACs)")
+    for col in ("preset", "MACs", "% of full", "params", "metrics"):
+        pt.add_column(col, justify="right" if col != "preset" else "left")
+    for name, p in presets.items():
+        metrics = ", ".join(f"{k}={v:.4g}" for k, v in (p.get("metrics") or {}).items())
+        pt.add_row(name, _fmt(p["macs"]), f"{100 * p['macs'] / max(full_macs, 1):.1f}%", _fmt(p["params"]), metrics)
+    console.print(pt)
+
+
+@click.group()
+@click.version_option(package_name="elasticize")
+def main() -> None:
+    """Turn a trained PyTorch model into an elastic super-network, and cut sub-networks out of it."""
+
+
+@main.command()
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .safetensors (default: MODEL.elastic.safetensors).")
+@click.option("--pretrained/--no-pretrained", default=True, show_default=True,
+              help="Fetch pretrained weights (needs the network or a cache).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="A .safetensors state dict to start from.")
+@click.option("--kwarg", "kwargs", multiple=True, help="Builder argument name=value (JSON value), repeatable.")
+@click.option("--dims", default="width,heads,depth", show_default=True, help="Elastic dimensions.")
+@click.option("--depth-mode", type=click.Choice(["prefix", "skippable"]), default="prefix", show_default=True,
+              help="prefix: keep the first k blocks of a stage (SortedNet); skippable: skippable second half (Adaptive Depth).")
+@click.option("--width-ratios", default="1,0.75,0.5,0.25", show_default=True, help="Width choices as fractions.")
+@click.option("--heads-ratios", default="1,0.75,0.5,0.25", show_default=True, help="Heads choices as fractions.")
+@click.option("--exclude", multiple=True, help="Group or stage name pattern kept at full size, repeatable.")
+@click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,224,224 (default: from the model).")
+@click.option("--no-sort", is_flag=True, help="Keep the channel order (no importance sorting).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def convert(model: str, output: str | None, pretrained: bool, weights: str | None, kwargs: tuple[str, ...], dims: str,
+            depth_mode: str, width_ratios: str, heads_ratios: str, exclude: tuple[str, ...], input_shape: str | None,
+            no_sort: bool, force: bool) -> None:
+    """Make MODEL elastic and save it: a timm name (resnet50), torchvision:NAME, or package.module:builder."""
+    import torch
+
+    from . import checkpoint
+    from .model import convert as api_convert
+
+    out = Path(output) if output else Path(re.sub(r"[^\w.-]+", "_", model) + ".elastic.safetensors")
+    if weights and out.exists() and Path(weights).exists() and out.resolve() == Path(weights).resolve():
+        raise click.ClickException("-o points at the --weights input; choose another output path")
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} exists; pass --force to replace it or choose another -o")
+    example = None
+    if input_shape:
+        try:
+            example = torch.randn(*[int(v) for v in input_shape.split(",")])
+        except ValueError:
+            raise click.BadParameter("--input-shape takes integers like 1,3,224,224") from None
+    options = dict(dims=tuple(d.strip() for d in dims.split(",") if d.strip()), depth_mode=depth_mode,
+                   width_ratios=_floats(width_ratios), heads_ratios=_floats(heads_ratios), exclude=exclude,
+                   sort=None if no_sort else "magnitude")
+    with console.status(f"building and converting {model}"):
+        em = _run(lambda: api_convert(model, pretrained=pretrained, kwargs=_kwargs(kwargs), weights=weights,
+                                      example_inputs=example, **options))
+    with console.status(f"writing {out}"):
+        _run(lambda: checkpoint.save(em, out, overwrite=force))
+    rep = em.report()
+    _report_tables(em.plan.to_json(), rep["presets"], rep["presets"]["full"]["macs"])
+    console.print(f"[green]wrote[/green] {out}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
+def inspect(file: str, as_json: bool) -> None:
+    """Print the manifest of an elasticize FILE."""
+    from .checkpoint import read_manifest
+
+    m = _run(lambda: read_manifest(file))
+    m.pop("_tensor_names", None)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    recipe = m.get("recipe") or {}
+    console.print(f"[bold]{file}[/bold]: {m['kind']}, format {m['format_version']}, elasticize "
+                  f"{m['library_version']}, base model {recipe.get('adapter') or 'user model'}:"
+                  f"{recipe.get('name', '')}, traced with {m['plan']['tracer']}")
+    if m["kind"] == "super-network":
+        presets = m["presets"]
+        _report_tables(m["plan"], presets, presets.get("full", next(iter(presets.values())))["macs"])
+    else:
+        console.print(f"sub-network {json.dumps(m['config'])}: {_fmt(m['macs'])} MACs, {_fmt(m['params'])} params")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--preset", help="Preset name (see `elasticize inspect FILE`).")
+@click.option("--config", "config_json", help='Sub-network as JSON, e.g. \'{"width": 0.5}\'.')
+@click.option("--max-macs", type=float, help="Largest sub-network with at most this many MACs per sample.")
+@click.option("--max-params", type=float, help="Largest sub-network with at most this many parameters.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Dense sub-network .safetensors.")
+@click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
+def extract(file: str, preset: str | None, config_json: str | None, max_macs: float | None, max_params: float | None,
+            output: str, force: bool) -> None:
+    """Write one dense sub-network of FILE to OUTPUT (read back with elasticize.load_subnet)."""
+    from . import checkpoint
+
+    chosen = [x is not None for x in (preset, config_json)] + [max_macs is not None or max_params is not None]
+    if sum(chosen) != 1:
+        raise click.UsageError("choose the sub-network with exactly one of --preset, --config, --max-macs/--max-params")
+    if Path(output).exists() and Path(file).exists() and Path(output).resolve() == Path(file).resolve():
+        raise click.ClickException("-o points at the input file; choose another output path")
+    with console.status(f"loading {file}"):
+        em = _run(lambda: checkpoint.load(file))
+    if preset is not None:
+        subnet: Any = preset
+    elif config_json is not None:
+        try:
+            subnet = json.loads(config_json)
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"--config is not JSON: {e}") from None
+    else:
+        subnet = _run(lambda: em.select(max_macs=None if max_macs is None else int(max_macs),
+                                        max_params=None if max_params is None else int(max_params)))
+    cfg = _run(lambda: em.resolve(subnet))
+    with console.status(f"writing {output}"):
+        _run(lambda: checkpoint.save_subnet(em, cfg, output, overwrite=force))
+    console.print(f"[green]wrote[/green] {output}: {_fmt(em.macs(cfg))} MACs "
+                  f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

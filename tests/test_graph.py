@@ -1,0 +1,124 @@
+"""Analysis: coupling groups, fixed axes with reasons, residual stages, untraceable modules, export fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import elasticize
+import toy_models as toys
+from conftest import max_diff
+
+
+def _reasons(em):
+    return {w: r for w, r in em.plan.not_elastic}
+
+
+def test_residual_blocks_share_one_group_and_form_a_stage():
+    em = elasticize.elasticize(toys.ToyCNN())
+    g = em.plan.group("stem.0:out")
+    members = {m for m, info in em.plan.tensors.items() if any(a[0] == g["name"] for a in info["axes"].values())}
+    # the residual adds tie the stem, every block's conv2/bn2 and the depthwise conv into one group
+    for t in ("stem.0.weight", "stem.1.running_mean", "stage.0.conv2.weight", "stage.2.bn2.bias", "dw.weight",
+              "stage.1.conv1.weight"):
+        assert t in members, t
+    assert em.plan.attrs["dw"]["groups"][0] == g["name"]
+    assert [s["name"] for s in em.plan.stages] == ["stage"]
+    assert em.plan.stages[0]["choices"] == [3, 2, 1]
+
+
+def test_concat_grouped_conv_and_output_are_fixed_with_reasons():
+    em = elasticize.elasticize(toys.ToyCNN())
+    r = _reasons(em)
+    assert "grouped convolution" in r["grouped:out"] and "grouped convolution" in r["expand:out"]
+    assert "concatenated" in r["branch_a:out"] and "concatenated" in r["branch_b:out"]
+    assert r["fc:out"] == "model output"
+    assert em.plan.tensors["grouped.weight"]["axes"] == {}
+
+
+def test_group_norm_width_moves_in_whole_groups():
+    class GN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 32, 3)
+            self.gn = torch.nn.GroupNorm(8, 32)
+            self.head = torch.nn.Linear(32, 2)
+
+        def forward(self, x):
+            return self.head(self.gn(self.conv(x)).mean((2, 3)))
+
+    m = GN().eval()
+    x = torch.randn(2, 3, 8, 8)
+    ref = m(x)
+    em = elasticize.elasticize(m, x)
+    g = em.plan.group("conv:out")
+    assert g["unit"] == 4 and all(c % 4 == 0 for c in g["choices"])
+    assert max_diff(em(x), ref) < 1e-5
+    with torch.no_grad(), em.subnet({"width": 0.5}):
+        assert em.model.gn.num_groups == 4
+        assert max_diff(em.extract({"width": 0.5})(x), em(x)) < 1e-6
+
+
+def test_untraceable_submodule_becomes_a_leaf_with_its_reason():
+    m = toys.WithUntraceable().eval()
+    x = m.example_inputs()[0]
+    ref = m(x)
+    em = elasticize.elasticize(m)
+    r = _reasons(em)
+    assert "odd" in r and "untraceable" in r["odd"]
+    assert "fc1:out" in {g["name"] for g in em.plan.groups}  # before the leaf: still elastic
+    assert "fc3:out" in {g["name"] for g in em.plan.groups}  # after it too
+    assert "fc2:out" in r  # its output feeds the opaque module
+    assert max_diff(em(x), ref) < 1e-6
+    with torch.no_grad():
+        assert max_diff(em.extract("tiny")(x), em.eval().extract("tiny")(x)) == 0
+
+
+def test_export_fallback_when_fx_cannot_trace_the_model():
+    m = toys.LoopOverBatch().eval()
+    x = m.example_inputs()[0]
+    ref = m(x)
+    em = elasticize.elasticize(m)
+    assert em.plan.tracer == "export"
+    assert [g["name"] for g in em.plan.groups] == ["fc1:out"]
+    assert max_diff(em(x), ref) < 1e-6
+    with torch.no_grad(), em.subnet("tiny"):
+        assert max_diff(em.extract("tiny")(x), em(x)) < 1e-6
+
+
+def test_hard_coded_reshape_size_is_fixed():
+    em_error = None
+    try:
+        elasticize.elasticize(toys.HardCodedReshape())
+    except ValueError as e:
+        em_error = str(e)
+    assert em_error is not None and "hard-coded size 32" in em_error
+
+
+def test_nothing_elastic_is_a_clear_error():
+    with pytest.raises(ValueError, match="nothing in NothingElastic could be made elastic.*model output"):
+        elasticize.elasticize(toys.NothingElastic())
+
+
+def test_parameters_keep_identity_names_and_isinstance():
+    m = toys.ToyCNN()
+    before = {n: p for n, p in m.named_parameters()}
+    em = elasticize.elasticize(m)
+    after = dict(em.model.named_parameters())
+    assert list(before) == list(after)
+    assert all(before[n] is after[n] for n in before)
+    assert isinstance(em.model.stage[0].conv1, torch.nn.Conv2d)
+    assert type(em.model.stage[0].conv1).__name__ == "ElasticConv2d"
+
+
+def test_switching_touches_no_tensor():
+    em = elasticize.elasticize(toys.ToyCNN())
+    ptrs = {n: (p.data_ptr(), p.shape) for n, p in em.model.named_parameters()}
+    em.set_subnet("tiny")
+    assert {n: (p.data_ptr(), p.shape) for n, p in em.model.named_parameters()} == ptrs
+    w = em.model.stage[0].conv1.weight  # a view of the same storage, smaller
+    assert w.data_ptr() == em.model.stage[0].conv1._parameters["weight"].data_ptr()
+    assert w.shape[0] < em.model.stage[0].conv1._parameters["weight"].shape[0]
+    with em.subnet("full"):
+        assert em.model.stage[0].conv1.weight.shape == em.model.stage[0].conv1._parameters["weight"].shape
+    assert em.active == em.resolve("tiny")

@@ -1,0 +1,117 @@
+"""Small models that exercise one analysis case each (importable as ``toy_models:<name>``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class ToyCNN(nn.Module):
+    """stem -> 3 residual blocks -> depthwise -> 1x1 -> grouped conv -> concat of two branches -> GroupNorm -> head."""
+
+    def __init__(self, c: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.stage = nn.Sequential(Block(c), Block(c), Block(c))
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.expand = nn.Conv2d(c, 2 * c, 1)
+        self.grouped = nn.Conv2d(2 * c, 2 * c, 1, groups=4)
+        self.branch_a = nn.Conv2d(2 * c, c, 1)
+        self.branch_b = nn.Conv2d(2 * c, c, 1)
+        self.gn = nn.GroupNorm(4, 2 * c)
+        self.fc = nn.Linear(2 * c, classes)
+
+    def example_inputs(self):
+        return (torch.randn(1, 1, 8, 8),)
+
+    def forward(self, x):
+        x = self.stage(self.stem(x))
+        x = self.grouped(torch.relu(self.expand(torch.relu(self.dw(x)))))
+        x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1)
+        x = self.gn(x)
+        return self.fc(x.mean((2, 3)))
+
+
+class DataDependent(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        if x.sum() > 0:  # not traceable by torch.fx
+            return self.lin(x)
+        return -self.lin(x)
+
+
+class WithUntraceable(nn.Module):
+    """An MLP with an untraceable submodule in the middle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.odd = DataDependent(32)
+        self.fc3 = nn.Linear(32, 64)
+        self.fc4 = nn.Linear(64, 4)
+
+    def example_inputs(self):
+        return (torch.randn(2, 8),)
+
+    def forward(self, x):
+        x = self.odd(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        return self.fc4(torch.relu(self.fc3(x)))
+
+
+class LoopOverBatch(nn.Module):
+    """torch.fx cannot trace the Python loop over the batch; torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def example_inputs(self):
+        return (torch.randn(3, 8),)
+
+    def forward(self, x):
+        rows = [self.fc2(torch.relu(self.fc1(x[i : i + 1]))) for i in range(x.shape[0])]
+        return torch.cat(rows, 0)
+
+
+class NothingElastic(nn.Module):
+    """A single linear layer: its input and output are the model's, so nothing can shrink."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def example_inputs(self):
+        return (torch.randn(2, 8),)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class HardCodedReshape(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def example_inputs(self):
+        return (torch.randn(2, 8),)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).view(-1, 32))
