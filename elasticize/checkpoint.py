@@ -276,11 +276,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticM
     tensors = load_file(str(path))
     for alias, target in (manifest.get("aliases") or {}).items():
         tensors[alias] = tensors[target]
-    try:
-        em.model.load_state_dict(tensors, strict=True, assign=meta)
-    except RuntimeError as e:
-        raise ValueError(f"{path} does not fit the model: {str(e).splitlines()[0]}. Pass the architecture it was "
-                         "made from as model=") from e
+    _load_strict(em.model, tensors, assign=meta, what=f"{path}")
     if meta:
         _materialize(em.model, manifest)
     em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
@@ -365,9 +361,20 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
         tensors = load_file(str(p))
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{p} is not a safetensors file ({e}). elasticize never unpickles .pt/.pth files; convert "
-                         "them once with safetensors.torch.save_file(torch.load(f, weights_only=True), 'w.safetensors')"
-                         ) from e
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"{p} does not fit the model: {str(e).splitlines()[0]}") from e
+                         "them once (PyTorch's weights-only loader, then safetensors.torch.save_file)") from e
+    _load_strict(model, tensors, assign=False, what=str(p))
+
+
+def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, assign: bool, what: str) -> None:
+    """``load_state_dict`` that names the missing, unexpected and mis-shaped tensors in a ValueError."""
+    state = model.state_dict()
+    missing = [k for k in state if k not in tensors]
+    unexpected = [k for k in tensors if k not in state]
+    shapes = [f"{k} {list(tensors[k].shape)} vs {list(state[k].shape)}" for k in state
+              if k in tensors and tensors[k].shape != state[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                 for label, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if v]
+        raise ValueError(f"{what} does not fit the model: {'; '.join(parts)}. Pass the architecture it was made "
+                         "from (same constructor arguments) as model=")
+    model.load_state_dict(tensors, strict=True, assign=assign)
