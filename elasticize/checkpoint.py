@@ -33,10 +33,12 @@ from .plan import Plan, apply_plan
 from .space import Config, SearchSpace
 
 __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
-           "load_weights_file"]
+           "PRESETS_KEY", "load_weights_file"]
 
 FORMAT_VERSION = 1
 METADATA_KEY = "elasticize"
+#: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
+PRESETS_KEY = "elasticize.presets"
 
 
 # --------------------------------------------------------------------------- files
@@ -87,8 +89,13 @@ def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return out, aliases
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str, Any]:
     """The manifest of an elasticize file, validated.
+
+    Args:
+        path: the file.
+        presets: also read the per-preset tensor tables (metadata key ``elasticize.presets``);
+            loading does not need them, so :func:`load` and :func:`load_subnet` skip them.
 
     Raises:
         FileNotFoundError: no such file.
@@ -101,19 +108,25 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"no such file: {path}")
     size = path.stat().st_size
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            names = list(f.keys())
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise ValueError(f"its header claims {n} bytes but the file has {size}")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
-    if size < 8:
-        raise ValueError(f"{path} is not a readable safetensors file (only {size} bytes)")
+    if 8 + n + end > size:
+        raise ValueError(f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size}; "
+                         "copy or download it again")
+    meta = header.get("__metadata__") or {}
     raw = meta.get(METADATA_KEY)
     if raw is None:
         raise ValueError(f"{path} is a safetensors file without an elasticize manifest; make one with "
                          "`elasticize convert` or elasticize.save()")
     try:
         manifest = json.loads(raw)
+        tables = json.loads(meta[PRESETS_KEY]) if presets and PRESETS_KEY in meta else None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: the elasticize manifest is not valid JSON ({e}); the file is corrupted") from e
     if not isinstance(manifest, dict) or manifest.get("format") != "elasticize":
@@ -125,20 +138,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} was written in elasticize file format {version} (by elasticize "
                          f"{manifest.get('library_version', '?')}); this elasticize {__version__} reads format "
                          f"{FORMAT_VERSION} and older. Upgrade: pip install -U elasticize")
-    _check_complete(path, size)
-    manifest["_tensor_names"] = names
+    if tables:
+        for name, entry in manifest.get("presets", {}).items():
+            entry["tensors"] = tables.get(name, {})
     return manifest
-
-
-def _check_complete(path: Path, size: int) -> None:
-    """The header's data offsets must fit in the file: a truncated download fails here, not mid-load."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        raise ValueError(f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size}; "
-                         "copy or download it again")
 
 
 # --------------------------------------------------------------------------- manifest
@@ -207,7 +210,9 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
         raise TypeError(f"save() takes an ElasticModel (from elasticize.elasticize), not {type(em).__name__}")
     tensors, aliases = _dedupe(em.model.state_dict())
     manifest = _manifest(em, aliases, "super-network")
-    meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":"))}
+    tables = {name: entry.pop("tensors") for name, entry in manifest["presets"].items()}
+    meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
+            PRESETS_KEY: json.dumps(tables, separators=(",", ":"))}
     return _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
                          inputs=(getattr(em, "source_path", None),))
 
@@ -267,7 +272,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticM
             sub-network (use :func:`load_subnet`), or tensors that do not fit the model.
         KeyError: the plan names a rule that is not registered (import the module that registers it).
     """
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, presets=False)
     if manifest.get("kind") != "super-network":
         raise ValueError(f"{path} holds one dense sub-network; load it with elasticize.load_subnet(path)")
     base, meta = _base_model(manifest, model)
@@ -311,7 +316,7 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
         FileNotFoundError, ValueError: see :func:`read_manifest`.
         KeyError, ValueError, TypeError: a sub-network outside the search space.
     """
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, presets=False)
     plan = Plan.from_json(manifest["plan"])
     space = SearchSpace(plan)
     base, meta = _base_model(manifest, model)

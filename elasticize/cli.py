@@ -151,7 +151,6 @@ def inspect(file: str, as_json: bool) -> None:
     from .checkpoint import read_manifest
 
     m = _run(lambda: read_manifest(file))
-    m.pop("_tensor_names", None)
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
