@@ -171,16 +171,7 @@ class SearchSpace:
 
     def macs(self, cfg: str | Mapping[str, Any] | None = None) -> int:
         """Multiply-accumulates per sample of a sub-network (conv, linear, attention matmuls)."""
-        c = self.resolve(cfg)
-        r = self._ratios(c)
-        total = 0.0
-        for macs, factors, block in self._terms:
-            if self._kept(block, c):
-                f = float(macs)
-                for g in factors:
-                    f *= r.get(g, 1.0)
-                total += f
-        return int(round(total))
+        return int(round(self._macs_raw(self.resolve(cfg))))
 
     def params(self, cfg: str | Mapping[str, Any] | None = None) -> int:
         """Number of parameters (elements) of the extracted sub-network."""
