@@ -175,16 +175,7 @@ class SearchSpace:
 
     def params(self, cfg: str | Mapping[str, Any] | None = None) -> int:
         """Number of parameters (elements) of the extracted sub-network."""
-        c = self.resolve(cfg)
-        r = self._ratios(c)
-        total = 0.0
-        for n, groups, block in self._params:
-            if self._kept(block, c):
-                f = float(n)
-                for g in groups:
-                    f *= r.get(g, 1.0)
-                total += f
-        return int(round(total))
+        return int(round(self._scaled_sum(self._params, self.resolve(cfg))))
 
     # ------------------------------------------------------------------ presets and selection
     def _make_presets(self) -> dict[str, Config]:
@@ -200,9 +191,13 @@ class SearchSpace:
         return {n: out[n] for n in order}
 
     def _macs_raw(self, c: Config) -> float:
+        return self._scaled_sum(self._terms, c)
+
+    def _scaled_sum(self, items: list[tuple[int, list[str], tuple[str, int] | None]], c: Config) -> float:
+        """Sum of ``count * prod(active / size)`` over the items whose block runs in ``c``."""
         r = self._ratios(c)
         total = 0.0
-        for macs, factors, block in self._terms:
+        for macs, factors, block in items:
             if self._kept(block, c):
                 f = float(macs)
                 for g in factors:
