@@ -214,7 +214,7 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
             PRESETS_KEY: json.dumps(tables, separators=(",", ":"))}
     return _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
-                         inputs=(getattr(em, "source_path", None),))
+                         inputs=(em.source_path,))
 
 
 def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -230,7 +230,7 @@ def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *
     tensors, aliases = _dedupe(dense.state_dict())
     meta = {METADATA_KEY: json.dumps(_manifest(em, aliases, "sub-network", cfg), separators=(",", ":"))}
     return _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
-                         inputs=(getattr(em, "source_path", None),))
+                         inputs=(em.source_path,))
 
 
 # --------------------------------------------------------------------------- load

@@ -251,7 +251,7 @@ _ELEMENTWISE = {
     "eq", "ne", "lt", "le", "gt", "ge", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal",
     "sin", "cos", "erf", "sign", "square", "nan_to_num", "masked_fill",
     "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
-    "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "glu_no", "softmax", "log_softmax",
+    "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "softmax", "log_softmax",
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
     "contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type", "type_as", "detach",
     "requires_grad_", "cpu", "cuda", "identity", "native_dropout", "_to_copy", "alias", "lift_fresh_copy",
@@ -266,7 +266,7 @@ _POOL = {
     "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool2d", "interpolate", "upsample", "pad",
     "max_pool2d_with_indices", "_adaptive_avg_pool2d", "upsample_nearest2d", "upsample_bilinear2d", "constant_pad_nd",
 }
-_NON_TENSOR = {"size", "dim", "numel", "getattr", "_assert", "eq_shape", "sym_size", "_assert_async", "len", "floordiv_int"}
+_NON_TENSOR = {"size", "dim", "numel", "getattr", "_assert", "sym_size", "_assert_async"}
 
 
 def canonical(node: fx.Node) -> str:
@@ -473,8 +473,6 @@ class _Propagator:
             fqn = self.param_of.get(node.name)
             if fqn is not None:
                 return self.tensor_slots(fqn)
-            if self.is_tensor(node) and self.shape(node):
-                self.batch = max(self.batch, self.shape(node)[0]) if self.batch == 1 else self.batch
             return self.fresh(node, "model input")
         if op == "get_attr":
             slots = self.tensor_slots(str(node.target))
@@ -611,8 +609,6 @@ class _Propagator:
         if len(out_shape) == len(keep):
             return tuple(x[a] for a in keep)
         return self.unsupported(node, f"{canonical(node)} with unexpected output")
-
-    op_max = op_min = None  # reductions returning (values, indices) are handled in reduce when single
 
     def op_permute(self, node: fx.Node) -> Value:
         x = self.env.get(node.args[0])

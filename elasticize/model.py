@@ -45,6 +45,7 @@ class ElasticModel(nn.Module):
         self.recipe = dict(recipe or {})
         self.input_shapes = [list(s) for s in input_shapes]
         self.metrics: dict[str, dict[str, float]] = {}
+        self.source_path: str | None = None  # the file this model was loaded from; never overwritten
         self._state = apply_plan(model, plan)
         self._active: Config = self.space.full()
         self._resolved: dict[str, Config] = {}
