@@ -776,12 +776,18 @@ class _Propagator:
     op_conv1d = op_conv3d = op_conv2d
 
     def op_batch_norm(self, node: fx.Node) -> Value:
+        """``F.batch_norm(x, mean, var, w, b)`` and aten's ``_native_batch_norm_legit*`` (which return a tuple)."""
         x = self.env.get(node.args[0])
         for a in node.args[1:5]:
             v = self.env.get(a) if isinstance(a, fx.Node) else None
             if isinstance(v, tuple) and isinstance(x, tuple):
                 self.c.union(x[1], v[0])
+        if isinstance(node.meta.get("val"), (list, tuple)):
+            return [x, *[self._fresh_from(m, None) for m in node.meta["val"][1:]]]
         return x
+
+    op__native_batch_norm_legit_no_training = op__native_batch_norm_legit = op_batch_norm
+    op__native_batch_norm_legit_functional = op_native_batch_norm = op_batch_norm
 
     def op_layer_norm(self, node: fx.Node) -> Value:
         x = self.env.get(node.args[0])

@@ -86,6 +86,25 @@ def test_export_fallback_when_fx_cannot_trace_the_model():
         assert max_diff(em.extract("tiny")(x), em(x)) < 1e-6
 
 
+def test_export_fallback_couples_batchnorm_with_its_convolution():
+    torch.manual_seed(0)
+    m = toys.LoopOverBatchCNN().eval()
+    for bn in (m.bn1, m.bn2):  # non-trivial statistics, so a wrong slice would show
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = m.example_inputs()[0]
+    ref = m(x)
+    em = elasticize.elasticize(m)
+    assert em.plan.tracer == "export"
+    assert [g["name"] for g in em.plan.groups] == ["conv1:out", "conv2:out"]
+    assert em.plan.tensors["bn2.running_var"]["axes"] == {"0": ["conv2:out", 1]}
+    assert max_diff(em(x), ref) < 1e-5
+    with torch.no_grad(), em.subnet("tiny"):
+        dense = em.extract("tiny")
+        assert dense.bn2.running_var.shape == (8,) and dense.conv2.out_channels == 8
+        assert max_diff(dense(x), em(x)) < 1e-5
+
+
 def test_hard_coded_reshape_size_is_fixed():
     em_error = None
     try:

@@ -115,3 +115,26 @@ class HardCodedReshape(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.fc1(x).view(-1, 32))
+
+
+class LoopOverBatchCNN(nn.Module):
+    """Conv + BatchNorm layers under a Python loop over the batch: only torch.export traces it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 5)
+
+    def example_inputs(self):
+        return (torch.randn(2, 3, 8, 8),)
+
+    def forward(self, x):
+        outs = []
+        for i in range(x.shape[0]):
+            h = torch.relu(self.bn1(self.conv1(x[i : i + 1])))
+            h = torch.relu(self.bn2(self.conv2(h)))
+            outs.append(self.fc(h.mean((2, 3))))
+        return torch.cat(outs, 0)
