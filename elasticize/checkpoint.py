@@ -145,22 +145,20 @@ def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str,
 
 
 # --------------------------------------------------------------------------- manifest
-def _preset_entry(em: ElasticModel, name: str, cfg: Config) -> dict[str, Any]:
+def _preset_entry(em: ElasticModel, name: str, cfg: Config, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     with em.subnet(cfg):
         spec = dense_tensors(em.plan, em.space, em._state, cfg)
-    shapes = {k: list(v.shape) for k, v in em.model.state_dict().items()}
-    dtypes = {k: v.element_size() for k, v in em.model.state_dict().items()}
     tensors: dict[str, Any] = {}
     total = 0
     for dense, (src, ranges) in spec.items():
         if ranges is None:
-            shape = shapes[src]
+            shape = list(state[src].shape)
         else:
             shape = [sum(b - a for a, b in rs) for rs in ranges]
         n = 1
         for d in shape:
             n *= d
-        total += n * dtypes[src]
+        total += n * state[src].element_size()
         tensors[dense] = {"source": src, "shape": shape,
                           "slices": None if ranges is None else [[list(r) for r in rs] for rs in ranges]}
     return {"config": cfg, "macs": em.macs(cfg), "params": em.params(cfg), "bytes": total,
@@ -180,7 +178,8 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
         "aliases": aliases,
     }
     if kind == "super-network":
-        m["presets"] = {n: _preset_entry(em, n, c) for n, c in em.presets.items()}
+        state = em.model.state_dict()
+        m["presets"] = {n: _preset_entry(em, n, c, state) for n, c in em.presets.items()}
     else:
         m["config"] = config
         m["macs"] = em.macs(config)

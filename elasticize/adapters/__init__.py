@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .. import _registry
+
 __all__ = ["Adapter", "register_adapter", "get_adapter", "resolve_spec", "build_from_recipe", "adapter_for_model"]
 
 _ADAPTERS: dict[str, "Adapter"] = {}
@@ -59,14 +61,11 @@ def register_adapter(name: str) -> Callable[[type], type]:
 
     Raises:
         ValueError: if ``name`` is taken.
+        TypeError: if the class is not an :class:`Adapter`.
     """
 
     def deco(cls: type) -> type:
-        if name in _ADAPTERS:
-            raise ValueError(f"an adapter named {name!r} is already registered")
-        inst = cls()
-        inst.name = name
-        _ADAPTERS[name] = inst
+        _registry.add(_ADAPTERS, "adapter", name, cls, Adapter, "pick another name")
         return cls
 
     return deco
@@ -78,9 +77,7 @@ def get_adapter(name: str) -> Adapter:
     Raises:
         KeyError: if none is; the message lists the known adapters.
     """
-    if name not in _ADAPTERS:
-        raise KeyError(f"no adapter named {name!r}; adapters: {sorted(_ADAPTERS)}")
-    return _ADAPTERS[name]
+    return _registry.get(_ADAPTERS, "adapter", name)
 
 
 def adapter_for_model(model: nn.Module) -> Adapter | None:

@@ -29,6 +29,7 @@ from typing import Any, Callable, TypeVar
 
 from torch import nn
 
+from .. import _registry
 from ..graph import SiteContext
 
 __all__ = ["Rule", "register_rule", "get_rule", "find_rule", "registered_rules", "unregister_rule"]
@@ -80,14 +81,8 @@ def register_rule(name: str) -> Callable[[R], R]:
     """
 
     def deco(cls: R) -> R:
-        if not (isinstance(cls, type) and issubclass(cls, Rule)):
-            raise TypeError(f"@register_rule({name!r}) needs a subclass of elasticize.rules.Rule, got {cls!r}")
-        if name in _REGISTRY:
-            raise ValueError(f"a rule named {name!r} is already registered ({type(_REGISTRY[name]).__qualname__}); "
-                             "pick another name or call elasticize.rules.unregister_rule first")
-        inst = cls()
-        inst.name = name
-        _REGISTRY[name] = inst
+        _registry.add(_REGISTRY, "rule", name, cls, Rule,
+                      "pick another name or call elasticize.rules.unregister_rule first")
         return cls
 
     return deco
@@ -110,12 +105,8 @@ def get_rule(name: str) -> Rule:
         KeyError: if none is; the message lists the known names and says to import the
             module that registers the rule (a checkpoint that used a user rule needs it).
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"no rule named {name!r} is registered; known rules: {sorted(_REGISTRY)}. If it is your own "
-                       "rule, import the module that defines it (its @register_rule runs on import) before loading"
-                       ) from None
+    return _registry.get(_REGISTRY, "rule", name, "If it is your own rule, import the module that defines it "
+                         "(its @register_rule runs on import) before loading")
 
 
 def registered_rules() -> dict[str, Rule]:
