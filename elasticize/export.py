@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .modules import SWITCH_PREFIX
-from .plan import ElasticState, Plan, remove_elastic, tensor_ranges
+from .plan import ElasticState, Plan, remove_elastic, stage_ranks, tensor_ranges
 from .space import Config, SearchSpace
 
 __all__ = ["dense_tensors", "densify", "set_tensor"]
@@ -34,6 +34,7 @@ def dense_tensors(plan: Plan, space: SearchSpace, state: ElasticState, cfg: Conf
         ranges, or None for the whole tensor).
     """
     out: dict[str, tuple[str, Ranges | None]] = {}
+    renamed = _renamed_blocks(plan, cfg)
     for fqn in plan.tensors:
         module, _, name = fqn.rpartition(".")
         if name.startswith(SWITCH_PREFIX) or not space.kept(module, cfg):
@@ -42,8 +43,32 @@ def dense_tensors(plan: Plan, space: SearchSpace, state: ElasticState, cfg: Conf
         sw = plan.switchable.get(module)
         if sw is not None and name in sw["tensors"] and state.stages[sw["stage"]].skip:
             src = f"{module}.{SWITCH_PREFIX}{name}" if module else SWITCH_PREFIX + name
-        out[fqn] = (src, tensor_ranges(plan, state, fqn))
+        out[_rename(fqn, renamed)] = (src, tensor_ranges(plan, state, fqn))
     return out
+
+
+def _renamed_blocks(plan: Plan, cfg: Config) -> dict[str, str]:
+    """Old path -> new path of the blocks that move when dropped blocks are removed from their list."""
+    out: dict[str, str] = {}
+    for st in plan.stages:
+        if st.get("drop") != "remove":
+            continue
+        depth = cfg["depth"].get(st["name"], len(st["blocks"]))
+        kept = [b for b, r in zip(st["blocks"], stage_ranks(st)) if r < depth]
+        for new, b in enumerate(kept):
+            parent, _, _ = b.rpartition(".")
+            out[b] = f"{parent}.{new}"
+    return out
+
+
+def _rename(fqn: str, renamed: dict[str, str]) -> str:
+    if renamed:
+        parts = fqn.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            new = renamed.get(".".join(parts[:i]))
+            if new is not None:
+                return ".".join([new, *parts[i:]])
+    return fqn
 
 
 def set_tensor(root: nn.Module, fqn: str, value: torch.Tensor) -> None:
@@ -69,7 +94,11 @@ def densify(model: nn.Module, plan: Plan, space: SearchSpace, cfg: Config) -> No
     remove_elastic(model, freeze=True)
     for st in plan.stages:
         depth = cfg["depth"].get(st["name"], len(st["blocks"]))
-        for b in st["blocks"][depth:]:
+        dropped = [b for b, r in zip(st["blocks"], stage_ranks(st)) if r >= depth]
+        if st.get("drop") == "remove":
+            _remove_blocks(model, dropped)
+            continue
+        for b in dropped:
             parent, _, name = b.rpartition(".")
             setattr(model.get_submodule(parent), name, nn.Identity())
     for module in plan.switchable:
@@ -80,6 +109,21 @@ def densify(model: nn.Module, plan: Plan, space: SearchSpace, cfg: Config) -> No
         for d in (m._parameters, m._buffers):
             for k in [k for k in d if k.startswith(SWITCH_PREFIX)]:
                 del d[k]
+
+
+def _remove_blocks(model: nn.Module, blocks: list[str]) -> None:
+    """Delete ``blocks`` (items of ``nn.ModuleList``s, by path) from their lists, keeping the order of the rest."""
+    by_parent: dict[str, set[str]] = {}
+    for b in blocks:
+        parent, _, idx = b.rpartition(".")
+        by_parent.setdefault(parent, set()).add(idx)
+    for parent, gone in by_parent.items():
+        lst = model.get_submodule(parent)
+        if not isinstance(lst, nn.ModuleList):
+            raise TypeError(f"{parent!r} is a {type(lst).__name__}, not an nn.ModuleList; its blocks cannot be removed")
+        kept = [m for i, m in enumerate(lst) if str(i) not in gone]
+        grand, _, name = parent.rpartition(".")
+        setattr(model.get_submodule(grand), name, nn.ModuleList(kept))
 
 
 def structural_copy(model: nn.Module) -> tuple[nn.Module, set[int]]:

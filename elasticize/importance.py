@@ -16,20 +16,32 @@ two or more axes (convolution and linear weights, embeddings), summed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
-from .plan import Plan
+from .plan import Plan, axis_entry
 
-__all__ = ["magnitude_importance", "sort_by_importance"]
+__all__ = ["magnitude_importance", "sort_by_importance", "sort_unit"]
 
 
-def _members(plan: Plan) -> dict[str, list[tuple[str, int, int]]]:
-    out: dict[str, list[tuple[str, int, int]]] = {g["name"]: [] for g in plan.groups}
+def _members(plan: Plan) -> dict[str, list[tuple[str, int, int, int]]]:
+    out: dict[str, list[tuple[str, int, int, int]]] = {g["name"]: [] for g in plan.groups}
     for fqn, info in plan.tensors.items():
-        for ax, (g, chunks) in info["axes"].items():
-            out[g].append((fqn, int(ax), int(chunks)))
+        for ax, a in info["axes"].items():
+            g, chunks, div = axis_entry(a)
+            out[g].append((fqn, int(ax), chunks, div))
     return out
+
+
+def sort_unit(group: dict[str, Any]) -> int:
+    """Channels that move together when a group is sorted: ``unit * step``.
+
+    ``step`` (default 1) is the number of units that must be kept together, e.g. the query
+    heads that share one key/value head in grouped-query attention.
+    """
+    return int(group["unit"]) * int(group.get("step", 1))
 
 
 @torch.no_grad()
@@ -37,20 +49,21 @@ def magnitude_importance(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor
     """Importance of each unit of each group.
 
     Returns:
-        group name -> tensor of shape ``(size // unit,)``, larger is more important.
+        group name -> tensor of shape ``(size // sort_unit,)`` (see :func:`sort_unit`), larger is
+        more important.
     """
     state = model.state_dict(keep_vars=True)
     scores: dict[str, torch.Tensor] = {}
+    members = _members(plan)
     for g in plan.groups:
-        size, unit = g["size"], g["unit"]
-        members = _members(plan)[g["name"]]
-        use = [m for m in members if state[m[0]].dim() >= 2] or members
-        score = torch.zeros(size, dtype=torch.float64)
-        for fqn, ax, chunks in use:
+        n = g["size"] // sort_unit(g)
+        use = [m for m in members[g["name"]] if state[m[0]].dim() >= 2] or members[g["name"]]
+        score = torch.zeros(n, dtype=torch.float64)
+        for fqn, ax, chunks, div in use:
             t = state[fqn].detach().to(torch.float64)
-            t = t.movedim(ax, 0).reshape(chunks, size, -1)
+            t = t.movedim(ax, 0).reshape(chunks, n, -1)
             score += t.pow(2).sum(dim=(0, 2)).sqrt()
-        scores[g["name"]] = score.view(size // unit, unit).sum(1)
+        scores[g["name"]] = score
     return scores
 
 
@@ -61,7 +74,7 @@ def sort_by_importance(model: nn.Module, plan: Plan, scores: dict[str, torch.Ten
     Args:
         model: the model, before :func:`elasticize.plan.apply_plan`.
         plan: its plan.
-        scores: group -> importance per unit, e.g. from :func:`magnitude_importance`.
+        scores: group -> importance per sort unit, e.g. from :func:`magnitude_importance`.
 
     Returns:
         group -> the permutation applied (new position -> old unit index).
@@ -71,15 +84,16 @@ def sort_by_importance(model: nn.Module, plan: Plan, scores: dict[str, torch.Ten
     members = _members(plan)
     done: set[tuple[int, int]] = set()  # tied tensors appear under several names: permute once
     for g in plan.groups:
-        size, unit = g["size"], g["unit"]
+        unit = sort_unit(g)
         perm = torch.argsort(scores[g["name"]], descending=True, stable=True)
         perms[g["name"]] = perm.tolist()
-        idx = (perm[:, None] * unit + torch.arange(unit)).reshape(-1)
-        for fqn, ax, chunks in members[g["name"]]:
+        for fqn, ax, chunks, div in members[g["name"]]:
             t = state[fqn]
             if (id(t), ax) in done:
                 continue
             done.add((id(t), ax))
+            u, size = unit // div, g["size"] // div
+            idx = (perm[:, None] * u + torch.arange(u)).reshape(-1)
             full = torch.cat([idx + k * size for k in range(chunks)]).to(t.device)
             t.data.copy_(t.data.index_select(ax, full))
     return perms

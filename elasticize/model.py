@@ -205,9 +205,12 @@ def elasticize(
         inputs = adapter.example_inputs(model)
     was_training = model.training
     model.eval()
-    analysis = analyze(model, inputs, find_rule)
-    plan = build_plan(analysis, dims=tuple(dims), depth_mode=depth_mode, width_ratios=tuple(width_ratios),
-                      heads_ratios=tuple(heads_ratios), exclude=tuple(exclude))
+    options = dict(dims=tuple(dims), depth_mode=depth_mode, width_ratios=tuple(width_ratios),
+                   heads_ratios=tuple(heads_ratios), exclude=tuple(exclude))
+    family = adapter_for_model(model)
+    plan = family.plan(model, inputs, **options) if family is not None else None
+    if plan is None:
+        plan = build_plan(analyze(model, inputs, find_rule), **options)
     if not plan.groups and not plan.stages:
         reasons = "; ".join(f"{w}: {r}" for w, r in plan.not_elastic[:12]) or "no convolution, linear layer or block"
         raise ValueError(f"nothing in {type(model).__name__} could be made elastic ({reasons}). Add a rule for its "
@@ -247,6 +250,6 @@ def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None
         from .checkpoint import load_weights_file
 
         load_weights_file(model, weights)
-    recipe = {"adapter": adapter_name, "name": name, "kwargs": kw}
+    recipe = adapter.recipe(model, name, kw)
     return elasticize(model.eval(), example_inputs, recipe=recipe, **options)
 

@@ -87,19 +87,22 @@ class StageState:
         self.skip = depth < self.size
 
 
-#: One elastic axis of a tensor: (axis, group state, number of chunks along it).
-TensorSpec = tuple[tuple[int, GroupState, int], ...]
+#: One elastic axis of a tensor: (axis, group state, number of chunks along it, divisor).
+#: Each chunk holds ``group.size // div`` entries of which the first ``group.active // div``
+#: are used; ``div > 1`` serves the key/value projections of grouped-query attention,
+#: whose rows are ``1 / (query heads per key/value head)`` of the query rows.
+TensorSpec = tuple[tuple[int, GroupState, int, int], ...]
 
 
 def _slice(t: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
-    for axis, g, chunks in spec:
-        a = g.active
-        if a == g.size:
+    for axis, g, chunks, div in spec:
+        if g.active == g.size:
             continue
+        a, size = g.active // div, g.size // div
         if chunks == 1:
             t = t.narrow(axis, 0, a)
         else:
-            t = t.unflatten(axis, (chunks, g.size)).narrow(axis + 1, 0, a).flatten(axis, axis + 1)
+            t = t.unflatten(axis, (chunks, size)).narrow(axis + 1, 0, a).flatten(axis, axis + 1)
     return t
 
 
@@ -126,7 +129,7 @@ class GateMixin:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         stage, index = self.__dict__["_el_gate"]
-        if index >= stage.depth:
+        if index >= stage.depth:  # index is the block's rank in the stage's keep order
             return args[0] if args else next(iter(kwargs.values()))
         return super().forward(*args, **kwargs)  # type: ignore[misc]
 
@@ -181,10 +184,12 @@ def make_elastic(
 
     Args:
         module: the module to change; its class becomes a dynamic subclass of its class.
-        tensors: parameter or buffer name -> elastic axes (axis, group, chunks).
+        tensors: parameter or buffer name -> elastic axes (axis, group, chunks, div); an empty
+            tuple for a tensor that is only switchable.
         attrs: plain attribute name -> (group, kind, mul, div); kind ``"int"`` gives
             ``active * mul // div``, ``"shape"`` gives ``(active * mul // div,)``.
-        gate: (stage, index) for a residual block that the stage's depth may skip.
+        gate: (stage, rank) for a residual block that the stage's depth may skip: the block runs
+            while ``rank < stage.depth`` (rank = position in the stage's keep order).
         switch: (stage, names) for switchable norms: when the stage's skippable
             sub-path is skipped, ``names`` are read from ``elastic_skip_<name>``
             (Adaptive Depth Networks, arXiv 2312.16392, skip-aware BatchNorm).

@@ -19,12 +19,33 @@ from .graph import Analysis
 from .modules import SWITCH_PREFIX, GroupState, StageState, make_elastic, restore
 from .rules import get_rule
 
-__all__ = ["Plan", "PLAN_VERSION", "build_plan", "apply_plan", "remove_elastic", "ElasticState", "DIMENSIONS"]
+__all__ = ["Plan", "PLAN_VERSION", "build_plan", "apply_plan", "remove_elastic", "ElasticState", "DIMENSIONS",
+           "axis_entry", "stage_ranks"]
 
 PLAN_VERSION = 1
-#: The elastic dimensions elasticize knows.
-DIMENSIONS = ("width", "heads", "depth")
+#: The elastic dimensions elasticize knows. ``"hidden"`` (a transformer's residual-stream
+#: width) is opt-in and offered by the transformers adapter; its group sits in the width table.
+DIMENSIONS = ("width", "heads", "depth", "hidden")
 _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+_NORM_SITES = ("batchnorm", "layernorm", "groupnorm", "rmsnorm")
+
+
+def axis_entry(entry: list[Any]) -> tuple[str, int, int]:
+    """``(group, chunks, div)`` of a plan tensor-axis entry ``[group, chunks]`` or ``[group, chunks, div]``."""
+    return entry[0], int(entry[1]), int(entry[2]) if len(entry) > 2 else 1
+
+
+def stage_ranks(stage: dict[str, Any]) -> list[int]:
+    """Rank of each block of a plan stage in its keep order: block ``i`` runs at depth ``d`` iff ``rank[i] < d``.
+
+    Without an ``order`` the stage keeps a prefix (SortedNet); with one (e.g. evenly spread
+    layer dropping) ``order`` lists the block indices from the most to the least kept.
+    """
+    order = stage.get("order") or list(range(len(stage["blocks"])))
+    rank = [0] * len(order)
+    for r, i in enumerate(order):
+        rank[i] = r
+    return rank
 
 
 @dataclass
@@ -38,10 +59,14 @@ class Plan:
         depth_mode: ``"prefix"`` (SortedNet) or ``"skippable"`` (Adaptive Depth Networks).
         groups: one dict per coupling group: ``name, kind, size, unit, choices`` (choices in
             channels for width, in heads for heads, largest first).
-        tensors: tensor fqn -> ``{"shape", "param", "axes": {axis: [group, chunks]}}``.
+        tensors: tensor fqn -> ``{"shape", "param", "axes": {axis: [group, chunks] or [group, chunks, div]}}``
+            (``div``: see :data:`elasticize.modules.TensorSpec`).
         attrs: module path -> attribute -> ``[group, kind, mul, div]``.
         sites: module path -> rule name, for every module a rule handled.
-        stages: one dict per stage: ``name, blocks, n_mandatory, first_skippable, choices``.
+        stages: one dict per stage: ``name, blocks, n_mandatory, first_skippable, choices``, and
+            optionally ``order`` (keep order of the blocks, see :func:`stage_ranks`) and
+            ``drop`` (``"identity"``, the default: an extracted sub-network has ``nn.Identity`` for a
+            dropped block; ``"remove"``: the block is deleted from its ``nn.ModuleList``).
         switchable: module path -> ``{"stage", "tensors"}`` for skip-aware norms.
         mac_terms: ``[owner, macs per sample, [group, ...]]``.
         not_elastic: ``[where, reason]`` for everything that stayed fixed.
@@ -131,6 +156,9 @@ def build_plan(
     bad = [d for d in dims if d not in DIMENSIONS]
     if bad:
         raise ValueError(f"unknown dimension(s) {bad}; choose from {list(DIMENSIONS)}")
+    if "hidden" in dims:
+        raise ValueError("the 'hidden' dimension (residual-stream width) is offered for Hugging Face transformers "
+                         "models only; for other models the width groups already include the residual stream")
     if depth_mode not in ("prefix", "skippable"):
         raise ValueError(f"depth_mode must be 'prefix' or 'skippable', not {depth_mode!r}")
 
@@ -187,7 +215,7 @@ def _plan_switchable(plan: Plan) -> None:
     norms: dict[str, list[str]] = {}
     for fqn in plan.tensors:
         module, _, name = fqn.rpartition(".")
-        if name in _NORM_TENSORS and plan.sites.get(module) in ("batchnorm", "layernorm", "groupnorm"):
+        if name in _NORM_TENSORS and plan.sites.get(module) in _NORM_SITES:
             norms.setdefault(module, []).append(name)
     for st in plan.stages:
         mandatory = st["blocks"][: st["first_skippable"]]
@@ -243,13 +271,17 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
     for fqn, info in plan.tensors.items():
         if info["axes"]:
             module, _, name = fqn.rpartition(".")
-            spec = tuple(sorted((int(ax), groups[g], int(ch)) for ax, (g, ch) in info["axes"].items()))
-            entry(module)["tensors"][name] = spec
+            spec = []
+            for ax, a in info["axes"].items():
+                g, ch, div = axis_entry(a)
+                spec.append((int(ax), groups[g], ch, div))
+            spec.sort(key=lambda x: x[0])
+            entry(module)["tensors"][name] = tuple(spec)
     for module, attrs in plan.attrs.items():
         entry(module)["attrs"] = {k: (groups[g], kind, int(mul), int(div)) for k, (g, kind, mul, div) in attrs.items()}
     for st in plan.stages:
-        for i, b in enumerate(st["blocks"]):
-            entry(b)["gate"] = (stages[st["name"]], i)
+        for b, r in zip(st["blocks"], stage_ranks(st)):
+            entry(b)["gate"] = (stages[st["name"]], r)
     for module, sw in plan.switchable.items():
         m = model.get_submodule(module)
         for name in sw["tensors"]:
@@ -261,6 +293,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
                 m.register_parameter(SWITCH_PREFIX + name, nn.Parameter(copy, requires_grad=t.requires_grad))
             else:
                 m.register_buffer(SWITCH_PREFIX + name, copy)
+            entry(module)["tensors"].setdefault(name, ())
         entry(module)["switch"] = (stages[sw["stage"]], tuple(sw["tensors"]))
     for module, rule_name in plan.sites.items():
         rule = get_rule(rule_name)
@@ -292,9 +325,10 @@ def tensor_ranges(plan: Plan, state: ElasticState, fqn: str) -> list[list[tuple[
         if a is None:
             out.append([(0, n)])
             continue
-        g = state.groups[a[0]]
-        chunks = int(a[1])
-        out.append([(k * g.size, k * g.size + g.active) for k in range(chunks)])
+        name, chunks, div = axis_entry(a)
+        g = state.groups[name]
+        size, active = g.size // div, g.active // div
+        out.append([(k * size, k * size + active) for k in range(chunks)])
     return out
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .modules import SWITCH_PREFIX
-from .plan import ElasticState, Plan
+from .plan import ElasticState, Plan, stage_ranks
 
 __all__ = ["SearchSpace", "PRESET_RATIOS", "Config"]
 
@@ -56,10 +56,11 @@ class SearchSpace:
         self.depth = {s["name"]: list(s["choices"]) for s in plan.stages}
         self._size = {g["name"]: g["size"] for g in plan.groups}
         self._unit = {g["name"]: g["unit"] for g in plan.groups}
+        self._constraint = {g["name"]: (int(g.get("step", 1)), g.get("constraint", "")) for g in plan.groups}
         blocks: dict[str, tuple[str, int]] = {}
         for s in plan.stages:
-            for i, b in enumerate(s["blocks"]):
-                blocks[b] = (s["name"], i)
+            for b, r in zip(s["blocks"], stage_ranks(s)):
+                blocks[b] = (s["name"], r)
 
         self._blocks = blocks
         block_of = self.block_of
@@ -76,7 +77,10 @@ class SearchSpace:
         self.presets = self._make_presets()
 
     def block_of(self, path: str) -> tuple[str, int] | None:
-        """(stage, index) of the depth block that contains module ``path``, or None."""
+        """(stage, rank) of the depth block that contains module ``path``, or None.
+
+        The block runs at stage depth ``d`` iff ``rank < d`` (see :func:`elasticize.plan.stage_ranks`).
+        """
         while True:
             if path in self._blocks:
                 return self._blocks[path]
@@ -143,6 +147,10 @@ class SearchSpace:
                     raise KeyError(f"unknown {dim} entry {name!r}; known: {list(table)}")
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise TypeError(f"{dim} of {name!r} must be an int, one of {table[name]}; got {v!r}")
+                step, why = self._constraint.get(name, (1, ""))
+                if dim == "heads" and v % step:
+                    raise ValueError(f"heads {v} for {name!r} breaks a constraint: {why or f'a multiple of {step}'}; "
+                                     f"choose one of {table[name]}")
                 if v not in table[name]:
                     raise ValueError(f"{dim} {v} for {name!r} is outside the search space; choose one of {table[name]}")
                 out[dim][name] = v

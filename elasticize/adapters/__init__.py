@@ -10,7 +10,9 @@ Model specs understood by :func:`resolve_spec` (and by ``elasticize convert``):
 
 * ``resnet50``: a timm model name;
 * ``timm:resnet50`` / ``torchvision:resnet50``: explicit family;
-* ``package.module:builder``: a function or class that builds your own model, as uvicorn names apps.
+* ``package.module:builder``: a function or class that builds your own model, as uvicorn names apps;
+* ``hf:bert-base-uncased`` or a local folder with a ``config.json``: a Hugging Face transformers model
+  (:mod:`elasticize.adapters.hf`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import re
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -54,6 +57,18 @@ class Adapter:
 
     def after_extract(self, dense: nn.Module) -> None:
         """Bring non-tensor state (feature counts, configs) in line with a dense sub-network."""
+
+    def recipe(self, model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """How a checkpoint rebuilds ``model``: ``{"adapter", "name", "kwargs"}``, JSON-native."""
+        return {"adapter": self.name, "name": name, "kwargs": dict(kwargs)}
+
+    def plan(self, model: nn.Module, inputs: tuple, **options: Any) -> Any:
+        """A plan made from the family's known structure, or None to analyse the traced graph.
+
+        ``options`` are :func:`elasticize.elasticize`'s ``dims, depth_mode, width_ratios,
+        heads_ratios, exclude``.
+        """
+        return None
 
 
 def register_adapter(name: str) -> Callable[[type], type]:
@@ -203,6 +218,8 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     spec = spec.strip()
     if not spec:
         raise KeyError("empty model name")
+    if (Path(spec) / "config.json").is_file():
+        return "hf", spec
     family, sep, rest = spec.partition(":")
     if sep and family in _ADAPTERS and family != "import":
         return family, rest
@@ -233,3 +250,6 @@ def build_from_recipe(recipe: dict[str, Any], *, pretrained: bool = False, devic
         with torch.device(device):
             model = adapter.build(recipe["name"], pretrained=pretrained, kwargs=dict(recipe.get("kwargs") or {}))
     return model.eval()
+
+
+from . import hf as _hf  # noqa: E402,F401  (registers the "hf" adapter; transformers is imported lazily)

@@ -1,0 +1,660 @@
+"""Hugging Face transformers: elastic depth, heads, FFN width and hidden width without torch.fx.
+
+Transformers 5 removed torch.fx support, and tracing a whole transformer is slow and loses
+the layer structure, so this adapter plans from the model's own structure instead:
+
+* the **layer stack** is the ``nn.ModuleList`` with ``config.num_hidden_layers`` entries;
+* in each layer, the projections are found by name (``query``/``q_proj``/``q_lin``,
+  ``c_attn``, ``o_proj``/``attention.output.dense``/``attn.c_proj``, ``up_proj``/
+  ``intermediate.dense``/``mlp.c_fc``/``ffn.lin1``, ``gate_proj``, ``down_proj``/
+  ``output.dense``/``mlp.c_proj``/``ffn.lin2``...) and checked against the config's sizes;
+* one **heads** coupling group per layer: query rows, key/value rows, output-projection
+  columns, in whole heads; with grouped-query attention the query heads that share a
+  key/value head stay together (``step``), and the key/value rows follow at
+  ``1 / (query heads per key/value head)`` of the query rows;
+* one **FFN width** group per layer (``width``): up and gate rows, down columns;
+* opt-in **hidden** width (the residual stream): embeddings, every norm, the input columns
+  of every projection that reads the stream, the output rows of those that write it, and
+  the tied output head;
+* **depth** over the layer stack: SortedNet prefix (``"prefix"``, arXiv 2309.00255),
+  evenly spread layer dropping (``"spaced"``: keep layers in the order 0, n-1, then
+  midpoints, so that the choices stay nested), or Adaptive Depth Networks' skippable
+  second half with switchable norms (``"skippable"``, arXiv 2312.16392, Section 3).
+
+MACs are counted per sample at the example sequence length (default 128 tokens): every
+linear / ``Conv1D`` / convolution as measured by one forward pass with hooks, plus
+``2 * tokens^2 * heads * head_dim`` per attention for the two attention matmuls.
+
+A model of a family this adapter does not know still converts: whatever it can find is
+elastic, and the plan's ``not_elastic`` lists each layer or group it could not make
+elastic and why.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import Adapter, _offline_error, register_adapter
+
+__all__ = ["HFAdapter", "plan_transformer", "is_hf_model", "save_hf"]
+
+# Role of a projection inside one layer, from its path relative to the layer (first match wins).
+_ROLES: tuple[tuple[str, str], ...] = (
+    ("qkv", r"(c_attn|qkv_proj|query_key_value|Wqkv|qkv)"),
+    ("q", r"(query|q_proj|q_lin)"),
+    ("k", r"(key|k_proj|k_lin)"),
+    ("v", r"(value|v_proj|v_lin)"),
+    ("o", r"(o_proj|out_lin|attention\.output\.dense|attn\.c_proj|self_attn\.out_proj|attention\.out_proj|attn\.proj)"),
+    ("gate_up", r"gate_up_proj"),
+    ("gate", r"(gate_proj|w1)"),
+    ("up", r"(up_proj|intermediate\.dense|mlp\.c_fc|ffn\.lin1|mlp\.fc1|w3)"),
+    ("down", r"(down_proj|output\.dense|mlp\.c_proj|ffn\.lin2|mlp\.fc2|w2)"),
+)
+_ROLE_RE = [(role, re.compile(rf"(^|.*\.){pat}$")) for role, pat in _ROLES]
+_HEADS_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+_HEAD_CHANNEL_ATTRS = ("all_head_size", "split_size", "inner_dim", "attn_dim")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
+_FFN_ATTRS = ("intermediate_size", "ffn_dim")
+_HIDDEN_ATTRS = ("hidden_size", "embed_dim", "dim", "d_model")
+_FFN_CONFIG = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json", "preprocessor_config.json")
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (without importing transformers)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.")
+               for c in type(model).__mro__)
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _proj_axes(m: nn.Module) -> tuple[int, int]:
+    """(output axis, input axis) of a projection's weight: Linear is (out, in), GPT-2 Conv1D (in, out)."""
+    return (1, 0) if _is_conv1d(m) else (0, 1)
+
+
+def _io(m: nn.Module) -> tuple[int, int]:
+    """(in, out) features of a Linear or Conv1D."""
+    return (m.nx, m.nf) if _is_conv1d(m) else (m.in_features, m.out_features)
+
+
+def _find_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList] | None:
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n_layers and n_layers > 0:
+            if best is None or name.count(".") < best[0].count("."):
+                best = (name, m)
+    return best
+
+
+def _spread_order(n: int) -> list[int]:
+    """Keep order 0, n-1, then midpoints of the widest gaps: every prefix is spread evenly over the stack."""
+    if n <= 2:
+        return list(range(n))
+    order = [0, n - 1]
+    while len(order) < n:
+        kept = sorted(order)
+        gaps = [(kept[i + 1] - kept[i], -kept[i], kept[i]) for i in range(len(kept) - 1)]
+        width, _, lo = max(gaps)
+        order.append(lo + width // 2)
+    return order
+
+
+class _Planner:
+    """Builds a :class:`elasticize.plan.Plan` for one transformers model."""
+
+    def __init__(self, model: nn.Module, inputs: tuple, dims: tuple[str, ...], depth_mode: str,
+                 width_ratios: tuple[float, ...], heads_ratios: tuple[float, ...], exclude: tuple[str, ...]) -> None:
+        from ..plan import Plan
+
+        self.model, self.inputs, self.dims = model, inputs, dims
+        self.width_ratios, self.heads_ratios = width_ratios, heads_ratios
+        self.exclude = exclude
+        self.plan = Plan(tracer="structure", dims=list(dims), depth_mode=depth_mode)
+        self.params = {n for n, _ in model.named_parameters()}
+        self.state = model.state_dict(keep_vars=True)
+        self.axes: dict[str, dict[str, list[Any]]] = {}
+        self.groups: dict[str, dict[str, Any]] = {}
+        cfg = model.config
+        self.cfg = cfg
+        self.hidden = int(getattr(cfg, "hidden_size", 0) or 0)
+        self.n_heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        hd = getattr(cfg, "head_dim", None)
+        self.head_dim = int(hd) if hd else (self.hidden // self.n_heads if self.n_heads else 0)
+
+    # ---------------------------------------------------------------- helpers
+    def excluded(self, name: str) -> bool:
+        import fnmatch
+
+        return any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+    def note(self, where: str, why: str) -> None:
+        self.plan.not_elastic.append([where, why])
+
+    def group(self, name: str, kind: str, size: int, unit: int, dim: str, step: int = 1,
+              constraint: str = "") -> str | None:
+        if dim not in self.dims:
+            self.note(name, f"{dim} not selected")
+            return None
+        if self.excluded(name):
+            self.note(name, "excluded by the user")
+            return None
+        ratios = self.heads_ratios if dim == "heads" else self.width_ratios
+        n = size // (unit * step)
+        counts = sorted({max(1, min(n, round(r * n))) for r in ratios} | {n}, reverse=True)
+        per = step if dim == "heads" else unit * step
+        g = {"name": name, "kind": kind, "size": size, "unit": unit, "choices": [c * per for c in counts]}
+        if step > 1:
+            g["step"], g["constraint"] = step, constraint
+        self.groups[name] = g
+        return name
+
+    def ax(self, fqn: str, axis: int, group: str | None, chunks: int = 1, div: int = 1) -> None:
+        if group is None or fqn not in self.state:
+            return
+        entry = [group, chunks] if div == 1 else [group, chunks, div]
+        self.axes.setdefault(fqn, {})[str(axis)] = entry
+
+    def attr(self, path: str, name: str, group: str | None, kind: str = "int", mul: int = 1, div: int = 1) -> None:
+        if group is not None:
+            self.plan.attrs.setdefault(path, {})[name] = [group, kind, mul, div]
+
+    def proj(self, path: str, m: nn.Module, *, out: str | None = None, inp: str | None = None,
+             out_chunks: int = 1, out_div: int = 1) -> None:
+        """Elastic rows (``out``) and/or columns (``inp``) of a Linear or Conv1D, with its size attributes."""
+        o_ax, i_ax = _proj_axes(m)
+        self.ax(f"{path}.weight", o_ax, out, out_chunks, out_div)
+        self.ax(f"{path}.bias", 0, out, out_chunks, out_div)
+        self.ax(f"{path}.weight", i_ax, inp)
+        if _is_conv1d(m):
+            self.attr(path, "nf", out, mul=out_chunks, div=out_div)
+            self.attr(path, "nx", inp)
+        else:
+            self.attr(path, "out_features", out, mul=out_chunks, div=out_div)
+            self.attr(path, "in_features", inp)
+        if isinstance(m, nn.Linear):
+            self.plan.sites[path] = "linear"
+
+    def module_attrs(self, path: str, m: nn.Module, names: tuple[str, ...], full: int, group: str | None,
+                     div: int = 1) -> None:
+        for a in names:
+            v = m.__dict__.get(a)
+            if isinstance(v, int) and not isinstance(v, bool) and v == full:
+                self.attr(path, a, group, div=div)
+
+    # ---------------------------------------------------------------- the plan
+    def build(self):
+        found = _find_layers(self.model, int(getattr(self.cfg, "num_hidden_layers", 0) or 0))
+        if found is None or not self.n_heads or not self.hidden:
+            self.note("<model>", f"{type(self.model).__name__}: no layer stack of config.num_hidden_layers layers, or "
+                      "no num_attention_heads / hidden_size in its config; nothing was made elastic")
+            return self.finish([], None)
+        stack_path, layers = found
+        hidden = None
+        if "hidden" in self.dims:
+            hidden = self.group("hidden", "hidden", self.hidden, 1, "hidden")
+        blocks, norms = [], []
+        for i, layer in enumerate(layers):
+            path = f"{stack_path}.{i}"
+            blocks.append(path)
+            self.layer(path, layer, hidden)
+            norms += [f"{path}.{n}" for n, m in layer.named_modules() if n and _is_norm(m)]
+        self.outside(stack_path, hidden)
+        return self.finish(blocks, stack_path, norms)
+
+    def layer(self, path: str, layer: nn.Module, hidden: str | None) -> None:
+        roles: dict[str, tuple[str, nn.Module]] = {}
+        unknown = []
+        for name, m in layer.named_modules():
+            if isinstance(m, nn.Linear) or _is_conv1d(m):
+                role = next((r for r, rx in _ROLE_RE if rx.match(name)), None)
+                if role is None or role in roles:
+                    unknown.append(name)
+                else:
+                    roles[role] = (f"{path}.{name}", m)
+            elif _is_norm(m) and hidden is not None:
+                for t in ("weight", "bias"):
+                    self.ax(f"{path}.{name}.{t}", 0, hidden)
+                if isinstance(m, nn.LayerNorm):
+                    self.attr(f"{path}.{name}", "normalized_shape", hidden, kind="shape")
+                    self.plan.sites[f"{path}.{name}"] = "layernorm"
+        if unknown:
+            self.note(path, f"projections {unknown} have no known role; heads and FFN width of this layer stay fixed")
+            return
+        self.attention(path, layer, roles, hidden)
+        self.ffn(path, roles, hidden)
+
+    def attention(self, path: str, layer: nn.Module, roles: dict[str, tuple[str, nn.Module]],
+                  hidden: str | None) -> None:
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        rep = nh // nkv if nkv else 1
+        q_rows, kv_rows = nh * hd, nkv * hd
+        fused = "qkv" in roles
+        need = ("qkv", "o") if fused else ("q", "k", "v", "o")
+        if any(r not in roles for r in need):
+            self.note(path, f"no attention projections found (looked for {list(need)}); heads stay fixed")
+            return
+        if fused:
+            qp, qm = roles["qkv"]
+            ok = _io(qm)[1] == 3 * q_rows and nkv == nh
+        else:
+            ok = _io(roles["q"][1])[1] == q_rows and all(_io(roles[r][1])[1] == kv_rows for r in "kv")
+        op, om = roles["o"]
+        ok = ok and _io(om)[0] == q_rows
+        if not ok:
+            self.note(path, f"attention projections do not match the config ({nh} heads, {nkv} key/value heads, "
+                      f"head_dim {hd}); heads stay fixed")
+            heads = None
+        else:
+            why = (f"grouped-query attention: {rep} query heads share each key/value head, so heads must be a "
+                   f"multiple of {rep}") if rep > 1 else ""
+            heads = self.group(f"{path}:heads", "heads", q_rows, hd, "heads", step=rep, constraint=why)
+        if fused:
+            self.proj(qp, qm, out=heads, inp=hidden, out_chunks=3)
+        else:
+            self.proj(roles["q"][0], roles["q"][1], out=heads, inp=hidden)
+            for r in "kv":
+                self.proj(roles[r][0], roles[r][1], out=heads, inp=hidden, out_div=rep)
+        self.proj(op, om, out=hidden, inp=heads)
+        attn_path = op.rpartition(".")[0] if fused else roles["q"][0].rpartition(".")[0]
+        attn = self.model.get_submodule(attn_path)
+        if heads is not None:
+            self.module_attrs(attn_path, attn, _HEADS_ATTRS, nh, heads, div=hd)
+            self.module_attrs(attn_path, attn, _HEAD_CHANNEL_ATTRS, q_rows, heads)
+            self.module_attrs(attn_path, attn, _KV_ATTRS, nkv, heads, div=hd * rep)
+            self.attn_terms.append((attn_path, heads, roles["qkv" if fused else "q"][0]))
+        if hidden is not None:
+            self.module_attrs(attn_path, attn, _HIDDEN_ATTRS, self.hidden, hidden)
+
+    def ffn(self, path: str, roles: dict[str, tuple[str, nn.Module]], hidden: str | None) -> None:
+        if "down" not in roles or not ({"up", "gate_up"} & set(roles)):
+            self.note(path, "no FFN up/down projections found; FFN width stays fixed")
+            return
+        dp, dm = roles["down"]
+        inter = _io(dm)[0]
+        ups = [(r, *roles[r]) for r in ("up", "gate", "gate_up") if r in roles]
+        sizes = {r: _io(m)[1] // (2 if r == "gate_up" else 1) for r, _, m in ups}
+        if any(s != inter for s in sizes.values()):
+            self.note(path, f"FFN projections disagree on the intermediate size ({sizes}, down reads {inter}); fixed")
+            ffn = None
+        else:
+            ffn = self.group(f"{path}:ffn", "width", inter, 1, "width")
+        for r, p, m in ups:
+            self.proj(p, m, out=ffn, inp=hidden, out_chunks=2 if r == "gate_up" else 1)
+        self.proj(dp, dm, out=hidden, inp=ffn)
+        mlp_path = dp.rpartition(".")[0]
+        if ffn is not None and all(p.rpartition(".")[0] == mlp_path for _, p, _ in ups):
+            self.module_attrs(mlp_path, self.model.get_submodule(mlp_path), _FFN_ATTRS, inter, ffn)
+
+    def outside(self, stack_path: str, hidden: str | None) -> None:
+        """Embeddings, final norms, poolers and task heads: only the hidden width reaches them."""
+        if hidden is None:
+            return
+        for name, m in self.model.named_modules():
+            if name == stack_path or name.startswith(stack_path + "."):
+                continue
+            if isinstance(m, nn.Embedding) and m.embedding_dim == self.hidden:
+                self.ax(f"{name}.weight", 1, hidden)
+                self.attr(name, "embedding_dim", hidden)
+                self.plan.sites[name] = "embedding"
+            elif (isinstance(m, nn.Linear) or _is_conv1d(m)) and _io(m)[0] == self.hidden:
+                self.proj(name, m, inp=hidden)
+            elif isinstance(m, nn.Conv2d) and m.out_channels == self.hidden and m.groups == 1:
+                self.ax(f"{name}.weight", 0, hidden)
+                self.ax(f"{name}.bias", 0, hidden)
+                self.attr(name, "out_channels", hidden)
+            elif _is_norm(m):
+                for t in ("weight", "bias"):
+                    self.ax(f"{name}.{t}", 0, hidden)
+                if isinstance(m, nn.LayerNorm):
+                    self.attr(name, "normalized_shape", hidden, kind="shape")
+                    self.plan.sites[name] = "layernorm"
+            else:
+                for t, p in m.named_parameters(recurse=False):
+                    if p.dim() >= 1 and p.shape[-1] == self.hidden:
+                        self.ax(f"{name}.{t}" if name else t, p.dim() - 1, hidden)
+                self.module_attrs(name, m, _HIDDEN_ATTRS, self.hidden, hidden)
+
+    # ---------------------------------------------------------------- finish: tensors, stages, MACs
+    attn_terms: list
+
+    def finish(self, blocks: list[str], stack_path: str | None, norms: list[str] = ()):
+        plan = self.plan
+        plan.groups = list(self.groups.values())
+        for fqn, t in self.state.items():
+            plan.tensors[fqn] = {"shape": list(t.shape), "param": fqn in self.params,
+                                 "axes": self.axes.get(fqn, {})}
+        n = len(blocks)
+        if "depth" in self.dims and n > 1 and stack_path is not None:
+            name = stack_path
+            if self.excluded(name):
+                self.note(name, "excluded by the user")
+            else:
+                mode = plan.depth_mode
+                st: dict[str, Any] = {"name": name, "blocks": blocks, "n_mandatory": 1, "drop": "remove"}
+                if mode == "skippable":
+                    first = math.ceil(n / 2)
+                    st.update(first_skippable=first, choices=[n, first])
+                else:
+                    st.update(first_skippable=n, choices=list(range(n, 0, -1)))
+                    if mode == "spaced":
+                        st["order"] = _spread_order(n)
+                plan.stages.append(st)
+                if mode == "skippable":
+                    mandatory = set(blocks[: st["first_skippable"]])
+                    for p in norms:
+                        if p.rsplit(".", 1)[0] in mandatory or any(p.startswith(b + ".") for b in mandatory):
+                            names = [t for t in ("weight", "bias") if f"{p}.{t}" in self.state]
+                            plan.switchable[p] = {"stage": name, "tensors": names}
+        elif "depth" in self.dims:
+            self.note(stack_path or "<model>", "no layer stack with two or more layers; depth stays fixed")
+        plan.mac_terms = self.mac_terms()
+        return plan
+
+    def mac_terms(self) -> list[list[Any]]:
+        """MACs per sample at the example inputs' size, from one forward pass with hooks."""
+        seen: dict[str, int] = {}
+        hooks = []
+        for name, m in self.model.named_modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)) or _is_conv1d(m):
+                def hook(mod, args, out, name=name):
+                    x = args[0]
+                    batch = x.shape[0] if x.dim() > 1 else 1
+                    if isinstance(mod, nn.Conv2d):
+                        k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+                        seen[name] = seen.get(name, 0) + out.numel() // batch * k
+                    else:
+                        i, o = _io(mod)
+                        seen[name] = seen.get(name, 0) + x.numel() // i // batch * i * o
+                hooks.append(m.register_forward_hook(hook))
+        tokens: dict[str, int] = {}
+        for attn_path, _, q_path in self.attn_terms:
+            m = self.model.get_submodule(q_path)
+            hooks.append(m.register_forward_hook(
+                lambda mod, args, out, p=attn_path: tokens.__setitem__(p, args[0].numel() // args[0].shape[0] // _io(mod)[0])))
+        try:
+            with torch.no_grad():
+                self.model(*self.inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        terms = []
+        for name, macs in seen.items():
+            factors = sorted({a[0] for t in ("weight", "bias") for a in self.axes.get(f"{name}.{t}", {}).values()})
+            terms.append([name, macs, factors])
+        for attn_path, heads, _ in self.attn_terms:
+            n = tokens.get(attn_path, 0)
+            terms.append([attn_path, 2 * n * n * self.n_heads * self.head_dim, [heads]])
+        return terms
+
+
+def plan_transformer(model: nn.Module, inputs: tuple, *, dims: tuple[str, ...], depth_mode: str,
+                     width_ratios: tuple[float, ...], heads_ratios: tuple[float, ...], exclude: tuple[str, ...] = ()):
+    """The plan of a transformers ``PreTrainedModel``, from its structure (see the module docstring).
+
+    Args:
+        model: the model, in eval mode.
+        inputs: example positional inputs, e.g. ``(input_ids,)`` of shape ``(1, tokens)``; MACs are
+            counted per sample at this size.
+        dims: any of ``"width"`` (FFN intermediate), ``"heads"``, ``"depth"``, ``"hidden"``.
+        depth_mode: ``"prefix"``, ``"spaced"`` or ``"skippable"``.
+        width_ratios: fractions of the FFN (and hidden) width offered.
+        heads_ratios: fractions of the heads offered (rounded to whole key/value groups).
+        exclude: ``fnmatch`` patterns of group names (``"model.layers.0:heads"``) or the stack to keep full.
+
+    Returns:
+        The :class:`elasticize.plan.Plan`.
+
+    Raises:
+        ValueError: for an unknown dimension or depth mode.
+    """
+    from ..plan import DIMENSIONS
+
+    bad = [d for d in dims if d not in DIMENSIONS]
+    if bad:
+        raise ValueError(f"unknown dimension(s) {bad}; choose from {list(DIMENSIONS)}")
+    if depth_mode not in ("prefix", "spaced", "skippable"):
+        raise ValueError(f"depth_mode must be 'prefix', 'spaced' or 'skippable', not {depth_mode!r}")
+    p = _Planner(model, inputs, tuple(dims), depth_mode, tuple(width_ratios), tuple(heads_ratios), tuple(exclude))
+    p.attn_terms = []
+    return p.build()
+
+
+# -------------------------------------------------------------------- extraction and export
+def _uniform(values: list[int], what: str) -> int | None:
+    return values[0] if values and all(v == values[0] for v in values) else None
+
+
+def sync_config(dense: nn.Module) -> None:
+    """Make a dense sub-network's ``config`` and layer indices describe it.
+
+    Sets ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` (when the
+    config has it), the FFN size (``intermediate_size`` / ``n_inner`` / ``hidden_dim``) and
+    ``hidden_size`` from the actual tensors, slices per-layer lists (``layer_types``), and renumbers
+    ``layer_idx`` so that the KV cache has one slot per kept layer. Non-uniform values (layers of
+    different sizes) are recorded in ``config.elasticize_layers`` and left out of the standard fields.
+
+    Raises:
+        ValueError: GPT-2 with ``scale_attn_by_inverse_layer_idx`` after layers were dropped (the
+            scaling depends on the layer index, so the renumbered model would compute otherwise).
+    """
+    cfg = dense.config
+    full_layers = int(cfg.num_hidden_layers)
+    found = None
+    for name, m in dense.named_modules():
+        if isinstance(m, nn.ModuleList) and m and all(type(x) is type(m[0]) for x in m) and \
+                type(m[0]).__name__.endswith(("Layer", "Block", "DecoderLayer", "EncoderLayer")):
+            if found is None or name.count(".") < found[0].count("."):
+                found = (name, m)
+    if found is None:
+        return
+    _, layers = found
+    n = len(layers)
+    if n != full_layers and getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("this GPT-2 config scales attention by the inverse layer index, so a model with dropped "
+                         "layers cannot be renumbered; convert without the depth dimension")
+    lt = getattr(cfg, "layer_types", None)
+    kept_idx = []
+    for j, layer in enumerate(layers):
+        old = None
+        for m in layer.modules():
+            if isinstance(m.__dict__.get("layer_idx"), int):
+                old = m.layer_idx if old is None else old
+                m.layer_idx = j
+        kept_idx.append(old if old is not None else j)
+    if isinstance(lt, list) and len(lt) == full_layers:
+        cfg.layer_types = [lt[i] for i in kept_idx]
+    cfg.num_hidden_layers = n
+    planner_hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    heads, kv, inter, per_layer = [], [], [], []
+    for layer in layers:
+        roles = {}
+        for name, m in layer.named_modules():
+            if isinstance(m, nn.Linear) or _is_conv1d(m):
+                role = next((r for r, rx in _ROLE_RE if rx.match(name)), None)
+                if role is not None:
+                    roles.setdefault(role, m)
+        if "q" in roles:
+            heads.append(_io(roles["q"])[1] // planner_hd)
+            kv.append(_io(roles["k"])[1] // planner_hd)
+        elif "qkv" in roles:
+            heads.append(_io(roles["qkv"])[1] // 3 // planner_hd)
+            kv.append(heads[-1])
+        if "down" in roles:
+            inter.append(_io(roles["down"])[0])
+        per_layer.append({"heads": heads[-1] if heads else None, "intermediate": inter[-1] if inter else None})
+    emb = dense.get_input_embeddings() if hasattr(dense, "get_input_embeddings") else None
+    hidden = emb.embedding_dim if isinstance(emb, nn.Embedding) else None
+    nh, nkv, ni = _uniform(heads, "heads"), _uniform(kv, "kv"), _uniform(inter, "intermediate")
+    if hidden is not None and hidden != cfg.hidden_size:
+        cfg.hidden_size = hidden
+    if nh is not None:
+        if hasattr(cfg, "head_dim") or nh * planner_hd != cfg.hidden_size:
+            if "head_dim" in cfg.to_dict():
+                cfg.head_dim = planner_hd
+        cfg.num_attention_heads = nh
+    if nkv is not None and hasattr(cfg, "num_key_value_heads"):
+        cfg.num_key_value_heads = nkv
+    if ni is not None:
+        for a in _FFN_CONFIG:
+            if a in cfg.to_dict() and (a != "hidden_dim" or cfg.model_type == "distilbert"):
+                setattr(cfg, a, ni)
+                break
+    if nh is None or ni is None:
+        cfg.elasticize_layers = per_layer
+    if hasattr(dense, "tie_weights") and getattr(cfg, "tie_word_embeddings", False):
+        out = dense.get_output_embeddings() if hasattr(dense, "get_output_embeddings") else None
+        if out is not None and emb is not None and out.weight.shape == emb.weight.shape and \
+                torch.equal(out.weight, emb.weight):
+            out.weight = emb.weight
+
+
+def export_problem(dense: nn.Module) -> str | None:
+    """Why ``dense`` (a synced dense sub-network) cannot be saved as a plain transformers folder, or None.
+
+    Builds the model class from the sub-network's config on the ``meta`` device and compares every
+    tensor shape: the family's config must describe the sub-network exactly.
+    """
+    cfg = dense.config
+    if getattr(cfg, "elasticize_layers", None):
+        return "its layers differ in heads or FFN width, and this family's config has one value for all layers"
+    with torch.device("meta"):
+        ref = type(dense)._from_config(cfg)
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
+    for k, shape in have.items():
+        if k in want and want[k] != shape:
+            return (f"{type(dense).__name__} built from the sub-network's config has {k} of shape {list(want[k])}, "
+                    f"the sub-network {list(shape)} (e.g. {cfg.model_type} derives head_dim from hidden_size / "
+                    "num_attention_heads, so its heads and hidden width can only shrink together)")
+    missing = sorted(set(want) ^ set(have))
+    if missing:
+        return f"the tensors differ from the family's: {missing[:4]}"
+    return None
+
+
+def save_hf(dense: nn.Module, directory: str | Path, *, source: str | None = None, overwrite: bool = False) -> Path:
+    """Save a dense sub-network as a Hugging Face folder (``save_pretrained``: safetensors + ``config.json``).
+
+    Tokenizer and generation files are copied from ``source`` (the original model's folder) when it
+    is a local directory. The folder is written next to its destination and renamed into place, so
+    a failure leaves nothing behind.
+
+    Args:
+        dense: a dense sub-network from :meth:`ElasticModel.extract` of a transformers model.
+        directory: the folder to write.
+        source: the folder the original model was loaded from, for its tokenizer files.
+        overwrite: replace an existing folder.
+
+    Raises:
+        ValueError: if the family's config cannot describe this sub-network (see :func:`export_problem`),
+            or ``directory`` is ``source``.
+        FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+    """
+    import tempfile
+
+    out = Path(directory)
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise ValueError(f"{out} is the input model's folder; choose another output folder")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another folder or pass overwrite=True (CLI: --force)")
+    why = export_problem(dense)
+    if why is not None:
+        raise ValueError(f"this sub-network cannot be saved as a plain transformers folder: {why}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cfg = dense.config
+        extra = cfg.__dict__.pop("elasticize_layers", None)
+        dense.save_pretrained(tmp)
+        if extra is not None:
+            cfg.elasticize_layers = extra
+        if source is not None and Path(source).is_dir():
+            for name in TOKENIZER_FILES:
+                f = Path(source) / name
+                if f.is_file():
+                    shutil.copy2(f, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# -------------------------------------------------------------------- the adapter
+@register_adapter("hf")
+class HFAdapter(Adapter):
+    """Hugging Face transformers models: a local folder or a hub id (``hf:bert-base-uncased``).
+
+    The recipe stores the model class and the full config, so a checkpoint rebuilds the
+    architecture without the original folder or the network.
+    """
+
+    def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+        import transformers
+
+        cls_name = kwargs.get("class")
+        config = kwargs.get("config")
+        if config is not None:
+            cfg = transformers.AutoConfig.for_model(**dict(config))
+            cls = getattr(transformers, cls_name or "AutoModel")
+            model = cls._from_config(cfg) if cls_name else transformers.AutoModel.from_config(cfg)
+            return model.eval()
+        cls = getattr(transformers, cls_name or "AutoModel", None)
+        if cls is None:
+            raise KeyError(f"transformers has no class {cls_name!r}; use e.g. AutoModel or AutoModelForCausalLM")
+        local = Path(name).is_dir()
+        if local and not (Path(name) / "config.json").is_file():
+            raise KeyError(f"{name} is a folder without config.json; give a Hugging Face model folder or hub id")
+        try:
+            if pretrained:
+                return cls.from_pretrained(name).eval()
+            cfg = transformers.AutoConfig.from_pretrained(name)
+            return (cls.from_config(cfg) if cls_name is None or cls_name.startswith("Auto") else
+                    cls._from_config(cfg)).eval()
+        except OSError as e:
+            if local:
+                raise
+            raise _offline_error(f"Hugging Face model {name!r} (not a local folder; no cached copy could be "
+                                 "used: set HF_HUB_OFFLINE=1 to use the cache only, or pass a local folder)", e) from e
+
+    def owns(self, model: nn.Module) -> bool:
+        return is_hf_model(model)
+
+    def recipe(self, model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {"adapter": self.name, "name": name,
+                "kwargs": {"class": type(model).__name__, "config": model.config.to_dict()}}
+
+    def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
+        cfg = model.config
+        if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+            size = getattr(cfg, "image_size", 224)
+            return (torch.randn(1, getattr(cfg, "num_channels", 3), size, size),)
+        n = min(128, int(getattr(cfg, "max_position_embeddings", 128) or 128))
+        vocab = int(getattr(cfg, "vocab_size", 1000) or 1000)
+        return (torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0)),)
+
+    def plan(self, model: nn.Module, inputs: tuple, **options: Any):
+        return plan_transformer(model, inputs, **options)
+
+    def after_extract(self, dense: nn.Module) -> None:
+        if is_hf_model(dense):
+            sync_config(dense)
