@@ -102,8 +102,9 @@ def main() -> None:
 @click.option("--weights", type=click.Path(dir_okay=False), help="A .safetensors state dict to start from.")
 @click.option("--kwarg", "kwargs", multiple=True, help="Builder argument name=value (JSON value), repeatable.")
 @click.option("--dims", default="width,heads,depth", show_default=True, help="Elastic dimensions.")
-@click.option("--depth-mode", type=click.Choice(["prefix", "skippable"]), default="prefix", show_default=True,
-              help="prefix: keep the first k blocks of a stage (SortedNet); skippable: skippable second half (Adaptive Depth).")
+@click.option("--depth-mode", type=click.Choice(["prefix", "spaced", "skippable"]), default="prefix", show_default=True,
+              help="prefix: keep the first k blocks of a stage (SortedNet); spaced: drop transformer layers evenly "
+                   "(transformers only); skippable: skippable second half (Adaptive Depth).")
 @click.option("--width-ratios", default="1,0.75,0.5,0.25", show_default=True, help="Width choices as fractions.")
 @click.option("--heads-ratios", default="1,0.75,0.5,0.25", show_default=True, help="Heads choices as fractions.")
 @click.option("--exclude", multiple=True, help="Group or stage name pattern kept at full size, repeatable.")
@@ -113,13 +114,19 @@ def main() -> None:
 def convert(model: str, output: str | None, pretrained: bool, weights: str | None, kwargs: tuple[str, ...], dims: str,
             depth_mode: str, width_ratios: str, heads_ratios: str, exclude: tuple[str, ...], input_shape: str | None,
             no_sort: bool, force: bool) -> None:
-    """Make MODEL elastic and save it: a timm name (resnet50), torchvision:NAME, or package.module:builder."""
+    """Make MODEL elastic and save it.
+
+    MODEL is a timm name (resnet50), torchvision:NAME, package.module:builder, or a Hugging Face
+    transformers model: a local folder with a config.json, or hf:HUB_ID (e.g. hf:bert-base-uncased;
+    --kwarg class=AutoModelForCausalLM picks the model class, default AutoModel).
+    """
     import torch
 
     from . import checkpoint
     from .model import convert as api_convert
 
-    out = Path(output) if output else Path(re.sub(r"[^\w.-]+", "_", model) + ".elastic.safetensors")
+    stem = Path(model).name if Path(model).is_dir() else model
+    out = Path(output) if output else Path(re.sub(r"[^\w.-]+", "_", stem) + ".elastic.safetensors")
     if weights and out.exists() and Path(weights).exists() and out.resolve() == Path(weights).resolve():
         raise click.ClickException("-o points at the --weights input; choose another output path")
     if out.exists() and not force:
@@ -171,11 +178,15 @@ def inspect(file: str, as_json: bool) -> None:
 @click.option("--config", "config_json", help='Sub-network as JSON, e.g. \'{"width": 0.5}\'.')
 @click.option("--max-macs", type=float, help="Largest sub-network with at most this many MACs per sample.")
 @click.option("--max-params", type=float, help="Largest sub-network with at most this many parameters.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Dense sub-network .safetensors.")
-@click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Dense sub-network .safetensors, or a folder "
+              "with --format hf.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "hf"]), default="safetensors", show_default=True,
+              help="safetensors: one file for elasticize.load_subnet; hf: a Hugging Face folder (save_pretrained) "
+                   "that plain transformers loads.")
+@click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 def extract(file: str, preset: str | None, config_json: str | None, max_macs: float | None, max_params: float | None,
-            output: str, force: bool) -> None:
-    """Write one dense sub-network of FILE to OUTPUT (read back with elasticize.load_subnet)."""
+            output: str, fmt: str, force: bool) -> None:
+    """Write one dense sub-network of FILE to OUTPUT (a file for elasticize.load_subnet, or a HF folder)."""
     from . import checkpoint
 
     chosen = [x is not None for x in (preset, config_json)] + [max_macs is not None or max_params is not None]
@@ -197,7 +208,10 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
                                         max_params=None if max_params is None else int(max_params)))
     cfg = _run(lambda: em.resolve(subnet))
     with console.status(f"writing {output}"):
-        _run(lambda: checkpoint.save_subnet(em, cfg, output, overwrite=force))
+        if fmt == "hf":
+            _run(lambda: em.save_pretrained(output, cfg, overwrite=force))
+        else:
+            _run(lambda: checkpoint.save_subnet(em, cfg, output, overwrite=force))
     console.print(f"[green]wrote[/green] {output}: {_fmt(em.macs(cfg))} MACs "
                   f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params")
 

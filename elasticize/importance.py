@@ -76,6 +76,8 @@ def sort_by_importance(model: nn.Module, plan: Plan, scores: dict[str, torch.Ten
         plan: its plan.
         scores: group -> importance per sort unit, e.g. from :func:`magnitude_importance`.
 
+    Groups with ``"sort": False`` in the plan keep their order.
+
     Returns:
         group -> the permutation applied (new position -> old unit index).
     """
@@ -84,6 +86,8 @@ def sort_by_importance(model: nn.Module, plan: Plan, scores: dict[str, torch.Ten
     members = _members(plan)
     done: set[tuple[int, int]] = set()  # tied tensors appear under several names: permute once
     for g in plan.groups:
+        if not g.get("sort", True):  # e.g. a residual stream that is the model's output
+            continue
         unit = sort_unit(g)
         perm = torch.argsort(scores[g["name"]], descending=True, stable=True)
         perms[g["name"]] = perm.tolist()
