@@ -351,7 +351,10 @@ class _Planner:
             plan.tensors[fqn] = {"shape": list(t.shape), "param": fqn in self.params,
                                  "axes": self.axes.get(fqn, {})}
         n = len(blocks)
-        if "depth" in self.dims and n > 1 and stack_path is not None:
+        if "depth" in self.dims and self.tuple_layers:
+            self.note(stack_path, f"its layers return {len(self.tuple_layers)} tuples, not the hidden-state tensor that "
+                      "a skipped layer passes on; depth stays fixed")
+        elif "depth" in self.dims and n > 1 and stack_path is not None:
             name = stack_path
             if self.excluded(name):
                 self.note(name, "excluded by the user")
@@ -384,7 +387,7 @@ class _Planner:
         outside the stack reads the stream if its input shares storage with one of those (a view such
         as ``hidden[:, 0]`` does; a pooler's ``tanh(dense(x))`` does not).
         """
-        self.seen, self.tokens, self.reads, self.stream = {}, {}, {}, set()
+        self.seen, self.tokens, self.reads, self.stream, self.tuple_layers = {}, {}, {}, set(), set()
         hooks, alive = [], []  # tensors are kept alive so that no storage address is reused during the pass
 
         def storage(t: Any) -> int | None:
@@ -410,7 +413,10 @@ class _Planner:
                 hooks.append(m.register_forward_hook(hook))
             elif isinstance(m, nn.Embedding) or _is_norm(m) or name.startswith(stack_path + ".") and \
                     name.count(".") == stack_path.count(".") + 1:
-                out_hook = lambda mod, args, out: self.stream.add(storage(out[0] if isinstance(out, tuple) else out))
+                def out_hook(mod, args, out, name=name):
+                    self.stream.add(storage(out[0] if isinstance(out, tuple) else out))
+                    if name.startswith(stack_path + ".") and not isinstance(out, torch.Tensor):
+                        self.tuple_layers.add(name)
                 hooks.append(m.register_forward_hook(out_hook))
         try:
             with torch.no_grad():
@@ -651,18 +657,20 @@ class HFAdapter(Adapter):
             cls = getattr(transformers, cls_name or "AutoModel")
             model = cls._from_config(cfg) if cls_name else transformers.AutoModel.from_config(cfg)
             return model.eval()
-        cls = getattr(transformers, cls_name or "AutoModel", None)
-        if cls is None:
-            raise KeyError(f"transformers has no class {cls_name!r}; use e.g. AutoModel or AutoModelForCausalLM")
         local = Path(name).is_dir()
         if local and not (Path(name) / "config.json").is_file():
             raise KeyError(f"{name} is a folder without config.json; give a Hugging Face model folder or hub id")
         try:
+            cfg = transformers.AutoConfig.from_pretrained(name)
+            if cls_name is None:  # the class the folder was saved from, e.g. LlamaForCausalLM
+                archs = [a for a in (getattr(cfg, "architectures", None) or []) if hasattr(transformers, a)]
+                cls_name = archs[0] if archs else "AutoModel"
+            cls = getattr(transformers, cls_name, None)
+            if cls is None:
+                raise KeyError(f"transformers has no class {cls_name!r}; use e.g. AutoModel or AutoModelForCausalLM")
             if pretrained:
                 return cls.from_pretrained(name).eval()
-            cfg = transformers.AutoConfig.from_pretrained(name)
-            return (cls.from_config(cfg) if cls_name is None or cls_name.startswith("Auto") else
-                    cls._from_config(cfg)).eval()
+            return (cls.from_config(cfg) if cls_name.startswith("Auto") else cls._from_config(cfg)).eval()
         except OSError as e:
             if local:
                 raise
