@@ -55,7 +55,8 @@ def _kwargs(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _report_tables(plan: dict[str, Any], presets: dict[str, dict[str, Any]], full_macs: int) -> None:
+def report_tables(plan: dict[str, Any], presets: dict[str, dict[str, Any]], full_macs: int) -> None:
+    """Print a plan (as JSON) and its presets as rich tables: width/heads groups, depth stages, what is not elastic."""
     width = Table(title="Elastic width and heads (coupling groups)", show_lines=False)
     for col in ("group", "kind", "size", "choices"):
         width.add_column(col)
@@ -146,7 +147,7 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
     with console.status(f"writing {out}"):
         _run(lambda: checkpoint.save(em, out, overwrite=force))
     rep = em.report()
-    _report_tables(em.plan.to_json(), rep["presets"], rep["presets"]["full"]["macs"])
+    report_tables(em.plan.to_json(), rep["presets"], rep["presets"]["full"]["macs"])
     console.print(f"[green]wrote[/green] {out}")
 
 
@@ -167,7 +168,7 @@ def inspect(file: str, as_json: bool) -> None:
                   f"{recipe.get('name', '')}, traced with {m['plan']['tracer']}")
     if m["kind"] == "super-network":
         presets = m["presets"]
-        _report_tables(m["plan"], presets, presets.get("full", next(iter(presets.values())))["macs"])
+        report_tables(m["plan"], presets, presets.get("full", next(iter(presets.values())))["macs"])
     else:
         console.print(f"sub-network {json.dumps(m['config'])}: {_fmt(m['macs'])} MACs, {_fmt(m['params'])} params")
 

@@ -60,9 +60,8 @@ def magnitude_importance(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor
         use = [m for m in members[g["name"]] if state[m[0]].dim() >= 2] or members[g["name"]]
         score = torch.zeros(n, dtype=torch.float64)
         for fqn, ax, chunks, div in use:
-            t = state[fqn].detach().to(torch.float64)
-            t = t.movedim(ax, 0).reshape(chunks, n, -1)
-            score += t.pow(2).sum(dim=(0, 2)).sqrt()
+            t = state[fqn].detach().float().movedim(ax, 0).reshape(chunks, n, -1)
+            score += torch.linalg.vector_norm(t, dim=(0, 2)).double()
         scores[g["name"]] = score
     return scores
 

@@ -386,7 +386,15 @@ class _Planner:
         The stream is every output of a layer of the stack, of an embedding and of a norm; a projection
         outside the stack reads the stream if its input shares storage with one of those (a view such
         as ``hidden[:, 0]`` does; a pooler's ``tanh(dense(x))`` does not).
+
+        Token inputs longer than 16 are traced at 16 tokens, and the projections that see every token
+        are counted at the full length (MACs are linear in tokens, attention matmuls quadratic).
         """
+        inputs, short, full = self.inputs, 0, 0
+        x0 = inputs[0] if inputs else None
+        if isinstance(x0, torch.Tensor) and x0.dim() == 2 and not x0.is_floating_point() and x0.shape[1] > 16:
+            short, full = 16, int(x0.shape[1])
+            inputs = (x0[:, :short], *inputs[1:])
         self.seen, self.tokens, self.reads, self.stream, self.tuple_layers = {}, {}, {}, set(), set()
         hooks, alive = [], []  # tensors are kept alive so that no storage address is reused during the pass
 
@@ -406,7 +414,8 @@ class _Planner:
                         macs = out.numel() // batch * k
                     else:
                         i, o = _io(mod)
-                        self.tokens[name] = x.numel() // i // batch
+                        t = x.numel() // i // batch
+                        self.tokens[name] = full if short and t == short else t
                         macs = self.tokens[name] * i * o
                     self.seen[name] = self.seen.get(name, 0) + macs
                     self.reads[name] = storage(x)
@@ -420,7 +429,7 @@ class _Planner:
                 hooks.append(m.register_forward_hook(out_hook))
         try:
             with torch.no_grad():
-                out = self.model(*self.inputs)
+                out = self.model(*inputs)
         finally:
             for h in hooks:
                 h.remove()
