@@ -103,6 +103,7 @@ def test_macs_count_every_gate_of_every_layer_and_direction():
         assert em.macs(p) == lstm + seq * 2 * h * 7, p
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
 def test_proj_size_is_refused_with_the_reason():
     torch.manual_seed(0)
     m = TokenTagger(proj_size=8, hidden=24).eval()
