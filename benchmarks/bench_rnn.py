@@ -15,7 +15,7 @@ of the one dynamic model (Subnetwork-to-go: 1.44G to 30.02G MACs, about 21x).
 
 Usage::
 
-    python benchmarks/bench_rnn.py            # ~15 min on 1 CPU thread
+    python benchmarks/bench_rnn.py            # ~10 min of CPU on 1 thread
     python benchmarks/bench_rnn.py --quick    # smoke run, ~1 min
 """
 
@@ -39,7 +39,8 @@ CONFIGS = [(12, 16), (6, 8), (3, 4), (1, 1)]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few updates only: checks that everything runs")
-    ap.add_argument("--steps", type=int, default=250, help="updates per run")
+    ap.add_argument("--steps", type=int, default=150, help="updates per run")
+    ap.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (cosine decay)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "elasticize-examples")
@@ -58,7 +59,7 @@ def main() -> None:
     dyn = {}
     for reweight in ("tac", "mean"):
         em = build(reweight=reweight)
-        t = train(em, batches(train_mix, train_ref, args.batch, seed=0), steps, dynamic=True, log_every=50)
+        t = train(em, batches(train_mix, train_ref, args.batch, seed=0), steps, dynamic=True, lr=args.lr, log_every=50)
         times[f"dynamic ({reweight})"] = t
         results[f"dynamic ({reweight})"] = {}
         for d, w in CONFIGS:
@@ -70,7 +71,7 @@ def main() -> None:
     for d, w in CONFIGS:
         torch.manual_seed(0)
         model = BSRNN(depth=d, modules=w)
-        t = train(model, batches(train_mix, train_ref, args.batch, seed=0), steps, dynamic=False, log_every=125)
+        t = train(model, batches(train_mix, train_ref, args.batch, seed=0), steps, dynamic=False, lr=args.lr, log_every=50)
         times[f"stand-alone d={d} w={w}"] = t
         results["stand-alone"][d, w] = evaluate(model, test_mix, test_ref)
         print(f"stand-alone depth {d} width {w} trained in {t:.0f} s", flush=True)

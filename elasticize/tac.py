@@ -11,8 +11,10 @@ trained model into it, function-preserving for every ``w``; :class:`ResidualRNN`
 paper's residual RNN layer (norm, bidirectional LSTM, ``W`` parallel FC modules with TAC,
 residual add), whose stacks elasticize finds as stages of prefix depth.
 
-What the paper summaries leave open and this module decides (following the arXiv version's
-description of TAC, Luo et al. 2020, arXiv 1910.14104, and saying so here):
+The project's summaries of the paper give the structure (transform, mean over the active
+modules, concatenate, shared FC to one scalar per module and frame) but not every detail, and
+the arXiv text could not be consulted offline; what this module decides, taking the TAC
+layout of Luo et al. 2020 (arXiv 1910.14104) where it needed one:
 
 * transform: a shared ``Linear(out_features -> tac_features)`` with PReLU on each module's
   output; average: the mean over the ``w`` *active* modules only (so the scalars depend on

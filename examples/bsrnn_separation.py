@@ -253,7 +253,7 @@ def subnet(em, depth: int, width: int) -> dict:
 
 
 def train(em, data: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, *, dynamic: bool, seed: int = 0,
-          lr: float = 2e-3, fixed: dict | None = None, log_every: int = 0) -> float:
+          lr: float = 5e-3, fixed: dict | None = None, log_every: int = 0) -> float:
     """Train in place; returns seconds spent.
 
     ``dynamic``: Subnetwork-to-go's recipe (full network + one uniformly drawn sub-network per

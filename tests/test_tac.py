@@ -99,3 +99,22 @@ def test_presets_shrink_the_modules_with_the_width():
     tiny = em.resolve("tiny")
     assert set(tiny["modules"].values()) == {2} and tiny["depth"]["layers"] == 1
     assert em.resolve({"modules": 0.5})["modules"]["layers.0.fc:modules"] == 4
+
+
+def test_cli_lists_the_modules_dimension(tmp_path):
+    from click.testing import CliRunner
+
+    from elasticize.cli import main
+
+    out = tmp_path / "stack.safetensors"
+    res = CliRunner().invoke(main, ["convert", "rnn_models:ResRNNStack", "--no-pretrained", "--dims", "modules,depth",
+                                    "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "layers.0.fc:modules" in res.output and "4 modules" in res.output
+    manifest = elasticize.read_manifest(out)
+    assert manifest["search_space"]["modules"]["layers.3.fc:modules"] == [4, 3, 2, 1]
+    res = CliRunner().invoke(main, ["extract", str(out), "--config", '{"modules": 0.5, "depth": 0.5}',
+                                    "-o", str(tmp_path / "half.safetensors")])
+    assert res.exit_code == 0, res.output
+    dense = elasticize.load_subnet(tmp_path / "half.safetensors")
+    assert [b.fc.num_modules for b in dense.layers if isinstance(b, ResidualRNN)] == [2, 2]
