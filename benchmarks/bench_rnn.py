@@ -43,15 +43,17 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (cosine decay)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--interference", choices=["noise", "voice"], default="noise",
+                    help="coloured noise (enhancement, default) or the second espeak-ng voice (separation)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "elasticize-examples")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     steps = 3 if args.quick else args.steps
     corpus = load_corpus(args.cache)
-    train_mix, train_ref = mixtures(corpus, "train", 2000, seed=0)
-    test_mix, test_ref = mixtures(corpus, "test", 16 if args.quick else 96, seed=1)
+    train_mix, train_ref = mixtures(corpus, "train", 2000, interference=args.interference, seed=0)
+    test_mix, test_ref = mixtures(corpus, "test", 16 if args.quick else 96, interference=args.interference, seed=1)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {steps} updates of batch {args.batch} "
-          f"(1 s mixtures at 8 kHz) per run; {test_mix.shape[0]} held-out mixtures "
+          f"(1 s mixtures at 8 kHz, {args.interference} interference) per run; {test_mix.shape[0]} held-out mixtures "
           f"(unprocessed SI-SDR {si_sdr(test_mix, test_ref).mean():.2f} dB)", flush=True)
 
     results: dict[str, dict[tuple[int, int], float]] = {}

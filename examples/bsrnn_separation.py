@@ -4,7 +4,8 @@ The model follows the structure of Subnetwork-to-go's BSRNN (Luo et al., arXiv 2
 Section 3; BSRNN: Luo & Yu, arXiv 2209.15174) at a size that trains on a CPU in minutes:
 
 * band split: the mixture's STFT is cut into ``K`` sub-bands; each band's real and imaginary
-  parts go through its own LayerNorm + Linear to ``N`` features, giving ``(batch, K, T, N)``;
+  parts go through its own GroupNorm (one group: over the band's bins and all frames, so
+  frame energies survive) + Linear to ``N`` features, giving ``(batch, K, T, N)``;
 * sequence modelling: ``D`` residual RNN layers (:class:`elasticize.tac.ResidualRNN`: norm,
   bidirectional LSTM, ``W`` parallel FC modules with TAC reweighting, residual add), running
   alternately along time and along the bands;
@@ -143,12 +144,29 @@ def _crop(x: torch.Tensor, n: int, rng: random.Random) -> torch.Tensor:
     return x[s:s + n]
 
 
+def coloured_noise(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise through a one-pole low-pass with a random pole in [0, 0.95): white to brown-ish, ``(n,)``."""
+    from scipy.signal import lfilter
+
+    white = torch.randn(n, generator=gen)
+    a = 0.95 * torch.rand((), generator=gen).item()
+    return torch.from_numpy(lfilter([1.0], [1.0, -a], white.numpy())).float()
+
+
 def mixtures(corpus: dict[str, list[torch.Tensor]], split: str, count: int, *, seconds: float = 1.0,
-             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+             interference: str = "noise", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` mixtures ``(count, samples)`` and their target speech ``(count, samples)``.
 
-    Target and interferer read different sentences; the target-to-interferer ratio is uniform in [-2.5, 2.5] dB.
+    ``interference="voice"``: the other talker reading another sentence, target-to-interferer
+    ratio uniform in [-2.5, 2.5] dB (separation). ``"noise"``: coloured Gaussian noise, SNR
+    uniform in [-5, 5] dB (enhancement; learns within a few hundred CPU updates).
+
+    Raises:
+        ValueError: unknown ``interference``.
     """
+    if interference not in ("voice", "noise"):
+        raise ValueError(f"interference must be 'voice' or 'noise', not {interference!r}")
+    gen = torch.Generator().manual_seed(seed)
     n_all = len(corpus["target"])
     cut = int(0.85 * n_all)
     idx = list(range(cut)) if split == "train" else list(range(cut, n_all))
@@ -157,8 +175,11 @@ def mixtures(corpus: dict[str, list[torch.Tensor]], split: str, count: int, *, s
     mix, tgt = [], []
     for _ in range(count):
         i, j = rng.sample(idx, 2)
-        s, o = _crop(corpus["target"][i], n, rng), _crop(corpus["other"][j], n, rng)
-        ratio_db = rng.uniform(-2.5, 2.5)
+        s = _crop(corpus["target"][i], n, rng)
+        if interference == "voice":
+            o, ratio_db = _crop(corpus["other"][j], n, rng), rng.uniform(-2.5, 2.5)
+        else:
+            o, ratio_db = coloured_noise(n, gen), rng.uniform(-5.0, 5.0)
         o = o * (s.norm() / o.norm().clamp_min(1e-6)) * 10 ** (-ratio_db / 20)
         m = s + o
         scale = 0.9 / m.abs().max().clamp_min(1e-6)
@@ -204,7 +225,7 @@ class BSRNN(nn.Module):
             raise ValueError(f"band widths sum to {sum(bands)}, need n_fft // 2 + 1 = {n_fft // 2 + 1}")
         self.n_fft, self.hop, self.bands = n_fft, hop, tuple(bands)
         self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
-        self.split_norm = nn.ModuleList(nn.LayerNorm(2 * b) for b in bands)
+        self.split_norm = nn.ModuleList(nn.GroupNorm(1, 2 * b) for b in bands)
         self.split_fc = nn.ModuleList(nn.Linear(2 * b, features) for b in bands)
         self.layers = nn.Sequential(*[ResidualRNN(features, hidden, modules, seq_dim=-2 if i % 2 == 0 else -3,
                                                   reweight=reweight) for i in range(depth)])
@@ -220,8 +241,8 @@ class BSRNN(nn.Module):
         feats = []
         start = 0
         for b, norm, fc in zip(self.bands, self.split_norm, self.split_fc):
-            sub = spec[:, start:start + b].permute(0, 2, 1, 3).flatten(2)  # (B, T, 2b)
-            feats.append(fc(norm(sub)))
+            sub = spec[:, start:start + b].permute(0, 3, 1, 2).flatten(1, 2)  # (B, 2b, T)
+            feats.append(fc(norm(sub).transpose(1, 2)))  # normalised over the band and time, as BSRNN
             start += b
         h = self.layers(torch.stack(feats, 1))  # (B, K, T, N)
         masks = [est(h[:, k]).unflatten(-1, (b, 2)) for k, (b, est) in enumerate(zip(self.bands, self.mask))]
@@ -311,11 +332,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "elasticize-examples")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--interference", choices=["noise", "voice"], default="noise")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     corpus = load_corpus(args.cache)
-    train_mix, train_ref = mixtures(corpus, "train", 2000, seed=0)
-    test_mix, test_ref = mixtures(corpus, "test", 64, seed=1)
+    train_mix, train_ref = mixtures(corpus, "train", 2000, interference=args.interference, seed=0)
+    test_mix, test_ref = mixtures(corpus, "test", 64, interference=args.interference, seed=1)
     em = build()
     print(f"BSRNN: {sum(p.numel() for p in em.parameters()):,} parameters; MACs per second of audio "
           f"{em.macs(subnet(em, 1, 1)) / 1e6:.1f}M (d=1, w=1) to {em.macs(None) / 1e6:.1f}M (full)")
