@@ -277,7 +277,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticM
     base, meta = _base_model(manifest, model)
     em = ElasticModel(base, Plan.from_json(manifest["plan"]), recipe=manifest.get("recipe"),
                       input_shapes=manifest.get("input_shapes", []))
-    tensors = load_file(str(path))
+    tensors = {k: _aligned(t) for k, t in load_file(str(path)).items()}
     for alias, target in (manifest.get("aliases") or {}).items():
         tensors[alias] = tensors[target]
     _load_strict(em.model, tensors, assign=meta, what=f"{path}")
@@ -286,6 +286,16 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticM
     em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
     em.source_path = str(path)
     return em.eval()
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in memory aligned to 64 bytes (a copy only when it is not).
+
+    Tensors read from a file sit at the file's byte offsets; kernels pick other SIMD paths
+    for misaligned data and round differently (~1e-6), which would break the promise that
+    a loaded model computes bit for bit what was saved.
+    """
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def _read_ranges(sl: Any, ranges: list[list[tuple[int, int]]]) -> torch.Tensor:
@@ -338,10 +348,10 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
                 src = aliases.get(src, src)
                 t = f.get_tensor(src) if ranges is None or not ranges else _read_ranges(f.get_slice(src), ranges)
             if meta:
-                set_tensor(base, dense, t.contiguous())
+                set_tensor(base, dense, _aligned(t.contiguous()))
             else:
                 with torch.no_grad():
-                    set_tensor(base, dense, t.contiguous())
+                    set_tensor(base, dense, _aligned(t.contiguous()))
     if meta:
         _materialize(base, manifest)
     recipe = manifest.get("recipe") or {}

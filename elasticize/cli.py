@@ -56,13 +56,13 @@ def _kwargs(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 def report_tables(plan: dict[str, Any], presets: dict[str, dict[str, Any]], full_macs: int) -> None:
-    """Print a plan (as JSON) and its presets as rich tables: width/heads groups, depth stages, what is not elastic."""
-    width = Table(title="Elastic width and heads (coupling groups)", show_lines=False)
+    """Print a plan (as JSON) and its presets as rich tables: groups, depth stages, what is not elastic."""
+    width = Table(title="Elastic width, heads and modules (coupling groups)", show_lines=False)
     for col in ("group", "kind", "size", "choices"):
         width.add_column(col)
     for g in plan["groups"]:
-        unit = " heads" if g["kind"] == "heads" else ""
-        width.add_row(g["name"], g["kind"], str(g["size"] // g["unit"] if g["kind"] == "heads" else g["size"]) + unit,
+        unit = {"heads": " heads", "modules": " modules"}.get(g["kind"], "")
+        width.add_row(g["name"], g["kind"], str(g["size"] // g["unit"] if unit else g["size"]) + unit,
                       ", ".join(map(str, g["choices"])))
     if plan["groups"]:
         console.print(width)
@@ -102,18 +102,19 @@ def main() -> None:
               help="Fetch pretrained weights (needs the network or a cache).")
 @click.option("--weights", type=click.Path(dir_okay=False), help="A .safetensors state dict to start from.")
 @click.option("--kwarg", "kwargs", multiple=True, help="Builder argument name=value (JSON value), repeatable.")
-@click.option("--dims", default="width,heads,depth", show_default=True, help="Elastic dimensions.")
+@click.option("--dims", default="width,heads,depth,modules", show_default=True, help="Elastic dimensions.")
 @click.option("--depth-mode", type=click.Choice(["prefix", "spaced", "skippable"]), default="prefix", show_default=True,
               help="prefix: keep the first k blocks of a stage (SortedNet); spaced: drop transformer layers evenly "
                    "(transformers only); skippable: skippable second half (Adaptive Depth).")
 @click.option("--width-ratios", default="1,0.75,0.5,0.25", show_default=True, help="Width choices as fractions.")
 @click.option("--heads-ratios", default="1,0.75,0.5,0.25", show_default=True, help="Heads choices as fractions.")
+@click.option("--modules-ratios", default=None, help="TAC parallel-module choices as fractions (default: every w <= W).")
 @click.option("--exclude", multiple=True, help="Group or stage name pattern kept at full size, repeatable.")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,224,224 (default: from the model).")
 @click.option("--no-sort", is_flag=True, help="Keep the channel order (no importance sorting).")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 def convert(model: str, output: str | None, pretrained: bool, weights: str | None, kwargs: tuple[str, ...], dims: str,
-            depth_mode: str, width_ratios: str, heads_ratios: str, exclude: tuple[str, ...], input_shape: str | None,
+            depth_mode: str, width_ratios: str, heads_ratios: str, modules_ratios: str | None, exclude: tuple[str, ...], input_shape: str | None,
             no_sort: bool, force: bool) -> None:
     """Make MODEL elastic and save it.
 
@@ -140,6 +141,7 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
             raise click.BadParameter("--input-shape takes integers like 1,3,224,224") from None
     options = dict(dims=tuple(d.strip() for d in dims.split(",") if d.strip()), depth_mode=depth_mode,
                    width_ratios=_floats(width_ratios), heads_ratios=_floats(heads_ratios), exclude=exclude,
+                   modules_ratios=_floats(modules_ratios) if modules_ratios else None,
                    sort=None if no_sort else "magnitude")
     with console.status(f"building and converting {model}"):
         em = _run(lambda: api_convert(model, pretrained=pretrained, kwargs=_kwargs(kwargs), weights=weights,

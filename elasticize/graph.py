@@ -35,13 +35,17 @@ Value = Any  # tuple[int, ...] for a tensor, list of Values for a sequence, None
 
 
 # --------------------------------------------------------------------------- results
+#: group name suffix per group kind: ``<module>:out`` (width), ``:heads``, ``:modules`` (parallel modules)
+_GROUP_SUFFIX = {"width": "out", "heads": "heads", "modules": "modules"}
+
+
 @dataclass
 class GroupInfo:
     """A coupling group: every tensor axis that shares one channel (or head) index space.
 
     Attributes:
         name: stable name, ``<module path of the first producer>:out`` or ``:heads``.
-        kind: ``"width"`` or ``"heads"``.
+        kind: ``"width"``, ``"heads"`` or ``"modules"`` (parallel modules of a TAC block).
         size: full size in channels.
         unit: granularity in channels (``head_dim`` for heads, channels per group for GroupNorm).
         members: ``(tensor fqn, axis, chunks)`` for every tensor axis in the group.
@@ -111,6 +115,7 @@ class Coupling:
         self.tensor_slot: dict[tuple[str, int], int] = {}
         self.chunks: dict[tuple[str, int], int] = {}
         self.attrs: list[tuple[str, str, int, str, int, int]] = []
+        self.derived: dict[int, tuple[int, int]] = {}  # slot -> (base slot, chunks): ``chunks`` copies of base
 
     def new(self, size: int, fixed: str | None = None) -> int:
         s = len(self.parent)
@@ -148,6 +153,54 @@ class Coupling:
 
     def fix(self, s: int, reason: str) -> None:
         self.fixed.setdefault(self.find(s), reason)
+
+    def repeated(self, base: int, chunks: int) -> int:
+        """A slot of ``chunks * size(base)`` channels laid out as ``chunks`` copies of ``base``'s index space.
+
+        A bidirectional RNN's output (forward and backward hidden states side by side) is
+        ``repeated(hidden, 2)``: a consumer's tensor axis joined to it becomes a member of
+        ``base``'s group with ``chunks`` chunks, sliced alike in each.
+        """
+        s = self.new(self.size[self.find(base)] * chunks)
+        self.derived[s] = (base, chunks)
+        return s
+
+    def resolver(self) -> Callable[[int], tuple[int, int]]:
+        """Once the analysis is done: slot -> (group root, chunks), looking through repeated slots.
+
+        Merges repeated slots that were joined (their bases join too) and passes a repeated
+        slot's fixed reason and producer mark on to its base.
+        """
+        first: dict[int, tuple[int, int]] = {}
+        for s, (b, k) in self.derived.items():
+            r = self.find(s)
+            if r not in first:
+                first[r] = (b, k)
+            elif first[r][1] == k:
+                self.union(first[r][0], b)
+            else:
+                reason = f"axis repeats hidden sizes {first[r][1]} and {k} times"
+                self.fix(first[r][0], reason)
+                self.fix(b, reason)
+        roots = {self.find(s): b_k for s, b_k in self.derived.items()}
+
+        def resolve(s: int) -> tuple[int, int]:
+            r, k = self.find(s), 1
+            for _ in range(16):
+                d = roots.get(r)
+                if d is None:
+                    break
+                r, k = self.find(d[0]), k * d[1]
+            return r, k
+
+        producers = {self.find(p) for p in self.producer}
+        for r in roots:
+            base = resolve(r)[0]
+            if r in self.fixed:
+                self.fixed.setdefault(base, self.fixed[r])
+            if r in producers:
+                self.producer.add(base)
+        return resolve
 
     def reason(self, s: int) -> str | None:
         return self.fixed.get(self.find(s))
@@ -195,6 +248,13 @@ class SiteContext:
         """Mark every slot of ``value`` as never sliced, with the reason."""
         self._p.fix_value(value, reason)
 
+    def refuse(self, reason: str, *inputs: Value) -> Value:
+        """Keep the module whole: fix its inputs, list it as not elastic with ``reason``, return fixed outputs."""
+        for v in inputs:
+            self.fix(v, reason)
+        self._p.not_elastic.append((self.path, reason))
+        return self._p.fresh(self.node, reason)
+
     def producer(self, slot: int, *, unit: int = 1, kind: str = "width") -> None:
         """Mark a slot as an elastic dimension's source (a layer's output channels or its heads)."""
         self.c.producer.add(slot)
@@ -213,9 +273,22 @@ class SiteContext:
         self.c.attrs.append((path, name, slot, kind, mul, div))
 
     def chunked(self, name: str, axis: int, chunks: int) -> None:
-        """Declare that axis ``axis`` of tensor ``name`` is ``chunks`` equal parts sliced alike (fused q/k/v)."""
+        """Declare that axis ``axis`` of tensor ``name`` is ``chunks`` equal parts sliced alike (fused q/k/v).
+
+        Call it before :meth:`tensor` first reads ``name``: the axis's slot then has
+        ``size // chunks`` channels.
+        """
         fqn = f"{self.path}.{name}" if self.path else name
         self.c.chunks[(fqn, axis)] = chunks
+
+    def repeated(self, slot: int, chunks: int) -> int:
+        """A fresh activation slot made of ``chunks`` side-by-side copies of ``slot``'s channels.
+
+        For outputs such as a bidirectional RNN's ``(..., 2 * hidden)``: whatever joins the
+        returned slot (the next layer's input columns) is sliced as ``chunks`` chunks of
+        ``slot``'s group.
+        """
+        return self.c.repeated(slot, chunks)
 
     def macs(self, macs: int, factors: Sequence[int]) -> None:
         """Record ``macs`` multiply-accumulates (whole example batch) scaled by the slots' active ratios."""
@@ -996,20 +1069,25 @@ def analyze(model: nn.Module, example_inputs: tuple, find_rule: Callable[[nn.Mod
 
 def _collect(prop: _Propagator, how: str, stages: list[StageInfo], not_elastic: list[tuple[str, str]]) -> Analysis:
     c = prop.c
+    resolve = c.resolver()
     members: dict[int, list[tuple[str, int, int]]] = {}
+    axis_of: dict[tuple[str, int], tuple[int, int]] = {}  # (fqn, axis) -> (group root, chunks)
     for (fqn, ax), s in c.tensor_slot.items():
-        members.setdefault(c.find(s), []).append((fqn, ax, c.chunks.get((fqn, ax), 1)))
+        r, k = resolve(s)
+        axis_of[(fqn, ax)] = (r, k * c.chunks.get((fqn, ax), 1))
+        members.setdefault(r, []).append((fqn, ax, axis_of[(fqn, ax)][1]))
     order = {fqn: i for i, fqn in enumerate(prop.state)}
     groups: list[GroupInfo] = []
     name_of: dict[int, str] = {}
-    roots = sorted({c.find(s) for s in c.producer}, key=lambda r: min(
+    roots = sorted({resolve(s)[0] for s in c.producer}, key=lambda r: min(
         (order.get(f, 1 << 30), ax) for f, ax, _ in members.get(r, [("", 0, 1)])))
     used_names: set[str] = set()
     for r in roots:
         mem = sorted(members.get(r, []), key=lambda m: (order.get(m[0], 1 << 30), m[1]))
         kind = c.kind.get(r, "width")
-        owner = next((f.rsplit(".", 1)[0] for f, ax, _ in mem if ax == 0 and f.endswith("weight")), mem[0][0] if mem else "?")
-        name = f"{owner}:{'heads' if kind == 'heads' else 'out'}"
+        owner = next((f.rsplit(".", 1)[0] for f, ax, _ in mem if ax == 0 and f.rsplit(".", 1)[-1].startswith("weight")),
+                     mem[0][0] if mem else "?")
+        name = f"{owner}:{_GROUP_SUFFIX.get(kind, 'out')}"
         while name in used_names:
             name += "'"
         used_names.add(name)
@@ -1031,17 +1109,18 @@ def _collect(prop: _Propagator, how: str, stages: list[StageInfo], not_elastic: 
     for fqn, t in prop.state.items():
         axes = {}
         for ax in range(t.dim()):
-            s = c.tensor_slot.get((fqn, ax))
-            g = name_of.get(c.find(s)) if s is not None else None
+            r, k = axis_of.get((fqn, ax), (-1, 1))
+            g = name_of.get(r)
             if g is not None:
-                axes[str(ax)] = [g, c.chunks.get((fqn, ax), 1)]
+                axes[str(ax)] = [g, k]
         tensors[fqn] = {"shape": list(t.shape), "param": fqn in params, "axes": axes}
     attrs: dict[str, dict[str, tuple[str, str, int, int]]] = {}
     for module, attr, slot, kind, mul, div in c.attrs:
-        g = name_of.get(c.find(slot))
+        r, k = resolve(slot)
+        g = name_of.get(r)
         if g is not None:
-            attrs.setdefault(module, {})[attr] = (g, kind, mul, div)
+            attrs.setdefault(module, {})[attr] = (g, kind, mul * k, div)
     for t in prop.mac_terms:
-        t.factors = [name_of[c.find(s)] for s in t.factors if c.find(s) in name_of]
+        t.factors = [name_of[r] for r in (resolve(s)[0] for s in t.factors) if r in name_of]
         t.macs = t.macs // max(prop.batch, 1)
     return Analysis(how, groups, tensors, attrs, dict(prop.sites), stages, prop.mac_terms, not_elastic, prop.batch)

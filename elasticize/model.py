@@ -172,9 +172,7 @@ class ElasticModel(nn.Module):
         """What became elastic and what did not, as JSON-native values (what ``elasticize inspect`` prints)."""
         return {
             "tracer": self.plan.tracer,
-            "width": {g["name"]: g["choices"] for g in self.plan.groups if g["kind"] != "heads"},
-            "heads": {g["name"]: g["choices"] for g in self.plan.groups if g["kind"] == "heads"},
-            "depth": {s["name"]: s["choices"] for s in self.plan.stages},
+            **self.space.dimensions,
             "not_elastic": [list(x) for x in self.plan.not_elastic],
             "presets": {n: {"macs": self.macs(n), "params": self.params(n)} for n in self.presets},
         }
@@ -194,10 +192,11 @@ def elasticize(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
-    dims: Sequence[str] = ("width", "heads", "depth"),
+    dims: Sequence[str] = ("width", "heads", "depth", "modules"),
     depth_mode: str = "prefix",
     width_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
     heads_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+    modules_ratios: Sequence[float] | None = None,
     exclude: Sequence[str] = (),
     sort: str | None = "magnitude",
     recipe: dict[str, Any] | None = None,
@@ -212,12 +211,14 @@ def elasticize(
         example_inputs: positional inputs for tracing, e.g. a ``(1, 3, 224, 224)`` tensor;
             optional for timm, torchvision and models with an ``example_inputs`` attribute.
         dims: elastic dimensions: ``"width"`` (channels/features per coupling group),
-            ``"heads"`` (attention heads), ``"depth"`` (residual blocks per stage).
+            ``"heads"`` (attention heads), ``"depth"`` (residual blocks per stage), ``"modules"``
+            (parallel modules of :class:`elasticize.tac.TACLinear` blocks; Subnetwork-to-go's width).
         depth_mode: ``"prefix"`` (SortedNet, arXiv 2309.00255: keep the first k blocks of each
             stage) or ``"skippable"`` (Adaptive Depth Networks, arXiv 2312.16392: each stage's
             second half is one skippable sub-path; norms in the mandatory half are switchable).
         width_ratios: fractions of each width group offered (SortedNet Table 1 uses 100/75/50/25%).
         heads_ratios: fractions of each attention's heads offered.
+        modules_ratios: fractions of each TAC block's modules offered; None offers every ``w <= W``.
         exclude: ``fnmatch`` patterns of group or stage names to keep at full size.
         sort: ``"magnitude"`` permutes every group by data-free weight-magnitude importance
             (function-preserving) so that small sub-networks keep the important units; None keeps the order.
@@ -249,7 +250,8 @@ def elasticize(
     family = adapter_for_model(model)
     plan = family.plan(model, inputs, **options) if family is not None else None
     if plan is None:
-        plan = build_plan(analyze(model, inputs, find_rule), **options)
+        plan = build_plan(analyze(model, inputs, find_rule), **options,
+                          modules_ratios=None if modules_ratios is None else tuple(modules_ratios))
     if not plan.groups and not plan.stages:
         reasons = "; ".join(f"{w}: {r}" for w, r in plan.not_elastic[:12]) or "no convolution, linear layer or block"
         raise ValueError(f"nothing in {type(model).__name__} could be made elastic ({reasons}). Add a rule for its "

@@ -20,12 +20,14 @@ from .modules import SWITCH_PREFIX, GroupState, StageState, make_elastic, restor
 from .rules import get_rule
 
 __all__ = ["Plan", "PLAN_VERSION", "build_plan", "apply_plan", "remove_elastic", "ElasticState", "DIMENSIONS",
-           "axis_entry", "stage_ranks"]
+           "KIND_DIM", "axis_entry", "stage_ranks"]
 
 PLAN_VERSION = 1
 #: The elastic dimensions elasticize knows. ``"hidden"`` (a transformer's residual-stream
 #: width) is opt-in and offered by the transformers adapter; its group sits in the width table.
-DIMENSIONS = ("width", "heads", "depth", "hidden")
+DIMENSIONS = ("width", "heads", "depth", "modules", "hidden")
+#: group kind -> the dimension (search-space table) it belongs to
+KIND_DIM = {"width": "width", "heads": "heads", "modules": "modules", "hidden": "width"}
 _NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 _NORM_SITES = ("batchnorm", "layernorm", "groupnorm", "rmsnorm")
 
@@ -55,10 +57,10 @@ class Plan:
     Attributes:
         version: plan format version.
         tracer: ``"fx"`` or ``"export"``.
-        dims: the elastic dimensions in use (subset of ``("width", "heads", "depth")``).
+        dims: the elastic dimensions in use (subset of ``("width", "heads", "depth", "modules")``).
         depth_mode: ``"prefix"`` (SortedNet) or ``"skippable"`` (Adaptive Depth Networks).
         groups: one dict per coupling group: ``name, kind, size, unit, choices`` (choices in
-            channels for width, in heads for heads, largest first).
+            channels for width, in heads for heads, in parallel modules for modules, largest first).
         tensors: tensor fqn -> ``{"shape", "param", "axes": {axis: [group, chunks] or [group, chunks, div]}}``
             (``div``: see :data:`elasticize.modules.TensorSpec`).
         attrs: module path -> attribute -> ``[group, kind, mul, div]``.
@@ -132,17 +134,20 @@ def build_plan(
     width_ratios: tuple[float, ...],
     heads_ratios: tuple[float, ...],
     exclude: tuple[str, ...] = (),
+    modules_ratios: tuple[float, ...] | None = None,
 ) -> Plan:
     """Choose the elastic dimensions and their nested choices from an analysis.
 
     Args:
         analysis: output of :func:`elasticize.graph.analyze`.
-        dims: any of ``"width"``, ``"heads"``, ``"depth"``.
+        dims: any of ``"width"``, ``"heads"``, ``"depth"``, ``"modules"``.
         depth_mode: ``"prefix"`` keeps the first ``k`` blocks of each stage (SortedNet,
             arXiv 2309.00255); ``"skippable"`` splits each stage into a mandatory first half
             and a skippable second half with switchable norms (arXiv 2312.16392, Section 3).
         width_ratios: fractions of each width group's size offered as choices.
         heads_ratios: fractions of each attention's heads offered as choices.
+        modules_ratios: fractions of each TAC block's parallel modules offered; None offers
+            every ``w`` from ``W`` down to 1 (Subnetwork-to-go: any ``w <= W``).
         exclude: group or stage names (``fnmatch`` patterns) kept at full size.
 
     Returns:
@@ -169,12 +174,15 @@ def build_plan(
     plan.not_elastic = [list(x) for x in analysis.not_elastic]
     kept: set[str] = set()
     for g in analysis.groups:
-        dim = "heads" if g.kind == "heads" else "width"
+        dim = KIND_DIM.get(g.kind, "width")
         if dim not in dims or excluded(g.name):
             plan.not_elastic.append([g.name, f"{dim} not selected" if dim not in dims else "excluded by the user"])
             continue
-        ratios = heads_ratios if dim == "heads" else width_ratios
-        choices = _choices(g.size, g.unit, ratios)
+        if dim == "modules" and modules_ratios is None:
+            choices = list(range(g.size // g.unit, 0, -1))
+        else:
+            ratios = {"heads": heads_ratios, "modules": modules_ratios}.get(dim, width_ratios)
+            choices = _choices(g.size, g.unit, ratios)
         if dim == "width":
             choices = [c * g.unit for c in choices]
         plan.groups.append({"name": g.name, "kind": g.kind, "size": g.size, "unit": g.unit, "choices": choices})

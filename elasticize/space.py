@@ -2,7 +2,8 @@
 
 A sub-network configuration is a JSON-native dict::
 
-    {"width": {group: channels}, "heads": {group: heads}, "depth": {stage: blocks}}
+    {"width": {group: channels}, "heads": {group: heads}, "depth": {stage: blocks},
+     "modules": {group: parallel modules}}
 
 Missing entries mean full size. A float in place of a dict applies one ratio to every
 group or stage of that dimension (``{"width": 0.5}``), rounded to the nearest choice.
@@ -21,7 +22,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .modules import SWITCH_PREFIX
-from .plan import ElasticState, Plan, stage_ranks
+from .plan import KIND_DIM, ElasticState, Plan, stage_ranks
 
 __all__ = ["SearchSpace", "PRESET_RATIOS", "Config"]
 
@@ -51,8 +52,10 @@ class SearchSpace:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self.width = {g["name"]: list(g["choices"]) for g in plan.groups if g["kind"] != "heads"}
-        self.heads = {g["name"]: list(g["choices"]) for g in plan.groups if g["kind"] == "heads"}
+        by_dim: dict[str, dict[str, list[int]]] = {"width": {}, "heads": {}, "modules": {}}
+        for g in plan.groups:
+            by_dim[KIND_DIM.get(g["kind"], "width")][g["name"]] = list(g["choices"])
+        self.width, self.heads, self.modules = by_dim["width"], by_dim["heads"], by_dim["modules"]
         self.depth = {s["name"]: list(s["choices"]) for s in plan.stages}
         self._size = {g["name"]: g["size"] for g in plan.groups}
         self._unit = {g["name"]: g["unit"] for g in plan.groups}
@@ -95,20 +98,29 @@ class SearchSpace:
     # ------------------------------------------------------------------ configs
     @property
     def dimensions(self) -> dict[str, dict[str, list[int]]]:
-        """``{"width": {group: choices}, "heads": {...}, "depth": {stage: choices}}``, largest choice first."""
-        return {"width": dict(self.width), "heads": dict(self.heads), "depth": dict(self.depth)}
+        """``{"width": {group: choices}, "heads": {...}, "depth": {stage: choices}, "modules": {...}}``, largest first.
+
+        ``"modules"`` (parallel modules of TAC blocks, Subnetwork-to-go's width) is present
+        only when the model has such blocks, so files of models without them are unchanged.
+        """
+        dims = {"width": dict(self.width), "heads": dict(self.heads), "depth": dict(self.depth)}
+        if self.modules:
+            dims["modules"] = dict(self.modules)
+        return dims
 
     def full(self) -> Config:
         """The largest sub-network (the original model)."""
         return {dim: {k: c[0] for k, c in table.items()} for dim, table in self.dimensions.items()}
 
-    def uniform(self, width: float = 1.0, heads: float = 1.0, depth: float = 1.0) -> Config:
+    def uniform(self, width: float = 1.0, heads: float = 1.0, depth: float = 1.0, modules: float = 1.0) -> Config:
         """The configuration nearest to one ratio per dimension, for every group and stage."""
-        cfg: Config = {"width": {}, "heads": {}, "depth": {}}
+        cfg: Config = {d: {} for d in self.dimensions}
         for g, ch in self.width.items():
             cfg["width"][g] = _nearest(ch, width * ch[0])
         for g, ch in self.heads.items():
             cfg["heads"][g] = _nearest(ch, heads * ch[0])
+        for g, ch in self.modules.items():
+            cfg["modules"][g] = _nearest(ch, modules * ch[0])
         for s, ch in self.depth.items():
             cfg["depth"][s] = _nearest(ch, depth * ch[0]) if depth < 1.0 else ch[0]
         return cfg
@@ -161,7 +173,7 @@ class SearchSpace:
         groups, stages = state.groups, state.stages
         for g, v in cfg["width"].items():
             groups[g].active = v
-        for g, v in cfg["heads"].items():
+        for g, v in [*cfg["heads"].items(), *cfg.get("modules", {}).items()]:
             gs = groups[g]
             gs.active = v * gs.unit
         for s, v in cfg["depth"].items():
@@ -170,7 +182,8 @@ class SearchSpace:
     # ------------------------------------------------------------------ costs
     def _ratios(self, cfg: Config) -> dict[str, float]:
         r = {g: v / self._size[g] for g, v in cfg["width"].items()}
-        r.update({g: v * self._unit[g] / self._size[g] for g, v in cfg["heads"].items()})
+        r.update({g: v * self._unit[g] / self._size[g] for g, v in [*cfg["heads"].items(),
+                                                                     *cfg.get("modules", {}).items()]})
         return r
 
     @staticmethod
@@ -190,7 +203,7 @@ class SearchSpace:
         out: dict[str, Config] = {}
         seen = []
         for name, (w, h, d) in PRESET_RATIOS.items():
-            cfg = self.uniform(width=w, heads=h, depth=d)
+            cfg = self.uniform(width=w, heads=h, depth=d, modules=w)
             if cfg in seen:
                 continue
             seen.append(cfg)
@@ -215,20 +228,19 @@ class SearchSpace:
 
     def candidates(self) -> list[Config]:
         """Nested uniform sub-networks (one choice index per dimension), largest MACs first."""
-        lw = max([len(c) for c in self.width.values()] or [1])
-        lh = max([len(c) for c in self.heads.values()] or [1])
-        ld = max([len(c) for c in self.depth.values()] or [1])
+        import itertools
+
+        tables = self.dimensions
+        lengths = [max([len(c) for c in t.values()] or [1]) for t in tables.values()]
         out: list[Config] = []
-        for i in range(lw):
-            for j in range(lh):
-                for k in range(ld):
-                    cfg: Config = {
-                        "width": {g: c[min(i, len(c) - 1)] for g, c in self.width.items()},
-                        "heads": {g: c[min(j, len(c) - 1)] for g, c in self.heads.items()},
-                        "depth": {s: c[min(k, len(c) - 1)] for s, c in self.depth.items()},
-                    }
-                    if cfg not in out:
-                        out.append(cfg)
+        seen: set[tuple] = set()
+        for idx in itertools.product(*(range(n) for n in lengths)):
+            cfg: Config = {dim: {g: c[min(i, len(c) - 1)] for g, c in t.items()}
+                           for (dim, t), i in zip(tables.items(), idx)}
+            key = tuple(tuple(v.values()) for v in cfg.values())
+            if key not in seen:
+                seen.add(key)
+                out.append(cfg)
         out.sort(key=lambda c: -self._macs_raw(c))
         return out
 

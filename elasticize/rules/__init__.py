@@ -122,4 +122,4 @@ def find_rule(module: nn.Module) -> Rule | None:
     return None
 
 
-from . import builtin  # noqa: E402,F401  (registers the built-in rules)
+from . import builtin, rnn, tac  # noqa: E402,F401  (register the built-in rules)

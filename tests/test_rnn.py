@@ -1,0 +1,143 @@
+"""Elastic nn.LSTM / nn.GRU / nn.RNN hidden size: identity at full size, extraction, packed input, save/load, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import elasticize
+from conftest import max_diff
+from elasticize.cli import main
+from rnn_models import TokenTagger
+
+CASES = [(kind, bi, bf) for kind in ("lstm", "gru", "rnn") for bi in (True, False) for bf in (True, False)]
+
+
+def _convert(**kw):
+    torch.manual_seed(0)
+    m = TokenTagger(**kw).eval()
+    x = m.example_inputs()[0]
+    with torch.no_grad():
+        ref = m(x)
+    return m, x, ref, elasticize.elasticize(m, x)
+
+
+@pytest.mark.parametrize("kind,bi,bf", CASES, ids=lambda v: str(v))
+def test_full_equals_original_and_extraction_equals_elastic(kind, bi, bf):
+    m, x, ref, em = _convert(kind=kind, bidirectional=bi, batch_first=bf)
+    x = torch.randint(0, 50, (3, 13))
+    original = TokenTagger(kind=kind, bidirectional=bi, batch_first=bf).eval()
+    original.load_state_dict(em.model.state_dict())  # the importance-sorted weights, in a plain model
+    with torch.no_grad():
+        assert max_diff(em(x), original(x)) <= 1e-5
+        assert "rnn:out" in em.space.width and len(em.presets) >= 3
+        for p in em.presets:
+            with em.subnet(p):
+                y = em(x)
+            dense = em.extract(p).eval()
+            assert type(dense.rnn) is type(original.rnn)
+            h = em.resolve(p)["width"]["rnn:out"]
+            assert dense.rnn.hidden_size == h and dense.rnn.weight_hh_l1.shape == (h * {"lstm": 4, "gru": 3}.get(kind, 1), h)
+            assert dense.head.in_features == h * (2 if bi else 1)
+            assert max_diff(dense(x), y) <= 1e-5, p
+
+
+def test_sorting_is_function_preserving_and_shares_one_order_across_gates():
+    torch.manual_seed(0)
+    m = TokenTagger().eval()
+    x = m.example_inputs()[0]
+    with torch.no_grad():
+        ref = m(x)
+    before = m.rnn.weight_hh_l0.detach().clone()
+    em = elasticize.elasticize(m, x)
+    with torch.no_grad():
+        assert max_diff(em(x), ref) <= 1e-5
+    after = m.rnn.weight_hh_l0.detach()
+    assert not torch.equal(before, after)  # the units were permuted
+    h = m.rnn.hidden_size
+    # recover the permutation from the first gate's rows; every gate's rows follow it, and the columns too
+    perm = [next(j for j in range(h) if torch.equal(after[i, :].sort().values, before[j, :].sort().values))
+            for i in range(h)]
+    for g in range(4):
+        assert torch.equal(after[g * h:(g + 1) * h], before[g * h:(g + 1) * h][perm][:, perm])
+    info = em.plan.tensors["head.weight"]["axes"]["1"]
+    assert info == ["rnn:out", 2]  # the head reads both directions: two chunks of the hidden group
+    assert em.plan.tensors["rnn.weight_ih_l1"]["axes"] == {"0": ["rnn:out", 4], "1": ["rnn:out", 2]}
+
+
+def test_packed_sequences():
+    m, _, _, em = _convert()
+    torch.manual_seed(1)
+    lengths = torch.tensor([9, 6, 3])
+    tokens = torch.randint(0, 50, (3, 9))
+    x = m.emb(tokens).detach()
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    plain = nn.LSTM(16, 24, num_layers=2, bidirectional=True, batch_first=True).eval()
+    plain.load_state_dict({k: v for k, v in em.model.rnn.state_dict().items()})
+    with torch.no_grad():
+        y0, (h0, c0) = plain(packed)
+        y1, (h1, c1) = em.model.rnn(packed)
+        assert max_diff(pad_packed_sequence(y0, batch_first=True)[0], pad_packed_sequence(y1, batch_first=True)[0]) <= 1e-5
+        assert max_diff(h0, h1) <= 1e-5 and max_diff(c0, c1) <= 1e-5
+        for p in ("medium", "tiny"):
+            with em.subnet(p):  # the embedding width is elastic too: the LSTM reads its first features
+                packed = pack_padded_sequence(em.model.emb(tokens), lengths, batch_first=True, enforce_sorted=False)
+                ys, (hs, cs) = em.model.rnn(packed)
+            dense = em.extract(p).rnn
+            yd, (hd, cd) = dense(packed)
+            assert hs.shape[-1] == dense.hidden_size < 24
+            assert max_diff(pad_packed_sequence(ys)[0], pad_packed_sequence(yd)[0]) <= 1e-5
+            assert max_diff(hs, hd) <= 1e-5 and max_diff(cs, cd) <= 1e-5
+
+
+def test_macs_count_every_gate_of_every_layer_and_direction():
+    m, x, _, em = _convert()
+    seq = x.shape[1]
+    for p in em.presets:
+        cfg = em.resolve(p)
+        e, h = cfg["width"]["emb.weight:out"], cfg["width"]["rnn:out"]
+        lstm = seq * 2 * (4 * h * (e + h) + 4 * h * (2 * h + h))
+        assert em.macs(p) == lstm + seq * 2 * h * 7, p
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections")
+def test_proj_size_is_refused_with_the_reason():
+    torch.manual_seed(0)
+    m = TokenTagger(proj_size=8, hidden=24).eval()
+    with pytest.raises(ValueError, match="proj_size=8 > 0 is not supported"):
+        elasticize.elasticize(m)
+
+
+def test_save_load_round_trip(tmp_path):
+    m, x, _, em = _convert(kind="gru")
+    path = tmp_path / "gru.safetensors"
+    elasticize.save(em, path)
+    em2 = elasticize.load(path, model=TokenTagger(kind="gru"))
+    with torch.no_grad():
+        for p in em.presets:
+            with em.subnet(p), em2.subnet(p):
+                assert max_diff(em(x), em2(x)) == 0.0, p
+        dense = elasticize.load_subnet(path, "tiny", model=TokenTagger(kind="gru"))
+        with em.subnet("tiny"):
+            assert max_diff(dense(x), em(x)) <= 1e-5
+
+
+def test_cli_converts_embedding_lstm_head_by_import_path(tmp_path):
+    out = tmp_path / "tagger.safetensors"
+    res = CliRunner().invoke(main, ["convert", "rnn_models:TokenTagger", "--no-pretrained", "--kwarg", "hidden=32",
+                                    "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "rnn:out" in res.output and "tiny" in res.output
+    sub = tmp_path / "tiny.safetensors"
+    res = CliRunner().invoke(main, ["extract", str(out), "--preset", "tiny", "-o", str(sub)])
+    assert res.exit_code == 0, res.output
+    dense = elasticize.load_subnet(sub)
+    assert isinstance(dense.rnn, nn.LSTM) and dense.rnn.hidden_size == 8
+    em = elasticize.load(out)
+    x = torch.randint(0, 50, (2, 5))
+    with torch.no_grad(), em.subnet("tiny"):
+        assert max_diff(dense(x), em(x)) <= 1e-5
+    assert em.macs("tiny") < 0.1 * em.macs("full")
