@@ -303,7 +303,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticM
     base, meta = _base_model(manifest, model)
     em = ElasticModel(base, Plan.from_json(manifest["plan"]), recipe=manifest.get("recipe"),
                       input_shapes=manifest.get("input_shapes", []))
-    tensors = load_file(str(path))
+    # cloned: fresh, aligned storage (kernels on mmapped, oddly aligned data can round differently)
+    tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
     calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()}
                   for p, t in (manifest.get("bn_stats") or {}).items()}
     for alias, target in (manifest.get("aliases") or {}).items():
@@ -375,10 +376,10 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
                 src = aliases.get(src, src)
                 t = f.get_tensor(src) if ranges is None or not ranges else _read_ranges(f.get_slice(src), ranges)
             if meta:
-                set_tensor(base, dense, t.contiguous())
+                set_tensor(base, dense, t.contiguous().clone())
             else:
                 with torch.no_grad():
-                    set_tensor(base, dense, t.contiguous())
+                    set_tensor(base, dense, t.contiguous().clone())
     if meta:
         _materialize(base, manifest)
     recipe = manifest.get("recipe") or {}

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import _atomic_write, read_manifest
+from ..checkpoint import _atomic_write
 from ..model import ElasticModel
 
-__all__ = ["plan_fingerprint", "write_state", "read_state", "check_manifest_matches", "STATE_KEY"]
+__all__ = ["plan_fingerprint", "write_state", "read_state", "read_state_info", "STATE_KEY"]
 
 STATE_KEY = "elasticize.train"
 STATE_VERSION = 1
@@ -34,17 +35,25 @@ def plan_fingerprint(plan_json: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(plan_json, sort_keys=True).encode()).hexdigest()
 
 
-def check_manifest_matches(em: ElasticModel, path: str | os.PathLike) -> None:
-    """Check that the elasticize file at ``path`` holds the same super-network as ``em``.
+def read_state_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a trainer state file, without reading its tensors.
 
     Raises:
-        FileNotFoundError, ValueError: see :func:`elasticize.read_manifest`; also a file whose
-            plan differs from ``em``'s (another model or other elastic settings).
+        FileNotFoundError: no such file.
+        ValueError: not a readable safetensors file, or not a trainer state (e.g. a model file).
     """
-    m = read_manifest(path, presets=False)
-    if plan_fingerprint(m["plan"]) != plan_fingerprint(em.plan.to_json()):
-        raise ValueError(f"{path} holds a different super-network than the model being trained (its plan differs: "
-                         "another architecture or other elastic settings); give the matching file")
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such trainer state file: {p}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get(STATE_KEY)
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{p} is not a readable safetensors file ({e})") from e
+    if raw is None:
+        raise ValueError(f"{p} is not an elasticize trainer state (no {STATE_KEY!r} metadata; a model file?); give "
+                         "the file written by Trainer.save_state or `elasticize train --state FILE`")
+    return json.loads(raw)
 
 
 def write_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
@@ -92,19 +101,7 @@ def read_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.optim
             model (plan fingerprint differs) or for another optimizer (parameter count differs).
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such trainer state file: {p}")
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            raw = (f.metadata() or {}).get(STATE_KEY)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{p} is not a readable safetensors file ({e})") from e
-    if raw is None:
-        raise ValueError(f"{p} is not an elasticize trainer state (no {STATE_KEY!r} metadata); save one with "
-                         "Trainer.save_state or `elasticize train --state FILE`")
-    info = json.loads(raw)
+    info = read_state_info(p)
     if int(info.get("format_version", 0)) > STATE_VERSION:
         raise ValueError(f"{p} was written by a newer elasticize (state format {info['format_version']}); upgrade")
     if info.get("plan_sha256") != plan_fingerprint(em.plan.to_json()):

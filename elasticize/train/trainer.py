@@ -35,7 +35,7 @@ from ..space import Config
 from .bn import batchnorm_layers, recalibrate_bn
 from .losses import DISTILL_LOSSES, batch_size, default_output, forward_batch, split_batch, to_device
 from .sampler import SubnetSampler
-from .state import read_state, write_state
+from .state import read_state, read_state_info, write_state
 from .strategies import Strategy, make_strategy
 
 __all__ = ["train_step", "Trainer", "METRICS"]
@@ -318,6 +318,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.stop()
+        if self.world > 1:  # each rank's last forward updated its own BatchNorm buffers: take rank 0's
+            for b in self.em.buffers():
+                dist.broadcast(b, 0)
         if state_path:
             self.save_state(state_path)
         self.em.eval()
@@ -459,8 +462,8 @@ class Trainer:
             FileNotFoundError, ValueError: see :func:`elasticize.train.state.read_state`; also a state
                 saved with another strategy.
         """
-        meta = _peek_strategy(path)
-        if meta is not None and meta != {"name": self.strategy.name, "options": self.strategy.options()}:
+        meta = read_state_info(path).get("strategy")
+        if meta != {"name": self.strategy.name, "options": self.strategy.options()}:
             raise ValueError(f"{path} was saved by strategy {meta}; this trainer runs "
                              f"{self.strategy.name} {self.strategy.options()}")
         info, rng = read_state(path, self.em, self.optimizer)
@@ -471,21 +474,3 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         self._iter = None
         self._calibrated = False
-
-
-def _peek_strategy(path: str) -> dict[str, Any] | None:
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from .state import STATE_KEY
-
-    if not Path(path).is_file():
-        return None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(STATE_KEY)
-        return json.loads(raw)["strategy"] if raw else None
-    except Exception:  # noqa: BLE001 - read_state reports unreadable files
-        return None
