@@ -55,7 +55,8 @@ def _kwargs(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _report_tables(plan: dict[str, Any], presets: dict[str, dict[str, Any]], full_macs: int) -> None:
+def report_tables(plan: dict[str, Any], presets: dict[str, dict[str, Any]], full_macs: int) -> None:
+    """Print a plan (as JSON) and its presets as rich tables: width/heads groups, depth stages, what is not elastic."""
     width = Table(title="Elastic width and heads (coupling groups)", show_lines=False)
     for col in ("group", "kind", "size", "choices"):
         width.add_column(col)
@@ -102,8 +103,9 @@ def main() -> None:
 @click.option("--weights", type=click.Path(dir_okay=False), help="A .safetensors state dict to start from.")
 @click.option("--kwarg", "kwargs", multiple=True, help="Builder argument name=value (JSON value), repeatable.")
 @click.option("--dims", default="width,heads,depth", show_default=True, help="Elastic dimensions.")
-@click.option("--depth-mode", type=click.Choice(["prefix", "skippable"]), default="prefix", show_default=True,
-              help="prefix: keep the first k blocks of a stage (SortedNet); skippable: skippable second half (Adaptive Depth).")
+@click.option("--depth-mode", type=click.Choice(["prefix", "spaced", "skippable"]), default="prefix", show_default=True,
+              help="prefix: keep the first k blocks of a stage (SortedNet); spaced: drop transformer layers evenly "
+                   "(transformers only); skippable: skippable second half (Adaptive Depth).")
 @click.option("--width-ratios", default="1,0.75,0.5,0.25", show_default=True, help="Width choices as fractions.")
 @click.option("--heads-ratios", default="1,0.75,0.5,0.25", show_default=True, help="Heads choices as fractions.")
 @click.option("--exclude", multiple=True, help="Group or stage name pattern kept at full size, repeatable.")
@@ -113,13 +115,19 @@ def main() -> None:
 def convert(model: str, output: str | None, pretrained: bool, weights: str | None, kwargs: tuple[str, ...], dims: str,
             depth_mode: str, width_ratios: str, heads_ratios: str, exclude: tuple[str, ...], input_shape: str | None,
             no_sort: bool, force: bool) -> None:
-    """Make MODEL elastic and save it: a timm name (resnet50), torchvision:NAME, or package.module:builder."""
+    """Make MODEL elastic and save it.
+
+    MODEL is a timm name (resnet50), torchvision:NAME, package.module:builder, or a Hugging Face
+    transformers model: a local folder with a config.json, or hf:HUB_ID (e.g. hf:bert-base-uncased;
+    --kwarg class=AutoModelForCausalLM picks the model class, default AutoModel).
+    """
     import torch
 
     from . import checkpoint
     from .model import convert as api_convert
 
-    out = Path(output) if output else Path(re.sub(r"[^\w.-]+", "_", model) + ".elastic.safetensors")
+    stem = Path(model).name if Path(model).is_dir() else model
+    out = Path(output) if output else Path(re.sub(r"[^\w.-]+", "_", stem) + ".elastic.safetensors")
     if weights and out.exists() and Path(weights).exists() and out.resolve() == Path(weights).resolve():
         raise click.ClickException("-o points at the --weights input; choose another output path")
     if out.exists() and not force:
@@ -139,7 +147,7 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
     with console.status(f"writing {out}"):
         _run(lambda: checkpoint.save(em, out, overwrite=force))
     rep = em.report()
-    _report_tables(em.plan.to_json(), rep["presets"], rep["presets"]["full"]["macs"])
+    report_tables(em.plan.to_json(), rep["presets"], rep["presets"]["full"]["macs"])
     console.print(f"[green]wrote[/green] {out}")
 
 
@@ -160,7 +168,7 @@ def inspect(file: str, as_json: bool) -> None:
                   f"{recipe.get('name', '')}, traced with {m['plan']['tracer']}")
     if m["kind"] == "super-network":
         presets = m["presets"]
-        _report_tables(m["plan"], presets, presets.get("full", next(iter(presets.values())))["macs"])
+        report_tables(m["plan"], presets, presets.get("full", next(iter(presets.values())))["macs"])
     else:
         console.print(f"sub-network {json.dumps(m['config'])}: {_fmt(m['macs'])} MACs, {_fmt(m['params'])} params")
 
@@ -171,11 +179,15 @@ def inspect(file: str, as_json: bool) -> None:
 @click.option("--config", "config_json", help='Sub-network as JSON, e.g. \'{"width": 0.5}\'.')
 @click.option("--max-macs", type=float, help="Largest sub-network with at most this many MACs per sample.")
 @click.option("--max-params", type=float, help="Largest sub-network with at most this many parameters.")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Dense sub-network .safetensors.")
-@click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Dense sub-network .safetensors, or a folder "
+              "with --format hf.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "hf"]), default="safetensors", show_default=True,
+              help="safetensors: one file for elasticize.load_subnet; hf: a Hugging Face folder (save_pretrained) "
+                   "that plain transformers loads.")
+@click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 def extract(file: str, preset: str | None, config_json: str | None, max_macs: float | None, max_params: float | None,
-            output: str, force: bool) -> None:
-    """Write one dense sub-network of FILE to OUTPUT (read back with elasticize.load_subnet)."""
+            output: str, fmt: str, force: bool) -> None:
+    """Write one dense sub-network of FILE to OUTPUT (a file for elasticize.load_subnet, or a HF folder)."""
     from . import checkpoint
 
     chosen = [x is not None for x in (preset, config_json)] + [max_macs is not None or max_params is not None]
@@ -197,7 +209,10 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
                                         max_params=None if max_params is None else int(max_params)))
     cfg = _run(lambda: em.resolve(subnet))
     with console.status(f"writing {output}"):
-        _run(lambda: checkpoint.save_subnet(em, cfg, output, overwrite=force))
+        if fmt == "hf":
+            _run(lambda: em.save_pretrained(output, cfg, overwrite=force))
+        else:
+            _run(lambda: checkpoint.save_subnet(em, cfg, output, overwrite=force))
     console.print(f"[green]wrote[/green] {output}: {_fmt(em.macs(cfg))} MACs "
                   f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params")
 

@@ -60,9 +60,8 @@ def magnitude_importance(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor
         use = [m for m in members[g["name"]] if state[m[0]].dim() >= 2] or members[g["name"]]
         score = torch.zeros(n, dtype=torch.float64)
         for fqn, ax, chunks, div in use:
-            t = state[fqn].detach().to(torch.float64)
-            t = t.movedim(ax, 0).reshape(chunks, n, -1)
-            score += t.pow(2).sum(dim=(0, 2)).sqrt()
+            t = state[fqn].detach().float().movedim(ax, 0).reshape(chunks, n, -1)
+            score += torch.linalg.vector_norm(t, dim=(0, 2)).double()
         scores[g["name"]] = score
     return scores
 
@@ -76,6 +75,8 @@ def sort_by_importance(model: nn.Module, plan: Plan, scores: dict[str, torch.Ten
         plan: its plan.
         scores: group -> importance per sort unit, e.g. from :func:`magnitude_importance`.
 
+    Groups with ``"sort": False`` in the plan keep their order.
+
     Returns:
         group -> the permutation applied (new position -> old unit index).
     """
@@ -84,6 +85,8 @@ def sort_by_importance(model: nn.Module, plan: Plan, scores: dict[str, torch.Ten
     members = _members(plan)
     done: set[tuple[int, int]] = set()  # tied tensors appear under several names: permute once
     for g in plan.groups:
+        if not g.get("sort", True):  # e.g. a residual stream that is the model's output
+            continue
         unit = sort_unit(g)
         perm = torch.argsort(scores[g["name"]], descending=True, stable=True)
         perms[g["name"]] = perm.tolist()

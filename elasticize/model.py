@@ -226,6 +226,45 @@ class ElasticModel(nn.Module):
             adapter.after_extract(dense)
         return dense.train(self.model.training)
 
+    def save_pretrained(self, directory: str, subnet: SubnetLike = None, *, overwrite: bool = False) -> str:
+        """Save ``subnet`` of a transformers model as a plain Hugging Face folder.
+
+        The folder (``model.safetensors``, a ``config.json`` that describes the sub-network, and the
+        tokenizer files of the original folder) loads with ``AutoModel.from_pretrained`` (or the
+        model's own class) in a program that has never heard of elasticize, and computes what this
+        model computes at ``subnet``.
+
+        Args:
+            directory: the folder to write; it is written beside and renamed into place.
+            subnet: a preset name, a config, or None for the largest sub-network.
+            overwrite: replace an existing folder (never the input model's folder).
+
+        Returns:
+            The folder's path.
+
+        Raises:
+            TypeError: if this is not a transformers model.
+            ValueError: if the family's config cannot describe the sub-network (e.g. BERT derives
+                head_dim from hidden_size / num_attention_heads, so fewer heads at full hidden width
+                do not fit it); the message lists the presets that can be saved.
+            FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+        """
+        from .adapters.hf import export_problem, is_hf_model, save_hf
+
+        if not is_hf_model(self.model):
+            raise TypeError(f"save_pretrained needs a transformers model, not {type(self.model).__name__}; use "
+                            "elasticize.save_subnet for a safetensors file")
+        dense = self.extract(subnet)
+        source = self.recipe.get("name") if self.recipe.get("adapter") == "hf" else None
+        try:
+            return str(save_hf(dense, directory, source=source, overwrite=overwrite))
+        except ValueError as e:
+            if "cannot be saved" not in str(e):
+                raise
+            ok = [n for n in self.presets if export_problem(self.extract(n)) is None]
+            raise ValueError(f"{e}. Presets that can be saved as a transformers folder: {ok or 'none'}; convert with "
+                             "dims=('width', 'depth') to make every preset fit the family's config") from None
+
     def report(self) -> dict[str, Any]:
         """What became elastic and what did not, as JSON-native values (what ``elasticize inspect`` prints)."""
         return {

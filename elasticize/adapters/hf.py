@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import Adapter, _offline_error, register_adapter
+from . import Adapter, register_adapter
 
 __all__ = ["HFAdapter", "plan_transformer", "is_hf_model", "save_hf"]
 
@@ -204,11 +204,17 @@ class _Planner:
         if found is None or not self.n_heads or not self.hidden:
             self.note("<model>", f"{type(self.model).__name__}: no layer stack of config.num_hidden_layers layers, or "
                       "no num_attention_heads / hidden_size in its config; nothing was made elastic")
+            self.trace("\0")
             return self.finish([], None)
         stack_path, layers = found
+        self.trace(stack_path)
         hidden = None
         if "hidden" in self.dims:
             hidden = self.group("hidden", "hidden", self.hidden, 1, "hidden")
+            if hidden is not None and self.stream_is_output:
+                self.groups[hidden]["sort"] = False
+                self.note(hidden, "not sorted by importance: the model's output is the residual stream, whose "
+                          "channel order the user sees")
         blocks, norms = [], []
         for i, layer in enumerate(layers):
             path = f"{stack_path}.{i}"
@@ -314,7 +320,11 @@ class _Planner:
                 self.attr(name, "embedding_dim", hidden)
                 self.plan.sites[name] = "embedding"
             elif (isinstance(m, nn.Linear) or _is_conv1d(m)) and _io(m)[0] == self.hidden:
-                self.proj(name, m, inp=hidden)
+                if self.reads.get(name) in self.stream:
+                    self.proj(name, m, inp=hidden)
+                else:
+                    self.note(name, "reads a tensor that is not the residual stream (e.g. a pooler's output); "
+                              "kept at full width")
             elif isinstance(m, nn.Conv2d) and m.out_channels == self.hidden and m.groups == 1:
                 self.ax(f"{name}.weight", 0, hidden)
                 self.ax(f"{name}.bias", 0, hidden)
@@ -341,7 +351,10 @@ class _Planner:
             plan.tensors[fqn] = {"shape": list(t.shape), "param": fqn in self.params,
                                  "axes": self.axes.get(fqn, {})}
         n = len(blocks)
-        if "depth" in self.dims and n > 1 and stack_path is not None:
+        if "depth" in self.dims and self.tuple_layers:
+            self.note(stack_path, f"its layers return {len(self.tuple_layers)} tuples, not the hidden-state tensor that "
+                      "a skipped layer passes on; depth stays fixed")
+        elif "depth" in self.dims and n > 1 and stack_path is not None:
             name = stack_path
             if self.excluded(name):
                 self.note(name, "excluded by the user")
@@ -367,10 +380,30 @@ class _Planner:
         plan.mac_terms = self.mac_terms()
         return plan
 
-    def mac_terms(self) -> list[list[Any]]:
-        """MACs per sample at the example inputs' size, from one forward pass with hooks."""
-        seen: dict[str, int] = {}
-        hooks = []
+    def trace(self, stack_path: str) -> None:
+        """One forward pass with hooks: MACs and tokens per projection, and which tensors are the residual stream.
+
+        The stream is every output of a layer of the stack, of an embedding and of a norm; a projection
+        outside the stack reads the stream if its input shares storage with one of those (a view such
+        as ``hidden[:, 0]`` does; a pooler's ``tanh(dense(x))`` does not).
+
+        Token inputs longer than 16 are traced at 16 tokens, and the projections that see every token
+        are counted at the full length (MACs are linear in tokens, attention matmuls quadratic).
+        """
+        inputs, short, full = self.inputs, 0, 0
+        x0 = inputs[0] if inputs else None
+        if isinstance(x0, torch.Tensor) and x0.dim() == 2 and not x0.is_floating_point() and x0.shape[1] > 16:
+            short, full = 16, int(x0.shape[1])
+            inputs = (x0[:, :short], *inputs[1:])
+        self.seen, self.tokens, self.reads, self.stream, self.tuple_layers = {}, {}, {}, set(), set()
+        hooks, alive = [], []  # tensors are kept alive so that no storage address is reused during the pass
+
+        def storage(t: Any) -> int | None:
+            if not isinstance(t, torch.Tensor):
+                return None
+            alive.append(t)
+            return t.untyped_storage().data_ptr()
+
         for name, m in self.model.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)) or _is_conv1d(m):
                 def hook(mod, args, out, name=name):
@@ -378,28 +411,40 @@ class _Planner:
                     batch = x.shape[0] if x.dim() > 1 else 1
                     if isinstance(mod, nn.Conv2d):
                         k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-                        seen[name] = seen.get(name, 0) + out.numel() // batch * k
+                        macs = out.numel() // batch * k
                     else:
                         i, o = _io(mod)
-                        seen[name] = seen.get(name, 0) + x.numel() // i // batch * i * o
+                        t = x.numel() // i // batch
+                        self.tokens[name] = full if short and t == short else t
+                        macs = self.tokens[name] * i * o
+                    self.seen[name] = self.seen.get(name, 0) + macs
+                    self.reads[name] = storage(x)
                 hooks.append(m.register_forward_hook(hook))
-        tokens: dict[str, int] = {}
-        for attn_path, _, q_path in self.attn_terms:
-            m = self.model.get_submodule(q_path)
-            hooks.append(m.register_forward_hook(
-                lambda mod, args, out, p=attn_path: tokens.__setitem__(p, args[0].numel() // args[0].shape[0] // _io(mod)[0])))
+            elif isinstance(m, nn.Embedding) or _is_norm(m) or name.startswith(stack_path + ".") and \
+                    name.count(".") == stack_path.count(".") + 1:
+                def out_hook(mod, args, out, name=name):
+                    self.stream.add(storage(out[0] if isinstance(out, tuple) else out))
+                    if name.startswith(stack_path + ".") and not isinstance(out, torch.Tensor):
+                        self.tuple_layers.add(name)
+                hooks.append(m.register_forward_hook(out_hook))
         try:
             with torch.no_grad():
-                self.model(*self.inputs)
+                out = self.model(*inputs)
         finally:
             for h in hooks:
                 h.remove()
+        first = out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+        self.stream_is_output = storage(first) in self.stream
+        alive.clear()
+
+    def mac_terms(self) -> list[list[Any]]:
+        """MACs per sample at the example inputs' size, as measured by :meth:`trace`."""
         terms = []
-        for name, macs in seen.items():
+        for name, macs in self.seen.items():
             factors = sorted({a[0] for t in ("weight", "bias") for a in self.axes.get(f"{name}.{t}", {}).values()})
             terms.append([name, macs, factors])
-        for attn_path, heads, _ in self.attn_terms:
-            n = tokens.get(attn_path, 0)
+        for attn_path, heads, q_path in self.attn_terms:
+            n = self.tokens.get(q_path, 0)
             terms.append([attn_path, 2 * n * n * self.n_heads * self.head_dim, [heads]])
         return terms
 
@@ -534,8 +579,11 @@ def export_problem(dense: nn.Module) -> str | None:
     cfg = dense.config
     if getattr(cfg, "elasticize_layers", None):
         return "its layers differ in heads or FFN width, and this family's config has one value for all layers"
-    with torch.device("meta"):
-        ref = type(dense)._from_config(cfg)
+    try:
+        with torch.device("meta"):
+            ref = type(dense)._from_config(cfg)
+    except (ValueError, TypeError, AssertionError, RuntimeError) as e:
+        return f"{type(dense).__name__} rejects the sub-network's config ({str(e).splitlines()[0]})"
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     have = {k: tuple(v.shape) for k, v in dense.state_dict().items()}
     for k, shape in have.items():
@@ -618,23 +666,28 @@ class HFAdapter(Adapter):
             cls = getattr(transformers, cls_name or "AutoModel")
             model = cls._from_config(cfg) if cls_name else transformers.AutoModel.from_config(cfg)
             return model.eval()
-        cls = getattr(transformers, cls_name or "AutoModel", None)
-        if cls is None:
-            raise KeyError(f"transformers has no class {cls_name!r}; use e.g. AutoModel or AutoModelForCausalLM")
         local = Path(name).is_dir()
         if local and not (Path(name) / "config.json").is_file():
             raise KeyError(f"{name} is a folder without config.json; give a Hugging Face model folder or hub id")
         try:
+            cfg = transformers.AutoConfig.from_pretrained(name)
+            if cls_name is None:  # the class the folder was saved from, e.g. LlamaForCausalLM
+                archs = [a for a in (getattr(cfg, "architectures", None) or []) if hasattr(transformers, a)]
+                cls_name = archs[0] if archs else "AutoModel"
+            cls = getattr(transformers, cls_name, None)
+            if cls is None:
+                raise KeyError(f"transformers has no class {cls_name!r}; use e.g. AutoModel or AutoModelForCausalLM")
             if pretrained:
                 return cls.from_pretrained(name).eval()
-            cfg = transformers.AutoConfig.from_pretrained(name)
-            return (cls.from_config(cfg) if cls_name is None or cls_name.startswith("Auto") else
-                    cls._from_config(cfg)).eval()
+            return (cls.from_config(cfg) if cls_name.startswith("Auto") else cls._from_config(cfg)).eval()
         except OSError as e:
             if local:
                 raise
-            raise _offline_error(f"Hugging Face model {name!r} (not a local folder; no cached copy could be "
-                                 "used: set HF_HUB_OFFLINE=1 to use the cache only, or pass a local folder)", e) from e
+            raise RuntimeError(
+                f"could not get Hugging Face model {name!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                "It is not a local folder and no cached copy was found. If this machine is offline, download it "
+                f"where there is a network (`hf download {name} --local-dir DIR`), then pass that folder; or set "
+                "HF_HUB_OFFLINE=1 to use the local cache without waiting for the network") from e
 
     def owns(self, model: nn.Module) -> bool:
         return is_hf_model(model)
@@ -648,7 +701,7 @@ class HFAdapter(Adapter):
         if getattr(model, "main_input_name", "input_ids") == "pixel_values":
             size = getattr(cfg, "image_size", 224)
             return (torch.randn(1, getattr(cfg, "num_channels", 3), size, size),)
-        n = min(128, int(getattr(cfg, "max_position_embeddings", 128) or 128))
+        n = min(128, int(getattr(cfg, "max_position_embeddings", 130) or 130) - 2)  # RoBERTa offsets positions by 2
         vocab = int(getattr(cfg, "vocab_size", 1000) or 1000)
         return (torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(0)),)
 
