@@ -146,13 +146,14 @@ class DigitsResNet(nn.Module):
     stem (1 -> c) -> 2 residual blocks at c -> strided conv to 2c -> 2 residual blocks at 2c -> pool -> linear.
     """
 
-    def __init__(self, c: int = 32, classes: int = 10, blocks: int = 2) -> None:
+    def __init__(self, c: int = 32, classes: int = 10, blocks: int | tuple[int, int] = 2) -> None:
         super().__init__()
+        b1, b2 = (blocks, blocks) if isinstance(blocks, int) else blocks
         self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
-        self.stage1 = nn.Sequential(*[Block(c) for _ in range(blocks)])
+        self.stage1 = nn.Sequential(*[Block(c) for _ in range(b1)])
         self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c),
                                   nn.ReLU())
-        self.stage2 = nn.Sequential(*[Block(2 * c) for _ in range(blocks)])
+        self.stage2 = nn.Sequential(*[Block(2 * c) for _ in range(b2)])
         self.fc = nn.Linear(2 * c, classes)
 
     def example_inputs(self):

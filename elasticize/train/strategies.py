@@ -156,12 +156,23 @@ class Sandwich(Strategy):
 
 
 class SkipAware(Strategy):
-    """Skip-aware self-distillation (Adaptive Depth Networks, arXiv 2312.16392): super-net and base-net only."""
+    """Skip-aware self-distillation (Adaptive Depth Networks, arXiv 2312.16392): super-net and base-net only.
+
+    Args:
+        self_distill: False trains the base-net on the task loss instead of the KL term (the ablation).
+    """
 
     name = "skip-aware"
 
+    def __init__(self, *, self_distill: bool = True) -> None:
+        self.self_distill = bool(self_distill)
+
     def passes(self, sampler: SubnetSampler) -> list[Pass]:
-        return [Pass(sampler.largest(), "super", keep=True), Pass(sampler.smallest(), "base", target="inplace")]
+        return [Pass(sampler.largest(), "super", keep=True),
+                Pass(sampler.smallest(), "base", target="inplace" if self.self_distill else "task")]
+
+    def options(self) -> dict[str, Any]:
+        return {"self_distill": self.self_distill}
 
 
 class FullOnly(Strategy):
