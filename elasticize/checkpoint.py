@@ -10,6 +10,13 @@ only the bytes that sub-network needs (``safe_open(...).get_slice``).
 
 Writes are atomic (a temporary file in the same folder, then ``os.replace``) and never
 replace the file a model was loaded from. No pickle anywhere.
+
+Format versions: 1 is the plain super-network; 2 adds calibrated BatchNorm statistics per
+preset (BN recalibration): tensors ``elastic_bn.<preset>.<buffer>`` holding each preset's dense
+running statistics, listed in the manifest's ``bn_stats`` (``{preset: {buffer: stored name}}``),
+and that preset's tensor table points its running statistics at them (``source``, no slices),
+so a reader that follows the table gets the calibrated values. A file without calibrated
+statistics is still written as version 1, so older readers keep reading it.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ from .space import Config, SearchSpace
 __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
            "PRESETS_KEY", "load_weights_file"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Prefix of the stored per-preset calibrated BatchNorm statistics (format version 2).
+BN_PREFIX = "elastic_bn."
 METADATA_KEY = "elasticize"
 #: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
 PRESETS_KEY = "elasticize.presets"
@@ -145,12 +154,22 @@ def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str,
 
 
 # --------------------------------------------------------------------------- manifest
+def _bn_name(preset: str, fqn: str) -> str:
+    return f"{BN_PREFIX}{preset}.{fqn}"
+
+
 def _preset_entry(em: ElasticModel, name: str, cfg: Config, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     with em.subnet(cfg):
         spec = dense_tensors(em.plan, em.space, em._state, cfg)
+    calibrated = em.bn_stats.get(name, {})
     tensors: dict[str, Any] = {}
     total = 0
     for dense, (src, ranges) in spec.items():
+        if src in calibrated:
+            shape = list(calibrated[src].shape)
+            total += calibrated[src].numel() * calibrated[src].element_size()
+            tensors[dense] = {"source": _bn_name(name, src), "shape": shape, "slices": None}
+            continue
         if ranges is None:
             shape = list(state[src].shape)
         else:
@@ -166,9 +185,10 @@ def _preset_entry(em: ElasticModel, name: str, cfg: Config, state: dict[str, tor
 
 
 def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Config | None = None) -> dict[str, Any]:
+    calibrated = kind == "super-network" and bool(em.bn_stats)
     m: dict[str, Any] = {
         "format": "elasticize",
-        "format_version": FORMAT_VERSION,
+        "format_version": 2 if calibrated else 1,
         "library_version": __version__,
         "kind": kind,
         "recipe": em.recipe,
@@ -180,6 +200,8 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
     if kind == "super-network":
         state = em.model.state_dict()
         m["presets"] = {n: _preset_entry(em, n, c, state) for n, c in em.presets.items()}
+        if calibrated:
+            m["bn_stats"] = {p: {fqn: _bn_name(p, fqn) for fqn in t} for p, t in em.bn_stats.items()}
     else:
         m["config"] = config
         m["macs"] = em.macs(config)
@@ -207,7 +229,11 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     """
     if not isinstance(em, ElasticModel):
         raise TypeError(f"save() takes an ElasticModel (from elasticize.elasticize), not {type(em).__name__}")
-    tensors, aliases = _dedupe(em.model.state_dict())
+    with em.trained_bn_stats():
+        tensors, aliases = _dedupe(em.model.state_dict())
+    for preset, table in em.bn_stats.items():
+        for fqn, t in table.items():
+            tensors[_bn_name(preset, fqn)] = t.detach().contiguous().cpu()
     manifest = _manifest(em, aliases, "super-network")
     tables = {name: entry.pop("tensors") for name, entry in manifest["presets"].items()}
     meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
@@ -278,12 +304,16 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticM
     em = ElasticModel(base, Plan.from_json(manifest["plan"]), recipe=manifest.get("recipe"),
                       input_shapes=manifest.get("input_shapes", []))
     tensors = {k: _aligned(t) for k, t in load_file(str(path)).items()}
+    calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()}
+                  for p, t in (manifest.get("bn_stats") or {}).items()}
     for alias, target in (manifest.get("aliases") or {}).items():
         tensors[alias] = tensors[target]
     _load_strict(em.model, tensors, assign=meta, what=f"{path}")
     if meta:
         _materialize(em.model, manifest)
     em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
+    if calibrated:
+        em.set_bn_stats(calibrated)
     em.source_path = str(path)
     return em.eval()
 
@@ -338,12 +368,19 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
         cfg = space.resolve(subnet)
     space.apply(state, cfg)
     spec = dense_tensors(plan, space, state, cfg)
+    calibrated: dict[str, str] = {}  # the preset's calibrated BatchNorm statistics, if the file has them
+    for preset, table in (manifest.get("bn_stats") or {}).items():
+        if manifest.get("kind") != "sub-network" and space.resolve(preset) == cfg:
+            calibrated = table
+            break
     densify(base, plan, space, cfg)
     aliases = manifest.get("aliases") or {}
     with safe_open(str(path), framework="pt") as f:
         for dense, (src, ranges) in spec.items():
             if manifest.get("kind") == "sub-network":
                 t = f.get_tensor(aliases.get(dense, dense))
+            elif src in calibrated:
+                t = f.get_tensor(calibrated[src])
             else:
                 src = aliases.get(src, src)
                 t = f.get_tensor(src) if ranges is None or not ranges else _read_ranges(f.get_slice(src), ranges)

@@ -219,5 +219,51 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
                   f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params")
 
 
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--data", required=True, type=click.Path(), help="Image folder (one sub-folder per class) or text file (one sample per line).")
+@click.option("--steps", required=True, type=int, help="Optimizer updates.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trained super-network .safetensors.")
+@click.option("--strategy", type=click.Choice(["sortednet", "subnetwork-to-go", "sandwich", "skip-aware", "full"]),
+              default="sortednet", show_default=True, help="Which sub-networks each step trains.")
+@click.option("--accumulate", type=int, default=None, help="sortednet: sampled sub-networks per update (gradient accumulation).")
+@click.option("--objective", type=click.Choice(["stochastic-loss", "stochastic-summation"]), default=None,
+              help="sortednet objective (default stochastic-loss).")
+@click.option("--n-random", type=int, default=None, help="sandwich: random sub-networks between largest and smallest.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--distill/--no-distill", default=None,
+              help="Distill from the frozen original (default: on for a model converted from pretrained weights; always for text).")
+@click.option("--eval-fraction", type=float, default=0.1, show_default=True, help="Share of the data held out to measure presets.")
+@click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text sample.")
+@click.option("--state", type=click.Path(dir_okay=False), help="Write the trainer state (for --resume) here.")
+@click.option("--save-every", type=int, default=0, show_default=True, help="Steps between --state writes (0: at the end).")
+@click.option("--resume", type=click.Path(dir_okay=False), help="Resume from a --state file of an earlier run.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available).")
+@click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
+def train(file: str, data: str, steps: int, output: str, strategy: str, accumulate: int | None, objective: str | None,
+          n_random: int | None, batch_size: int, lr: float, seed: int, distill: bool | None, eval_fraction: float,
+          max_length: int, state: str | None, save_every: int, resume: str | None, device: str | None,
+          force: bool) -> None:
+    """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
+    from .train.run import train_file
+
+    options = {k: v for k, v in (("accumulate", accumulate), ("objective", objective), ("n", n_random)) if v is not None}
+    result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
+                                     strategy_options=options, batch_size=batch_size, lr=lr, seed=seed, distill=distill,
+                                     eval_fraction=eval_fraction, max_length=max_length, state=state,
+                                     resume=resume, save_every=save_every, overwrite=force, progress=True,
+                                     device=device))
+    if result["metrics"]:
+        t = Table(title="Measured presets (held-out data)")
+        t.add_column("preset")
+        t.add_column("metrics", justify="right")
+        for name, m in result["metrics"].items():
+            t.add_row(name, ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
+        console.print(t)
+    console.print(f"[green]wrote[/green] {result['output']} after {result['steps']} steps")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

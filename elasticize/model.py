@@ -34,6 +34,11 @@ class ElasticModel(nn.Module):
         recipe: how to rebuild the base model (``{"adapter", "name", "kwargs"}``), or ``{}``.
         input_shapes: shapes of the example inputs used for the analysis.
         metrics: measured metric per preset name (filled by training), JSON-native.
+        bn_stats: calibrated BatchNorm running statistics per preset (BN recalibration, filled by
+            :func:`elasticize.train.recalibrate_bn` or loaded from a file): preset name -> buffer name
+            (as in ``model.state_dict()``, the tensor that preset reads) -> its dense values ``(channels,)``.
+            Setting a calibrated preset installs its statistics; any other sub-network runs with the
+            trained statistics. Set with :meth:`set_bn_stats`.
     """
 
     def __init__(self, model: nn.Module, plan: Plan, *, recipe: dict[str, Any] | None = None,
@@ -49,6 +54,9 @@ class ElasticModel(nn.Module):
         self._state = apply_plan(model, plan)
         self._active: Config = self.space.full()
         self._resolved: dict[str, Config] = {}
+        self.bn_stats: dict[str, dict[str, torch.Tensor]] = {}
+        self._bn_live: str | None = None  # preset whose statistics are in the buffers now
+        self._bn_trained: dict[str, torch.Tensor] = {}  # the trained values they replaced
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the active sub-network; inputs and outputs are the original model's."""
@@ -85,7 +93,69 @@ class ElasticModel(nn.Module):
         cfg = self.resolve(subnet)
         self.space.apply(self._state, cfg)
         self._active = cfg
+        if self.bn_stats or self._bn_live is not None:
+            name = subnet if isinstance(subnet, str) and subnet in self.bn_stats else self._calibrated_name(cfg)
+            self._install_bn(name)
         return cfg
+
+    # ------------------------------------------------------------ BN recalibration
+    def set_bn_stats(self, stats: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Use per-preset calibrated BatchNorm statistics (BN recalibration; see :attr:`bn_stats`).
+
+        Args:
+            stats: preset name -> buffer name -> dense tensor ``(channels,)``, the leading
+                channels of that buffer at the preset; an empty mapping goes back to the trained statistics.
+
+        Raises:
+            KeyError: an unknown preset or buffer name.
+            ValueError: a tensor longer than its buffer or not 1-D.
+        """
+        self._install_bn(None)
+        buffers = dict(self.model.named_buffers())
+        clean: dict[str, dict[str, torch.Tensor]] = {}
+        for name, table in stats.items():
+            if name not in self.presets:
+                raise KeyError(f"BN statistics for unknown preset {name!r}; presets: {list(self.presets)}")
+            clean[name] = {}
+            for fqn, t in table.items():
+                if fqn not in buffers:
+                    raise KeyError(f"BN statistics of preset {name!r} name {fqn!r}, which is not a buffer of the model")
+                if t.dim() != 1 or t.shape[0] > buffers[fqn].shape[0]:
+                    raise ValueError(f"BN statistics {fqn!r} of preset {name!r} have shape {list(t.shape)}; expected "
+                                     f"(n,) with n <= {buffers[fqn].shape[0]}")
+                clean[name][fqn] = t.detach().to(buffers[fqn].device, buffers[fqn].dtype).clone()
+        self.bn_stats = clean
+        self._install_bn(self._calibrated_name(self._active))
+
+    @contextlib.contextmanager
+    def trained_bn_stats(self) -> Iterator["ElasticModel"]:
+        """Context manager: the buffers hold the trained BatchNorm statistics inside (for saving, training)."""
+        live = self._bn_live
+        self._install_bn(None)
+        try:
+            yield self
+        finally:
+            self._install_bn(live)
+
+    def _calibrated_name(self, cfg: Config) -> str | None:
+        for name in self.bn_stats:
+            if self.resolve(name) == cfg:
+                return name
+        return None
+
+    def _install_bn(self, name: str | None) -> None:
+        if name == self._bn_live:
+            return
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for fqn, t in self._bn_trained.items():
+                buffers[fqn].copy_(t)
+            self._bn_trained = {}
+            if name is not None:
+                for fqn, t in self.bn_stats[name].items():
+                    self._bn_trained[fqn] = buffers[fqn].clone()
+                    buffers[fqn][: t.shape[0]].copy_(t)
+        self._bn_live = name
 
     @contextlib.contextmanager
     def subnet(self, subnet: SubnetLike) -> Iterator["ElasticModel"]:
@@ -105,9 +175,36 @@ class ElasticModel(nn.Module):
         """Parameter count of ``subnet`` once extracted."""
         return self.space.params(self.resolve(subnet))
 
-    def select(self, *, max_macs: int | None = None, max_params: int | None = None) -> Config:
-        """Largest nested sub-network within the budget, without search; see :meth:`SearchSpace.select`."""
-        return self.space.select(max_macs=max_macs, max_params=max_params)
+    def select(self, *, max_macs: int | None = None, max_params: int | None = None,
+               max_latency_s: float | None = None, metric: str | None = None) -> Config:
+        """A sub-network within the budget, without search.
+
+        Without ``metric`` and ``max_latency_s``: the largest nested sub-network within the
+        MACs/params budget (:meth:`SearchSpace.select`, SortedNet's search-free extraction).
+        With ``metric`` (a key of :attr:`metrics`, higher is better, e.g. ``"accuracy"``): the
+        measured preset with the best value among those within every bound (ties: more MACs).
+        ``max_latency_s`` bounds the measured ``"latency_s"`` metric (seconds per batch, as
+        measured by :meth:`elasticize.train.Trainer.evaluate`).
+
+        Raises:
+            ValueError: no bound given, or no (measured) sub-network meets them; the message
+                says which presets were measured.
+        """
+        if metric is None and max_latency_s is None:
+            return self.space.select(max_macs=max_macs, max_params=max_params)
+        if max_macs is None and max_params is None and max_latency_s is None:
+            raise ValueError("give max_macs, max_params and/or max_latency_s")
+        need = [k for k in (metric, "latency_s" if max_latency_s is not None else None) if k]
+        measured = [n for n in self.presets if all(k in self.metrics.get(n, {}) for k in need)]
+        ok = [n for n in measured
+              if (max_macs is None or self.macs(n) <= max_macs) and (max_params is None or self.params(n) <= max_params)
+              and (max_latency_s is None or self.metrics[n]["latency_s"] <= max_latency_s)]
+        if not ok:
+            raise ValueError(f"no measured preset meets max_macs={max_macs}, max_params={max_params}, "
+                             f"max_latency_s={max_latency_s}; presets measured for {need}: {measured or 'none'} "
+                             "(measure them with elasticize.train.Trainer.evaluate)")
+        key = (lambda n: (self.metrics[n][metric], self.macs(n))) if metric else (lambda n: self.macs(n))
+        return self.resolve(max(ok, key=key))
 
     # ------------------------------------------------------------ extraction
     def extract(self, subnet: SubnetLike = None) -> nn.Module:
@@ -292,5 +389,6 @@ def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None
 
         load_weights_file(model, weights)
     recipe = adapter.recipe(model, name, kw)
+    recipe["pretrained"] = bool(pretrained or weights is not None)  # the trainer distills from the original then
     return elasticize(model.eval(), example_inputs, recipe=recipe, **options)
 

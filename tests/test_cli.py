@@ -10,6 +10,7 @@ import torch
 from click.testing import CliRunner
 
 import elasticize
+from elasticize import checkpoint
 from elasticize.cli import main
 
 
@@ -31,7 +32,8 @@ def test_convert_prints_what_became_elastic_and_presets(converted):
     for s in ("Elastic width", "layer1.0.conv1:out", "Elastic depth", "Not elastic", "fc:out", "model output",
               "Presets", "tiny", "wrote"):
         assert s in text, s
-    assert elasticize.read_manifest(out)["recipe"] == {"adapter": "timm", "name": "resnet18", "kwargs": {}}
+    assert elasticize.read_manifest(out)["recipe"] == {"adapter": "timm", "name": "resnet18", "kwargs": {},
+                                                        "pretrained": False}
 
 
 def test_inspect_and_extract(converted, tmp_path):
@@ -59,7 +61,8 @@ def test_user_model_by_import_path(tmp_path):
     res = CliRunner().invoke(main, ["convert", "toy_models:ToyCNN", "--kwarg", "c=8", "-o", str(out)])
     assert res.exit_code == 0, res.output
     em = elasticize.load(out)
-    assert em.recipe == {"adapter": "import", "name": "toy_models:ToyCNN", "kwargs": {"c": 8}}
+    assert em.recipe == {"adapter": "import", "name": "toy_models:ToyCNN", "kwargs": {"c": 8},
+                         "pretrained": True}
     assert em.model.stem[0].out_channels == 8
 
 
@@ -106,7 +109,7 @@ def test_newer_format_from_the_cli(converted, tmp_path):
     with safe_open(str(out), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads(f.metadata()["elasticize"])
-    meta["format_version"] = 2
+    meta["format_version"] = checkpoint.FORMAT_VERSION + 1
     newer = tmp_path / "newer.safetensors"
     save_file(tensors, str(newer), metadata={"elasticize": json.dumps(meta)})
     res = CliRunner().invoke(main, ["inspect", str(newer)])

@@ -138,3 +138,41 @@ class LoopOverBatchCNN(nn.Module):
             h = torch.relu(self.bn2(self.conv2(h)))
             outs.append(self.fc(h.mean((2, 3))))
         return torch.cat(outs, 0)
+
+
+class DigitsResNet(nn.Module):
+    """A small ResNet-style CNN with BatchNorm for scikit-learn's 8x8 digits (SortedNet Table 1 at small scale).
+
+    stem (1 -> c) -> 2 residual blocks at c -> strided conv to 2c -> 2 residual blocks at 2c -> pool -> linear.
+    """
+
+    def __init__(self, c: int = 32, classes: int = 10, blocks: int | tuple[int, int] = 2) -> None:
+        super().__init__()
+        b1, b2 = (blocks, blocks) if isinstance(blocks, int) else blocks
+        self.stem = nn.Sequential(nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.stage1 = nn.Sequential(*[Block(c) for _ in range(b1)])
+        self.down = nn.Sequential(nn.Conv2d(c, 2 * c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(2 * c),
+                                  nn.ReLU())
+        self.stage2 = nn.Sequential(*[Block(2 * c) for _ in range(b2)])
+        self.fc = nn.Linear(2 * c, classes)
+
+    def example_inputs(self):
+        return (torch.randn(2, 1, 8, 8),)
+
+    def forward(self, x):
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def digits(seed: int = 0, test_fraction: float = 1 / 3):
+    """scikit-learn's bundled digits as ``(x_train, y_train, x_test, y_test)`` tensors, ``x`` of shape (n, 1, 8, 8) in [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    n_test = int(len(y) * test_fraction)
+    te, tr = perm[:n_test], perm[n_test:]
+    return x[tr], y[tr], x[te], y[te]

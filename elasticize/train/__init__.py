@@ -1,0 +1,27 @@
+"""The sorted trainer: make every sub-network of an elastic model good.
+
+Pieces for your own loop: :class:`SubnetSampler` (SortedNet Eq. 1 sampling),
+:func:`make_strategy` (``sortednet``, ``subnetwork-to-go``, ``sandwich``, ``skip-aware``,
+``full``), :func:`train_step` (one update), the losses in :mod:`elasticize.train.losses`,
+:func:`recalibrate_bn`. Or the :class:`Trainer`, which adds distillation from the frozen
+original, DDP under ``torchrun``, resume, BN recalibration before evaluation and saving, and
+measured presets.
+
+    >>> from elasticize.train import Trainer
+    >>> tr = Trainer(em, loader, optimizer=torch.optim.AdamW(em.parameters(), 1e-3),
+    ...              loss_fn=torch.nn.CrossEntropyLoss(), strategy="sortednet")
+    >>> tr.train_steps(1000)
+    >>> tr.evaluate(val_batches, metric="accuracy")   # em.metrics per preset
+    >>> tr.save("trained.safetensors")                 # BN recalibrated per preset, stats in the file
+"""
+
+from .bn import batchnorm_layers, recalibrate_bn
+from .losses import (cosine_distillation, default_output, forward_batch, kl_distillation, mean_pooled,
+                     mse_distillation, split_batch)
+from .sampler import SubnetSampler
+from .strategies import STRATEGIES, Pass, Strategy, make_strategy
+from .trainer import METRICS, Trainer, train_step
+
+__all__ = ["Trainer", "train_step", "SubnetSampler", "make_strategy", "Strategy", "Pass", "STRATEGIES",
+           "recalibrate_bn", "batchnorm_layers", "kl_distillation", "cosine_distillation", "mse_distillation",
+           "mean_pooled", "default_output", "forward_batch", "split_batch", "METRICS"]

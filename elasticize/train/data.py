@@ -1,0 +1,129 @@
+"""Data for ``elasticize train``: an image folder (classification) or a text file (one sample per line).
+
+Both return a training ``DataLoader`` and a held-out list of batches. Images are read with
+torchvision's ``ImageFolder`` (one sub-folder per class), resized to the model's example input
+size and scaled to [0, 1] then normalised with ImageNet's mean and std (three channels) or 0.5/0.5
+(one channel). Text lines are tokenized with the Hugging Face tokenizer stored next to the model
+(the recipe's folder), padded per batch; batches are mappings ``{"input_ids", "attention_mask"}``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..model import ElasticModel
+
+__all__ = ["image_folder_data", "text_file_data", "read_text_lines"]
+
+
+def _split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = int(round(n * eval_fraction))
+    if n - k < 1:
+        raise ValueError(f"only {n} samples: nothing left to train on after holding out {k}")
+    return perm[k:], perm[:k]
+
+
+def image_folder_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, eval_fraction: float = 0.1,
+                      seed: int = 0, workers: int = 0) -> tuple[DataLoader, list[Any]]:
+    """An image folder (``PATH/<class>/<image>``) as ``(train loader, held-out batches)`` of ``(x, y)``.
+
+    ``x`` is ``(batch, channels, height, width)`` at the model's example input size.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder.
+        ValueError: a folder with no class sub-folders or no images, or a model whose example
+            input is not an image ``(1, C, H, W)``.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"--data {p}: no such folder (an image folder has one sub-folder per class)")
+    shapes = em.input_shapes
+    if not shapes or len(shapes[0]) != 4:
+        raise ValueError(f"the model's example input has shape {shapes[0] if shapes else None}; an image folder needs "
+                         "a model that takes (batch, channels, height, width)")
+    _, c, h, w = shapes[0]
+    from torchvision import datasets, transforms
+
+    mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
+    tf = transforms.Compose([
+        transforms.Grayscale(c) if c in (1, 3) else transforms.Lambda(lambda im: im),
+        transforms.Resize((h, w)), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    try:
+        ds = datasets.ImageFolder(str(p), transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise ValueError(f"--data {p}: {e}") from None
+    tr, ev = _split(len(ds), eval_fraction, seed)
+    loader = DataLoader(Subset(ds, tr), batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
+    held = list(DataLoader(Subset(ds, ev), batch_size=batch_size)) if ev else []
+    return loader, held
+
+
+def read_text_lines(path: str | Path) -> list[str]:
+    """The non-empty lines of a UTF-8 text file.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: a file with no non-empty line, or not UTF-8 text.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--data {p}: no such file (a text file has one sample per line)")
+    try:
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data {p} is not UTF-8 text ({e})") from None
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise ValueError(f"--data {p} is empty: it needs one text sample per line")
+    return lines
+
+
+class _Lines(Dataset):
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def __getitem__(self, i: int) -> str:
+        return self.lines[i]
+
+
+def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, eval_fraction: float = 0.1,
+                   max_length: int = 128, seed: int = 0, tokenizer: Any = None) -> tuple[DataLoader, list[Any]]:
+    """A text file (one sample per line) as ``(train loader, held-out batches)`` of tokenized mappings.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; default: the one in the folder the model was converted from.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`read_text_lines`; also a model that is not a
+            Hugging Face model or whose folder has no tokenizer.
+    """
+    lines = read_text_lines(path)
+    if tokenizer is None:
+        name = em.recipe.get("name") if em.recipe.get("adapter") == "hf" else None
+        if not name:
+            raise ValueError("text data needs a Hugging Face model converted from a folder or hub id (its tokenizer "
+                             "tokenizes the lines); this model's recipe names none")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"no tokenizer for {name}: {e}") from None
+
+    def collate(batch: list[str]) -> dict[str, torch.Tensor]:
+        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    tr, ev = _split(len(lines), eval_fraction, seed)
+    loader = DataLoader(_Lines([lines[i] for i in tr]), batch_size=batch_size, shuffle=False, collate_fn=collate)
+    held = list(DataLoader(_Lines([lines[i] for i in ev]), batch_size=batch_size, collate_fn=collate)) if ev else []
+    return loader, held

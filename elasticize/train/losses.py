@@ -1,0 +1,139 @@
+"""Batches, model outputs and the losses of the sorted trainer.
+
+Batches come in three shapes, and the trainer handles each the same way everywhere:
+
+* a tensor ``x``: ``model(x)``, no target (distillation only);
+* a tuple or list ``(x, y)`` (or ``(x1, ..., xn, y)``): ``model(x1, ..., xn)``, target ``y``;
+  a 1-tuple ``(x,)`` has no target;
+* a mapping (Hugging Face style): ``model(**inputs)`` with every key except the target keys
+  (``labels``, ``label``, ``targets``), whose value, if present, is the target.
+
+A model's output is reduced to one tensor by an *output function* ``(output, batch) ->
+tensor``: :func:`default_output` takes the tensor itself, or ``logits``, or
+``last_hidden_state`` of a Hugging Face ``ModelOutput``; :func:`mean_pooled` gives the
+sentence embedding of a text encoder (mask-weighted mean over tokens, as sentence-transformers'
+pooling layer does).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["split_batch", "forward_batch", "default_output", "mean_pooled", "kl_distillation", "cosine_distillation",
+           "mse_distillation", "DISTILL_LOSSES", "TARGET_KEYS", "batch_size", "to_device"]
+
+#: Mapping keys treated as the target, not passed to the model.
+TARGET_KEYS = ("labels", "label", "targets")
+
+OutputFn = Callable[[Any, Any], torch.Tensor]
+
+
+def split_batch(batch: Any) -> tuple[tuple, dict[str, Any], Any]:
+    """``(args, kwargs, target)`` of a batch (see the module docstring).
+
+    Raises:
+        TypeError: a batch that is not a tensor, a tuple/list or a mapping.
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}, None
+    if isinstance(batch, Mapping):
+        kwargs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        target = next((batch[k] for k in TARGET_KEYS if k in batch), None)
+        return (), kwargs, target
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 1:
+            return (batch[0],), {}, None
+        return tuple(batch[:-1]), {}, batch[-1]
+    raise TypeError(f"a batch must be a tensor, a tuple (x, y) or a mapping of model inputs, not {type(batch).__name__}")
+
+
+def forward_batch(model: Callable[..., Any], batch: Any) -> Any:
+    """Run ``model`` on a batch: ``model(x)``, ``model(*xs)`` or ``model(**inputs)``."""
+    args, kwargs, _ = split_batch(batch)
+    return model(*args, **kwargs)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """The batch with every tensor moved to ``device`` (same structure)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in a batch (first dimension of its first tensor)."""
+    args, kwargs, _ = split_batch(batch)
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            return int(v.shape[0])
+    return 1
+
+
+def default_output(output: Any, batch: Any = None) -> torch.Tensor:
+    """The tensor of a model output: itself, its ``logits``, its ``last_hidden_state``, or its first element.
+
+    Raises:
+        TypeError: an output with none of these.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "last_hidden_state"):
+        v = output.get(key) if isinstance(output, Mapping) else getattr(output, key, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find the output tensor in a {type(output).__name__}; pass output_fn=")
+
+
+def mean_pooled(output: Any, batch: Any) -> torch.Tensor:
+    """Sentence embedding ``(batch, hidden)``: mean of ``last_hidden_state`` over the tokens the attention mask keeps."""
+    hidden = default_output(output)
+    _, kwargs, _ = split_batch(batch)
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        return hidden.mean(1)
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def kl_distillation(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the last axis, mean over samples.
+
+    Knowledge distillation (Hinton et al., 2015); the in-place distillation of Universally
+    Slimmable Networks (Yu & Huang, 2019) and the skip-aware self-distillation of Adaptive Depth
+    Networks (arXiv 2312.16392) use it with the largest sub-network as teacher.
+
+    Args:
+        student: logits ``(..., classes)``.
+        teacher: logits of the same shape (detached by the caller).
+    """
+    t = temperature
+    s = F.log_softmax(student.float() / t, dim=-1).flatten(0, -2)
+    p = F.log_softmax(teacher.float() / t, dim=-1).flatten(0, -2)
+    return F.kl_div(s, p, reduction="batchmean", log_target=True) * (t * t)
+
+
+def cosine_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean(1 - cos(student, teacher))`` over the last axis: for embeddings ``(batch, hidden)``."""
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+
+
+def mse_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between student and teacher outputs (any shape)."""
+    return F.mse_loss(student.float(), teacher.float())
+
+
+#: Distillation losses by name, ``(student, teacher) -> scalar``.
+DISTILL_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "kl": kl_distillation,
+    "cosine": cosine_distillation,
+    "mse": mse_distillation,
+}

@@ -1,0 +1,120 @@
+"""``train_file``: the whole ``elasticize train`` job as one API call (the CLI only parses options)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .data import image_folder_data, text_file_data
+from .losses import mean_pooled
+from .state import plan_fingerprint, read_state_info
+from .trainer import Trainer
+
+__all__ = ["train_file"]
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, output: str | os.PathLike,
+               strategy: str = "sortednet", strategy_options: Mapping[str, Any] | None = None, batch_size: int = 32,
+               lr: float = 1e-4, seed: int = 0, distill: bool | None = None, eval_fraction: float = 0.1,
+               max_length: int = 128, state: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
+               save_every: int = 0, calibration_batches: int = 8, overwrite: bool = False,
+               progress: Any = False, device: str | None = None) -> dict[str, Any]:
+    """Train an elasticize super-network file on an image folder or a text file, and save it.
+
+    A folder ``data`` is image classification (cross-entropy; the model's output is the logits);
+    a file is text, one sample per line, distilled from the original model: the student's
+    mean-pooled sentence embedding is trained towards the original's (cosine). Distillation from
+    the original is the default for a model converted from pretrained weights, and always on for
+    text. After training: BN recalibration per preset, each preset measured on the held-out part
+    (``accuracy``, or ``cosine`` to the original's embedding) and written into the manifest, then
+    the file is saved atomically. Every check happens before training, and no file is written
+    when one fails.
+
+    Args:
+        path: the super-network file (from ``elasticize convert``).
+        data: an image folder (one sub-folder per class) or a text file.
+        steps: optimizer updates.
+        output: the trained super-network file (never ``path``).
+        strategy, strategy_options: see :func:`~elasticize.train.make_strategy`.
+        batch_size, lr, seed: batch size, AdamW learning rate, sampler/data-split seed.
+        distill: None for the default above.
+        eval_fraction: share of the data held out for the measured presets.
+        max_length: tokens per text sample.
+        state: where to write the trainer state (resume file) every ``save_every`` steps and at the end.
+        resume: a state file to resume from (must come from this super-network).
+        calibration_batches: batches per preset for BN recalibration.
+        overwrite: replace an existing ``output``.
+        progress: passed to :meth:`Trainer.train_steps` (True: rich progress bar).
+        device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
+
+    Returns:
+        ``{"output", "steps", "metrics" (per preset), "history" (losses per step)}``.
+
+    Raises:
+        FileNotFoundError: a missing model file, data path, resume file or output folder.
+        FileExistsError: ``output`` exists and ``overwrite`` is False.
+        ValueError: ``output`` is the input, ``steps < 1``, empty data, a resume state from
+            another super-network, or text data for a model without a tokenizer.
+    """
+    from ..checkpoint import load, read_manifest
+
+    src, out = Path(path), Path(output)
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    read_manifest(src, presets=False)
+    if _same(out, src) or (out.resolve() == src.resolve()):
+        raise ValueError("-o points at the input file; choose another output path")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --force to replace it or choose another -o")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"folder {out.parent} does not exist; create it first")
+    if state is not None and Path(state).resolve() in (src.resolve(), out.resolve()):
+        raise ValueError(f"--state {state} is the model or output file; give the trainer state its own path")
+    d = Path(data)
+    if not d.exists():
+        raise FileNotFoundError(f"--data {d}: no such file or folder (an image folder, or a text file with one "
+                                "sample per line)")
+    em = load(src)
+    if resume is not None:
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"--resume {resume}: no such trainer state file")
+        meta = read_state_info(resume)
+        if meta.get("plan_sha256") != plan_fingerprint(em.plan.to_json()):
+            raise ValueError(f"--resume {resume} was saved from a different super-network than {src} (its manifest's "
+                             "plan differs); resume with the file it was trained from")
+    text = d.is_file()
+    if text:
+        train, held = text_file_data(d, em, batch_size=batch_size, eval_fraction=eval_fraction,
+                                     max_length=max_length, seed=seed)
+        if distill is False:
+            raise ValueError("text training distills from the original model (there are no labels); drop --no-distill")
+        distill, loss_fn, distill_loss, output_fn, metric = True, None, "cosine", mean_pooled, "cosine"
+    else:
+        train, held = image_folder_data(d, em, batch_size=batch_size, eval_fraction=eval_fraction, seed=seed)
+        loss_fn, distill_loss, output_fn, metric = torch.nn.CrossEntropyLoss(), "kl", None, "accuracy"
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    em.to(dev)
+    opt = torch.optim.AdamW(em.parameters(), lr=lr)
+    kw: dict[str, Any] = {} if output_fn is None else {"output_fn": output_fn}
+    tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, strategy=strategy, strategy_options=strategy_options,
+                 seed=seed, distill="auto" if distill is None else distill, distill_loss=distill_loss, device=dev,
+                 calibration_batches=calibration_batches, **kw)
+    if resume is not None:
+        tr.load_state(str(resume))
+    remaining = max(0, steps - tr.step)
+    history = tr.train_steps(remaining, progress=progress, state_path=None if state is None else str(state),
+                             save_every=save_every)
+    metrics = tr.evaluate(held, metric=metric) if held else {}
+    tr.save(str(out), overwrite=overwrite)
+    return {"output": str(out), "steps": tr.step, "metrics": metrics,
+            "history": [{"step": r["step"], "losses": r["losses"]} for r in history]}

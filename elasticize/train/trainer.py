@@ -1,0 +1,476 @@
+"""The sorted trainer: one optimizer step (:func:`train_step`) and a :class:`Trainer` around it.
+
+The user brings an :class:`~elasticize.ElasticModel`, a data loader, a task loss and an
+optimizer. Batches are tensors, ``(x, y)`` tuples or Hugging Face style mappings
+(``model(**batch)``; see :mod:`elasticize.train.losses`).
+
+Distributed data parallel: run the same script under ``torchrun --nproc_per_node N`` after
+``torch.distributed.init_process_group`` (``gloo`` on CPU, ``nccl`` on GPU); the trainer wraps
+the model in ``DistributedDataParallel`` and broadcasts the sampler seed from rank 0, so every
+rank draws the same sub-network at every step without further communication. Each pass's
+backward synchronises its own gradients (no ``no_sync``): a sub-network that skips blocks
+leaves their parameters unused, and ``find_unused_parameters=True`` (on whenever the space has
+depth or switchable norms) marks them ready so the all-reduce does not wait for them.
+Gradients accumulated by earlier passes of the step are already equal on every rank, so
+re-averaging them keeps them equal. ``no_sync`` with one all-reduce per step would be
+cheaper but wrong here: DDP finds unused parameters from the last forward only, and would
+leave gradients of blocks used only by earlier passes unsynchronised. On CUDA, forward passes
+run under bf16 autocast (losses in fp32).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import ElasticModel
+from ..space import Config
+from .bn import batchnorm_layers, recalibrate_bn
+from .losses import DISTILL_LOSSES, batch_size, default_output, forward_batch, split_batch, to_device
+from .sampler import SubnetSampler
+from .state import read_state, read_state_info, write_state
+from .strategies import Strategy, make_strategy
+
+__all__ = ["train_step", "Trainer", "METRICS"]
+
+
+def _accuracy(student: torch.Tensor, target: Any, teacher: torch.Tensor | None) -> torch.Tensor:
+    if target is None:
+        raise ValueError("metric 'accuracy' needs batches with targets, (x, y) or a mapping with 'labels'")
+    return (student.argmax(-1) == target).float()
+
+
+def _cosine(student: torch.Tensor, target: Any, teacher: torch.Tensor | None) -> torch.Tensor:
+    if teacher is None:
+        raise ValueError("metric 'cosine' compares with the original model's output; the trainer has no teacher "
+                         "(pass distill=True)")
+    return F.cosine_similarity(student.float(), teacher.float(), dim=-1)
+
+
+#: Metrics by name: ``(student output, target, teacher output or None) -> per-sample scores``; higher is better.
+METRICS: dict[str, Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]] = {
+    "accuracy": _accuracy,
+    "cosine": _cosine,
+}
+
+
+def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, sampler: SubnetSampler,
+               optimizer: torch.optim.Optimizer, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+               teacher: nn.Module | None = None,
+               distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str = "kl",
+               output_fn: Callable[[Any, Any], torch.Tensor] = default_output, runner: nn.Module | None = None,
+               autocast: torch.autocast | None = None) -> tuple[dict[str, float], list[Config]]:
+    """One optimizer update of ``strategy``, for users who keep their own loop.
+
+    Runs the strategy's passes (forward, loss, backward, one sub-network each; gradients
+    accumulate), then ``optimizer.step()``; gradients are zeroed first. A ``"task"`` pass's loss
+    is ``loss_fn(output, target)`` plus ``distill_loss(output, teacher(batch))`` when a teacher (the
+    frozen original) is given; an ``"inplace"`` pass's is ``distill_loss(output, kept)`` against
+    this step's largest sub-network's detached output.
+
+    Args:
+        em: the elastic model (its active sub-network is changed; back to full after).
+        batches: ``strategy.micro_batches`` batches, already on the model's device.
+        strategy: from :func:`~elasticize.train.make_strategy`.
+        sampler: draws the sub-networks (same seed on every rank under DDP).
+        optimizer: over ``em``'s parameters.
+        loss_fn: task loss ``(output tensor, target) -> scalar``, e.g. ``nn.CrossEntropyLoss()``.
+        teacher: frozen original model for distillation, or None.
+        distill_loss: ``"kl"``, ``"cosine"``, ``"mse"`` or ``(student, teacher) -> scalar``.
+        output_fn: ``(model output, batch) -> tensor`` (logits, or an embedding via :func:`mean_pooled`).
+        runner: the module to call (the ``DistributedDataParallel`` wrapper of ``em``), default ``em``.
+        autocast: an autocast context for the forward passes, or None.
+
+    Returns:
+        (mean loss per pass label, the configurations trained, in order).
+
+    Raises:
+        ValueError: too few batches, a loss that cannot be formed (no target and no teacher,
+            or an in-place pass with no largest pass before it), or a non-finite loss.
+    """
+    if len(batches) < strategy.micro_batches:
+        raise ValueError(f"strategy {strategy.name!r} needs {strategy.micro_batches} batches per step, got {len(batches)}")
+    dl = DISTILL_LOSSES[distill_loss] if isinstance(distill_loss, str) else distill_loss
+    runner = runner if runner is not None else em
+    passes = strategy.passes(sampler)
+    optimizer.zero_grad(set_to_none=True)
+    teacher_out: dict[int, torch.Tensor] = {}
+    kept: dict[int, torch.Tensor] = {}
+    sums: dict[str, list[float]] = {}
+    for p in passes:
+        batch = batches[p.micro]
+        _, _, target = split_batch(batch)
+        em.set_subnet(p.config)
+        if teacher is not None and p.target == "task" and p.micro not in teacher_out:
+            with torch.no_grad(), (autocast or _null()):
+                teacher_out[p.micro] = output_fn(forward_batch(teacher, batch), batch).detach()
+        with autocast or _null():
+            out = output_fn(forward_batch(runner, batch), batch)
+        if p.target == "inplace":
+            if p.micro not in kept:
+                raise ValueError(f"in-place pass {p.label!r} has no largest pass before it on its micro-batch")
+            loss = dl(out, kept[p.micro])
+        else:
+            parts = []
+            if p.micro in teacher_out:
+                parts.append(dl(out, teacher_out[p.micro]))
+            if loss_fn is not None and target is not None:
+                parts.append(loss_fn(out.float(), target))
+            if not parts:
+                raise ValueError("no loss to train with: the batch has no target (or no loss_fn was given) and there "
+                                 "is no teacher; give (x, y) batches and loss_fn, or distill=True")
+            loss = parts[0] if len(parts) == 1 else sum(parts)
+        if not torch.isfinite(loss.detach()):
+            raise ValueError(f"the loss of pass {p.label!r} is {loss.item()}; lower the learning rate")
+        (loss * p.weight).backward()
+        if p.keep:
+            kept[p.micro] = out.detach()
+        sums.setdefault(p.label, []).append(float(loss.detach()))
+    optimizer.step()
+    em.set_subnet(None)
+    return {k: sum(v) / len(v) for k, v in sums.items()}, [p.config for p in passes]
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    """The sorted trainer: strategies, distillation, BN recalibration, DDP, resume, measured presets.
+
+    Args:
+        em: the elastic model to train (in place).
+        data: re-iterable training batches (a ``DataLoader``); iterated in epochs. For exact
+            resume its order must depend only on the epoch (no shuffle, or a sampler with
+            ``set_epoch`` such as ``DistributedSampler``, which the trainer calls).
+        optimizer: over ``em.parameters()``.
+        loss_fn: task loss ``(output, target) -> scalar``; None for distillation only.
+        strategy: name (``sortednet``, ``subnetwork-to-go``, ``sandwich``, ``skip-aware``, ``full``)
+            or a :class:`Strategy`.
+        strategy_options: options of a strategy given by name (e.g. ``{"accumulate": 4}``).
+        seed: the sampler's seed (rank 0's is used on every rank).
+        distribution: SortedNet's ``P_{B_j}`` per dimension (see :class:`SubnetSampler`).
+        per: ``"dimension"`` or ``"group"`` sampling (see :class:`SubnetSampler`).
+        distill: ``"auto"`` (distill from the frozen original when ``em`` was converted from
+            pretrained weights, i.e. ``em.recipe["pretrained"]``), True, False, or a teacher module.
+            The original is ``em``'s full sub-network as it is when the trainer is built.
+        distill_loss: ``"kl"`` (logits), ``"cosine"`` (embeddings), ``"mse"`` or a callable.
+        output_fn: ``(model output, batch) -> tensor``.
+        device: where to train (default: the model's device).
+        amp: bf16 autocast for the forward passes (default: on for CUDA).
+        calibration_batches: batches per preset for BN recalibration.
+
+    Raises:
+        TypeError: ``em`` is not an :class:`ElasticModel`.
+        KeyError, ValueError: an unknown strategy or bad option (see :func:`make_strategy`).
+    """
+
+    def __init__(self, em: ElasticModel, data: Iterable[Any], *, optimizer: torch.optim.Optimizer,
+                 loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+                 strategy: str | Strategy = "sortednet", strategy_options: Mapping[str, Any] | None = None,
+                 seed: int = 0, distribution: Mapping[str, Sequence[float]] | None = None, per: str = "dimension",
+                 distill: bool | str | nn.Module = "auto",
+                 distill_loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "kl",
+                 output_fn: Callable[[Any, Any], torch.Tensor] = default_output,
+                 device: torch.device | str | None = None, amp: bool | None = None,
+                 calibration_batches: int = 8) -> None:
+        if not isinstance(em, ElasticModel):
+            raise TypeError(f"Trainer takes an ElasticModel (from elasticize.elasticize or convert), not "
+                            f"{type(em).__name__}")
+        if isinstance(distill_loss, str) and distill_loss not in DISTILL_LOSSES:
+            raise KeyError(f"no distillation loss {distill_loss!r}; known: {sorted(DISTILL_LOSSES)}")
+        self.em = em
+        self.data = data
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.strategy = make_strategy(strategy, **dict(strategy_options or {}))
+        self.rank, self.world = _world()
+        if self.world > 1:
+            t = torch.tensor([int(seed)], dtype=torch.int64)
+            dist.broadcast(t, 0)
+            seed = int(t.item())
+        self.sampler = SubnetSampler(em.space, seed=seed, distribution=distribution, per=per)
+        self.device = torch.device(device) if device is not None else next(em.parameters()).device
+        em.to(self.device)
+        self.amp = (self.device.type == "cuda") if amp is None else bool(amp)
+        self.distill_loss = distill_loss
+        self.output_fn = output_fn
+        self.calibration_batches = int(calibration_batches)
+        if distill == "auto":
+            distill = bool(em.recipe.get("pretrained"))
+        if isinstance(distill, nn.Module):
+            self.teacher: nn.Module | None = distill.to(self.device).eval().requires_grad_(False)
+        elif distill:
+            with em.trained_bn_stats():
+                self.teacher = em.extract(None).to(self.device).eval().requires_grad_(False)
+        else:
+            self.teacher = None
+        self.runner: nn.Module = em
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            unused = bool(em.space.depth) or bool(em.plan.switchable)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.runner = DistributedDataParallel(em, device_ids=ids, find_unused_parameters=unused)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self._iter: Any = None
+        self._calibrated = False
+
+    # ------------------------------------------------------------------ data
+    def _autocast(self) -> torch.autocast | None:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self.amp and self.device.type == "cuda" else None
+
+    def _start_epoch(self) -> None:
+        sampler = getattr(self.data, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(self.epoch)
+        self._iter = iter(self.data)
+
+    def _next_batch(self) -> Any:
+        if self._iter is None:
+            self._start_epoch()
+            for _ in range(self.batch_in_epoch):  # resumed: skip what this epoch already gave
+                next(self._iter)
+        try:
+            b = next(self._iter)
+        except StopIteration:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._start_epoch()
+            try:
+                b = next(self._iter)
+            except StopIteration:
+                raise ValueError("the training data is empty") from None
+        self.batch_in_epoch += 1
+        return to_device(b, self.device)
+
+    # ------------------------------------------------------------------ training
+    def train_steps(self, steps: int, *, progress: bool | Callable[[dict[str, Any]], None] = False,
+                    state_path: str | None = None, save_every: int = 0) -> list[dict[str, Any]]:
+        """Run ``steps`` optimizer updates (from the current step).
+
+        Args:
+            steps: number of updates.
+            progress: True for a rich progress bar (step, loss per sampled sub-network,
+                samples/s; rank 0 only), or a callback receiving each step's record.
+            state_path: where :meth:`save_state` writes (every ``save_every`` steps and at the end).
+            save_every: steps between state saves (0: only at the end, if ``state_path``).
+
+        Returns:
+            One record per step: ``step``, ``losses`` (per pass label), ``configs``, ``samples``, ``seconds``.
+        """
+        self.em.set_bn_stats({})
+        self._calibrated = False
+        self.em.train()
+        records: list[dict[str, Any]] = []
+        bar = None
+        if progress is True and self.rank == 0:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                           TextColumn("{task.fields[info]}"))
+            task = bar.add_task("train", total=steps, info="")
+            bar.start()
+        seen, t_start = 0, time.perf_counter()
+        try:
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                batches = [self._next_batch() for _ in range(self.strategy.micro_batches)]
+                losses, configs = train_step(self.em, batches, strategy=self.strategy, sampler=self.sampler,
+                                             optimizer=self.optimizer, loss_fn=self.loss_fn, teacher=self.teacher,
+                                             distill_loss=self.distill_loss, output_fn=self.output_fn,
+                                             runner=self.runner, autocast=self._autocast())
+                self.step += 1
+                n = sum(batch_size(b) for b in batches) * self.world
+                seen += n
+                rec = {"step": self.step, "losses": losses, "configs": configs, "samples": n,
+                       "seconds": time.perf_counter() - t0}
+                records.append(rec)
+                self.history.append(rec)
+                if bar is not None:
+                    rate = seen / max(time.perf_counter() - t_start, 1e-9)
+                    info = " ".join(f"{k}={v:.3f}" for k, v in losses.items()) + f" | {rate:.1f} samples/s"
+                    bar.update(task, advance=1, info=info)
+                elif callable(progress):
+                    progress(rec)
+                if state_path and save_every and self.step % save_every == 0:
+                    self.save_state(state_path)
+        finally:
+            if bar is not None:
+                bar.stop()
+        if self.world > 1:  # each rank's last forward updated its own BatchNorm buffers: take rank 0's
+            for b in self.em.buffers():
+                dist.broadcast(b, 0)
+        if state_path:
+            self.save_state(state_path)
+        self.em.eval()
+        return records
+
+    # ------------------------------------------------------------------ BN, evaluation, saving
+    def recalibrate(self, data: Iterable[Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+        """BN recalibration of every preset on ``calibration_batches`` batches (default: the training data)."""
+        stats = recalibrate_bn(self.em, data if data is not None else self.data, num_batches=self.calibration_batches,
+                               device=self.device, forward=lambda m, b: forward_batch(m, b))
+        self._calibrated = True
+        return stats
+
+    def _ensure_calibrated(self) -> None:
+        if not self._calibrated and batchnorm_layers(self.em.model):
+            self.recalibrate()
+        self._calibrated = True
+
+    def measure(self, data: Iterable[Any], subnet: str | Mapping[str, Any] | None, *,
+                metric: str | Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor] = "accuracy") -> float:
+        """Mean per-sample ``metric`` of one sub-network over ``data`` (eval mode, no gradients).
+
+        Uses the calibrated BatchNorm statistics of a calibrated preset (run :meth:`recalibrate` or
+        :meth:`evaluate` first); other sub-networks use the trained statistics.
+
+        Raises:
+            KeyError: unknown metric name. ValueError: a metric that needs a target or teacher it lacks.
+        """
+        fn = METRICS[metric] if isinstance(metric, str) and metric in METRICS else metric
+        if isinstance(fn, str):
+            raise KeyError(f"no metric {metric!r}; metrics: {sorted(METRICS)}")
+        self.em.eval()
+        total, count = 0.0, 0
+        previous = self.em.active
+        cache = self._teacher_cache(data) if self.teacher is not None else None
+        try:
+            self.em.set_subnet(subnet)
+            with torch.no_grad():
+                for i, b in enumerate(data):
+                    b = to_device(b, self.device)
+                    with self._autocast() or _null():
+                        out = self.output_fn(forward_batch(self.em, b), b)
+                    t = cache[i] if cache is not None else None
+                    scores = fn(out.float(), split_batch(b)[2], t)
+                    total += float(scores.sum())
+                    count += scores.numel()
+        finally:
+            self.em.set_subnet(previous)
+        return total / max(count, 1)
+
+    def _teacher_cache(self, data: Iterable[Any]) -> list[torch.Tensor]:
+        key = id(data)
+        cached = getattr(self, "_tcache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        outs = []
+        with torch.no_grad():
+            for b in data:
+                b = to_device(b, self.device)
+                with self._autocast() or _null():
+                    outs.append(self.output_fn(forward_batch(self.teacher, b), b).float())
+        self._tcache = (key, outs)
+        return outs
+
+    def evaluate(self, data: Iterable[Any], *, metric: str | Callable[..., torch.Tensor] = "accuracy",
+                 presets: Sequence[str] | None = None, latency: bool = False,
+                 metric_name: str | None = None) -> dict[str, dict[str, float]]:
+        """Measure every preset and write the result into ``em.metrics`` (the manifest's measured presets).
+
+        BN recalibration runs first if the model has BatchNorm and was trained since the last one.
+        ``data`` should be a list (or a loader with a fixed order) so the original model's outputs are
+        computed once for all presets.
+
+        Args:
+            data: held-out batches.
+            metric: ``"accuracy"``, ``"cosine"`` (to the original model's output) or a callable
+                ``(output, target, teacher_output) -> per-sample scores``; higher is better.
+            presets: preset names (default all).
+            latency: also record ``latency_s``, the median seconds of one forward on a batch of ``data``.
+            metric_name: the key written (default: the metric's name).
+
+        Returns:
+            preset -> {metric name: value, ...}.
+        """
+        self._ensure_calibrated()
+        name = metric_name or (metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"))
+        out: dict[str, dict[str, float]] = {}
+        for p in (list(self.em.presets) if presets is None else presets):
+            value = self.measure(data, p, metric=metric)
+            entry = self.em.metrics.setdefault(p, {})
+            entry[name] = value
+            if latency:
+                entry["latency_s"] = self._latency(data, p)
+            out[p] = dict(entry)
+        return out
+
+    def _latency(self, data: Iterable[Any], preset: str, rounds: int = 5) -> float:
+        b = to_device(next(iter(data)), self.device)
+        times = []
+        with self.em.subnet(preset), torch.no_grad():
+            forward_batch(self.em, b)
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                forward_batch(self.em, b)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def extract(self, subnet: str | Mapping[str, Any] | None = None) -> nn.Module:
+        """``em.extract(subnet)`` after BN recalibration (a preset gets its calibrated statistics)."""
+        self._ensure_calibrated()
+        return self.em.extract(subnet)
+
+    def save(self, path: str, *, overwrite: bool = False) -> Any:
+        """BN recalibration if needed, then :func:`elasticize.save` (rank 0 writes; returns the path or None)."""
+        from ..checkpoint import save
+
+        self._ensure_calibrated()
+        if self.rank != 0:
+            return None
+        return save(self.em, path, overwrite=overwrite)
+
+    # ------------------------------------------------------------------ resume
+    def save_state(self, path: str) -> Any:
+        """Write the trainer state (weights, optimizer, step, data position, RNG) atomically; rank 0 only."""
+        if self.rank != 0:
+            return None
+        meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "strategy": {"name": self.strategy.name, "options": self.strategy.options()},
+                "sampler": {"seed": self.sampler.seed, "per": self.sampler.per}}
+        rng = {"sampler": self.sampler.generator.get_state(), "torch": torch.get_rng_state()}
+        return write_state(path, self.em, self.optimizer, meta, rng, inputs=(self.em.source_path,))
+
+    def load_state(self, path: str) -> None:
+        """Resume from :meth:`save_state`: the next step continues exactly where that run stopped.
+
+        Raises:
+            FileNotFoundError, ValueError: see :func:`elasticize.train.state.read_state`; also a state
+                saved with another strategy.
+        """
+        meta = read_state_info(path).get("strategy")
+        if meta != {"name": self.strategy.name, "options": self.strategy.options()}:
+            raise ValueError(f"{path} was saved by strategy {meta}; this trainer runs "
+                             f"{self.strategy.name} {self.strategy.options()}")
+        info, rng = read_state(path, self.em, self.optimizer)
+        self.step = int(info["step"])
+        self.epoch = int(info["epoch"])
+        self.batch_in_epoch = int(info["batch_in_epoch"])
+        self.sampler.load_state_dict({"per": info["sampler"]["per"], "generator": rng["sampler"]})
+        torch.set_rng_state(rng["torch"])
+        self._iter = None
+        self._calibrated = False

