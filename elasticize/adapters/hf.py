@@ -129,6 +129,7 @@ class _Planner:
         self.params = {n for n, _ in model.named_parameters()}
         self.state = model.state_dict(keep_vars=True)
         self.axes: dict[str, dict[str, list[Any]]] = {}
+        self.attn_terms: list[tuple[str, str, str]] = []  # (attention path, heads group, q/qkv path)
         self.groups: dict[str, dict[str, Any]] = {}
         cfg = model.config
         self.cfg = cfg
@@ -342,8 +343,6 @@ class _Planner:
                 self.module_attrs(name, m, _HIDDEN_ATTRS, self.hidden, hidden)
 
     # ---------------------------------------------------------------- finish: tensors, stages, MACs
-    attn_terms: list
-
     def finish(self, blocks: list[str], stack_path: str | None, norms: list[str] = ()):
         plan = self.plan
         plan.groups = list(self.groups.values())
@@ -477,12 +476,11 @@ def plan_transformer(model: nn.Module, inputs: tuple, *, dims: tuple[str, ...], 
     if depth_mode not in ("prefix", "spaced", "skippable"):
         raise ValueError(f"depth_mode must be 'prefix', 'spaced' or 'skippable', not {depth_mode!r}")
     p = _Planner(model, inputs, tuple(dims), depth_mode, tuple(width_ratios), tuple(heads_ratios), tuple(exclude))
-    p.attn_terms = []
     return p.build()
 
 
 # -------------------------------------------------------------------- extraction and export
-def _uniform(values: list[int], what: str) -> int | None:
+def _uniform(values: list[int]) -> int | None:
     return values[0] if values and all(v == values[0] for v in values) else None
 
 
@@ -526,7 +524,7 @@ def sync_config(dense: nn.Module) -> None:
     if isinstance(lt, list) and len(lt) == full_layers:
         cfg.layer_types = [lt[i] for i in kept_idx]
     cfg.num_hidden_layers = n
-    planner_hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     heads, kv, inter, per_layer = [], [], [], []
     for layer in layers:
         roles = {}
@@ -536,23 +534,22 @@ def sync_config(dense: nn.Module) -> None:
                 if role is not None:
                     roles.setdefault(role, m)
         if "q" in roles:
-            heads.append(_io(roles["q"])[1] // planner_hd)
-            kv.append(_io(roles["k"])[1] // planner_hd)
+            heads.append(_io(roles["q"])[1] // hd)
+            kv.append(_io(roles["k"])[1] // hd)
         elif "qkv" in roles:
-            heads.append(_io(roles["qkv"])[1] // 3 // planner_hd)
+            heads.append(_io(roles["qkv"])[1] // 3 // hd)
             kv.append(heads[-1])
         if "down" in roles:
             inter.append(_io(roles["down"])[0])
         per_layer.append({"heads": heads[-1] if heads else None, "intermediate": inter[-1] if inter else None})
     emb = dense.get_input_embeddings() if hasattr(dense, "get_input_embeddings") else None
     hidden = emb.embedding_dim if isinstance(emb, nn.Embedding) else None
-    nh, nkv, ni = _uniform(heads, "heads"), _uniform(kv, "kv"), _uniform(inter, "intermediate")
+    nh, nkv, ni = _uniform(heads), _uniform(kv), _uniform(inter)
     if hidden is not None and hidden != cfg.hidden_size:
         cfg.hidden_size = hidden
     if nh is not None:
-        if hasattr(cfg, "head_dim") or nh * planner_hd != cfg.hidden_size:
-            if "head_dim" in cfg.to_dict():
-                cfg.head_dim = planner_hd
+        if "head_dim" in cfg.to_dict():
+            cfg.head_dim = hd
         cfg.num_attention_heads = nh
     if nkv is not None and hasattr(cfg, "num_key_value_heads"):
         cfg.num_key_value_heads = nkv
