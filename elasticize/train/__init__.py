@@ -16,12 +16,12 @@ measured presets.
 """
 
 from .bn import batchnorm_layers, recalibrate_bn
-from .losses import (cosine_distillation, default_output, forward_batch, kl_distillation, mean_pooled,
-                     mse_distillation, split_batch)
+from .losses import (cosine_distillation, default_output, forward_batch, hidden_distillation, kl_distillation,
+                     masked_hidden, mean_pooled, mse_distillation, split_batch)
 from .sampler import SubnetSampler
 from .strategies import STRATEGIES, Pass, Strategy, make_strategy
 from .trainer import METRICS, Trainer, train_step
 
 __all__ = ["Trainer", "train_step", "SubnetSampler", "make_strategy", "Strategy", "Pass", "STRATEGIES",
            "recalibrate_bn", "batchnorm_layers", "kl_distillation", "cosine_distillation", "mse_distillation",
-           "mean_pooled", "default_output", "forward_batch", "split_batch", "METRICS"]
+           "hidden_distillation", "mean_pooled", "masked_hidden", "default_output", "forward_batch", "split_batch", "METRICS"]

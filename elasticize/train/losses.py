@@ -12,7 +12,7 @@ A model's output is reduced to one tensor by an *output function* ``(output, bat
 tensor``: :func:`default_output` takes the tensor itself, or ``logits``, or
 ``last_hidden_state`` of a Hugging Face ``ModelOutput``; :func:`mean_pooled` gives the
 sentence embedding of a text encoder (mask-weighted mean over tokens, as sentence-transformers'
-pooling layer does).
+pooling layer does); :func:`masked_hidden` keeps every token, for :func:`hidden_distillation`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-__all__ = ["split_batch", "forward_batch", "default_output", "mean_pooled", "kl_distillation", "cosine_distillation",
-           "mse_distillation", "DISTILL_LOSSES", "TARGET_KEYS", "batch_size", "to_device"]
+__all__ = ["split_batch", "forward_batch", "default_output", "mean_pooled", "masked_hidden", "kl_distillation",
+           "cosine_distillation", "mse_distillation", "hidden_distillation", "DISTILL_LOSSES", "TARGET_KEYS", "batch_size", "to_device"]
 
 #: Mapping keys treated as the target, not passed to the model.
 TARGET_KEYS = ("labels", "label", "targets")
@@ -104,6 +104,19 @@ def mean_pooled(output: Any, batch: Any) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
+def masked_hidden(output: Any, batch: Any) -> torch.Tensor:
+    """Token states ``(batch, tokens, hidden)``: ``last_hidden_state`` with padded positions set to 0.
+
+    Their sum over tokens is the :func:`mean_pooled` sentence embedding times the token count,
+    so a cosine of token sums is the cosine of sentence embeddings (the ``"cosine"`` metric pools
+    a 3-D output this way).
+    """
+    hidden = default_output(output)
+    _, kwargs, _ = split_batch(batch)
+    mask = kwargs.get("attention_mask")
+    return hidden if mask is None else hidden * mask.unsqueeze(-1).to(hidden.dtype)
+
+
 def kl_distillation(student: torch.Tensor, teacher: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """``T^2 · KL(softmax(teacher/T) ‖ softmax(student/T))`` over the last axis, mean over samples.
 
@@ -131,9 +144,30 @@ def mse_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tens
     return F.mse_loss(student.float(), teacher.float())
 
 
+def hidden_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Sentence-embedding cosine loss plus token-level relative MSE, for :func:`masked_hidden` outputs.
+
+    ``mean(1 - cos(Σ_t s_t, Σ_t t_t)) + ‖s - t‖² / ‖t‖²`` with ``s, t`` of shape
+    ``(batch, tokens, hidden)`` (padded tokens zero in both). The first term is the
+    sentence-embedding objective; the second matches every token's final hidden state, the
+    layer-wise distillation that pruning methods such as CoFi (Xia et al., ACL 2022, Eq. 6) and
+    TinyBERT use because it gives ``tokens x hidden`` targets per sentence instead of ``hidden``.
+
+    Raises:
+        ValueError: outputs that are not 3-D ``(batch, tokens, hidden)``.
+    """
+    if student.dim() != 3:
+        raise ValueError(f"hidden distillation takes (batch, tokens, hidden) outputs (output_fn=masked_hidden), "
+                         f"got shape {tuple(student.shape)}")
+    s, t = student.float(), teacher.float()
+    cos = 1.0 - F.cosine_similarity(s.sum(1), t.sum(1), dim=-1)
+    return cos.mean() + (s - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-12)
+
+
 #: Distillation losses by name, ``(student, teacher) -> scalar``.
 DISTILL_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "kl": kl_distillation,
     "cosine": cosine_distillation,
     "mse": mse_distillation,
+    "hidden": hidden_distillation,
 }

@@ -21,6 +21,7 @@ run under bf16 autocast (losses in fp32).
 from __future__ import annotations
 
 import copy
+import json
 import statistics
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -51,6 +52,8 @@ def _cosine(student: torch.Tensor, target: Any, teacher: torch.Tensor | None) ->
     if teacher is None:
         raise ValueError("metric 'cosine' compares with the original model's output; the trainer has no teacher "
                          "(pass distill=True)")
+    if student.dim() == 3:  # masked token states (batch, tokens, hidden): compare sentence embeddings
+        student, teacher = student.sum(1), teacher.sum(1)
     return F.cosine_similarity(student.float(), teacher.float(), dim=-1)
 
 
@@ -83,7 +86,7 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         optimizer: over ``em``'s parameters.
         loss_fn: task loss ``(output tensor, target) -> scalar``, e.g. ``nn.CrossEntropyLoss()``.
         teacher: frozen original model for distillation, or None.
-        distill_loss: ``"kl"``, ``"cosine"``, ``"mse"`` or ``(student, teacher) -> scalar``.
+        distill_loss: ``"kl"``, ``"cosine"``, ``"mse"``, ``"hidden"`` or ``(student, teacher) -> scalar``.
         output_fn: ``(model output, batch) -> tensor`` (logits, or an embedding via :func:`mean_pooled`).
         runner: the module to call (the ``DistributedDataParallel`` wrapper of ``em``), default ``em``.
         autocast: an autocast context for the forward passes, or None.
@@ -171,11 +174,14 @@ class Trainer:
         distill: ``"auto"`` (distill from the frozen original when ``em`` was converted from
             pretrained weights, i.e. ``em.recipe["pretrained"]``), True, False, or a teacher module.
             The original is ``em``'s full sub-network as it is when the trainer is built.
-        distill_loss: ``"kl"`` (logits), ``"cosine"`` (embeddings), ``"mse"`` or a callable.
+        distill_loss: ``"kl"`` (logits), ``"cosine"`` (embeddings), ``"mse"``, ``"hidden"`` (token
+            states from :func:`~elasticize.train.losses.masked_hidden`) or a callable.
         output_fn: ``(model output, batch) -> tensor``.
         device: where to train (default: the model's device).
         amp: bf16 autocast for the forward passes (default: on for CUDA).
         calibration_batches: batches per preset for BN recalibration.
+        scheduler: a ``torch.optim.lr_scheduler`` on ``optimizer``, stepped after every update;
+            its ``state_dict`` goes into the trainer state (JSON) for resume.
 
     Raises:
         TypeError: ``em`` is not an :class:`ElasticModel`.
@@ -190,7 +196,7 @@ class Trainer:
                  distill_loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "kl",
                  output_fn: Callable[[Any, Any], torch.Tensor] = default_output,
                  device: torch.device | str | None = None, amp: bool | None = None,
-                 calibration_batches: int = 8) -> None:
+                 calibration_batches: int = 8, scheduler: Any = None) -> None:
         if not isinstance(em, ElasticModel):
             raise TypeError(f"Trainer takes an ElasticModel (from elasticize.elasticize or convert), not "
                             f"{type(em).__name__}")
@@ -213,6 +219,7 @@ class Trainer:
         self.distill_loss = distill_loss
         self.output_fn = output_fn
         self.calibration_batches = int(calibration_batches)
+        self.scheduler = scheduler
         if distill == "auto":
             distill = bool(em.recipe.get("pretrained"))
         if isinstance(distill, nn.Module):
@@ -300,6 +307,8 @@ class Trainer:
                                              optimizer=self.optimizer, loss_fn=self.loss_fn, teacher=self.teacher,
                                              distill_loss=self.distill_loss, output_fn=self.output_fn,
                                              runner=self.runner, autocast=self._autocast())
+                if self.scheduler is not None:
+                    self.scheduler.step()
                 self.step += 1
                 n = sum(batch_size(b) for b in batches) * self.world
                 seen += n
@@ -452,6 +461,12 @@ class Trainer:
         meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "strategy": {"name": self.strategy.name, "options": self.strategy.options()},
                 "sampler": {"seed": self.sampler.seed, "per": self.sampler.per}}
+        if self.scheduler is not None:
+            try:
+                meta["scheduler"] = json.loads(json.dumps(self.scheduler.state_dict()))
+            except TypeError as e:
+                raise TypeError(f"the scheduler's state_dict is not JSON-native ({e}); use a torch.optim.lr_scheduler "
+                                "class with plain-number settings") from e
         rng = {"sampler": self.sampler.generator.get_state(), "torch": torch.get_rng_state()}
         return write_state(path, self.em, self.optimizer, meta, rng, inputs=(self.em.source_path,))
 
@@ -472,5 +487,9 @@ class Trainer:
         self.batch_in_epoch = int(info["batch_in_epoch"])
         self.sampler.load_state_dict({"per": info["sampler"]["per"], "generator": rng["sampler"]})
         torch.set_rng_state(rng["torch"])
+        if self.scheduler is not None:
+            if "scheduler" not in info:
+                raise ValueError(f"{path} was saved without a learning-rate scheduler; resume without scheduler=")
+            self.scheduler.load_state_dict(info["scheduler"])
         self._iter = None
         self._calibrated = False
