@@ -147,9 +147,10 @@ def test_bn_recalibration_changes_only_bn_statistics(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     def run(steps, state=None, resume=None):
         em = _model(seed=1, dims=("width", "depth"))
-        opt = torch.optim.Adam(em.parameters(), 1e-3)
+        opt = torch.optim.Adam(em.parameters(), 1e-2)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 8)  # its position must resume too
         tr = Trainer(em, _loader(batch_size=128), optimizer=opt, loss_fn=nn.CrossEntropyLoss(), strategy="sortednet",
-                     strategy_options={"accumulate": 2}, seed=5)
+                     strategy_options={"accumulate": 2}, seed=5, scheduler=sched)
         if resume:
             tr.load_state(resume)
         tr.train_steps(steps, state_path=state)
@@ -186,6 +187,30 @@ def test_measured_presets_select_by_budget(tmp_path):
     path = tr.save(str(tmp_path / "m.safetensors"))
     m = elasticize.read_manifest(path)
     assert m["presets"]["tiny"]["metrics"]["accuracy"] == pytest.approx(res["tiny"]["accuracy"])
+
+
+def test_named_preset_is_calibrated_measured_saved_and_partially_loadable(tmp_path):
+    em = _model(dims=("width", "depth"))
+    tr = Trainer(em, _loader(), optimizer=torch.optim.AdamW(em.parameters(), 3e-3), loss_fn=nn.CrossEntropyLoss())
+    tr.train_steps(10)
+    cfg = next(c for c in em.space.candidates() if c not in em.presets.values())
+    em.add_preset("mine", cfg)
+    macs = [em.macs(n) for n in em.presets]
+    assert macs == sorted(macs, reverse=True)  # kept sorted by MACs
+    with pytest.raises(ValueError, match="exists"):
+        em.add_preset("mine", None)
+    with pytest.raises(ValueError, match="exists"):
+        em.add_preset("full", "tiny", replace=True)
+    res = tr.evaluate(_held_out(), metric="accuracy")
+    assert "mine" in res and "mine" in em.bn_stats  # recalibrated for the new preset too
+    path = tr.save(str(tmp_path / "m.safetensors"))
+    back = elasticize.load(path, model=DigitsResNet(c=8))
+    assert back.resolve("mine") == em.resolve("mine") and back.metrics["mine"] == em.metrics["mine"]
+    x = _held_out()[0][0][:16]
+    with torch.no_grad(), em.subnet("mine"), back.subnet("mine"):
+        ref, got = em(x), back(x)
+        part = elasticize.load_subnet(path, "mine", model=DigitsResNet(c=8)).eval()(x)
+    assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(part, ref, atol=1e-5)
 
 
 def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:
