@@ -90,7 +90,8 @@ class ElasticModel(nn.Module):
             The resolved configuration.
 
         Raises:
-            ValueError: an empty or taken name (``replace=True`` renames over it; never ``full``).
+            ValueError: an empty or taken name (``replace=True`` gives a taken name to ``subnet``,
+                dropping its measured metrics and calibrated statistics; ``full`` never).
             KeyError, TypeError: a sub-network outside the search space.
         """
         cfg = self.space.add_preset(name, self.resolve(subnet) if not isinstance(subnet, str) else subnet,

@@ -106,6 +106,24 @@ def test_batches_tensor_tuple_mapping():
         split_batch("text")
 
 
+def test_hidden_distillation_pools_like_sentence_embeddings():
+    from elasticize.train import hidden_distillation, masked_hidden, mean_pooled
+    from elasticize.train.trainer import METRICS
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}
+    out_s, out_t = {"last_hidden_state": torch.randn(2, 4, 8)}, {"last_hidden_state": torch.randn(2, 4, 8)}
+    s, t = masked_hidden(out_s, batch), masked_hidden(out_t, batch)
+    assert s[0, 3].abs().sum() == 0 and s[1, 2:].abs().sum() == 0  # padding zeroed
+    ref = nn.functional.cosine_similarity(mean_pooled(out_s, batch), mean_pooled(out_t, batch), dim=-1)
+    assert torch.allclose(METRICS["cosine"](s, None, t), ref, atol=1e-6)
+    assert hidden_distillation(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    assert hidden_distillation(s, t).item() > (1 - ref).mean().item()  # the token term adds to the sentence term
+    with pytest.raises(ValueError, match="masked_hidden"):
+        hidden_distillation(s.sum(1), t.sum(1))
+
+
 def test_bn_recalibration_changes_only_bn_statistics(tmp_path):
     em = _model(dims=("width",))
     tr = Trainer(em, _loader(), optimizer=torch.optim.SGD(em.parameters(), 0.05), loss_fn=nn.CrossEntropyLoss())
