@@ -47,6 +47,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (cosine decay)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--sampling", choices=["uniform", "small"], default="uniform",
+                    help="the random sub-network's depth and width: uniform over the choices (the paper), or "
+                         "'small': P(k-th largest choice) proportional to k, the smallest drawn D (W) times as "
+                         "often as the largest (the full network is trained at every update anyway)")
     ap.add_argument("--runs", default=",".join(RUNS),
                     help="which runs: tac (dynamic, TAC), mean (dynamic, plain average), alone (stand-alone models)")
     ap.add_argument("--interference", choices=["noise", "voice"], default="noise",
@@ -63,11 +67,17 @@ def main() -> None:
     test_mix, test_ref = mixtures(corpus, "test", 16 if args.quick else 96, interference=args.interference, seed=1)
     test = list(loader(test_mix, test_ref, 16, shuffle=False))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); {steps} updates of batch {args.batch} "
-          f"(1 s mixtures at 8 kHz, {args.interference} interference, lr {args.lr}) per run; {test_mix.shape[0]} "
+          f"(1 s mixtures at 8 kHz, {args.interference} interference, lr {args.lr}, {args.sampling} sampling) per run; "
+          f"{test_mix.shape[0]} "
           f"held-out mixtures (unprocessed SI-SDR {si_sdr(test_mix, test_ref).mean():.2f} dB)", flush=True)
 
     def trained(em, strategy: str) -> tuple:
-        tr = make_trainer(em, loader(train_mix, train_ref, args.batch), steps, strategy=strategy, lr=args.lr)
+        dist = None
+        if args.sampling == "small" and strategy != "full":
+            dist = {"depth": list(range(1, len(em.space.depth["layers"]) + 1)),
+                    "modules": list(range(1, len(next(iter(em.space.modules.values()))) + 1))}
+        tr = make_trainer(em, loader(train_mix, train_ref, args.batch), steps, strategy=strategy, lr=args.lr,
+                          distribution=dist)
         t0 = time.perf_counter()
         tr.train_steps(steps)
         return tr, time.perf_counter() - t0

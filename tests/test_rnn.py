@@ -225,3 +225,27 @@ def test_cli_converts_embedding_lstm_head_by_import_path(tmp_path):
             assert max_diff(dense(x), em(x)) <= 1e-5
     assert em.macs("tiny") < 0.1 * em.macs("full")
     assert em.macs({"depth": {"rnn": 1}}) < 0.6 * em.macs("full")
+
+
+def test_rnn_layers_inside_skippable_residual_blocks():
+    from rnn_models import NestedLSTMStack
+
+    torch.manual_seed(0)
+    m = NestedLSTMStack().eval()
+    em = elasticize.elasticize(m, dims=("depth",))
+    assert em.space.depth == {"blocks": [3, 2, 1], **{f"blocks.{i}.rnn": [2, 1] for i in range(3)}}
+    x = torch.randn(3, 7, 6)
+    full = em.macs(None)
+    one_block = em.macs({"depth": {"blocks": 1}})
+    shallow = em.macs({"depth": {"blocks.1.rnn": 1}})
+    # a dropped block's LSTM layers count nothing, whatever its own depth says
+    assert em.macs({"depth": {"blocks": 1, "blocks.1.rnn": 1, "blocks.2.rnn": 1}}) == one_block < shallow < full
+    for cfg in ({"depth": {"blocks": 2, "blocks.0.rnn": 1, "blocks.1.rnn": 1}},
+                {"depth": {"blocks": 1, "blocks.1.rnn": 1}}):
+        with torch.no_grad(), em.subnet(cfg):
+            y = em(x)
+        dense = em.extract(cfg)
+        assert em.params(cfg) == sum(t.numel() for t in dense.parameters())
+        assert dense.blocks[0].rnn.num_layers == cfg["depth"].get("blocks.0.rnn", 2)
+        with torch.no_grad():
+            assert max_diff(dense(x), y) <= 1e-5, cfg
