@@ -27,15 +27,15 @@ def loaders(seed: int, batch_size: int = 64) -> tuple[DataLoader, list]:
 
 
 def train(em: elasticize.ElasticModel, seed: int, steps: int, strategy: str, *, lr: float = 3e-3,
-          options: dict | None = None) -> tuple[Trainer, float]:
+          options: dict | None = None, distribution: dict | None = None) -> tuple[Trainer, float]:
     """Train ``em`` with AdamW + cosine decay; returns the trainer and the training seconds."""
     train_loader, _ = loaders(seed)
     opt = torch.optim.AdamW(em.parameters(), lr=lr, weight_decay=1e-4)
     tr = Trainer(em, train_loader, optimizer=opt, loss_fn=nn.CrossEntropyLoss(), strategy=strategy,
-                 strategy_options=options, seed=seed, distill=False)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+                 strategy_options=options, seed=seed, distill=False, distribution=distribution,
+                 scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps))
     t0 = time.perf_counter()
-    tr.train_steps(steps, progress=lambda rec: sched.step())
+    tr.train_steps(steps)
     return tr, time.perf_counter() - t0
 
 

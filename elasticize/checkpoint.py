@@ -311,11 +311,19 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticM
     _load_strict(em.model, tensors, assign=meta, what=f"{path}")
     if meta:
         _materialize(em.model, manifest)
+    _named_presets(em.space, manifest)
     em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
     if calibrated:
         em.set_bn_stats(calibrated)
     em.source_path = str(path)
     return em.eval()
+
+
+def _named_presets(space: SearchSpace, manifest: dict[str, Any]) -> None:
+    """Restore the presets a user named (:meth:`ElasticModel.add_preset`) from a manifest."""
+    for name, entry in (manifest.get("presets") or {}).items():
+        if space.presets.get(name) != entry.get("config"):
+            space.add_preset(name, entry["config"], replace=name in space.presets)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -358,6 +366,7 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
     manifest = read_manifest(path, presets=False)
     plan = Plan.from_json(manifest["plan"])
     space = SearchSpace(plan)
+    _named_presets(space, manifest)
     base, meta = _base_model(manifest, model)
     state = apply_plan(base, plan)
     if manifest.get("kind") == "sub-network":

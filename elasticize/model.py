@@ -82,6 +82,26 @@ class ElasticModel(nn.Module):
             return cfg
         return self.space.resolve(subnet)
 
+    def add_preset(self, name: str, subnet: SubnetLike, *, replace: bool = False) -> Config:
+        """Name ``subnet`` as a preset: selectable by name, measured by the trainer, saved in the
+        manifest with its tensor table (so :func:`elasticize.load_subnet` reads just its slice).
+
+        Returns:
+            The resolved configuration.
+
+        Raises:
+            ValueError: an empty or taken name (``replace=True`` gives a taken name to ``subnet``,
+                dropping its measured metrics and calibrated statistics; ``full`` never).
+            KeyError, TypeError: a sub-network outside the search space.
+        """
+        cfg = self.space.add_preset(name, self.resolve(subnet) if not isinstance(subnet, str) else subnet,
+                                    replace=replace)
+        self._resolved.pop(name, None)
+        self.metrics.pop(name, None)
+        if name in self.bn_stats:  # calibrated for the sub-network the name meant before
+            self.set_bn_stats({n: t for n, t in self.bn_stats.items() if n != name})
+        return cfg
+
     def set_subnet(self, subnet: SubnetLike) -> Config:
         """Make ``subnet`` (a preset name, a config, or None for full) the active sub-network.
 

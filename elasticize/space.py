@@ -225,6 +225,25 @@ class SearchSpace:
         order = sorted(out, key=lambda n: -self._macs_raw(out[n]))
         return {n: out[n] for n in order}
 
+    def add_preset(self, name: str, cfg: str | Mapping[str, Any] | None, *, replace: bool = False) -> Config:
+        """Name a sub-network: it becomes a preset (kept sorted by MACs), saved in the manifest.
+
+        Raises:
+            ValueError: an empty name, or a name already used (pass ``replace=True``; ``full``
+                can never be replaced).
+            KeyError, TypeError: a configuration outside the search space (see :meth:`resolve`).
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"a preset name is a non-empty string, not {name!r}")
+        if name == "full" or (name in self.presets and not replace):
+            raise ValueError(f"preset {name!r} exists; choose another name" +
+                             ("" if name == "full" else " or pass replace=True"))
+        resolved = self.resolve(cfg)
+        presets = dict(self.presets)
+        presets[name] = resolved
+        self.presets = {n: presets[n] for n in sorted(presets, key=lambda n: -self._macs_raw(presets[n]))}
+        return resolved
+
     def _macs_raw(self, c: Config) -> float:
         return self._scaled_sum(self._terms, c)
 

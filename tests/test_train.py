@@ -106,6 +106,24 @@ def test_batches_tensor_tuple_mapping():
         split_batch("text")
 
 
+def test_hidden_distillation_pools_like_sentence_embeddings():
+    from elasticize.train import hidden_distillation, masked_hidden, mean_pooled
+    from elasticize.train.trainer import METRICS
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask}
+    out_s, out_t = {"last_hidden_state": torch.randn(2, 4, 8)}, {"last_hidden_state": torch.randn(2, 4, 8)}
+    s, t = masked_hidden(out_s, batch), masked_hidden(out_t, batch)
+    assert s[0, 3].abs().sum() == 0 and s[1, 2:].abs().sum() == 0  # padding zeroed
+    ref = nn.functional.cosine_similarity(mean_pooled(out_s, batch), mean_pooled(out_t, batch), dim=-1)
+    assert torch.allclose(METRICS["cosine"](s, None, t), ref, atol=1e-6)
+    assert hidden_distillation(t, t).item() == pytest.approx(0.0, abs=1e-6)
+    assert hidden_distillation(s, t).item() > (1 - ref).mean().item()  # the token term adds to the sentence term
+    with pytest.raises(ValueError, match="masked_hidden"):
+        hidden_distillation(s.sum(1), t.sum(1))
+
+
 def test_bn_recalibration_changes_only_bn_statistics(tmp_path):
     em = _model(dims=("width",))
     tr = Trainer(em, _loader(), optimizer=torch.optim.SGD(em.parameters(), 0.05), loss_fn=nn.CrossEntropyLoss())
@@ -147,9 +165,10 @@ def test_bn_recalibration_changes_only_bn_statistics(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     def run(steps, state=None, resume=None):
         em = _model(seed=1, dims=("width", "depth"))
-        opt = torch.optim.Adam(em.parameters(), 1e-3)
+        opt = torch.optim.Adam(em.parameters(), 1e-2)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 8)  # its position must resume too
         tr = Trainer(em, _loader(batch_size=128), optimizer=opt, loss_fn=nn.CrossEntropyLoss(), strategy="sortednet",
-                     strategy_options={"accumulate": 2}, seed=5)
+                     strategy_options={"accumulate": 2}, seed=5, scheduler=sched)
         if resume:
             tr.load_state(resume)
         tr.train_steps(steps, state_path=state)
@@ -186,6 +205,30 @@ def test_measured_presets_select_by_budget(tmp_path):
     path = tr.save(str(tmp_path / "m.safetensors"))
     m = elasticize.read_manifest(path)
     assert m["presets"]["tiny"]["metrics"]["accuracy"] == pytest.approx(res["tiny"]["accuracy"])
+
+
+def test_named_preset_is_calibrated_measured_saved_and_partially_loadable(tmp_path):
+    em = _model(dims=("width", "depth"))
+    tr = Trainer(em, _loader(), optimizer=torch.optim.AdamW(em.parameters(), 3e-3), loss_fn=nn.CrossEntropyLoss())
+    tr.train_steps(10)
+    cfg = next(c for c in em.space.candidates() if c not in em.presets.values())
+    em.add_preset("mine", cfg)
+    macs = [em.macs(n) for n in em.presets]
+    assert macs == sorted(macs, reverse=True)  # kept sorted by MACs
+    with pytest.raises(ValueError, match="exists"):
+        em.add_preset("mine", None)
+    with pytest.raises(ValueError, match="exists"):
+        em.add_preset("full", "tiny", replace=True)
+    res = tr.evaluate(_held_out(), metric="accuracy")
+    assert "mine" in res and "mine" in em.bn_stats  # recalibrated for the new preset too
+    path = tr.save(str(tmp_path / "m.safetensors"))
+    back = elasticize.load(path, model=DigitsResNet(c=8))
+    assert back.resolve("mine") == em.resolve("mine") and back.metrics["mine"] == em.metrics["mine"]
+    x = _held_out()[0][0][:16]
+    with torch.no_grad(), em.subnet("mine"), back.subnet("mine"):
+        ref, got = em(x), back(x)
+        part = elasticize.load_subnet(path, "mine", model=DigitsResNet(c=8)).eval()(x)
+    assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(part, ref, atol=1e-5)
 
 
 def _ddp_worker(rank: int, world: int, init: str, out: str) -> None:

@@ -149,9 +149,10 @@ def hidden_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.T
 
     ``mean(1 - cos(Σ_t s_t, Σ_t t_t)) + ‖s - t‖² / ‖t‖²`` with ``s, t`` of shape
     ``(batch, tokens, hidden)`` (padded tokens zero in both). The first term is the
-    sentence-embedding objective; the second matches every token's final hidden state, the
-    layer-wise distillation that pruning methods such as CoFi (Xia et al., ACL 2022, Eq. 6) and
-    TinyBERT use because it gives ``tokens x hidden`` targets per sentence instead of ``hidden``.
+    sentence-embedding objective; the second matches every token's final hidden state, as the
+    hidden-state losses of TinyBERT (Jiao et al., 2020) and the layer distillation of CoFi
+    pruning (Xia et al., ACL 2022) do (here on the last layer only, relative to the teacher's
+    energy): it gives ``tokens x hidden`` targets per sentence instead of ``hidden``.
 
     Raises:
         ValueError: outputs that are not 3-D ``(batch, tokens, hidden)``.

@@ -357,7 +357,8 @@ class Trainer:
         return stats
 
     def _ensure_calibrated(self) -> None:
-        if not self._calibrated and batchnorm_layers(self.em.model):
+        stale = not self._calibrated or any(p not in self.em.bn_stats for p in self.em.presets)  # add_preset
+        if stale and batchnorm_layers(self.em.model):
             self.recalibrate()
         self._calibrated = True
 
