@@ -6,14 +6,21 @@ updates, loss, schedule and data order:
 
 * **dynamic (TAC)**: one BSRNN (depth D = 12 residual RNN layers, width W = 16 parallel FC
   modules with TAC reweighting) trained with Subnetwork-to-go's recipe (strategy
-  ``subnetwork-to-go``: full network + one uniformly drawn sub-network per update), evaluated at
-  several depth x width sub-networks;
+  ``subnetwork-to-go``: full network + one random sub-network per update), evaluated at
+  several depth x width sub-networks. The random sub-network's depth and width are drawn
+  with ``P(k-th largest choice) ∝ k`` by default (``--sampling small``: the smallest drawn
+  D or W times as often as the largest); ``--sampling uniform`` is the paper's uniform draw;
 * **dynamic (mean)**: the same with plain averaging of the modules instead of TAC (ablation);
 * **stand-alone**: a BSRNN of each evaluated size, trained alone (strategy ``full``).
 
 Printed: SI-SDR (dB) on held-out mixtures per configuration and run, MACs per second of audio,
 the dynamic run's training time vs the summed time of the stand-alone runs, and the MAC range
 of the one dynamic model (Subnetwork-to-go: 1.44G to 30.02G MACs, about 21x).
+
+Defaults (400 updates, Adam at lr 1e-2 with cosine decay, small-biased sampling) come from
+150-update probes on this task, which the README reports: lr 1e-2 beat 5e-3 for the dynamic
+and the stand-alone models alike, and the small-biased draw lifted the smallest sub-networks
+of the dynamic model without changing the full one.
 
 Usage::
 
@@ -44,10 +51,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few updates only: checks that everything runs")
     ap.add_argument("--steps", type=int, default=400, help="updates per run")
-    ap.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate (cosine decay)")
+    ap.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (cosine decay)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--sampling", choices=["uniform", "small"], default="uniform",
+    ap.add_argument("--sampling", choices=["uniform", "small"], default="small",
                     help="the random sub-network's depth and width: uniform over the choices (the paper), or "
                          "'small': P(k-th largest choice) proportional to k, the smallest drawn D (W) times as "
                          "often as the largest (the full network is trained at every update anyway)")

@@ -284,7 +284,7 @@ def subnet(em, depth: int, width: int) -> dict:
     return {"depth": {"layers": depth}, "modules": {g: width for g in em.space.modules}}
 
 
-def make_trainer(em, data: DataLoader, steps: int, *, strategy: str = "subnetwork-to-go", lr: float = 5e-3,
+def make_trainer(em, data: DataLoader, steps: int, *, strategy: str = "subnetwork-to-go", lr: float = 1e-2,
                  seed: int = 0, distribution: Mapping[str, Sequence[float]] | None = None):
     """The sorted trainer for ``steps`` updates: Adam, cosine schedule, clipping at 5, :class:`SeparationLoss`.
 
