@@ -37,7 +37,7 @@ def dense_tensors(plan: Plan, space: SearchSpace, state: ElasticState, cfg: Conf
     renamed = _renamed_blocks(plan, cfg)
     for fqn in plan.tensors:
         module, _, name = fqn.rpartition(".")
-        if name.startswith(SWITCH_PREFIX) or not space.kept(module, cfg):
+        if name.startswith(SWITCH_PREFIX) or not space.kept_tensor(fqn, cfg):
             continue
         src = fqn
         sw = plan.switchable.get(module)
@@ -51,7 +51,7 @@ def _renamed_blocks(plan: Plan, cfg: Config) -> dict[str, str]:
     """Old path -> new path of the blocks that move when dropped blocks are removed from their list."""
     out: dict[str, str] = {}
     for st in plan.stages:
-        if st.get("drop") != "remove":
+        if st.get("drop") != "remove" or st.get("module") is not None:
             continue
         depth = cfg["depth"].get(st["name"], len(st["blocks"]))
         kept = [b for b, r in zip(st["blocks"], stage_ranks(st)) if r < depth]
@@ -88,12 +88,16 @@ def densify(model: nn.Module, plan: Plan, space: SearchSpace, cfg: Config) -> No
     """Turn an elastic model, set to ``cfg``, into the dense structure in place.
 
     Attributes keep their active values, classes return to the originals, skipped blocks
-    become ``nn.Identity``, switchable-norm tensors are dropped. Tensors are not sliced
+    become ``nn.Identity``, switchable-norm tensors are dropped, a module with a layer stage
+    (an ``nn.LSTM``) loses its dropped layers' tensors. Tensors are not sliced
     here: :func:`set_tensor` each one afterwards.
     """
     remove_elastic(model, freeze=True)
     for st in plan.stages:
         depth = cfg["depth"].get(st["name"], len(st["blocks"]))
+        if st.get("module") is not None:
+            _drop_layers(model, plan, st, depth)
+            continue
         dropped = [b for b, r in zip(st["blocks"], stage_ranks(st)) if r >= depth]
         if st.get("drop") == "remove":
             _remove_blocks(model, dropped)
@@ -109,6 +113,24 @@ def densify(model: nn.Module, plan: Plan, space: SearchSpace, cfg: Config) -> No
         for d in (m._parameters, m._buffers):
             for k in [k for k in d if k.startswith(SWITCH_PREFIX)]:
                 del d[k]
+
+
+def _drop_layers(model: nn.Module, plan: Plan, stage: dict, depth: int) -> None:
+    """Delete the tensors of the layers a layer stage drops from its module, then let its rule fix the rest."""
+    from .rules import get_rule
+
+    try:
+        m = model.get_submodule(stage["module"])
+    except AttributeError:  # the module sits in a dropped block
+        return
+    prefix = f"{stage['module']}." if stage["module"] else ""
+    for names, r in zip(stage["tensors"], stage_ranks(stage)):
+        if r >= depth:
+            for fqn in names:
+                name = fqn[len(prefix):]
+                m._parameters.pop(name, None)
+                m._buffers.pop(name, None)
+    get_rule(plan.sites[stage["module"]]).densify(m)
 
 
 def _remove_blocks(model: nn.Module, blocks: list[str]) -> None:

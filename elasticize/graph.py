@@ -60,17 +60,25 @@ class GroupInfo:
 
 @dataclass
 class StageInfo:
-    """Consecutive residual blocks whose depth is elastic.
+    """Consecutive residual blocks whose depth is elastic, or the stacked layers inside one module.
 
     Attributes:
-        name: the container's path, with ``[i:j]`` when it holds several stages.
-        blocks: module paths of the blocks, in order.
+        name: the container's path, with ``[i:j]`` when it holds several stages; for layers
+            inside one module (an ``nn.LSTM``'s ``num_layers``), that module's path.
+        blocks: module paths of the blocks, in order; for layers inside a module,
+            ``<module>:l<k>`` (names, not modules).
         n_mandatory: leading blocks that are not residual (``y = x + f(x)``) and always run.
+        module: for layers inside one module (see :meth:`SiteContext.layers`), its path; else None.
+        attr: the module's attribute that follows the active depth (``"num_layers"``), or None.
+        tensors: per block, the fqns of the module's tensors that belong to that layer.
     """
 
     name: str
     blocks: list[str]
     n_mandatory: int
+    module: str | None = None
+    attr: str | None = None
+    tensors: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -290,9 +298,36 @@ class SiteContext:
         """
         return self.c.repeated(slot, chunks)
 
-    def macs(self, macs: int, factors: Sequence[int]) -> None:
-        """Record ``macs`` multiply-accumulates (whole example batch) scaled by the slots' active ratios."""
-        self._p.add_macs(self.path, macs, factors)
+    def macs(self, macs: int, factors: Sequence[int], *, owner: str | None = None) -> None:
+        """Record ``macs`` multiply-accumulates (whole example batch) scaled by the slots' active ratios.
+
+        ``owner`` (default: this module) is the block whose skipping removes the term, e.g. one
+        of the layer names :meth:`layers` returns.
+        """
+        self._p.add_macs(self.path if owner is None else owner, macs, factors)
+
+    def layers(self, tensors: Sequence[Sequence[str]], *, attr: str, n_mandatory: int = 1) -> list[str]:
+        """Declare the module's own stacked layers a depth stage (prefix depth, e.g. ``nn.LSTM.num_layers``).
+
+        At depth ``k`` the module runs its first ``k`` layers: attribute ``attr`` reads ``k``
+        (the rule's mixin makes the forward honour it), the MAC terms recorded with
+        ``owner=`` a dropped layer's name are not counted, and an extracted sub-network
+        loses the dropped layers' tensors (then :meth:`Rule.densify` fixes the module's
+        derived state). The stage is named after the module's path.
+
+        Args:
+            tensors: per layer, the names (below the module) of the tensors that belong to it.
+            attr: the module's attribute that holds the number of layers.
+            n_mandatory: leading layers that always run.
+
+        Returns:
+            The layers' names, ``<module>:l<k>``, for the ``owner`` of :meth:`macs`.
+        """
+        blocks = [f"{self.path}:l{k}" for k in range(len(tensors))]
+        fqns = [[f"{self.path}.{n}" if self.path else n for n in names] for names in tensors]
+        if not any(st.module == self.path for st in self._p.layer_stages):  # a module called twice declares once
+            self._p.layer_stages.append(StageInfo(self.path or "<root>", blocks, n_mandatory, self.path, attr, fqns))
+        return blocks
 
     # the common layer patterns, shared with the functional handlers ------
     def linear(self, x: Value, weight: str = "weight", bias: str | None = "bias") -> Value:
@@ -411,6 +446,7 @@ class _Propagator:
         self.mac_terms: list[MacTerm] = []
         self.sites: dict[str, str] = {}
         self.not_elastic: list[tuple[str, str]] = []
+        self.layer_stages: list[StageInfo] = []
         self.batch = 1
 
     # helpers ------------------------------------------------------------
@@ -1059,7 +1095,7 @@ def analyze(model: nn.Module, example_inputs: tuple, find_rule: Callable[[nn.Mod
                 prop.batch = shp[0]
                 break
     prop.run()
-    stages = _find_stages(model, tracer, prop) if tracer is not None else []
+    stages = (_find_stages(model, tracer, prop) if tracer is not None else []) + prop.layer_stages
     not_elastic = list(prop.not_elastic)
     if how == "export":
         not_elastic.append(("<model>", f"torch.fx failed ({fx_error}); traced with torch.export, which finds no "

@@ -141,7 +141,7 @@ def _attr_property(name: str) -> property:
         if spec is None:
             return d[name]
         g, kind, mul, div = spec
-        n = g.active * mul // div
+        n = (g.depth if kind == "depth" else g.active) * mul // div
         return (n,) if kind == "shape" else n
 
     def set_(self: nn.Module, value: Any) -> None:
@@ -175,7 +175,7 @@ def make_elastic(
     module: nn.Module,
     *,
     tensors: dict[str, TensorSpec] | None = None,
-    attrs: dict[str, tuple[GroupState, str, int, int]] | None = None,
+    attrs: dict[str, tuple[GroupState | StageState, str, int, int]] | None = None,
     gate: tuple[StageState, int] | None = None,
     switch: tuple[StageState, tuple[str, ...]] | None = None,
     mixins: tuple[type, ...] = (),
@@ -187,7 +187,9 @@ def make_elastic(
         tensors: parameter or buffer name -> elastic axes (axis, group, chunks, div); an empty
             tuple for a tensor that is only switchable.
         attrs: plain attribute name -> (group, kind, mul, div); kind ``"int"`` gives
-            ``active * mul // div``, ``"shape"`` gives ``(active * mul // div,)``.
+            ``active * mul // div``, ``"shape"`` gives ``(active * mul // div,)``; kind ``"depth"``
+            takes a :class:`StageState` instead of the group and gives ``depth * mul // div``
+            (an ``nn.LSTM``'s ``num_layers`` following its layer stage).
         gate: (stage, rank) for a residual block that the stage's depth may skip: the block runs
             while ``rank < stage.depth`` (rank = position in the stage's keep order).
         switch: (stage, names) for switchable norms: when the stage's skippable

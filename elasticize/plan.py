@@ -68,7 +68,12 @@ class Plan:
         stages: one dict per stage: ``name, blocks, n_mandatory, first_skippable, choices``, and
             optionally ``order`` (keep order of the blocks, see :func:`stage_ranks`) and
             ``drop`` (``"identity"``, the default: an extracted sub-network has ``nn.Identity`` for a
-            dropped block; ``"remove"``: the block is deleted from its ``nn.ModuleList``).
+            dropped block; ``"remove"``: the block is deleted from its ``nn.ModuleList``). A stage of
+            the stacked layers inside one module (an ``nn.LSTM``'s ``num_layers``, prefix depth) has
+            ``module`` (its path), ``attr`` (its attribute that reads the active depth) and
+            ``tensors`` (per block, the fqns of that layer's tensors); its blocks are the names
+            ``<module>:l<k>``, and an extracted sub-network keeps the module with the dropped
+            layers' tensors deleted (see :meth:`elasticize.rules.Rule.densify`).
         switchable: module path -> ``{"stage", "tensors"}`` for skip-aware norms.
         mac_terms: ``[owner, macs per sample, [group, ...]]``.
         not_elastic: ``[where, reason]`` for everything that stayed fixed.
@@ -211,8 +216,11 @@ def build_plan(
             if len(choices) < 2:
                 plan.not_elastic.append([st.name, "no block can be skipped"])
                 continue
-            plan.stages.append({"name": st.name, "blocks": list(st.blocks), "n_mandatory": st.n_mandatory,
-                                "first_skippable": first, "choices": choices})
+            entry = {"name": st.name, "blocks": list(st.blocks), "n_mandatory": st.n_mandatory,
+                     "first_skippable": first, "choices": choices}
+            if st.module is not None:
+                entry.update(module=st.module, attr=st.attr, tensors=[list(t) for t in st.tensors])
+            plan.stages.append(entry)
         if depth_mode == "skippable":
             _plan_switchable(plan)
     return plan
@@ -288,6 +296,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
     for module, attrs in plan.attrs.items():
         entry(module)["attrs"] = {k: (groups[g], kind, int(mul), int(div)) for k, (g, kind, mul, div) in attrs.items()}
     for st in plan.stages:
+        if st.get("module") is not None:  # layers inside one module: an attribute follows the depth
+            entry(st["module"])["attrs"][st["attr"]] = (stages[st["name"]], "depth", 1, 1)
+            continue
         for b, r in zip(st["blocks"], stage_ranks(st)):
             entry(b)["gate"] = (stages[st["name"]], r)
     for module, sw in plan.switchable.items():

@@ -61,13 +61,17 @@ class SearchSpace:
         self._unit = {g["name"]: g["unit"] for g in plan.groups}
         self._constraint = {g["name"]: (int(g.get("step", 1)), g.get("constraint", "")) for g in plan.groups}
         blocks: dict[str, tuple[str, int]] = {}
+        layer_of: dict[str, str] = {}  # tensor fqn -> its layer block, for layers inside one module
         for s in plan.stages:
             for b, r in zip(s["blocks"], stage_ranks(s)):
                 blocks[b] = (s["name"], r)
+            for b, names in zip(s["blocks"], s.get("tensors") or ()):
+                layer_of.update(dict.fromkeys(names, b))
 
         self._blocks = blocks
-        block_of = self.block_of
-        self._terms = [(int(macs), list(f), block_of(owner)) for owner, macs, f in plan.mac_terms]
+        self._layer_of = layer_of
+        chain = self._chain
+        self._terms = [(int(macs), list(f), chain(owner)) for owner, macs, f in plan.mac_terms]
         self._params = []
         for fqn, info in plan.tensors.items():
             if not info["param"] or fqn.rsplit(".", 1)[-1].startswith(SWITCH_PREFIX):
@@ -76,24 +80,34 @@ class SearchSpace:
             for d in info["shape"]:
                 n *= int(d)
             groups = [a[0] for a in info["axes"].values()]
-            self._params.append((n, groups, block_of(fqn.rsplit(".", 1)[0])))
+            self._params.append((n, groups, chain(layer_of.get(fqn, fqn.rsplit(".", 1)[0]))))
         self.presets = self._make_presets()
 
     def block_of(self, path: str) -> tuple[str, int] | None:
-        """(stage, rank) of the depth block that contains module ``path``, or None.
+        """(stage, rank) of the innermost depth block that contains module ``path``, or None.
 
         The block runs at stage depth ``d`` iff ``rank < d`` (see :func:`elasticize.plan.stage_ranks`).
         """
+        chain = self._chain(path)
+        return chain[0] if chain else None
+
+    def _chain(self, path: str) -> tuple[tuple[str, int], ...]:
+        """(stage, rank) of every depth block that contains ``path`` (a module path or a layer name), innermost first."""
+        out = []
         while True:
             if path in self._blocks:
-                return self._blocks[path]
+                out.append(self._blocks[path])
             if "." not in path:
-                return None
+                return tuple(out)
             path = path.rsplit(".", 1)[0]
 
     def kept(self, path: str, cfg: Config) -> bool:
         """Whether module ``path`` runs in the (resolved) sub-network ``cfg``."""
-        return self._kept(self.block_of(path), cfg)
+        return self._kept(self._chain(path), cfg)
+
+    def kept_tensor(self, fqn: str, cfg: Config) -> bool:
+        """Whether tensor ``fqn`` is used by the (resolved) sub-network ``cfg`` (its module runs, and its layer)."""
+        return self._kept(self._chain(self._layer_of.get(fqn, fqn.rpartition(".")[0])), cfg)
 
     # ------------------------------------------------------------------ configs
     @property
@@ -187,8 +201,8 @@ class SearchSpace:
         return r
 
     @staticmethod
-    def _kept(block: tuple[str, int] | None, cfg: Config) -> bool:
-        return block is None or block[1] < cfg["depth"].get(block[0], 1 << 30)
+    def _kept(chain: tuple[tuple[str, int], ...], cfg: Config) -> bool:
+        return all(rank < cfg["depth"].get(stage, 1 << 30) for stage, rank in chain)
 
     def macs(self, cfg: str | Mapping[str, Any] | None = None) -> int:
         """Multiply-accumulates per sample of a sub-network (conv, linear, attention matmuls)."""
@@ -233,7 +247,7 @@ class SearchSpace:
     def _macs_raw(self, c: Config) -> float:
         return self._scaled_sum(self._terms, c)
 
-    def _scaled_sum(self, items: list[tuple[int, list[str], tuple[str, int] | None]], c: Config) -> float:
+    def _scaled_sum(self, items: list[tuple[int, list[str], tuple[tuple[str, int], ...]]], c: Config) -> float:
         """Sum of ``count * prod(active / size)`` over the items whose block runs in ``c``."""
         r = self._ratios(c)
         total = 0.0

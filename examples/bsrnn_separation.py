@@ -12,14 +12,19 @@ Section 3; BSRNN: Luo & Yu, arXiv 2209.15174) at a size that trains on a CPU in 
 * mask estimation: per band an MLP with a GLU output gives a complex mask; the masked
   spectrum goes back to a waveform with the inverse STFT.
 
-Training recipe (Subnetwork-to-go, Section 2.3): every update sums the loss of the full network
-and of one sub-network drawn uniformly (depth ``d <= D``, width ``w <= W``, the same ``w`` in
-every layer); the loss is the L1 distance of the waveforms plus the L1 distance of the real
-and imaginary STFT parts (BSRNN's joint time- and frequency-domain loss).
+Training recipe (Subnetwork-to-go, Section 2.3), run by elasticize's sorted trainer
+(:class:`elasticize.train.Trainer`, strategy ``"subnetwork-to-go"``): every update sums the loss
+of the full network and of one sub-network drawn uniformly (depth ``d <= D``, width ``w <= W``,
+the same ``w`` in every layer: one draw per dimension); the loss (:class:`SeparationLoss`) is
+the L1 distance of the waveforms plus the L1 distance of the real and imaginary STFT parts
+(BSRNN's joint time- and frequency-domain loss); Adam with a cosine learning-rate schedule
+(the trainer's ``scheduler=``) and gradient clipping at norm 5 (``max_grad_norm=``). A
+stand-alone model of one size is the same trainer with strategy ``"full"``.
 
 Data: speech synthesised offline with the Debian ``espeak-ng`` package (install once with
-``apt-get install -y espeak-ng``), reading sentences taken from the docstrings of Python's
-standard library. The target talker is espeak-ng's ``en-us+m3`` voice. Mixtures are 1 s at
+``apt-get install -y espeak-ng``), reading sentences of the docstrings of Python's standard
+library (``examples/docstrings.py``, every sentence of every module, kept when it is 6 to 22
+words of plain words and punctuation). The target talker is espeak-ng's ``en-us+m3`` voice. Mixtures are 1 s at
 8 kHz: by default the target in coloured Gaussian noise at an SNR drawn from [-5, 5] dB
 (enhancement, which a model this small learns within a few hundred CPU updates); with
 ``--interference voice`` the interferer is the ``en-gb+f3`` voice reading another sentence at a
@@ -40,58 +45,44 @@ their MACs per second of audio.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import inspect
+import hashlib
 import io
 import math
 import random
 import re
 import shutil
 import subprocess
+import sys
 import time
-import warnings
 import wave
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from elasticize.tac import ResidualRNN
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from docstrings import stdlib_sentences  # noqa: E402
+
 SAMPLE_RATE = 8000
 TARGET_VOICE, OTHER_VOICE = "en-us+m3", "en-gb+f3"
-_STDLIB = ("json", "os", "re", "collections", "itertools", "functools", "pathlib", "shutil", "logging", "argparse",
-           "datetime", "decimal", "fractions", "statistics", "random", "string", "textwrap", "difflib", "heapq",
-           "bisect", "copy", "csv", "threading", "queue", "inspect", "ast", "tokenize", "zipfile", "tarfile", "gzip",
-           "hashlib", "uuid", "calendar", "codecs", "io", "tempfile", "glob", "fnmatch", "sqlite3", "email.message",
-           "urllib.parse", "http.client", "subprocess", "socket", "unittest", "doctest", "enum", "dataclasses",
-           "contextlib", "abc", "numbers", "math", "operator", "pprint", "reprlib", "weakref", "types", "typing")
+_SPEAKABLE = re.compile(r"[A-Za-z ,.;:'()-]+[.!?]")
 
 
 # ----------------------------------------------------------------------------- data
-def stdlib_sentences(min_words: int = 6, max_words: int = 22) -> list[str]:
-    """Sentences from the docstrings of standard-library modules and their public members, deduplicated, in a fixed order."""
-    seen: dict[str, None] = {}
-    for name in _STDLIB:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        docs = [inspect.getdoc(mod) or ""]
-        with warnings.catch_warnings():  # deprecated aliases (typing.re) warn when touched
-            warnings.simplefilter("ignore")
-            for attr in sorted(dir(mod)):
-                if not attr.startswith("_"):
-                    docs.append(inspect.getdoc(getattr(mod, attr, None)) or "")
-        for doc in docs:
-            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                words = s.split()
-                if min_words <= len(words) <= max_words and re.fullmatch(r"[A-Za-z ,.;:'()-]+[.!?]", s):
-                    seen.setdefault(s, None)
-    return list(seen)
+def speakable_sentences(min_words: int = 6, max_words: int = 22) -> list[str]:
+    """Every stdlib docstring sentence (``examples/docstrings.py``) that espeak-ng reads as prose.
+
+    Kept: ``min_words`` to ``max_words`` words of letters and punctuation only (no code, digits
+    or symbols). Distinct, in the fixed shuffled order of :func:`docstrings.stdlib_sentences`.
+    """
+    return [s for s in stdlib_sentences(every_sentence=True, modules="all", min_words=min_words)
+            if len(s.split()) <= max_words and _SPEAKABLE.fullmatch(s)]
 
 
 def synthesize(text: str, voice: str) -> torch.Tensor:
@@ -123,14 +114,15 @@ def load_corpus(cache: Path, n_sentences: int = 400) -> dict[str, list[torch.Ten
     """
     from safetensors.torch import load_file, save_file
 
-    path = cache / f"espeak_{SAMPLE_RATE}_{n_sentences}.safetensors"
+    sentences = speakable_sentences()
+    if len(sentences) < n_sentences:
+        raise ValueError(f"only {len(sentences)} sentences found; ask for fewer")
+    sentences = sentences[:n_sentences]
+    key = hashlib.sha1("\n".join(sentences).encode()).hexdigest()[:10]  # another Python's stdlib: another corpus
+    path = cache / f"espeak_{SAMPLE_RATE}_{n_sentences}_{key}.safetensors"
     if path.exists():
         t = load_file(str(path))
         return {v: [t[f"{v}.{i}"] for i in range(n_sentences)] for v in ("target", "other")}
-    sentences = stdlib_sentences()
-    random.Random(0).shuffle(sentences)
-    if len(sentences) < n_sentences:
-        raise ValueError(f"only {len(sentences)} sentences found; ask for fewer")
     out = {"target": [synthesize(s, TARGET_VOICE) for s in sentences[:n_sentences]],
            "other": [synthesize(s, OTHER_VOICE) for s in sentences[:n_sentences]]}
     cache.mkdir(parents=True, exist_ok=True)
@@ -191,14 +183,10 @@ def mixtures(corpus: dict[str, list[torch.Tensor]], split: str, count: int, *, s
     return torch.stack(mix), torch.stack(tgt)
 
 
-def batches(mix: torch.Tensor, tgt: torch.Tensor, batch: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled mini-batches."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(mix.shape[0], generator=g)
-        for k in range(0, mix.shape[0] - batch + 1, batch):
-            i = perm[k:k + batch]
-            yield mix[i], tgt[i]
+def loader(mix: torch.Tensor, tgt: torch.Tensor, batch: int, *, seed: int = 0, shuffle: bool = True) -> DataLoader:
+    """``(mixture, target)`` mini-batches of ``(batch, samples)`` each; reshuffled every epoch when ``shuffle``."""
+    return DataLoader(TensorDataset(mix, tgt), batch_size=batch, shuffle=shuffle, drop_last=shuffle,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- model
@@ -258,10 +246,25 @@ class BSRNN(nn.Module):
 
 
 # ----------------------------------------------------------------------------- loss, metric, training
-def separation_loss(model: nn.Module, est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """BSRNN's joint loss: L1 of the waveforms plus L1 of the STFT's real and imaginary parts."""
-    stft = model.stft if hasattr(model, "stft") else model.model.stft
-    return (est - ref).abs().mean() + (torch.view_as_real(stft(est)) - torch.view_as_real(stft(ref))).abs().mean()
+class SeparationLoss(nn.Module):
+    """BSRNN's joint loss: L1 of the waveforms plus L1 of the STFT's real and imaginary parts.
+
+    ``(est, ref)``, both ``(batch, samples)`` -> scalar; the trainer's ``loss_fn``.
+
+    Args:
+        n_fft, hop: the STFT of the frequency-domain term (Hann window), in samples.
+    """
+
+    def __init__(self, n_fft: int = 256, hop: int = 64) -> None:
+        super().__init__()
+        self.n_fft, self.hop = n_fft, hop
+        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+
+    def spec(self, wav: torch.Tensor) -> torch.Tensor:
+        return torch.view_as_real(torch.stft(wav, self.n_fft, self.hop, window=self.window, return_complex=True))
+
+    def forward(self, est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return (est - ref).abs().mean() + (self.spec(est) - self.spec(ref)).abs().mean()
 
 
 def si_sdr(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -271,62 +274,69 @@ def si_sdr(est: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(proj.pow(2).sum(-1).clamp_min(1e-8) / (est - proj).pow(2).sum(-1).clamp_min(1e-8))
 
 
+def si_sdr_metric(est: torch.Tensor, ref: Any, teacher: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`si_sdr` as a trainer metric (``Trainer.measure(..., metric=si_sdr_metric)``); higher is better."""
+    return si_sdr(est, ref)
+
+
 def subnet(em, depth: int, width: int) -> dict:
     """Sub-network configuration: the first ``depth`` residual RNN layers, ``width`` modules in each."""
     return {"depth": {"layers": depth}, "modules": {g: width for g in em.space.modules}}
 
 
-def train(em, data: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, *, dynamic: bool, seed: int = 0,
-          lr: float = 5e-3, fixed: dict | None = None, log_every: int = 0) -> float:
-    """Train in place; returns seconds spent.
+def make_trainer(em, data: DataLoader, steps: int, *, strategy: str = "subnetwork-to-go", lr: float = 1e-2,
+                 seed: int = 0, distribution: Mapping[str, Sequence[float]] | None = None):
+    """The sorted trainer for ``steps`` updates: Adam, cosine schedule, clipping at 5, :class:`SeparationLoss`.
 
-    ``dynamic``: Subnetwork-to-go's recipe (full network + one uniformly drawn sub-network per
-    update). Otherwise the sub-network ``fixed`` (a configuration, default full) is trained alone,
-    as a stand-alone model of that size would be.
+    ``strategy="subnetwork-to-go"`` is Subnetwork-to-go's recipe (full network + one random
+    sub-network per update); ``"full"`` trains the model alone, as a stand-alone model.
+    ``distribution`` is the sampler's probabilities per dimension (default uniform).
     """
-    rng = random.Random(seed)
-    elastic = hasattr(em, "subnet")  # a plain nn.Module trains as it is
-    if dynamic and not elastic:
-        raise ValueError("dynamic training needs an ElasticModel (see build())")
-    depth_choices = em.space.depth["layers"] if dynamic else []
-    width_choices = next(iter(em.space.modules.values())) if dynamic else []
+    from elasticize.train import Trainer
+
+    model = em.model
     opt = torch.optim.Adam([p for p in em.parameters() if p.requires_grad], lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    em.train()
-    t0 = time.perf_counter()
-    for step in range(steps):
-        mix, ref = next(data)
-        opt.zero_grad(set_to_none=True)
-        cfgs = [None, subnet(em, rng.choice(depth_choices), rng.choice(width_choices))] if dynamic else [fixed]
-        total = 0.0
-        for cfg in cfgs:
-            with em.subnet(cfg) if elastic else contextlib.nullcontext():
-                loss = separation_loss(em, em(mix), ref)
-            loss.backward()
-            total += loss.item()
-        torch.nn.utils.clip_grad_norm_(em.parameters(), 5.0)
-        opt.step()
-        sched.step()
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  step {step + 1}/{steps}: loss {total / len(cfgs):.4f}", flush=True)
-    em.eval()
-    return time.perf_counter() - t0
+    return Trainer(em, data, optimizer=opt, loss_fn=SeparationLoss(model.n_fft, model.hop), strategy=strategy,
+                   seed=seed, distribution=distribution, distill=False, max_grad_norm=5.0,
+                   scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps))
+
+
+def log_every(n: int):
+    """A ``train_steps`` progress callback printing the mean loss of each pass every ``n`` updates."""
+    def show(rec: dict) -> None:
+        if rec["step"] % n == 0:
+            print(f"  step {rec['step']}: " + " ".join(f"{k} {v:.4f}" for k, v in rec["losses"].items()), flush=True)
+    return show
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, mix: torch.Tensor, ref: torch.Tensor, batch: int = 16) -> float:
-    """Mean SI-SDR (dB) of ``model`` on held-out mixtures."""
+    """Mean SI-SDR (dB) of a plain model (e.g. an extracted sub-network) on held-out mixtures."""
     model.eval()
     return torch.cat([si_sdr(model(mix[i:i + batch]), ref[i:i + batch]) for i in range(0, mix.shape[0], batch)]).mean().item()
 
 
-def build(*, depth: int = 12, modules: int = 16, reweight: str = "tac", seed: int = 0):
-    """A fresh BSRNN, made elastic over depth and modules (Subnetwork-to-go's two dimensions)."""
+def build(*, depth: int = 12, modules: int = 16, reweight: str = "tac", seed: int = 0, **kw: Any):
+    """A fresh BSRNN (``kw``: more :class:`BSRNN` arguments), elastic over depth and modules (Subnetwork-to-go's two dimensions)."""
     import elasticize
 
     torch.manual_seed(seed)
-    model = BSRNN(depth=depth, modules=modules, reweight=reweight)
+    model = BSRNN(depth=depth, modules=modules, reweight=reweight, **kw)
     return elasticize.elasticize(model, dims=("depth", "modules"), sort=None)
+
+
+def standalone(depth: int, modules: int, *, seed: int = 0, **kw: Any):
+    """A fresh BSRNN of one size, to train alone with strategy ``"full"``.
+
+    The trainer takes an :class:`~elasticize.ElasticModel`; strategy ``"full"`` trains only its
+    largest sub-network, the model itself. Width joins the dimensions only so that the plan
+    is never empty (a model with ``D = 1, W = 1`` has no depth or modules choice).
+    """
+    import elasticize
+
+    torch.manual_seed(seed)
+    model = BSRNN(depth=depth, modules=modules, **kw)
+    return elasticize.elasticize(model, dims=("depth", "modules", "width"), sort=None)
 
 
 def main() -> None:
@@ -341,16 +351,18 @@ def main() -> None:
     corpus = load_corpus(args.cache)
     train_mix, train_ref = mixtures(corpus, "train", 2000, interference=args.interference, seed=0)
     test_mix, test_ref = mixtures(corpus, "test", 64, interference=args.interference, seed=1)
+    test = list(loader(test_mix, test_ref, 16, shuffle=False))
     em = build()
     print(f"BSRNN: {sum(p.numel() for p in em.parameters()):,} parameters; MACs per second of audio "
           f"{em.macs(subnet(em, 1, 1)) / 1e6:.1f}M (d=1, w=1) to {em.macs(None) / 1e6:.1f}M (full)")
     print(f"unprocessed mixtures: SI-SDR {si_sdr(test_mix, test_ref).mean():.2f} dB")
-    secs = train(em, batches(train_mix, train_ref, args.batch, 0), args.steps, dynamic=True, log_every=50)
-    print(f"trained {args.steps} updates (full + one random sub-network each) in {secs:.0f} s")
+    tr = make_trainer(em, loader(train_mix, train_ref, args.batch), args.steps)
+    t0 = time.perf_counter()
+    tr.train_steps(args.steps, progress=log_every(50))
+    print(f"trained {args.steps} updates (full + one random sub-network each) in {time.perf_counter() - t0:.0f} s")
     for d in (12, 6, 3, 1):
         for w in (16, 8, 4, 1):
-            with em.subnet(subnet(em, d, w)):
-                score = evaluate(em, test_mix, test_ref)
+            score = tr.measure(test, subnet(em, d, w), metric=si_sdr_metric)
             print(f"  depth {d} width {w}: SI-SDR {score:5.2f} dB, {em.macs(subnet(em, d, w)) / 1e6:6.1f}M MACs")
 
 

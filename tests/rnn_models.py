@@ -56,3 +56,32 @@ class ResRNNStack(nn.Module):
 
     def example_inputs(self) -> tuple[torch.Tensor]:
         return (torch.randn(2, 7, self.inp.in_features, generator=torch.Generator().manual_seed(0)),)
+
+
+class _LSTMBlock(nn.Module):
+    """``x + Linear(BLSTM(LayerNorm(x)))`` with a 2-layer LSTM: RNN layers nested inside a residual block."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.rnn = nn.LSTM(dim, hidden, num_layers=2, bidirectional=True, batch_first=True)
+        self.proj = nn.Linear(2 * hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(self.rnn(self.norm(x))[0])
+
+
+class NestedLSTMStack(nn.Module):
+    """Linear -> 3 residual blocks, each with a 2-layer BLSTM -> Linear: ``(batch, seq, 6) -> (batch, seq, 4)``."""
+
+    def __init__(self, dim: int = 8, hidden: int = 6, blocks: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, dim)
+        self.blocks = nn.Sequential(*[_LSTMBlock(dim, hidden) for _ in range(blocks)])
+        self.out = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.blocks(self.inp(x)))
+
+    def example_inputs(self) -> tuple[torch.Tensor]:
+        return (torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0)),)

@@ -266,3 +266,33 @@ def test_ddp_two_ranks_sample_alike_and_end_alike(tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     single = _model(seed=0, dims=("width", "depth")).model.state_dict()
     assert not torch.equal(single["fc.weight"], w0["fc.weight"])  # it trained
+
+
+def test_sampler_draws_tac_modules_with_depth_one_index_for_all_blocks():
+    from rnn_models import ResRNNStack
+
+    torch.manual_seed(0)
+    m = ResRNNStack(depth=3, modules=4).eval()
+    em = elasticize.elasticize(m, dims=("modules", "depth"), sort=None)
+    s = SubnetSampler(em.space, seed=0)
+    assert (s.levels["depth"], s.levels["modules"]) == (3, 4)
+    cfgs = [s.sample() for _ in range(40)]
+    assert all(len(set(c["modules"].values())) == 1 for c in cfgs)  # the same w in every block (one draw)
+    assert {next(iter(c["modules"].values())) for c in cfgs} == {1, 2, 3, 4}
+    assert s.smallest()["modules"] == {g: 1 for g in em.space.modules}
+
+
+def test_max_grad_norm_clips_each_update():
+    x, y, _, _ = DATA
+    steps = {}
+    for clip in (None, 0.01):
+        em = _model(dims=("width",))
+        before = [p.detach().clone() for p in em.parameters()]
+        opt = torch.optim.SGD(em.parameters(), lr=1.0)
+        tr = Trainer(em, [(x[:64], y[:64])], optimizer=opt, loss_fn=nn.CrossEntropyLoss(), strategy="full",
+                     max_grad_norm=clip)
+        tr.train_steps(1)
+        steps[clip] = torch.cat([(p.detach() - b).flatten() for p, b in zip(em.parameters(), before)]).norm().item()
+    assert steps[0.01] <= 0.01 + 1e-6 < steps[None]
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        Trainer(em, [(x[:64], y[:64])], optimizer=opt, loss_fn=nn.CrossEntropyLoss(), max_grad_norm=0)

@@ -68,6 +68,14 @@ class Rule:
         """
         raise NotImplementedError
 
+    def densify(self, module: nn.Module) -> None:
+        """Fix a dense module's derived state after extraction dropped some of its own layers.
+
+        Called for a module whose rule declared a layer stage (:meth:`SiteContext.layers`),
+        once the module has its original class back, its attributes their active values and
+        the dropped layers' tensors are deleted. The default does nothing.
+        """
+
 
 def register_rule(name: str) -> Callable[[R], R]:
     """Class decorator that registers a :class:`Rule` subclass under ``name``.

@@ -22,6 +22,15 @@ MACs per sample (Subnetwork-to-go, arXiv 2312.03464, counts MACs of its BLSTMs t
 features and ``I_k = D * H`` above; gate nonlinearities and element-wise products are not
 counted (as for norms and activations elsewhere).
 
+Elastic depth (prefix depth over the RNN's own ``num_layers``, a depth stage named after the
+module's path, choices ``num_layers`` down to 1): at depth ``k`` only the first ``k`` layers
+run, so the output keeps its feature size (``D * H``) while ``h_n`` / ``c_n`` have ``k * D``
+rows (the last active layer's state is ``h_n[-D:]``, as for a plain ``k``-layer RNN); an
+initial state given with ``num_layers * D`` rows is cut to its first ``k * D``. The layers
+above ``k`` count no MACs and no parameters, and an extracted sub-network is a plain
+``nn.LSTM(num_layers=k)``. Code that reshapes ``h_n`` with a hard-coded ``num_layers`` breaks
+at a smaller depth; exclude the stage (``exclude=("<path>",)``) for such a model.
+
 An LSTM with ``proj_size > 0`` is kept whole and listed with the reason.
 """
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..graph import SiteContext
@@ -41,16 +51,45 @@ _GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
 class ElasticRNNMixin:
-    """Rebuilds ``_flat_weights`` from the sliced views before every forward.
+    """Rebuilds ``_flat_weights`` from the sliced views before every forward, for the active layers.
 
     ``nn.RNNBase.forward`` hands the fused kernel ``self._flat_weights``, a list cached at
     construction and on ``_apply``; the sliced views of the active sub-network are new
-    tensors, so the list is rebuilt (a few ``narrow`` views, no copy) on each call.
+    tensors, so the list is rebuilt (a few ``narrow`` views, no copy) on each call. With
+    elastic depth, ``num_layers`` reads the active depth ``k`` and ``_flat_weights_names``
+    lists the first ``k`` layers' tensors only, so the kernel runs those layers. An initial
+    state ``hx`` given with the full ``num_layers * D`` rows is cut to its first ``k * D``.
     """
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        names = self.__dict__["_flat_weights_names"]
+        if "_el_attrs" not in self.__dict__:  # being restored to the plain class
+            return names
+        full, active = self.__dict__["num_layers"], self.num_layers  # type: ignore[attr-defined]
+        return names if active == full else names[: len(names) // full * active]
+
+    @_flat_weights_names.setter
+    def _flat_weights_names(self, value: list[str]) -> None:
+        self.__dict__["_flat_weights_names"] = value
+
+    def _weights_have_changed(self) -> bool:
+        # the depth may have changed since the cached list was built
+        if len(self._flat_weight_refs) != len(self._flat_weights_names):  # type: ignore[attr-defined]
+            return True
+        return super()._weights_have_changed()  # type: ignore[misc]
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
         self._init_flat_weights()  # type: ignore[attr-defined]
-        return super().forward(*args, **kwargs)  # type: ignore[misc]
+        full, active = self.__dict__["num_layers"], self.num_layers  # type: ignore[attr-defined]
+        if hx is not None and active != full:
+            dirs = 2 if self.bidirectional else 1  # type: ignore[attr-defined]
+
+            def cut(h: torch.Tensor) -> torch.Tensor:
+                return h.narrow(0, 0, active * dirs) if h.shape[0] == full * dirs else h
+
+            hx = tuple(cut(h) for h in hx) if isinstance(hx, tuple) else cut(hx)
+        return super().forward(input, hx)  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:
         # copies (extraction deep-copies the module) hold the full parameters, not views
@@ -82,7 +121,12 @@ class RNNRule(Rule):
         shape = ctx.in_shape(0)
         positions = math.prod(shape[:-1]) if shape else 1
         size = ctx.c.size
+        names = [[f"{w}_l{layer}{sfx}" for sfx in ("", "_reverse")[:dirs]
+                  for w in ("weight_ih", "weight_hh", *(("bias_ih", "bias_hh") if m.bias else ()))]
+                 for layer in range(m.num_layers)]
+        owners = ctx.layers(names, attr="num_layers") if m.num_layers > 1 else [None]
         for layer in range(m.num_layers):
+            owner = owners[layer] if m.num_layers > 1 else None
             for sfx in ("", "_reverse")[:dirs]:
                 ih, hh = f"weight_ih_l{layer}{sfx}", f"weight_hh_l{layer}{sfx}"
                 biases = (f"bias_ih_l{layer}{sfx}", f"bias_hh_l{layer}{sfx}") if m.bias else ()
@@ -98,11 +142,11 @@ class RNNRule(Rule):
                     ctx.couple(hid, ctx.tensor(n)[0])
                 if layer == 0:
                     ctx.couple(x[-1], w_ih[1])
-                    ctx.macs(positions * gates * size[hid] * size[x[-1]], [hid, x[-1]])
+                    ctx.macs(positions * gates * size[hid] * size[x[-1]], [hid, x[-1]], owner=owner)
                 else:
                     ctx.couple(hid, w_ih[1])
-                    ctx.macs(positions * gates * size[hid] * size[hid] * dirs, [hid, hid])
-                ctx.macs(positions * gates * size[hid] * size[hid], [hid, hid])
+                    ctx.macs(positions * gates * size[hid] * size[hid] * dirs, [hid, hid], owner=owner)
+                ctx.macs(positions * gates * size[hid] * size[hid], [hid, hid], owner=owner)
         ctx.producer(hid)
         ctx.attr("hidden_size", hid)
         ctx.attr("input_size", x[-1])
@@ -117,3 +161,12 @@ class RNNRule(Rule):
         else:
             h_n = (ctx.new(dirs * m.num_layers), hid)
         return [out, [h_n, h_n]] if m.mode == "LSTM" else [out, h_n]
+
+    def densify(self, module: nn.Module) -> None:
+        """Keep the tensor-name lists of an extracted RNN to the layers it still has (``num_layers``)."""
+        d = module.__dict__
+        dirs = 2 if module.bidirectional else 1  # type: ignore[attr-defined]
+        k = module.num_layers  # type: ignore[attr-defined]
+        d["_all_weights"] = d["_all_weights"][: k * dirs]
+        d["_flat_weights_names"] = [n for ws in d["_all_weights"] for n in ws]
+        module._init_flat_weights()  # type: ignore[operator]

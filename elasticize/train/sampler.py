@@ -2,8 +2,9 @@
 
 At every iteration SortedNet draws one index per dimension, ``b_j ~ P_{B_j}``, and
 truncates the super-network along each dimension to that index; the sub-network is the
-intersection of the truncations (Eq. 1). Here a dimension is ``width``, ``heads`` or
-``depth`` and the index is a position in each group's or stage's list of nested choices
+intersection of the truncations (Eq. 1). Here a dimension is ``width``, ``heads``,
+``depth`` or ``modules`` (the parallel modules of TAC blocks, Subnetwork-to-go's width, so
+its "one random depth x width sub-network" is one draw per dimension) and the index is a position in each group's or stage's list of nested choices
 (largest first), clamped to the group's own number of choices. With ``per="group"`` every
 coupling group and stage draws its own index instead, which reaches every configuration of
 the space rather than only the uniform ones.
@@ -23,7 +24,7 @@ from ..space import Config, SearchSpace
 
 __all__ = ["SubnetSampler"]
 
-_DIMS = ("width", "heads", "depth")
+_DIMS = ("width", "heads", "depth", "modules")
 
 
 class SubnetSampler:

@@ -69,7 +69,8 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
                teacher: nn.Module | None = None,
                distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str = "kl",
                output_fn: Callable[[Any, Any], torch.Tensor] = default_output, runner: nn.Module | None = None,
-               autocast: torch.autocast | None = None) -> tuple[dict[str, float], list[Config]]:
+               autocast: torch.autocast | None = None,
+               max_grad_norm: float | None = None) -> tuple[dict[str, float], list[Config]]:
     """One optimizer update of ``strategy``, for users who keep their own loop.
 
     Runs the strategy's passes (forward, loss, backward, one sub-network each; gradients
@@ -90,6 +91,9 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         output_fn: ``(model output, batch) -> tensor`` (logits, or an embedding via :func:`mean_pooled`).
         runner: the module to call (the ``DistributedDataParallel`` wrapper of ``em``), default ``em``.
         autocast: an autocast context for the forward passes, or None.
+        max_grad_norm: clip the accumulated gradients of all passes to this total L2 norm
+            (``torch.nn.utils.clip_grad_norm_``) before the step; None does not clip. Recurrent
+            models usually need it (BSRNN clips at 5).
 
     Returns:
         (mean loss per pass label, the configurations trained, in order).
@@ -136,6 +140,8 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         if p.keep:
             kept[p.micro] = out.detach()
         sums.setdefault(p.label, []).append(float(loss.detach()))
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], max_grad_norm)
     optimizer.step()
     em.set_subnet(None)
     return {k: sum(v) / len(v) for k, v in sums.items()}, [p.config for p in passes]
@@ -182,10 +188,13 @@ class Trainer:
         calibration_batches: batches per preset for BN recalibration.
         scheduler: a ``torch.optim.lr_scheduler`` on ``optimizer``, stepped after every update;
             its ``state_dict`` goes into the trainer state (JSON) for resume.
+        max_grad_norm: gradient clipping: the total L2 norm of each update's accumulated
+            gradients is clipped to this value (None: no clipping; see :func:`train_step`).
 
     Raises:
         TypeError: ``em`` is not an :class:`ElasticModel`.
-        KeyError, ValueError: an unknown strategy or bad option (see :func:`make_strategy`).
+        KeyError, ValueError: an unknown strategy or bad option (see :func:`make_strategy`);
+            ValueError also for a ``max_grad_norm`` that is not positive.
     """
 
     def __init__(self, em: ElasticModel, data: Iterable[Any], *, optimizer: torch.optim.Optimizer,
@@ -196,7 +205,7 @@ class Trainer:
                  distill_loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "kl",
                  output_fn: Callable[[Any, Any], torch.Tensor] = default_output,
                  device: torch.device | str | None = None, amp: bool | None = None,
-                 calibration_batches: int = 8, scheduler: Any = None) -> None:
+                 calibration_batches: int = 8, scheduler: Any = None, max_grad_norm: float | None = None) -> None:
         if not isinstance(em, ElasticModel):
             raise TypeError(f"Trainer takes an ElasticModel (from elasticize.elasticize or convert), not "
                             f"{type(em).__name__}")
@@ -220,6 +229,9 @@ class Trainer:
         self.output_fn = output_fn
         self.calibration_batches = int(calibration_batches)
         self.scheduler = scheduler
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        self.max_grad_norm = max_grad_norm
         if distill == "auto":
             distill = bool(em.recipe.get("pretrained"))
         if isinstance(distill, nn.Module):
@@ -306,7 +318,8 @@ class Trainer:
                 losses, configs = train_step(self.em, batches, strategy=self.strategy, sampler=self.sampler,
                                              optimizer=self.optimizer, loss_fn=self.loss_fn, teacher=self.teacher,
                                              distill_loss=self.distill_loss, output_fn=self.output_fn,
-                                             runner=self.runner, autocast=self._autocast())
+                                             runner=self.runner, autocast=self._autocast(),
+                                             max_grad_norm=self.max_grad_norm)
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.step += 1
