@@ -24,4 +24,5 @@ from .trainer import METRICS, Trainer, train_step
 
 __all__ = ["Trainer", "train_step", "SubnetSampler", "make_strategy", "Strategy", "Pass", "STRATEGIES",
            "recalibrate_bn", "batchnorm_layers", "kl_distillation", "cosine_distillation", "mse_distillation",
-           "hidden_distillation", "mean_pooled", "masked_hidden", "default_output", "forward_batch", "split_batch", "METRICS"]
+           "hidden_distillation", "mean_pooled", "masked_hidden", "default_output", "forward_batch", "split_batch",
+           "METRICS"]

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["split_batch", "forward_batch", "default_output", "mean_pooled", "masked_hidden", "kl_distillation",
-           "cosine_distillation", "mse_distillation", "hidden_distillation", "DISTILL_LOSSES", "TARGET_KEYS", "batch_size", "to_device"]
+           "cosine_distillation", "mse_distillation", "hidden_distillation", "DISTILL_LOSSES", "TARGET_KEYS",
+           "batch_size", "to_device"]
 
 #: Mapping keys treated as the target, not passed to the model.
 TARGET_KEYS = ("labels", "label", "targets")

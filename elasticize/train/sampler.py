@@ -4,10 +4,11 @@ At every iteration SortedNet draws one index per dimension, ``b_j ~ P_{B_j}``, a
 truncates the super-network along each dimension to that index; the sub-network is the
 intersection of the truncations (Eq. 1). Here a dimension is ``width``, ``heads``,
 ``depth`` or ``modules`` (the parallel modules of TAC blocks, Subnetwork-to-go's width, so
-its "one random depth x width sub-network" is one draw per dimension) and the index is a position in each group's or stage's list of nested choices
-(largest first), clamped to the group's own number of choices. With ``per="group"`` every
-coupling group and stage draws its own index instead, which reaches every configuration of
-the space rather than only the uniform ones.
+its "one random depth x width sub-network" is one draw per dimension) and the index is a
+position in each group's or stage's list of nested choices (largest first), clamped to the
+group's own number of choices. With ``per="group"`` every coupling group and stage draws its
+own index instead, which reaches every configuration of the space rather than only the
+uniform ones.
 
 The sampler owns a seeded ``torch.Generator``; under ``torch.distributed`` every rank builds
 it with the same seed, so every rank draws the same sub-network at every step without
