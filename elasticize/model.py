@@ -94,8 +94,7 @@ class ElasticModel(nn.Module):
                 dropping its measured metrics and calibrated statistics; ``full`` never).
             KeyError, TypeError: a sub-network outside the search space.
         """
-        cfg = self.space.add_preset(name, self.resolve(subnet) if not isinstance(subnet, str) else subnet,
-                                    replace=replace)
+        cfg = self.space.add_preset(name, subnet, replace=replace)
         self._resolved.pop(name, None)
         self.metrics.pop(name, None)
         if name in self.bn_stats:  # calibrated for the sub-network the name meant before
