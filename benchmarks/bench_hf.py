@@ -68,16 +68,19 @@ def main() -> None:
           f"ratio {t_el / t_orig:.3f}   (target <= 1.05)")
 
     tok = AutoTokenizer.from_pretrained(path)
-    sentences = stdlib_sentences(512, seed=2)
+    sentences = stdlib_sentences(512 + 256, seed=2)
+    sentences, calib_lines = sentences[:512], sentences[512:]
     batch = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    calib = [dict(tok(calib_lines[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+             for i in range(0, len(calib_lines), 32)]
     cfg = {"heads": 0.5, "width": 0.5}
     with torch.no_grad():
         ref = embed(original, batch)
-        for sort in ("magnitude", None):
-            e = elasticize.elasticize(AutoModel.from_pretrained(path).eval(), sort=sort)
+        for sort in ("activation", "magnitude", None):  # activation: ranked on 256 other sentences
+            e = elasticize.elasticize(AutoModel.from_pretrained(path).eval(), sort=sort, calibration=calib)
             with e.subnet(cfg):
                 cos = torch.nn.functional.cosine_similarity(embed(e, batch), ref).mean().item()
-            print(f"half heads + half FFN ({100 * e.macs(cfg) / e.macs():.0f}% MACs), sort={sort!s:9}: "
+            print(f"half heads + half FFN ({100 * e.macs(cfg) / e.macs():.0f}% MACs), sort={sort!s:10}: "
                   f"mean cosine {cos:.4f} over {len(sentences)} sentences")
 
 

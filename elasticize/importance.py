@@ -9,21 +9,41 @@ embeddings), so the model computes exactly what it did: the largest sub-network 
 the original (SortedNet, arXiv 2309.00255, Section 3.1, sorts by importance so that
 truncation keeps what matters).
 
-Data-free magnitude importance: for a unit (channel, or head of ``head_dim`` channels),
-the L2 norm of every weight slice that reads or writes it, over the group's members with
-two or more axes (convolution and linear weights, embeddings), summed.
+Two importances, per unit (a channel, or a head of ``head_dim`` channels):
+
+* data-free *magnitude*: the L2 norm of every weight slice that reads or writes the unit,
+  over the group's members with two or more axes (convolution and linear weights,
+  embeddings), summed;
+* *activation* (needs a few calibration batches): how much the unit moves the output of
+  each layer that reads it. For an input channel ``j`` of a linear layer with weight ``W``
+  (``out x in``) and calibration inputs ``X`` (``tokens x in``), channel ``j``'s share of the
+  output is the rank-one matrix ``W[:, j] X[:, j]^T``; its variation across tokens has
+  Frobenius norm exactly ``‖W[:, j]‖ · ‖X[:, j] - mean(X[:, j])‖``. The mean part is left
+  out because it is a constant offset, not information. A unit of several channels (a head)
+  scores the root of the sum of its channels' squares (cross-channel terms ignored), summed
+  over the layers that read it. This is the fluctuation metric of FLAP (An et al., AAAI 2024,
+  Eq. 6, without its bias compensation), a centred per-channel form of Wanda's
+  ``|W_ij| · ‖X_j‖`` (Sun et al., ICLR 2024). It sees what the weights alone do not: units
+  the data rarely moves.
+
+  Measured before any training, one run each: on the bundled all-MiniLM-L6-v2 with half
+  the FFN and half the heads, the mean sentence cosine to the original rises from 0.55
+  (magnitude) to 0.67 (``tests/test_importance.py`` asserts the gain). It is not better
+  everywhere: on a small digits MLP and on the digits ResNet (after BN recalibration) it
+  wins at some widths and seeds and loses at others. Hence ``"magnitude"``
+  stays the default.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from .plan import Plan, axis_entry
 
-__all__ = ["magnitude_importance", "sort_by_importance", "sort_unit"]
+__all__ = ["magnitude_importance", "activation_importance", "sort_by_importance", "sort_unit"]
 
 
 def _members(plan: Plan) -> dict[str, list[tuple[str, int, int, int]]]:
@@ -62,6 +82,101 @@ def magnitude_importance(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor
         for fqn, ax, chunks, div in use:
             t = state[fqn].detach().float().movedim(ax, 0).reshape(chunks, n, -1)
             score += torch.linalg.vector_norm(t, dim=(0, 2)).double()
+        scores[g["name"]] = score
+    return scores
+
+
+def _input_axis(module: nn.Module) -> int | None:
+    """The weight axis that reads the module's input channels, for layers whose input channel
+    is the last axis (linear) or axis 1 (ungrouped convolution); None for any other module."""
+    if isinstance(module, nn.Linear):
+        return 1
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 and not module.transposed:
+        return 1
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # GPT-2's (in, out)
+        return 0
+    return None
+
+
+@torch.no_grad()
+def activation_importance(model: nn.Module, plan: Plan, data: Iterable[Any]) -> dict[str, torch.Tensor]:
+    """Importance of each unit of each group, from the layers that read it on calibration data.
+
+    Score of unit ``u`` of a group: ``Σ_consumers sqrt(Σ_{j ∈ u} (‖W[:, j]‖ · ‖X_j - X̄_j‖)²)``
+    (FLAP's fluctuation metric, An et al., AAAI 2024, Eq. 6), where the consumers are the
+    group's linear layers (and ungrouped convolutions) that read it as input channels,
+    ``W[:, j]`` the weights reading channel ``j`` and ``‖X_j - X̄_j‖`` the L2 norm of channel
+    ``j``'s input, centred, over every calibration token (or pixel). A group that no
+    such layer reads (e.g. an RNN's hidden size read only inside the RNN) gets its
+    :func:`magnitude_importance` instead.
+
+    Args:
+        model: the model, before :func:`elasticize.plan.apply_plan`; run in eval mode without
+            gradients on ``data``.
+        plan: its plan.
+        data: calibration batches as the trainer takes them: a tensor ``x``, a tuple
+            ``(x, y)`` or ``(x1, ..., xn, y)``, or a mapping of keyword inputs (``labels``
+            ignored); a few batches (hundreds of samples) suffice.
+
+    Returns:
+        group name -> tensor of shape ``(size // sort_unit,)``, float64, larger is more important.
+
+    Raises:
+        ValueError: ``data`` yields no batch.
+    """
+    from .train.losses import forward_batch, to_device  # the train package imports this module's users
+
+    members = _members(plan)
+    modules = dict(model.named_modules())
+    consumers: dict[str, tuple[nn.Module, int]] = {}  # module name -> (module, input axis of its weight)
+    reads: dict[str, list[tuple[str, int]]] = {g["name"]: [] for g in plan.groups}  # group -> (module, chunks)
+    for g in plan.groups:
+        for fqn, ax, chunks, div in members[g["name"]]:
+            name, _, leaf = fqn.rpartition(".")
+            mod = modules.get(name)
+            if leaf != "weight" or mod is None or _input_axis(mod) != ax:
+                continue
+            consumers[name] = (mod, ax)
+            reads[g["name"]].append((name, chunks))
+    energy: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, mod: nn.Module, args: tuple) -> None:
+        x = args[0].detach().float()
+        x = x.movedim(1, -1) if isinstance(mod, nn.modules.conv._ConvNd) else x
+        x = x.reshape(-1, x.shape[-1]).double()
+        moments = torch.stack([x.pow(2).sum(0), x.sum(0), torch.full_like(x[0], x.shape[0])])
+        energy[name] = energy[name] + moments if name in energy else moments
+
+    handles = [mod.register_forward_pre_hook(lambda m, a, n=name: hook(n, m, a)) for name, (mod, _) in consumers.items()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    seen = 0
+    try:
+        for batch in data:
+            forward_batch(model, to_device(batch, device))
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not seen:
+        raise ValueError("activation importance needs calibration data, and the data yielded no batch: pass a few "
+                         "batches of real inputs, or sort='magnitude'")
+    scores = magnitude_importance(model, plan)
+    for g in plan.groups:
+        n = g["size"] // sort_unit(g)
+        got = [(name, chunks) for name, chunks in reads[g["name"]] if name in energy]
+        if not got:
+            continue
+        score = torch.zeros(n, dtype=torch.float64)
+        for name, chunks in got:
+            mod, ax = consumers[name]
+            w = mod.weight.detach().double().movedim(ax, 0)
+            sq, s1, count = energy[name]
+            spread = (sq - s1 * s1 / count).clamp_min(0).sqrt()  # ‖X_j - mean(X_j)‖ over the calibration tokens
+            col = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1) * spread
+            score += col.reshape(chunks, n, -1).pow(2).sum(dim=(0, 2)).sqrt()
         scores[g["name"]] = score
     return scores
 

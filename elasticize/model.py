@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -11,7 +11,7 @@ from torch import nn
 from .adapters import Adapter, adapter_for_model, get_adapter
 from .export import extract_from
 from .graph import analyze
-from .importance import magnitude_importance, sort_by_importance
+from .importance import activation_importance, magnitude_importance, sort_by_importance
 from .plan import Plan, apply_plan, build_plan, slice_ranges
 from .rules import find_rule
 from .space import Config, SearchSpace
@@ -315,6 +315,7 @@ def elasticize(
     modules_ratios: Sequence[float] | None = None,
     exclude: Sequence[str] = (),
     sort: str | None = "magnitude",
+    calibration: Iterable[Any] | None = None,
     recipe: dict[str, Any] | None = None,
 ) -> ElasticModel:
     """Turn a trained model into an elastic super-network, in place.
@@ -336,8 +337,13 @@ def elasticize(
         heads_ratios: fractions of each attention's heads offered.
         modules_ratios: fractions of each TAC block's modules offered; None offers every ``w <= W``.
         exclude: ``fnmatch`` patterns of group or stage names to keep at full size.
-        sort: ``"magnitude"`` permutes every group by data-free weight-magnitude importance
-            (function-preserving) so that small sub-networks keep the important units; None keeps the order.
+        sort: how each group is permuted, most important unit first (function-preserving), so
+            that small sub-networks keep the important units: ``"magnitude"`` (data-free weight
+            norms), ``"activation"`` (each unit's contribution to the layers that read it on
+            ``calibration``; better sub-networks before any training, see
+            :mod:`elasticize.importance`), or None (keep the order).
+        calibration: batches for ``sort="activation"`` (a tensor, ``(x, y)`` tuple or mapping
+            of keyword inputs per batch, as the trainer takes them), e.g. 8 batches of 32.
         recipe: how to rebuild the base model on load, ``{"adapter", "name", "kwargs"}``;
             filled in by ``elasticize convert`` and :func:`elasticize.convert`.
 
@@ -347,14 +353,18 @@ def elasticize(
     Raises:
         TypeError: if ``model`` is not an ``nn.Module`` or is already elastic.
         ValueError: if no example inputs can be found, the model cannot be traced, an option is
-            unknown, or nothing could be made elastic (the message lists why, per module).
+            unknown, ``sort="activation"`` comes without calibration batches, or nothing could be
+            made elastic (the message lists why, per module).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"elasticize() takes an nn.Module, not {type(model).__name__}")
     if isinstance(model, ElasticModel) or any(hasattr(m, "_el_tensors") for m in model.modules()):
         raise TypeError("this model is already elastic; elasticize the original model once")
-    if sort not in ("magnitude", None):
-        raise ValueError(f"sort must be 'magnitude' or None, not {sort!r}")
+    if sort not in ("magnitude", "activation", None):
+        raise ValueError(f"sort must be 'magnitude', 'activation' or None, not {sort!r}")
+    if sort == "activation" and calibration is None:
+        raise ValueError("sort='activation' ranks units on calibration data: pass calibration=[batch, ...] (a few "
+                         "batches of real inputs), or use sort='magnitude'")
     inputs = _as_tuple(example_inputs)
     if not inputs:
         adapter: Adapter = adapter_for_model(model) or get_adapter("import")
@@ -372,8 +382,10 @@ def elasticize(
         reasons = "; ".join(f"{w}: {r}" for w, r in plan.not_elastic[:12]) or "no convolution, linear layer or block"
         raise ValueError(f"nothing in {type(model).__name__} could be made elastic ({reasons}). Add a rule for its "
                          "modules (see README, 'Your own rule') or choose other dims")
-    if sort == "magnitude" and plan.groups:
-        sort_by_importance(model, plan, magnitude_importance(model, plan))
+    if sort is not None and plan.groups:
+        scores = (activation_importance(model, plan, calibration) if sort == "activation"
+                  else magnitude_importance(model, plan))
+        sort_by_importance(model, plan, scores)
     em = ElasticModel(model, plan, recipe=recipe, input_shapes=[list(t.shape) for t in inputs
                                                                 if isinstance(t, torch.Tensor)])
     em.train(was_training)
