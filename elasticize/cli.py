@@ -112,10 +112,13 @@ def main() -> None:
 @click.option("--exclude", multiple=True, help="Group or stage name pattern kept at full size, repeatable.")
 @click.option("--input-shape", default=None, help="Example input shape, e.g. 1,3,224,224 (default: from the model).")
 @click.option("--no-sort", is_flag=True, help="Keep the channel order (no importance sorting).")
+@click.option("--calibrate", type=click.Path(), default=None,
+              help="Image folder or text file (one sample per line): rank units by activation importance on 8 "
+                   "batches of it instead of data-free weight magnitude.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 def convert(model: str, output: str | None, pretrained: bool, weights: str | None, kwargs: tuple[str, ...], dims: str,
             depth_mode: str, width_ratios: str, heads_ratios: str, modules_ratios: str | None, exclude: tuple[str, ...], input_shape: str | None,
-            no_sort: bool, force: bool) -> None:
+            no_sort: bool, calibrate: str | None, force: bool) -> None:
     """Make MODEL elastic and save it.
 
     MODEL is a timm name (resnet50), torchvision:NAME, package.module:builder, or a Hugging Face
@@ -133,6 +136,8 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
         raise click.ClickException("-o points at the --weights input; choose another output path")
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to replace it or choose another -o")
+    if calibrate and no_sort:
+        raise click.UsageError("--calibrate ranks units for sorting; it cannot go with --no-sort")
     example = None
     if input_shape:
         try:
@@ -142,7 +147,9 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
     options = dict(dims=tuple(d.strip() for d in dims.split(",") if d.strip()), depth_mode=depth_mode,
                    width_ratios=_floats(width_ratios), heads_ratios=_floats(heads_ratios), exclude=exclude,
                    modules_ratios=_floats(modules_ratios) if modules_ratios else None,
-                   sort=None if no_sort else "magnitude")
+                   sort=None if no_sort else "activation" if calibrate else "magnitude")
+    if calibrate:
+        options["calibration"] = calibrate
     with console.status(f"building and converting {model}"):
         em = _run(lambda: api_convert(model, pretrained=pretrained, kwargs=_kwargs(kwargs), weights=weights,
                                       example_inputs=example, **options))

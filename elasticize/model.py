@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -402,12 +403,16 @@ def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None
         kwargs: keyword arguments for the builder (JSON-native, stored in the recipe).
         weights: a ``.safetensors`` state dict to load into the model before conversion.
         example_inputs: as in :func:`elasticize`.
-        **options: the keyword options of :func:`elasticize`.
+        **options: the keyword options of :func:`elasticize`; ``calibration`` may also be the
+            path of an image folder or a text file (one sample per line), of which 8 batches of
+            32 rank the units (``sort`` then defaults to ``"activation"``).
 
     Raises:
         KeyError: unknown model name (with close matches).
         RuntimeError: pretrained weights unavailable.
         ValueError: a weights file that is not safetensors or does not fit the model.
+        FileNotFoundError, ValueError: a calibration path that is missing or holds no usable
+            data (see :func:`elasticize.train.data.calibration_batches`).
     """
     from .adapters import resolve_spec
 
@@ -421,5 +426,12 @@ def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None
         load_weights_file(model, weights)
     recipe = adapter.recipe(model, name, kw)
     recipe["pretrained"] = bool(pretrained or weights is not None)  # the trainer distills from the original then
+    if isinstance(options.get("calibration"), (str, os.PathLike)):
+        from .train.data import calibration_batches
+
+        shapes = [list(t.shape) for t in (_as_tuple(example_inputs) or adapter.example_inputs(model))
+                  if isinstance(t, torch.Tensor)]
+        options["calibration"] = calibration_batches(options["calibration"], input_shapes=shapes, recipe=recipe)
+        options.setdefault("sort", "activation")
     return elasticize(model.eval(), example_inputs, recipe=recipe, **options)
 

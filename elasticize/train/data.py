@@ -9,7 +9,9 @@ size and scaled to [0, 1] then normalised with ImageNet's mean and std (three ch
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..model import ElasticModel
 
-__all__ = ["image_folder_data", "text_file_data", "read_text_lines"]
+__all__ = ["image_folder_data", "text_file_data", "read_text_lines", "calibration_batches"]
 
 
 def _split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -127,3 +129,40 @@ def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, 
     loader = DataLoader(_Lines([lines[i] for i in tr]), batch_size=batch_size, shuffle=False, collate_fn=collate)
     held = list(DataLoader(_Lines([lines[i] for i in ev]), batch_size=batch_size, collate_fn=collate)) if ev else []
     return loader, held
+
+
+def calibration_batches(path: str | Path, *, input_shapes: list[list[int]], recipe: dict[str, Any],
+                        num_batches: int = 8, batch_size: int = 32, max_length: int = 128) -> list[Any]:
+    """The first ``num_batches`` batches of an image folder or a text file, for activation importance.
+
+    A folder is read as an image folder (:func:`image_folder_data`), a file as text lines
+    (:func:`text_file_data`, tokenized by the tokenizer of the Hugging Face model in ``recipe``).
+    Nothing is held out.
+
+    Args:
+        path: the image folder or text file.
+        input_shapes: the model's example input shapes, e.g. ``[[1, 3, 224, 224]]``.
+        recipe: the conversion recipe (names the Hugging Face folder or hub id for text).
+
+    Returns:
+        Up to ``num_batches`` batches: ``(x, y)`` with ``x`` of shape ``(batch, C, H, W)``, or
+        mappings of ``input_ids`` / ``attention_mask`` of shape ``(batch, tokens)``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: as :func:`image_folder_data` and :func:`text_file_data`.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"calibration data {p}: no such file or folder (an image folder with one sub-folder "
+                                "per class, or a text file with one sample per line)")
+    model = SimpleNamespace(input_shapes=input_shapes, recipe=recipe)  # all the loaders read of a model
+    try:
+        if p.is_dir():
+            loader, _ = image_folder_data(p, model, batch_size=batch_size, eval_fraction=0.0)  # type: ignore[arg-type]
+        else:
+            loader, _ = text_file_data(p, model, batch_size=batch_size, eval_fraction=0.0,  # type: ignore[arg-type]
+                                       max_length=max_length)
+    except ValueError as e:
+        raise ValueError(str(e).replace("--data ", "calibration data ", 1)) from None
+    return list(itertools.islice(loader, num_batches))
