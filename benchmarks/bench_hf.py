@@ -77,7 +77,8 @@ def main() -> None:
     with torch.no_grad():
         ref = embed(original, batch)
         for sort in ("activation", "magnitude", None):  # activation: ranked on 256 other sentences
-            e = elasticize.elasticize(AutoModel.from_pretrained(path).eval(), sort=sort, calibration=calib)
+            e = elasticize.elasticize(AutoModel.from_pretrained(path).eval(), sort=sort,
+                                      calibration=calib if sort == "activation" else None)
             with e.subnet(cfg):
                 cos = torch.nn.functional.cosine_similarity(embed(e, batch), ref).mean().item()
             print(f"half heads + half FFN ({100 * e.macs(cfg) / e.macs():.0f}% MACs), sort={sort!s:10}: "

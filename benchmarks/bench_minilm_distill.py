@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--depth-mode", choices=("prefix", "spaced"), default="prefix",
+                    help="prefix: the first k layers (SortedNet); spaced: drop layers evenly, keep the last")
     ap.add_argument("--sort", choices=("activation", "magnitude"), default="activation",
                     help="importance order before training (activation: ranked on 8 training batches)")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
@@ -77,12 +79,13 @@ def main() -> None:
     train = batches(tok, lines[args.held_out:], args.batch_size, args.max_length)
     print(f"{len(lines)} stdlib docstring sentences: {len(lines) - args.held_out} for training, {args.held_out} held "
           f"out; {args.steps} steps x batch {args.batch_size}, max {args.max_length} tokens, AdamW one-cycle "
-          f"{args.lr:g}, {args.sort} importance order, CPU {args.threads} threads", flush=True)
+          f"{args.lr:g}, {args.sort} importance order, {args.depth_mode} depth, CPU {args.threads} threads", flush=True)
     table: dict[str, dict[str, float]] = {}
     extra: dict[str, str] = {}
     macs: dict[str, float] = {}
     for k, name in enumerate(args.strategies.split(",")):
-        em = elasticize.convert(path, width_ratios=RATIOS, heads_ratios=RATIOS, sort=args.sort, calibration=train[:8])
+        em = elasticize.convert(path, width_ratios=RATIOS, heads_ratios=RATIOS, sort=args.sort, calibration=train[:8],
+                                depth_mode=args.depth_mode)
         for m in em.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0

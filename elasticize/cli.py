@@ -147,7 +147,7 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
     options = dict(dims=tuple(d.strip() for d in dims.split(",") if d.strip()), depth_mode=depth_mode,
                    width_ratios=_floats(width_ratios), heads_ratios=_floats(heads_ratios), exclude=exclude,
                    modules_ratios=_floats(modules_ratios) if modules_ratios else None,
-                   sort=None if no_sort else "activation" if calibrate else "magnitude")
+                   sort=None if no_sort else "auto")
     if calibrate:
         options["calibration"] = calibrate
     with console.status(f"building and converting {model}"):

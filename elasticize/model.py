@@ -315,7 +315,7 @@ def elasticize(
     heads_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
     modules_ratios: Sequence[float] | None = None,
     exclude: Sequence[str] = (),
-    sort: str | None = "magnitude",
+    sort: str | None = "auto",
     calibration: Iterable[Any] | None = None,
     recipe: dict[str, Any] | None = None,
 ) -> ElasticModel:
@@ -341,8 +341,9 @@ def elasticize(
         sort: how each group is permuted, most important unit first (function-preserving), so
             that small sub-networks keep the important units: ``"magnitude"`` (data-free weight
             norms), ``"activation"`` (each unit's contribution to the layers that read it on
-            ``calibration``; better sub-networks before any training, see
-            :mod:`elasticize.importance`), or None (keep the order).
+            ``calibration``; better untrained transformer sub-networks, see
+            :mod:`elasticize.importance`), ``"auto"`` (activation when ``calibration`` is given,
+            else magnitude), or None (keep the order).
         calibration: batches for ``sort="activation"`` (a tensor, ``(x, y)`` tuple or mapping
             of keyword inputs per batch, as the trainer takes them), e.g. 8 batches of 32.
         recipe: how to rebuild the base model on load, ``{"adapter", "name", "kwargs"}``;
@@ -354,15 +355,21 @@ def elasticize(
     Raises:
         TypeError: if ``model`` is not an ``nn.Module`` or is already elastic.
         ValueError: if no example inputs can be found, the model cannot be traced, an option is
-            unknown, ``sort="activation"`` comes without calibration batches, or nothing could be
-            made elastic (the message lists why, per module).
+            unknown, ``sort="activation"`` comes without calibration batches (or calibration
+            batches with another explicit ``sort``), or nothing could be made elastic (the
+            message lists why, per module).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"elasticize() takes an nn.Module, not {type(model).__name__}")
     if isinstance(model, ElasticModel) or any(hasattr(m, "_el_tensors") for m in model.modules()):
         raise TypeError("this model is already elastic; elasticize the original model once")
-    if sort not in ("magnitude", "activation", None):
-        raise ValueError(f"sort must be 'magnitude', 'activation' or None, not {sort!r}")
+    if sort not in ("auto", "magnitude", "activation", None):
+        raise ValueError(f"sort must be 'auto', 'magnitude', 'activation' or None, not {sort!r}")
+    if sort == "auto":
+        sort = "magnitude" if calibration is None else "activation"
+    if calibration is not None and sort != "activation":
+        raise ValueError(f"calibration data is used only by sort='activation', and sort={sort!r} was asked for: "
+                         "drop one of the two")
     if sort == "activation" and calibration is None:
         raise ValueError("sort='activation' ranks units on calibration data: pass calibration=[batch, ...] (a few "
                          "batches of real inputs), or use sort='magnitude'")
@@ -405,7 +412,7 @@ def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None
         example_inputs: as in :func:`elasticize`.
         **options: the keyword options of :func:`elasticize`; ``calibration`` may also be the
             path of an image folder or a text file (one sample per line), of which 8 batches of
-            32 rank the units (``sort`` then defaults to ``"activation"``).
+            32 rank the units.
 
     Raises:
         KeyError: unknown model name (with close matches).
@@ -432,6 +439,5 @@ def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None
         shapes = [list(t.shape) for t in (_as_tuple(example_inputs) or adapter.example_inputs(model))
                   if isinstance(t, torch.Tensor)]
         options["calibration"] = calibration_batches(options["calibration"], input_shapes=shapes, recipe=recipe)
-        options.setdefault("sort", "activation")
     return elasticize(model.eval(), example_inputs, recipe=recipe, **options)
 

@@ -43,7 +43,7 @@ def test_a_unit_the_data_never_activates_goes_last_despite_large_weights():
     with torch.no_grad():
         alive = int((model[2](model[1](x[:512])) > 0).any(0).sum())
     assert alive < 32
-    em = elasticize.elasticize(model, x[:2], dims=("width",), sort="activation", calibration=[x[:256], x[256:512]])
+    em = elasticize.elasticize(model, x[:2], dims=("width",), calibration=[x[:256], x[256:512]])  # sort="auto"
     at = next(i for i in range(32) if torch.equal(em.model[1].weight[i], dead_in))
     assert at >= alive and torch.equal(em.model[3].weight[:, at], dead_out)  # behind every unit the data activates
 
@@ -78,8 +78,10 @@ def test_activation_sorting_without_calibration_data_is_refused_and_the_model_is
         elasticize.elasticize(model, x[:2], sort="activation", calibration=[])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(hasattr(m, "_el_tensors") for m in model.modules())
-    with pytest.raises(ValueError, match="'magnitude', 'activation' or None"):
+    with pytest.raises(ValueError, match="'auto', 'magnitude', 'activation' or None"):
         elasticize.elasticize(model, x[:2], sort="wanda")
+    with pytest.raises(ValueError, match="only by sort='activation'"):
+        elasticize.elasticize(model, x[:2], sort="magnitude", calibration=[x[:64]])
 
 
 def test_activation_sorting_gives_the_bundled_minilm_better_untrained_subnetworks():
@@ -112,8 +114,8 @@ def test_activation_sorting_gives_the_bundled_minilm_better_untrained_subnetwork
     cfg = {"width": 0.5, "heads": 0.5}
     cos = {}
     for sort in ("magnitude", "activation"):
-        em = elasticize.elasticize(T.AutoModel.from_pretrained(path).eval(), sort=sort,
-                                   calibration=[enc(calib[i:i + 32]) for i in range(0, len(calib), 32)])
+        batches = [enc(calib[i:i + 32]) for i in range(0, len(calib), 32)] if sort == "activation" else None
+        em = elasticize.elasticize(T.AutoModel.from_pretrained(path).eval(), sort=sort, calibration=batches)
         assert max_diff(embed(em), ref) <= 1e-5
         cos[sort] = nn.functional.cosine_similarity(embed(em, cfg), ref).mean().item()
     assert cos["activation"] > cos["magnitude"] + 0.03, cos
