@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--held-out", type=int, default=256)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where to train and evaluate (default: cuda when available; bf16 autocast there)")
     ap.add_argument("--depth-mode", choices=("prefix", "spaced"), default="prefix",
                     help="prefix: the first k layers (SortedNet); spaced: drop layers evenly, keep the last")
     ap.add_argument("--sort", choices=("activation", "magnitude"), default="activation",
@@ -79,7 +81,7 @@ def main() -> None:
     train = batches(tok, lines[args.held_out:], args.batch_size, args.max_length)
     print(f"{len(lines)} stdlib docstring sentences: {len(lines) - args.held_out} for training, {args.held_out} held "
           f"out; {args.steps} steps x batch {args.batch_size}, max {args.max_length} tokens, AdamW one-cycle "
-          f"{args.lr:g}, {args.sort} importance order, {args.depth_mode} depth, CPU {args.threads} threads", flush=True)
+          f"{args.lr:g}, {args.sort} importance order, {args.depth_mode} depth, {args.device} ({args.threads} CPU threads)", flush=True)
     table: dict[str, dict[str, float]] = {}
     extra: dict[str, str] = {}
     macs: dict[str, float] = {}
@@ -99,7 +101,7 @@ def main() -> None:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(args.steps, 1),
                                                     pct_start=0.06, anneal_strategy="cos")
         tr = Trainer(em, train, optimizer=opt, scheduler=sched, strategy=name, strategy_options=STRATEGIES[name],
-                     distill_loss="hidden", output_fn=masked_hidden, seed=0)
+                     distill_loss="hidden", output_fn=masked_hidden, seed=0, device=args.device)
         if k == 0:
             table["before training"] = {p: v["cosine"] for p, v in tr.evaluate(held, metric="cosine").items()}
         t0 = time.perf_counter()
