@@ -30,8 +30,8 @@ Two importances, per unit (a channel, or a head of ``head_dim`` channels):
   the FFN and half the heads, the mean sentence cosine to the original rises from 0.55
   (magnitude) to 0.67 (``tests/test_importance.py`` asserts the gain). It is not better
   everywhere: on a small digits MLP and on the digits ResNet (after BN recalibration) it
-  wins at some widths and seeds and loses at others. Hence ``"magnitude"``
-  stays the default.
+  wins at some widths and seeds and loses at others. Hence it is used only when
+  calibration data is given (``sort="auto"``); otherwise magnitude is.
 """
 
 from __future__ import annotations
