@@ -11,8 +11,8 @@ Python standard-library module's docstrings (``examples/docstrings.py``, about 9
 ``--held-out`` of them held out for evaluation.
 
 Besides the ratio presets, two named presets: ``half`` (all 6 layers, 50% FFN but 37.5% in the
-last layer, 50% heads: 48.7% MACs) and ``quarter`` (5 layers, 25% FFN, 37.5% heads: 23.4%). Each strategy gets the same number of optimizer steps. Reported per
-preset: MACs (% of full)
+last layer, 50% heads: 48.7% MACs) and ``quarter`` (5 layers, 25% FFN, 37.5% heads: 23.4%).
+Each strategy gets the same number of optimizer steps. Reported per preset: MACs (% of full)
 and the mean cosine similarity of its sentence embedding (mean-pooled, as sentence-transformers
 pools this model) to the original's on the held-out sentences; then the best measured preset
 under 50% / 25% of the full MACs (``em.select(max_macs=..., metric="cosine")``); and, per
@@ -81,7 +81,8 @@ def main() -> None:
     train = batches(tok, lines[args.held_out:], args.batch_size, args.max_length)
     print(f"{len(lines)} stdlib docstring sentences: {len(lines) - args.held_out} for training, {args.held_out} held "
           f"out; {args.steps} steps x batch {args.batch_size}, max {args.max_length} tokens, AdamW one-cycle "
-          f"{args.lr:g}, {args.sort} importance order, {args.depth_mode} depth, {args.device} ({args.threads} CPU threads)", flush=True)
+          f"{args.lr:g}, {args.sort} importance order, {args.depth_mode} depth, {args.device} "
+          f"({args.threads} CPU threads)", flush=True)
     table: dict[str, dict[str, float]] = {}
     extra: dict[str, str] = {}
     macs: dict[str, float] = {}

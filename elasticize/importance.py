@@ -147,7 +147,8 @@ def activation_importance(model: nn.Module, plan: Plan, data: Iterable[Any]) -> 
         moments = torch.stack([x.pow(2).sum(0), x.sum(0), torch.full_like(x[0], x.shape[0])])
         energy[name] = energy[name] + moments if name in energy else moments
 
-    handles = [mod.register_forward_pre_hook(lambda m, a, n=name: hook(n, m, a)) for name, (mod, _) in consumers.items()]
+    handles = [mod.register_forward_pre_hook(lambda m, a, n=name: hook(n, m, a))
+               for name, (mod, _) in consumers.items()]
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
