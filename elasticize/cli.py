@@ -248,11 +248,13 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
 @click.option("--save-every", type=int, default=0, show_default=True, help="Steps between --state writes (0: at the end).")
 @click.option("--resume", type=click.Path(dir_okay=False), help="Resume from a --state file of an earlier run.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available).")
+@click.option("--always", multiple=True, metavar="PRESET",
+              help="Also train this preset at every step (repeatable), e.g. the presets you will ship.")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 def train(file: str, data: str, steps: int, output: str, strategy: str, accumulate: int | None, objective: str | None,
           n_random: int | None, batch_size: int, lr: float, seed: int, distill: bool | None, eval_fraction: float,
           max_length: int, state: str | None, save_every: int, resume: str | None, device: str | None,
-          force: bool) -> None:
+          always: tuple[str, ...], force: bool) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .train.run import train_file
 
@@ -261,7 +263,7 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, accumula
                                      strategy_options=options, batch_size=batch_size, lr=lr, seed=seed, distill=distill,
                                      eval_fraction=eval_fraction, max_length=max_length, state=state,
                                      resume=resume, save_every=save_every, overwrite=force, progress=True,
-                                     device=device))
+                                     device=device, always=always))
     if result["metrics"]:
         t = Table(title="Measured presets (held-out data)")
         t.add_column("preset")

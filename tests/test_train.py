@@ -296,3 +296,59 @@ def test_max_grad_norm_clips_each_update():
     assert steps[0.01] <= 0.01 + 1e-6 < steps[None]
     with pytest.raises(ValueError, match="max_grad_norm"):
         Trainer(em, [(x[:64], y[:64])], optimizer=opt, loss_fn=nn.CrossEntropyLoss(), max_grad_norm=0)
+
+
+def test_always_trains_named_presets_every_step(tmp_path):
+    _, _, xt, yt = DATA
+    losses = {}
+    for always in ((), ("tiny",)):
+        em = _model(seed=2, dims=("width", "depth"))
+        tr = Trainer(em, _loader(), optimizer=torch.optim.AdamW(em.parameters(), 3e-3), loss_fn=nn.CrossEntropyLoss(),
+                     strategy="subnetwork-to-go", seed=3, always=always)
+        recs = tr.train_steps(20, state_path=str(tmp_path / f"s{len(always)}.safetensors"))
+        losses[always] = _task_loss(em, [em.resolve("tiny")], xt, yt)
+    assert all(r["configs"][-1] == em.resolve("tiny") and "tiny" in r["losses"] for r in recs)
+    assert losses[("tiny",)] < losses[()], losses
+    with pytest.raises(KeyError, match="preset"):
+        Trainer(em, _loader(), optimizer=torch.optim.AdamW(em.parameters()), loss_fn=nn.CrossEntropyLoss(),
+                always=["no-such-preset"])
+    before = {k: v.clone() for k, v in em.model.state_dict().items()}
+    with pytest.raises(ValueError, match="always"):  # a state trained with always=tiny, resumed without
+        tr2 = Trainer(em, _loader(), optimizer=torch.optim.AdamW(em.parameters()), loss_fn=nn.CrossEntropyLoss(),
+                      strategy="subnetwork-to-go")
+        tr2.load_state(str(tmp_path / "s1.safetensors"))
+    assert all(torch.equal(before[k], v) for k, v in em.model.state_dict().items())
+
+
+def test_length_grouped_batches_cut_padding():
+    from elasticize.train.data import length_grouped_batches
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from docstrings import stdlib_sentences
+
+    lengths = [len(s.split()) for s in stdlib_sentences(every_sentence=True, modules="all")][:3000]
+    groups = length_grouped_batches(lengths, 32, seed=1)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert groups == length_grouped_batches(lengths, 32, seed=1) != length_grouped_batches(lengths, 32, seed=2)
+    padded = sum(max(lengths[i] for i in g) * len(g) for g in groups)
+    random_order = [list(range(i, min(i + 32, len(lengths)))) for i in range(0, len(lengths), 32)]
+    assert padded < 0.8 * sum(max(lengths[i] for i in g) * len(g) for g in random_order)
+    with pytest.raises(ValueError, match="batch_size"):
+        length_grouped_batches(lengths, 0)
+
+
+def test_amp_on_cpu_trains_in_bf16_and_measures_in_fp32():
+    x, y, xt, yt = DATA
+    seen = []
+
+    def output_fn(out, batch):
+        seen.append(out.dtype)
+        return out
+
+    em = _model(dims=("width",))
+    tr = Trainer(em, [(x[:64], y[:64])], optimizer=torch.optim.AdamW(em.parameters(), 1e-3),
+                 loss_fn=nn.CrossEntropyLoss(), strategy="full", amp=True, output_fn=output_fn)
+    tr.train_steps(1)
+    assert seen == [torch.bfloat16]
+    tr.measure([(xt[:32], yt[:32])], None, metric="accuracy")
+    assert seen[1:] == [torch.float32]

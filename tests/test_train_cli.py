@@ -78,6 +78,7 @@ def test_train_errors_leave_files_untouched(image_job, tmp_path):
         (["--data", str(empty)], "is empty"),
         (["--data", str(folder), "--resume", str(state)], "different super-network"),
         (["--data", str(folder), "--resume", str(model)], "not an elasticize trainer state"),
+        (["--data", str(folder), "--always", "no-such-preset"], "no preset 'no-such-preset'"),
     ]
     for extra, message in cases:
         res = CliRunner().invoke(main, ["train", str(model), "--steps", "2", "-o", str(out), "--force", *extra])
