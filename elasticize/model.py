@@ -334,6 +334,8 @@ def elasticize(
         depth_mode: ``"prefix"`` (SortedNet, arXiv 2309.00255: keep the first k blocks of each
             stage) or ``"skippable"`` (Adaptive Depth Networks, arXiv 2312.16392: each stage's
             second half is one skippable sub-path; norms in the mandatory half are switchable).
+            Transformers also take ``"spaced"`` (a depth-k sub-network drops layers evenly and
+            keeps the last, :mod:`elasticize.adapters.hf`; better for sentence encoders).
         width_ratios: fractions of each width group offered (SortedNet Table 1 uses 100/75/50/25%).
         heads_ratios: fractions of each attention's heads offered.
         modules_ratios: fractions of each TAC block's modules offered; None offers every ``w <= W``.
