@@ -39,7 +39,7 @@ def test_train_image_folder(image_job):
     d, folder, model = image_job
     out = d / "trained.safetensors"
     res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "4", "-o", str(out),
-                                    "--batch-size", "16", "--lr", "3e-3", "--accumulate", "2",
+                                    "--batch-size", "16", "--lr", "3e-3", "--accumulate", "2", "--always", "tiny",
                                     "--state", str(d / "state.safetensors")])
     assert res.exit_code == 0, res.output
     m = elasticize.read_manifest(out)
@@ -49,7 +49,8 @@ def test_train_image_folder(image_job):
     # resume from the state to 6 steps
     out2 = d / "resumed.safetensors"
     res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "6", "-o", str(out2),
-                                    "--batch-size", "16", "--accumulate", "2", "--resume", str(d / "state.safetensors")])
+                                    "--batch-size", "16", "--accumulate", "2", "--always", "tiny",
+                                    "--resume", str(d / "state.safetensors")])
     assert res.exit_code == 0, res.output
     assert "after 6 steps" in res.output
 
