@@ -49,7 +49,7 @@ def test_train_image_folder(image_job):
     # resume from the state to 6 steps
     out2 = d / "resumed.safetensors"
     res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "6", "-o", str(out2),
-                                    "--batch-size", "16", "--accumulate", "2", "--always", "tiny",
+                                    "--batch-size", "16", "--accumulate", "2", "--always", "tiny", "--amp",
                                     "--resume", str(d / "state.safetensors")])
     assert res.exit_code == 0, res.output
     assert "after 6 steps" in res.output

@@ -28,7 +28,8 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
                lr: float = 1e-4, seed: int = 0, distill: bool | None = None, eval_fraction: float = 0.1,
                max_length: int = 128, state: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
                save_every: int = 0, calibration_batches: int = 8, overwrite: bool = False,
-               progress: Any = False, device: str | None = None, always: Sequence[str] = ()) -> dict[str, Any]:
+               progress: Any = False, device: str | None = None, always: Sequence[str] = (),
+               amp: bool | None = None) -> dict[str, Any]:
     """Train an elasticize super-network file on an image folder or a text file, and save it.
 
     A folder ``data`` is image classification (cross-entropy; the model's output is the logits);
@@ -58,6 +59,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
         always: preset names trained at every step on top of the strategy's draws (see
             :class:`~elasticize.train.Trainer`).
+        amp: bf16 autocast for the training passes (None: on for CUDA only; see :class:`~elasticize.train.Trainer`).
 
     Returns:
         ``{"output", "steps", "metrics" (per preset), "history" (losses per step)}``.
@@ -111,7 +113,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     kw: dict[str, Any] = {} if output_fn is None else {"output_fn": output_fn}
     tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, strategy=strategy, strategy_options=strategy_options,
                  seed=seed, distill="auto" if distill is None else distill, distill_loss=distill_loss, device=dev,
-                 calibration_batches=calibration_batches, always=always, **kw)
+                 calibration_batches=calibration_batches, always=always, amp=amp, **kw)
     if resume is not None:
         tr.load_state(str(resume))
     remaining = max(0, steps - tr.step)
