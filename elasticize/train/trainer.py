@@ -507,14 +507,15 @@ class Trainer:
             FileNotFoundError, ValueError: see :func:`elasticize.train.state.read_state`; also a state
                 saved with another strategy or other ``always`` sub-networks.
         """
-        meta = read_state_info(path).get("strategy")
+        saved = read_state_info(path)
+        meta = saved.get("strategy")
         if meta != {"name": self.strategy.name, "options": self.strategy.options()}:
             raise ValueError(f"{path} was saved by strategy {meta}; this trainer runs "
                              f"{self.strategy.name} {self.strategy.options()}")
-        saved_always = read_state_info(path).get("always", [])
-        if saved_always != [label for label, _ in self.always]:
-            raise ValueError(f"{path} was saved training always={saved_always}; this trainer has "
-                             f"always={[label for label, _ in self.always]}")
+        always = [label for label, _ in self.always]
+        if saved.get("always", []) != always:
+            raise ValueError(f"{path} was saved training always={saved.get('always', [])}; this trainer has "
+                             f"always={always}")
         info, rng = read_state(path, self.em, self.optimizer)
         self.step = int(info["step"])
         self.epoch = int(info["epoch"])
