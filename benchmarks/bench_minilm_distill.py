@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from docstrings import stdlib_sentences  # noqa: E402
+from docstrings import package_sentences, stdlib_sentences  # noqa: E402
 
 import elasticize  # noqa: E402
 from elasticize.train import Trainer, masked_hidden  # noqa: E402
@@ -62,6 +62,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--held-out", type=int, default=256)
+    ap.add_argument("--corpus", choices=("stdlib", "stdlib+packages"), default="stdlib",
+                    help="training text: the standard library's docstring sentences, or also those of the installed "
+                         "packages (numpy, scipy, scikit-learn, torch, transformers...; ~110,000 more); the held-out "
+                         "sentences are the same stdlib ones either way")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -93,9 +97,12 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     lines = stdlib_sentences(every_sentence=True, modules="all")
     held = batches(tok, lines[:args.held_out], 64, args.max_length)
-    train = batches(tok, lines[args.held_out:], args.batch_size, args.max_length)
-    print(f"{len(lines)} stdlib docstring sentences: {len(lines) - args.held_out} for training, {args.held_out} held "
-          f"out; {args.steps} steps x batch {args.batch_size}, max {args.max_length} tokens, AdamW one-cycle "
+    train_lines = lines[args.held_out:]
+    if args.corpus == "stdlib+packages":
+        train_lines += package_sentences(exclude=set(lines))
+    train = batches(tok, train_lines, args.batch_size, args.max_length)
+    print(f"{len(lines)} stdlib docstring sentences, {args.held_out} held out; {len(train_lines)} training sentences "
+          f"({args.corpus}); {args.steps} steps x batch {args.batch_size}, max {args.max_length} tokens, AdamW one-cycle "
           f"{args.lr:g}, {args.sort} importance order, {args.depth_mode} depth, {args.device} "
           f"({args.threads} CPU threads){', bf16 autocast' if args.amp else ''}"
           f"{', always training ' + args.always if args.always else ''}", flush=True)

@@ -337,6 +337,24 @@ def test_length_grouped_batches_cut_padding():
         length_grouped_batches(lengths, 0)
 
 
+def test_package_sentences_parse_docstrings_without_importing(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from docstrings import package_sentences
+
+    pkg = tmp_path / "unimported_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text('"""A package whose import would fail loudly.\n\nSee ``f(x)`` and {x}."""\n'
+                                     'raise RuntimeError("imported")\n')
+    (pkg / "mod.py").write_text('def f():\n    """Return the answer to the question.\n\n    >>> f() == 42\n    """\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    got = package_sentences(("unimported_pkg", "no_such_package_here"))
+    assert sorted(got) == ["A package whose import would fail loudly.", "Return the answer to the question."]
+    assert "unimported_pkg" not in sys.modules
+    assert package_sentences(("unimported_pkg",), exclude={got[0]}) == [got[1]]
+    real = package_sentences(("click",))  # a dependency of elasticize: real docstrings
+    assert len(real) > 300 and real == package_sentences(("click",)) != package_sentences(("click",), seed=1)
+    assert all(s[0].isupper() and s[-1] in ".!?" and ">>>" not in s for s in real)
+
 def test_amp_on_cpu_trains_in_bf16_and_measures_in_fp32():
     x, y, xt, yt = DATA
     seen = []
