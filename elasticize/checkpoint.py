@@ -193,6 +193,7 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
         "kind": kind,
         "recipe": em.recipe,
         "input_shapes": em.input_shapes,
+        "importance": em.importance,
         "plan": em.plan.to_json(),
         "search_space": em.space.dimensions,
         "aliases": aliases,
@@ -302,7 +303,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticM
         raise ValueError(f"{path} holds one dense sub-network; load it with elasticize.load_subnet(path)")
     base, meta = _base_model(manifest, model)
     em = ElasticModel(base, Plan.from_json(manifest["plan"]), recipe=manifest.get("recipe"),
-                      input_shapes=manifest.get("input_shapes", []))
+                      input_shapes=manifest.get("input_shapes", []), importance=manifest.get("importance"))
     tensors = {k: _aligned(t) for k, t in load_file(str(path)).items()}
     calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()}
                   for p, t in (manifest.get("bn_stats") or {}).items()}

@@ -174,12 +174,22 @@ def inspect(file: str, as_json: bool) -> None:
     recipe = m.get("recipe") or {}
     console.print(f"[bold]{file}[/bold]: {m['kind']}, format {m['format_version']}, elasticize "
                   f"{m['library_version']}, base model {recipe.get('adapter') or 'user model'}:"
-                  f"{recipe.get('name', '')}, traced with {m['plan']['tracer']}")
+                  f"{recipe.get('name', '')}, traced with {m['plan']['tracer']}, {_order(m.get('importance') or {})}")
     if m["kind"] == "super-network":
         presets = m["presets"]
         report_tables(m["plan"], presets, presets.get("full", next(iter(presets.values())))["macs"])
     else:
         console.print(f"sub-network {json.dumps(m['config'])}: {_fmt(m['macs'])} MACs, {_fmt(m['params'])} params")
+
+
+def _order(importance: dict) -> str:
+    """How the manifest says the units were ordered, in words."""
+    if not importance:
+        return "importance order not recorded"
+    if importance.get("order") is None:
+        return "units in their original order"
+    n = importance.get("calibration_batches")
+    return f"{importance['order']} importance order" + (f" ({n} calibration batches)" if n is not None else "")
 
 
 @main.command()

@@ -34,6 +34,9 @@ class ElasticModel(nn.Module):
         space: the search space (:class:`elasticize.space.SearchSpace`).
         recipe: how to rebuild the base model (``{"adapter", "name", "kwargs"}``), or ``{}``.
         input_shapes: shapes of the example inputs used for the analysis.
+        importance: how the units were ordered at conversion, ``{"order": "magnitude" |
+            "activation" | None}`` plus ``"calibration_batches"`` (a count) for activation
+            importance; ``{}`` when unknown (a model built before this was recorded).
         metrics: measured metric per preset name (filled by training), JSON-native.
         bn_stats: calibrated BatchNorm running statistics per preset (BN recalibration, filled by
             :func:`elasticize.train.recalibrate_bn` or loaded from a file): preset name -> buffer name
@@ -43,8 +46,9 @@ class ElasticModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, plan: Plan, *, recipe: dict[str, Any] | None = None,
-                 input_shapes: Sequence[Sequence[int]] = ()) -> None:
+                 input_shapes: Sequence[Sequence[int]] = (), importance: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.importance = dict(importance or {})
         self.model = model
         self.plan = plan
         self.space = SearchSpace(plan)
@@ -392,12 +396,16 @@ def elasticize(
         reasons = "; ".join(f"{w}: {r}" for w, r in plan.not_elastic[:12]) or "no convolution, linear layer or block"
         raise ValueError(f"nothing in {type(model).__name__} could be made elastic ({reasons}). Add a rule for its "
                          "modules (see README, 'Your own rule') or choose other dims")
+    order: dict[str, Any] = {"order": sort if plan.groups else None}
     if sort is not None and plan.groups:
+        if sort == "activation":
+            calibration = list(calibration)  # counted for the manifest, then read once
+            order["calibration_batches"] = len(calibration)
         scores = (activation_importance(model, plan, calibration) if sort == "activation"
                   else magnitude_importance(model, plan))
         sort_by_importance(model, plan, scores)
     em = ElasticModel(model, plan, recipe=recipe, input_shapes=[list(t.shape) for t in inputs
-                                                                if isinstance(t, torch.Tensor)])
+                                                                if isinstance(t, torch.Tensor)], importance=order)
     em.train(was_training)
     return em
 

@@ -137,3 +137,25 @@ def test_no_pickle_in_the_package():
     pattern = re.compile(r"import pickle|pickle\.load|torch\.load\(|weights_only\s*=\s*False")
     hits = [p for p in PKG.rglob("*.py") if pattern.search(p.read_text())]
     assert hits == []
+
+
+def test_manifest_records_the_importance_order(saved, tmp_path):
+    from click.testing import CliRunner
+
+    from elasticize.cli import main
+
+    em, path = saved  # convert() with no calibration data: magnitude importance
+    assert read_manifest(path)["importance"] == {"order": "magnitude"} == elasticize.load(path).importance
+    torch.manual_seed(0)
+
+    def mlp():
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+
+    batches = (torch.randn(4, 8) for _ in range(3))  # a generator: counted, and still read for the ranking
+    act = elasticize.elasticize(mlp(), example_inputs=torch.randn(2, 8), calibration=batches)
+    out = elasticize.save(act, tmp_path / "act.safetensors")
+    assert read_manifest(out)["importance"] == {"order": "activation", "calibration_batches": 3}
+    assert "activation importance order (3 calibration batches)" in CliRunner().invoke(main, ["inspect", str(out)]).output
+    plain = elasticize.elasticize(mlp(), example_inputs=torch.randn(2, 8), sort=None)
+    assert elasticize.load(elasticize.save(plain, tmp_path / "plain.safetensors"), model=mlp()).importance == \
+        {"order": None}
