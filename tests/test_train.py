@@ -308,6 +308,10 @@ def test_always_trains_named_presets_every_step(tmp_path):
         recs = tr.train_steps(20, state_path=str(tmp_path / f"s{len(always)}.safetensors"))
         losses[always] = _task_loss(em, [em.resolve("tiny")], xt, yt)
     assert all(r["configs"][-1] == em.resolve("tiny") and "tiny" in r["losses"] for r in recs)
+    tr = Trainer(em, _loader(), optimizer=torch.optim.AdamW(em.parameters(), 1e-4), loss_fn=nn.CrossEntropyLoss(),
+                 strategy="subnetwork-to-go", always=["full"])  # named like the strategy's own "full" pass
+    rec = tr.train_steps(1)[0]
+    assert {"full", "full (always)"} <= set(rec["losses"]) and rec["configs"][0] == rec["configs"][-1]
     assert losses[("tiny",)] < losses[()], losses
     with pytest.raises(KeyError, match="preset"):
         Trainer(em, _loader(), optimizer=torch.optim.AdamW(em.parameters()), loss_fn=nn.CrossEntropyLoss(),

@@ -95,7 +95,8 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
             (``torch.nn.utils.clip_grad_norm_``) before the step; None does not clip. Recurrent
             models usually need it (BSRNN clips at 5).
         always: ``(label, configuration)`` pairs trained on the first micro-batch at every step
-            after the strategy's passes, like a ``"task"`` pass (see :class:`Trainer`'s ``always``).
+            after the strategy's passes, like a ``"task"`` pass (see :class:`Trainer`'s ``always``);
+            a label equal to one of the strategy's pass labels is logged as ``"<label> (always)"``.
 
     Returns:
         (mean loss per pass label, the configurations trained, in order).
@@ -108,7 +109,9 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         raise ValueError(f"strategy {strategy.name!r} needs {strategy.micro_batches} batches per step, got {len(batches)}")
     dl = DISTILL_LOSSES[distill_loss] if isinstance(distill_loss, str) else distill_loss
     runner = runner if runner is not None else em
-    passes = strategy.passes(sampler) + [Pass(cfg, label) for label, cfg in always]
+    passes = strategy.passes(sampler)
+    drawn = {p.label for p in passes}  # an always pass named like a strategy pass is logged apart from it
+    passes += [Pass(cfg, f"{label} (always)" if label in drawn else label) for label, cfg in always]
     optimizer.zero_grad(set_to_none=True)
     teacher_out: dict[int, torch.Tensor] = {}
     kept: dict[int, torch.Tensor] = {}
