@@ -6,7 +6,8 @@ layers; 7 width and 7 heads choices from 100% down to 25%, 6 depths: 294 nested 
 sub-networks; FFN neurons and heads ordered by activation importance on 8 training batches,
 ``--sort``) and trained by distillation from the frozen original.
 Loss (``distill_loss="hidden"``): ``1 - cos`` of the sentence embeddings plus the relative MSE of
-every token's final hidden state, dropout off (the target is a deterministic function).
+every token's final hidden state, dropout off (the target is a deterministic function);
+``--distill-loss cosine --dropout`` is what ``elasticize train`` does on a text file.
 AdamW with one-cycle schedule (6% warm-up, cosine decay). Text: every prose sentence of every
 Python standard-library module's docstrings (``examples/docstrings.py``, about 9,000), the first
 ``--held-out`` of them held out for evaluation; batches grouped by length (padding 20 tokens per
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from docstrings import package_sentences, stdlib_sentences  # noqa: E402
 
 import elasticize  # noqa: E402
-from elasticize.train import Trainer, masked_hidden  # noqa: E402
+from elasticize.train import Trainer, masked_hidden, mean_pooled  # noqa: E402
 from elasticize.train.data import length_grouped_batches  # noqa: E402
 
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
@@ -80,6 +81,10 @@ def main() -> None:
                          "e.g. half,quarter")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the training passes (on by default on "
                     "cuda; on a CPU with AVX512-BF16 about 1.3x faster); evaluation stays fp32")
+    ap.add_argument("--distill-loss", choices=("hidden", "cosine"), default="hidden",
+                    help="hidden: sentence cosine + token relative MSE (masked_hidden outputs); cosine: the sentence "
+                         "embedding's cosine only (mean_pooled outputs)")
+    ap.add_argument("--dropout", action="store_true", help="keep the model's dropout (0.1) on while training")
     ap.add_argument("--eval-every", type=int, default=0,
                     help="print the presets' held-out cosine every N steps (0: only at the end)")
     ap.add_argument("--sweep", choices=("all", "first", "none"), default="all",
@@ -103,7 +108,7 @@ def main() -> None:
     train = batches(tok, train_lines, args.batch_size, args.max_length)
     print(f"{len(lines)} stdlib docstring sentences, {args.held_out} held out; {len(train_lines)} training sentences "
           f"({args.corpus}); {args.steps} steps x batch {args.batch_size}, max {args.max_length} tokens, AdamW one-cycle "
-          f"{args.lr:g}, {args.sort} importance order, {args.depth_mode} depth, {args.device} "
+          f"{args.lr:g}, {args.distill_loss} loss, dropout {'on' if args.dropout else 'off'}, {args.sort} importance order, {args.depth_mode} depth, {args.device} "
           f"({args.threads} CPU threads){', bf16 autocast' if args.amp else ''}"
           f"{', always training ' + args.always if args.always else ''}", flush=True)
     table: dict[str, dict[str, float]] = {}
@@ -113,7 +118,7 @@ def main() -> None:
         em = elasticize.convert(path, width_ratios=RATIOS, heads_ratios=RATIOS, sort=args.sort, calibration=train[:8],
                                 depth_mode=args.depth_mode)
         for m in em.modules():
-            if isinstance(m, torch.nn.Dropout):
+            if isinstance(m, torch.nn.Dropout) and not args.dropout:
                 m.p = 0.0
         half = em.resolve({"width": 0.5, "heads": 0.5})  # 50.005% of the MACs: the last FFN one step narrower
         half["width"]["encoder.layer.5:ffn"] = 576
@@ -125,7 +130,8 @@ def main() -> None:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(args.steps, 1),
                                                     pct_start=0.06, anneal_strategy="cos")
         tr = Trainer(em, train, optimizer=opt, scheduler=sched, strategy=name, strategy_options=STRATEGIES[name],
-                     distill_loss="hidden", output_fn=masked_hidden, seed=0, device=args.device,
+                     distill_loss=args.distill_loss,
+                     output_fn=masked_hidden if args.distill_loss == "hidden" else mean_pooled, seed=0, device=args.device,
                      amp=True if args.amp else None, always=[a for a in args.always.split(",") if a])
         if k == 0:
             table["before training"] = {p: v["cosine"] for p, v in tr.evaluate(held, metric="cosine").items()}
