@@ -89,6 +89,8 @@ def main() -> None:
                     help="print the presets' held-out cosine every N steps (0: only at the end)")
     ap.add_argument("--sweep", choices=("all", "first", "none"), default="all",
                     help="which strategies measure all 294 nested sub-networks (slow on a CPU: ~300 forward passes)")
+    ap.add_argument("--init", help="continue from this trained super-network file (from --out) instead of converting "
+                    "the original; the teacher is still the original model")
     ap.add_argument("--out", help="save the first strategy's trained model here (.safetensors)")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -110,27 +112,34 @@ def main() -> None:
           f"({args.corpus}); {args.steps} steps x batch {args.batch_size}, max {args.max_length} tokens, AdamW one-cycle "
           f"{args.lr:g}, {args.distill_loss} loss, dropout {'on' if args.dropout else 'off'}, {args.sort} importance order, {args.depth_mode} depth, {args.device} "
           f"({args.threads} CPU threads){', bf16 autocast' if args.amp else ''}"
-          f"{', always training ' + args.always if args.always else ''}", flush=True)
+          f"{', always training ' + args.always if args.always else ''}"
+          f"{', continuing from ' + args.init if args.init else ''}", flush=True)
     table: dict[str, dict[str, float]] = {}
     extra: dict[str, str] = {}
     macs: dict[str, float] = {}
     for k, name in enumerate(args.strategies.split(",")):
-        em = elasticize.convert(path, width_ratios=RATIOS, heads_ratios=RATIOS, sort=args.sort, calibration=train[:8],
-                                depth_mode=args.depth_mode)
+        if args.init:
+            from transformers import AutoModel
+
+            em, teacher = elasticize.load(args.init), AutoModel.from_pretrained(path)
+        else:
+            em = elasticize.convert(path, width_ratios=RATIOS, heads_ratios=RATIOS, sort=args.sort,
+                                    calibration=train[:8], depth_mode=args.depth_mode)
+            teacher = True
         for m in em.modules():
             if isinstance(m, torch.nn.Dropout) and not args.dropout:
                 m.p = 0.0
         half = em.resolve({"width": 0.5, "heads": 0.5})  # 50.005% of the MACs: the last FFN one step narrower
         half["width"]["encoder.layer.5:ffn"] = 576
-        em.add_preset("half", half)
-        em.add_preset("quarter", {"width": 0.25, "heads": 0.375, "depth": 5 / 6})
+        em.add_preset("half", half, replace=True)
+        em.add_preset("quarter", {"width": 0.25, "heads": 0.375, "depth": 5 / 6}, replace=True)
         full = em.macs(None)
         macs = {p: em.macs(p) / full for p in em.presets}
         opt = torch.optim.AdamW(em.parameters(), lr=args.lr)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(args.steps, 1),
                                                     pct_start=0.06, anneal_strategy="cos")
         tr = Trainer(em, train, optimizer=opt, scheduler=sched, strategy=name, strategy_options=STRATEGIES[name],
-                     distill_loss=args.distill_loss,
+                     distill=teacher, distill_loss=args.distill_loss,
                      output_fn=masked_hidden if args.distill_loss == "hidden" else mean_pooled, seed=0, device=args.device,
                      amp=True if args.amp else None, always=[a for a in args.always.split(",") if a])
         if k == 0:
