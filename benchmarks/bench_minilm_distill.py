@@ -111,9 +111,11 @@ def main() -> None:
     if args.corpus == "stdlib+packages":
         train_lines += package_sentences(exclude=set(lines))
     train = batches(tok, train_lines, args.batch_size, args.max_length)
+    order = ("importance order and depth mode of the --init file" if args.init
+             else f"{args.sort} importance order, {args.depth_mode} depth")
     print(f"{len(lines)} stdlib docstring sentences, {args.held_out} held out; {len(train_lines)} training sentences "
           f"({args.corpus}); {args.steps} steps x batch {args.batch_size}, max {args.max_length} tokens, AdamW one-cycle "
-          f"{args.lr:g}, {args.distill_loss} loss, dropout {'on' if args.dropout else 'off'}, {args.sort} importance order, {args.depth_mode} depth, {args.device} "
+          f"{args.lr:g}, {args.distill_loss} loss, dropout {'on' if args.dropout else 'off'}, {order}, {args.device} "
           f"({args.threads} CPU threads){', bf16 autocast' if args.amp else ''}"
           f"{', always training ' + args.always if args.always else ''}"
           f"{', continuing from ' + args.init if args.init else ''}", flush=True)
