@@ -321,6 +321,11 @@ def test_always_trains_named_presets_every_step(tmp_path):
         tr2 = Trainer(em, _loader(), optimizer=torch.optim.AdamW(em.parameters()), loss_fn=nn.CrossEntropyLoss(),
                       strategy="subnetwork-to-go")
         tr2.load_state(str(tmp_path / "s1.safetensors"))
+    opt = torch.optim.AdamW(em.parameters())
+    with pytest.raises(ValueError, match="without a learning-rate scheduler"):  # saved with none, resumed with one
+        Trainer(em, _loader(), optimizer=opt, loss_fn=nn.CrossEntropyLoss(), strategy="subnetwork-to-go",
+                always=["tiny"], scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
+                ).load_state(str(tmp_path / "s1.safetensors"))
     assert all(torch.equal(before[k], v) for k, v in em.model.state_dict().items())
 
 

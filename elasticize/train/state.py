@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import _atomic_write
 from ..model import ElasticModel
 
-__all__ = ["plan_fingerprint", "write_state", "read_state", "read_state_info", "STATE_KEY"]
+__all__ = ["plan_fingerprint", "write_state", "read_state", "read_state_info", "check_state_info", "STATE_KEY"]
 
 STATE_KEY = "elasticize.train"
 STATE_VERSION = 1
@@ -89,6 +89,19 @@ def write_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.opti
                          inputs=inputs)
 
 
+def check_state_info(path: str | os.PathLike, info: dict[str, Any], em: ElasticModel) -> None:
+    """Check that the metadata ``info`` of the state file ``path`` can resume ``em``.
+
+    Raises:
+        ValueError: a newer state format, or a state saved from another model (plan fingerprint differs).
+    """
+    if int(info.get("format_version", 0)) > STATE_VERSION:
+        raise ValueError(f"{path} was written by a newer elasticize (state format {info['format_version']}); upgrade")
+    if info.get("plan_sha256") != plan_fingerprint(em.plan.to_json()):
+        raise ValueError(f"{path} was saved from a different super-network (its plan differs); resume with the model "
+                         "it was saved from")
+
+
 def read_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Load a state written by :func:`write_state` into ``em`` and ``optimizer``.
 
@@ -102,11 +115,7 @@ def read_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.optim
     """
     p = Path(path)
     info = read_state_info(p)
-    if int(info.get("format_version", 0)) > STATE_VERSION:
-        raise ValueError(f"{p} was written by a newer elasticize (state format {info['format_version']}); upgrade")
-    if info.get("plan_sha256") != plan_fingerprint(em.plan.to_json()):
-        raise ValueError(f"{p} was saved from a different super-network (its plan differs); resume with the model "
-                         "it was saved from")
+    check_state_info(p, info, em)
     tensors = load_file(str(p))
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     groups = info["optimizer"]["param_groups"]

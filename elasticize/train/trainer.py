@@ -36,7 +36,7 @@ from ..space import Config
 from .bn import batchnorm_layers, recalibrate_bn
 from .losses import DISTILL_LOSSES, batch_size, default_output, forward_batch, split_batch, to_device
 from .sampler import SubnetSampler
-from .state import read_state, read_state_info, write_state
+from .state import check_state_info, read_state, read_state_info, write_state
 from .strategies import Pass, Strategy, make_strategy
 
 __all__ = ["train_step", "Trainer", "METRICS"]
@@ -508,9 +508,12 @@ class Trainer:
 
         Raises:
             FileNotFoundError, ValueError: see :func:`elasticize.train.state.read_state`; also a state
-                saved with another strategy or other ``always`` sub-networks.
+                saved with another strategy, other ``always`` sub-networks, or with a learning-rate
+                scheduler when this trainer has none (or the reverse). Every check runs before the
+                weights are touched.
         """
         saved = read_state_info(path)
+        check_state_info(path, saved, self.em)
         meta = saved.get("strategy")
         if meta != {"name": self.strategy.name, "options": self.strategy.options()}:
             raise ValueError(f"{path} was saved by strategy {meta}; this trainer runs "
@@ -519,6 +522,10 @@ class Trainer:
         if saved.get("always", []) != always:
             raise ValueError(f"{path} was saved training always={saved.get('always', [])}; this trainer has "
                              f"always={always}")
+        if (self.scheduler is None) != ("scheduler" not in saved):
+            raise ValueError(f"{path} was saved {'without' if self.scheduler is not None else 'with'} a learning-rate "
+                             f"scheduler; resume {'without' if self.scheduler is not None else 'with the same'} "
+                             "scheduler=")
         info, rng = read_state(path, self.em, self.optimizer)
         self.step = int(info["step"])
         self.epoch = int(info["epoch"])
@@ -526,8 +533,6 @@ class Trainer:
         self.sampler.load_state_dict({"per": info["sampler"]["per"], "generator": rng["sampler"]})
         torch.set_rng_state(rng["torch"])
         if self.scheduler is not None:
-            if "scheduler" not in info:
-                raise ValueError(f"{path} was saved without a learning-rate scheduler; resume without scheduler=")
             self.scheduler.load_state_dict(info["scheduler"])
         self._iter = None
         self._calibrated = False
