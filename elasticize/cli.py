@@ -248,7 +248,11 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
               help="sortednet objective (default stochastic-loss).")
 @click.option("--n-random", type=int, default=None, help="sandwich: random sub-networks between largest and smallest.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW (peak) learning rate.")
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "onecycle"]), default="constant",
+              show_default=True, help="Learning rate: constant, cosine decay to 0, or one-cycle (warm up to --lr, "
+              "then cosine decay).")
+@click.option("--warmup", type=float, default=0.06, show_default=True, help="One-cycle warm-up share of --steps.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--distill/--no-distill", default=None,
               help="Distill from the frozen original (default: on for a model converted from pretrained weights; always for text).")
@@ -265,16 +269,16 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
                    "CPUs with AVX512-BF16).")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 def train(file: str, data: str, steps: int, output: str, strategy: str, accumulate: int | None, objective: str | None,
-          n_random: int | None, batch_size: int, lr: float, seed: int, distill: bool | None, eval_fraction: float,
-          max_length: int, state: str | None, save_every: int, resume: str | None, device: str | None,
+          n_random: int | None, batch_size: int, lr: float, schedule: str, warmup: float, seed: int,
+          distill: bool | None, eval_fraction: float, max_length: int, state: str | None, save_every: int, resume: str | None, device: str | None,
           always: tuple[str, ...], amp: bool | None, force: bool) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .train.run import train_file
 
     options = {k: v for k, v in (("accumulate", accumulate), ("objective", objective), ("n", n_random)) if v is not None}
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
-                                     strategy_options=options, batch_size=batch_size, lr=lr, seed=seed, distill=distill,
-                                     eval_fraction=eval_fraction, max_length=max_length, state=state,
+                                     strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,
+                                     warmup=warmup, seed=seed, distill=distill, eval_fraction=eval_fraction, max_length=max_length, state=state,
                                      resume=resume, save_every=save_every, overwrite=force, progress=True,
                                      device=device, always=always, amp=amp))
     if result["metrics"]:

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 import elasticize
 from elasticize.cli import main
+from elasticize.train.state import read_state_info
 
 sys.path.insert(0, str(Path(__file__).parent))
 from toy_models import digits  # noqa: E402
@@ -40,17 +41,30 @@ def test_train_image_folder(image_job):
     out = d / "trained.safetensors"
     res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "4", "-o", str(out),
                                     "--batch-size", "16", "--lr", "3e-3", "--accumulate", "2", "--always", "tiny",
-                                    "--state", str(d / "state.safetensors")])
+                                    "--schedule", "onecycle", "--state", str(d / "state.safetensors")])
     assert res.exit_code == 0, res.output
     m = elasticize.read_manifest(out)
     assert m["format_version"] == 2 and set(m["bn_stats"]) == set(m["presets"])  # BN recalibrated per preset
     assert all("accuracy" in p["metrics"] for p in m["presets"].values())
     assert "Measured presets" in res.output and "wrote" in res.output
-    # resume from the state to 6 steps
+    sched = read_state_info(d / "state.safetensors")["scheduler"]  # one-cycle, laid out over --steps
+    assert sched["total_steps"] == 4 and sched["_last_lr"][0] < 3e-3
+    # a one-cycle run resumes only with its own --steps and --schedule
+    args = ["train", str(model), "--data", str(folder), "--batch-size", "16", "--accumulate", "2", "--always", "tiny"]
     out2 = d / "resumed.safetensors"
-    res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "6", "-o", str(out2),
-                                    "--batch-size", "16", "--accumulate", "2", "--always", "tiny", "--amp",
-                                    "--resume", str(d / "state.safetensors")])
+    for extra, message in ((["--steps", "6", "--schedule", "onecycle"], "same --steps"),
+                           (["--steps", "4"], "same --schedule"),  # the default is constant
+                           (["--steps", "4", "--schedule", "cosine"], "saved with --schedule onecycle")):
+        res = CliRunner().invoke(main, [*args, *extra, "-o", str(out2), "--resume", str(d / "state.safetensors")])
+        assert res.exit_code == 1 and message in res.output, res.output
+    assert not out2.exists()
+    # a constant-rate run can be resumed to more steps
+    res = CliRunner().invoke(main, [*args, "--steps", "2", "--schedule", "constant", "-o", str(d / "c.safetensors"),
+                                    "--state", str(d / "constant_state.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "scheduler" not in read_state_info(d / "constant_state.safetensors")
+    res = CliRunner().invoke(main, [*args, "--steps", "6", "--schedule", "constant", "--amp", "-o", str(out2),
+                                    "--resume", str(d / "constant_state.safetensors")])
     assert res.exit_code == 0, res.output
     assert "after 6 steps" in res.output
 
@@ -80,6 +94,7 @@ def test_train_errors_leave_files_untouched(image_job, tmp_path):
         (["--data", str(folder), "--resume", str(state)], "different super-network"),
         (["--data", str(folder), "--resume", str(model)], "not an elasticize trainer state"),
         (["--data", str(folder), "--always", "no-such-preset"], "no preset 'no-such-preset'"),
+        (["--data", str(folder), "--warmup", "1.5"], "warm-up share"),
     ]
     for extra, message in cases:
         res = CliRunner().invoke(main, ["train", str(model), "--steps", "2", "-o", str(out), "--force", *extra])

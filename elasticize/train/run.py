@@ -13,7 +13,28 @@ from .losses import mean_pooled
 from .state import plan_fingerprint, read_state_info
 from .trainer import Trainer
 
-__all__ = ["train_file"]
+__all__ = ["train_file", "SCHEDULES"]
+
+SCHEDULES = ("constant", "cosine", "onecycle")  # learning-rate schedules of train_file / `elasticize train --schedule`
+
+
+def _scheduler(schedule: str, opt: torch.optim.Optimizer, *, lr: float, steps: int, warmup: float) -> Any:
+    """The ``torch.optim.lr_scheduler`` of a :data:`SCHEDULES` name (None for constant)."""
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warmup,
+                                                   anneal_strategy="cos")
+    return None
+
+
+def _saved_schedule(state: dict[str, Any] | None) -> tuple[str, int | None]:
+    """(schedule name, steps it was laid out over) of a trainer state's saved scheduler state."""
+    if state is None:
+        return "constant", None
+    if "total_steps" in state:
+        return "onecycle", state["total_steps"]
+    return "cosine", state.get("T_max")
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -29,7 +50,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
                max_length: int = 128, state: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
                save_every: int = 0, calibration_batches: int = 8, overwrite: bool = False,
                progress: Any = False, device: str | None = None, always: Sequence[str] = (),
-               amp: bool | None = None) -> dict[str, Any]:
+               amp: bool | None = None, schedule: str = "constant", warmup: float = 0.06) -> dict[str, Any]:
     """Train an elasticize super-network file on an image folder or a text file, and save it.
 
     A folder ``data`` is image classification (cross-entropy; the model's output is the logits);
@@ -47,7 +68,16 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         steps: optimizer updates.
         output: the trained super-network file (never ``path``).
         strategy, strategy_options: see :func:`~elasticize.train.make_strategy`.
-        batch_size, lr, seed: batch size, AdamW learning rate, sampler/data-split seed.
+        batch_size, lr, seed: batch size, AdamW (peak) learning rate, sampler/data-split seed.
+        schedule: ``"constant"`` (the default: ``lr`` throughout), ``"cosine"`` (from ``lr`` to 0
+            along a cosine over ``steps``; :class:`torch.optim.lr_scheduler.CosineAnnealingLR`, the
+            digits benchmarks' schedule) or ``"onecycle"`` (rises from ``lr / 25`` over the first
+            ``warmup`` share of ``steps``, then falls along a cosine to ``lr / 2.5e5``;
+            :class:`torch.optim.lr_scheduler.OneCycleLR`, which also cycles AdamW's beta1 between
+            0.95 and 0.85; the MiniLM benchmark's schedule). ``benchmarks/bench_train_schedule.py``
+            compares them. A resumed run must give the interrupted run's ``schedule`` and, unless
+            constant, its ``steps``.
+        warmup: the one-cycle warm-up share of ``steps``, in (0, 1).
         distill: None for the default above.
         eval_fraction: share of the data held out for the measured presets.
         max_length: tokens per text sample.
@@ -67,8 +97,9 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     Raises:
         FileNotFoundError: a missing model file, data path, resume file or output folder.
         FileExistsError: ``output`` exists and ``overwrite`` is False.
-        ValueError: ``output`` is the input, ``steps < 1``, empty data, a resume state from
-            another super-network, or text data for a model without a tokenizer.
+        ValueError: ``output`` is the input, ``steps < 1``, an unknown ``schedule`` or a ``warmup``
+            outside (0, 1), empty data, a resume state from another super-network or with another
+            schedule or (one-cycle) another ``steps``, or text data for a model without a tokenizer.
         KeyError: an ``always`` name that is not one of the file's presets.
     """
     from ..checkpoint import load, read_manifest
@@ -76,6 +107,10 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     src, out = Path(path), Path(output)
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if not 0 < warmup < 1:
+        raise ValueError(f"--warmup {warmup}: the warm-up share of --steps must be in (0, 1), e.g. 0.06")
     read_manifest(src, presets=False)
     if _same(out, src) or (out.resolve() == src.resolve()):
         raise ValueError("-o points at the input file; choose another output path")
@@ -97,6 +132,12 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         if meta.get("plan_sha256") != plan_fingerprint(em.plan.to_json()):
             raise ValueError(f"--resume {resume} was saved from a different super-network than {src} (its manifest's "
                              "plan differs); resume with the file it was trained from")
+        was, was_steps = _saved_schedule(meta.get("scheduler"))
+        if was != schedule:
+            raise ValueError(f"--resume {resume} was saved with --schedule {was}; resume with the same --schedule")
+        if was_steps is not None and was_steps != steps:
+            raise ValueError(f"--resume {resume} comes from a {was} run of --steps {was_steps}; resume with the same "
+                             "--steps (the schedule is laid out over them)")
     text = d.is_file()
     if text:
         train, held = text_file_data(d, em, batch_size=batch_size, eval_fraction=eval_fraction,
@@ -110,10 +151,11 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     em.to(dev)
     opt = torch.optim.AdamW(em.parameters(), lr=lr)
+    sched = _scheduler(schedule, opt, lr=lr, steps=steps, warmup=warmup)
     kw: dict[str, Any] = {} if output_fn is None else {"output_fn": output_fn}
     tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, strategy=strategy, strategy_options=strategy_options,
                  seed=seed, distill="auto" if distill is None else distill, distill_loss=distill_loss, device=dev,
-                 calibration_batches=calibration_batches, always=always, amp=amp, **kw)
+                 calibration_batches=calibration_batches, always=always, amp=amp, scheduler=sched, **kw)
     if resume is not None:
         tr.load_state(str(resume))
     remaining = max(0, steps - tr.step)
