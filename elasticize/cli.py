@@ -270,17 +270,17 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 def train(file: str, data: str, steps: int, output: str, strategy: str, accumulate: int | None, objective: str | None,
           n_random: int | None, batch_size: int, lr: float, schedule: str, warmup: float, seed: int,
-          distill: bool | None, eval_fraction: float, max_length: int, state: str | None, save_every: int, resume: str | None, device: str | None,
-          always: tuple[str, ...], amp: bool | None, force: bool) -> None:
+          distill: bool | None, eval_fraction: float, max_length: int, state: str | None, save_every: int,
+          resume: str | None, device: str | None, always: tuple[str, ...], amp: bool | None, force: bool) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .train.run import train_file
 
     options = {k: v for k, v in (("accumulate", accumulate), ("objective", objective), ("n", n_random)) if v is not None}
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
                                      strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,
-                                     warmup=warmup, seed=seed, distill=distill, eval_fraction=eval_fraction, max_length=max_length, state=state,
-                                     resume=resume, save_every=save_every, overwrite=force, progress=True,
-                                     device=device, always=always, amp=amp))
+                                     warmup=warmup, seed=seed, distill=distill, eval_fraction=eval_fraction,
+                                     max_length=max_length, state=state, resume=resume, save_every=save_every,
+                                     overwrite=force, progress=True, device=device, always=always, amp=amp))
     if result["metrics"]:
         t = Table(title="Measured presets (held-out data)")
         t.add_column("preset")

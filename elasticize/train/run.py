@@ -15,7 +15,8 @@ from .trainer import Trainer
 
 __all__ = ["train_file", "SCHEDULES"]
 
-SCHEDULES = ("constant", "cosine", "onecycle")  # learning-rate schedules of train_file / `elasticize train --schedule`
+#: Learning-rate schedules of :func:`train_file` (``elasticize train --schedule``).
+SCHEDULES = ("constant", "cosine", "onecycle")
 
 
 def _scheduler(schedule: str, opt: torch.optim.Optimizer, *, lr: float, steps: int, warmup: float) -> Any:
@@ -99,7 +100,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         FileExistsError: ``output`` exists and ``overwrite`` is False.
         ValueError: ``output`` is the input, ``steps < 1``, an unknown ``schedule`` or a ``warmup``
             outside (0, 1), empty data, a resume state from another super-network or with another
-            schedule or (one-cycle) another ``steps``, or text data for a model without a tokenizer.
+            schedule or (a decaying schedule) another ``steps``, or text data for a model without a tokenizer.
         KeyError: an ``always`` name that is not one of the file's presets.
     """
     from ..checkpoint import load, read_manifest
