@@ -7,12 +7,14 @@ sub-networks; FFN neurons and heads ordered by activation importance on 8 traini
 ``--sort``) and trained by distillation from the frozen original.
 Loss (``distill_loss="hidden"``): ``1 - cos`` of the sentence embeddings plus the relative MSE of
 every token's final hidden state, dropout off (the target is a deterministic function);
-``--distill-loss cosine --dropout`` is what ``elasticize train`` does on a text file.
+``--distill-loss cosine --dropout`` is what ``elasticize train`` does on a text file;
+``--distill-loss layers`` adds the relative MSE of every intermediate layer the sub-network keeps
+(student layer i to the original's layer i; TinyBERT, CoFi).
 AdamW with one-cycle schedule (6% warm-up, cosine decay). Text: every prose sentence of every
 Python standard-library module's docstrings (``examples/docstrings.py``, about 9,000), the first
 ``--held-out`` of them held out for evaluation (``--corpus stdlib+packages`` adds the docstring
-sentences of the installed packages, about 116,000, to the training text only); batches grouped by length (padding 20 tokens per
-sentence on average instead of 51). ``--always half,quarter`` also trains those presets at every
+sentences of the installed packages, about 116,000, to the training text only); batches grouped
+by length (padding 20 tokens per sentence on average instead of 51). ``--always half,quarter`` also trains those presets at every
 step (``Trainer(always=...)``); ``--amp`` trains under bf16 autocast (evaluation stays fp32);
 ``--init FILE`` continues from a file saved with ``--out`` (a new one-cycle schedule, still
 distilling from the original).
@@ -44,10 +46,42 @@ from docstrings import package_sentences, stdlib_sentences  # noqa: E402
 
 import elasticize  # noqa: E402
 from elasticize.train import Trainer, masked_hidden, mean_pooled  # noqa: E402
+from elasticize.train.losses import DISTILL_LOSSES  # noqa: E402
 from elasticize.train.data import length_grouped_batches  # noqa: E402
 
 RATIOS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25)
 STRATEGIES = {"sortednet": {}, "subnetwork-to-go": {}, "sandwich": {"n": 0}}
+
+
+def layer_hidden(output, batch) -> torch.Tensor:
+    """Every layer's token states ``(batch, layers + 1, tokens, hidden)`` (padding zeroed) when the
+    batch asked for ``output_hidden_states``; otherwise :func:`masked_hidden` (evaluation)."""
+    hs = getattr(output, "hidden_states", None)
+    if hs is None:
+        return masked_hidden(output, batch)
+    mask = batch["attention_mask"].unsqueeze(-1)
+    return torch.stack([h * mask.to(h.dtype) for h in hs], 1)
+
+
+def layer_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``hidden`` loss on the last layer plus the mean relative MSE of every kept intermediate layer.
+
+    The layer distillation of TinyBERT and CoFi (student layer i to teacher layer i: depth here
+    skips layers, so the kept ones keep their index); a layer the sub-network skips passes its
+    input through unchanged and is left out.
+    """
+    if student.dim() == 3:
+        return DISTILL_LOSSES["hidden"](student, teacher)
+    s, t = student.float(), teacher.float()
+    loss = DISTILL_LOSSES["hidden"](s[:, -1], t[:, -1])
+    kept = [i for i in range(1, s.shape[1] - 1) if not torch.equal(student[:, i], student[:, i - 1])]
+    if kept:
+        loss = loss + sum((s[:, i] - t[:, i]).pow(2).sum() / t[:, i].pow(2).sum().clamp_min(1e-12)
+                          for i in kept) / len(kept)
+    return loss
+
+
+OUTPUTS = {"hidden": masked_hidden, "cosine": mean_pooled, "layers": layer_hidden}  # output_fn per --distill-loss
 
 
 def batches(tok, lines: list[str], size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
@@ -84,9 +118,10 @@ def main() -> None:
                          "e.g. half,quarter")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the training passes (on by default on "
                     "cuda; on a CPU with AVX512-BF16 about 1.3x faster); evaluation stays fp32")
-    ap.add_argument("--distill-loss", choices=("hidden", "cosine"), default="hidden",
+    ap.add_argument("--distill-loss", choices=("hidden", "cosine", "layers"), default="hidden",
                     help="hidden: sentence cosine + token relative MSE (masked_hidden outputs); cosine: the sentence "
-                         "embedding's cosine only (mean_pooled outputs)")
+                         "embedding's cosine only (mean_pooled outputs); layers: hidden plus the relative MSE of "
+                         "every kept intermediate layer's token states")
     ap.add_argument("--dropout", action="store_true", help="keep the model's dropout (0.1) on while training")
     ap.add_argument("--eval-every", type=int, default=0,
                     help="print the presets' held-out cosine every N steps (0: only at the end)")
@@ -111,6 +146,8 @@ def main() -> None:
     if args.corpus == "stdlib+packages":
         train_lines += package_sentences(exclude=set(lines))
     train = batches(tok, train_lines, args.batch_size, args.max_length)
+    if args.distill_loss == "layers":  # student and teacher return every layer's states
+        train = [dict(b, output_hidden_states=True) for b in train]
     order = ("importance order and depth mode of the --init file" if args.init
              else f"{args.sort} importance order, {args.depth_mode} depth")
     print(f"{len(lines)} stdlib docstring sentences, {args.held_out} held out; {len(train_lines)} training sentences "
@@ -144,8 +181,10 @@ def main() -> None:
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=max(args.steps, 1),
                                                     pct_start=0.06, anneal_strategy="cos")
         tr = Trainer(em, train, optimizer=opt, scheduler=sched, strategy=name, strategy_options=STRATEGIES[name],
-                     distill=teacher, distill_loss=args.distill_loss,
-                     output_fn=masked_hidden if args.distill_loss == "hidden" else mean_pooled, seed=0, device=args.device,
+                     distill=teacher,
+                     distill_loss=layer_distillation if args.distill_loss == "layers" else args.distill_loss,
+                     output_fn=OUTPUTS[args.distill_loss],
+                     seed=0, device=args.device,
                      amp=True if args.amp else None, always=[a for a in args.always.split(",") if a])
         if k == 0:
             table["before training"] = {p: v["cosine"] for p, v in tr.evaluate(held, metric="cosine").items()}
