@@ -14,10 +14,10 @@ AdamW with one-cycle schedule (6% warm-up, cosine decay). Text: every prose sent
 Python standard-library module's docstrings (``examples/docstrings.py``, about 9,000), the first
 ``--held-out`` of them held out for evaluation (``--corpus stdlib+packages`` adds the docstring
 sentences of the installed packages, about 116,000, to the training text only); batches grouped
-by length (padding 20 tokens per sentence on average instead of 51). ``--always half,quarter`` also trains those presets at every
-step (``Trainer(always=...)``); ``--amp`` trains under bf16 autocast (evaluation stays fp32);
-``--init FILE`` continues from a file saved with ``--out`` (a new one-cycle schedule, still
-distilling from the original).
+by length (padding 20 tokens per sentence on average instead of 51). ``--always half,quarter``
+also trains those presets at every step (``Trainer(always=...)``); ``--amp`` trains under bf16
+autocast (evaluation stays fp32); ``--init FILE`` continues from a file saved with ``--out`` (a
+new one-cycle schedule, still distilling from the original).
 
 Besides the ratio presets, two named presets: ``half`` (all 6 layers, 50% FFN but 37.5% in the
 last layer, 50% heads: 48.7% MACs) and ``quarter`` (5 layers, 25% FFN, 37.5% heads: 23.4%).
