@@ -10,7 +10,7 @@ import torch
 
 from .data import image_folder_data, text_file_data
 from .losses import mean_pooled
-from .state import plan_fingerprint, read_state_info
+from .state import check_state_info, read_state_info
 from .trainer import Trainer
 
 __all__ = ["train_file", "SCHEDULES"]
@@ -130,9 +130,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         if not Path(resume).is_file():
             raise FileNotFoundError(f"--resume {resume}: no such trainer state file")
         meta = read_state_info(resume)
-        if meta.get("plan_sha256") != plan_fingerprint(em.plan.to_json()):
-            raise ValueError(f"--resume {resume} was saved from a different super-network than {src} (its manifest's "
-                             "plan differs); resume with the file it was trained from")
+        check_state_info(f"--resume {resume}", meta, em)
         was, was_steps = _saved_schedule(meta.get("scheduler"))
         if was != schedule:
             raise ValueError(f"--resume {resume} was saved with --schedule {was}; resume with the same --schedule")
