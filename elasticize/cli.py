@@ -256,6 +256,11 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--distill/--no-distill", default=None,
               help="Distill from the frozen original (default: on for a model converted from pretrained weights; always for text).")
+@click.option("--distill-loss", type=click.Choice(["cosine", "hidden", "kl", "mse"]), default=None,
+              help="Text: cosine (sentence embedding, default) or hidden (also every token's final state); "
+                   "images: kl (default) or mse on the logits.")
+@click.option("--dropout/--no-dropout", default=True, show_default=True,
+              help="Keep the model's dropout while training.")
 @click.option("--eval-fraction", type=float, default=0.1, show_default=True, help="Share of the data held out to measure presets.")
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text sample.")
 @click.option("--state", type=click.Path(dir_okay=False), help="Write the trainer state (for --resume) here.")
@@ -270,16 +275,18 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 def train(file: str, data: str, steps: int, output: str, strategy: str, accumulate: int | None, objective: str | None,
           n_random: int | None, batch_size: int, lr: float, schedule: str, warmup: float, seed: int,
-          distill: bool | None, eval_fraction: float, max_length: int, state: str | None, save_every: int,
-          resume: str | None, device: str | None, always: tuple[str, ...], amp: bool | None, force: bool) -> None:
+          distill: bool | None, distill_loss: str | None, dropout: bool, eval_fraction: float, max_length: int,
+          state: str | None, save_every: int, resume: str | None, device: str | None, always: tuple[str, ...],
+          amp: bool | None, force: bool) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .train.run import train_file
 
     options = {k: v for k, v in (("accumulate", accumulate), ("objective", objective), ("n", n_random)) if v is not None}
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
                                      strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,
-                                     warmup=warmup, seed=seed, distill=distill, eval_fraction=eval_fraction,
-                                     max_length=max_length, state=state, resume=resume, save_every=save_every,
+                                     warmup=warmup, seed=seed, distill=distill, distill_loss=distill_loss,
+                                     dropout=dropout, eval_fraction=eval_fraction, max_length=max_length,
+                                     state=state, resume=resume, save_every=save_every,
                                      overwrite=force, progress=True, device=device, always=always, amp=amp))
     if result["metrics"]:
         t = Table(title="Measured presets (held-out data)")

