@@ -288,6 +288,8 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, accumula
                                      dropout=dropout, eval_fraction=eval_fraction, max_length=max_length,
                                      state=state, resume=resume, save_every=save_every,
                                      overwrite=force, progress=True, device=device, always=always, amp=amp))
+    if result["rank"] != 0:  # under torchrun, rank 0 reports
+        return
     if result["metrics"]:
         t = Table(title="Measured presets (held-out data)")
         t.add_column("preset")
@@ -295,7 +297,8 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, accumula
         for name, m in result["metrics"].items():
             t.add_row(name, ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
         console.print(t)
-    console.print(f"[green]wrote[/green] {result['output']} after {result['steps']} steps")
+    procs = f" on {result['world']} processes" if result["world"] > 1 else ""
+    console.print(f"[green]wrote[/green] {result['output']} after {result['steps']} steps{procs}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -69,6 +69,48 @@ def test_train_image_folder(image_job):
     assert "after 6 steps" in res.output
 
 
+def test_image_folder_shards(image_job):
+    """Data-parallel shards of the training images: equal sizes, disjoint, within the training split."""
+    from elasticize.train.data import image_folder_data
+
+    _, folder, model = image_job
+    em = elasticize.load(model)
+    whole = image_folder_data(folder, em, batch_size=16)[0].dataset.indices
+    parts = [image_folder_data(folder, em, batch_size=16, shard=(r, 2))[0].dataset.indices for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == len(whole) // 2
+    assert not set(parts[0]) & set(parts[1]) and set(parts[0]) | set(parts[1]) <= set(whole)
+    with pytest.raises(ValueError, match="cannot be shared by 200 processes"):
+        image_folder_data(folder, em, shard=(0, 200))
+
+
+def test_train_under_torchrun(image_job, tmp_path):
+    """``torchrun --nproc_per_node 2 -m elasticize.cli train``: gloo data parallel, each process on
+    half of the images, one output and one report written by process 0."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    d, folder, model = image_job
+    out, state = tmp_path / "ddp.safetensors", tmp_path / "ddp_state.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "elasticize.cli", "train", str(model), "--data", str(folder), "--steps", "5", "-o", str(out),
+           "--batch-size", "16", "--state", str(state)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("wrote") == 1 and "after 5 steps on 2 processes" in r.stdout
+    info = read_state_info(state)
+    # 108 training images, 54 per process: 4 batches of 16 an epoch, so step 5 is the first of epoch 1
+    # (one process with all 108 would still be in epoch 0, at batch 5 of 7)
+    assert (info["step"], info["epoch"], info["batch_in_epoch"]) == (5, 1, 1)
+    m = elasticize.read_manifest(out)
+    assert all("accuracy" in p["metrics"] for p in m["presets"].values())
+    before, after = load_file(str(model)), load_file(str(out))
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+
+
 def _snapshot(d: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
@@ -157,3 +199,17 @@ def test_train_text_distill_loss_and_dropout(text_job, tmp_path):
     with pytest.raises(ValueError, match="does not apply to text"):
         train_file(model, output=tmp_path / "kl.safetensors", distill_loss="kl", **kw)
     assert not (tmp_path / "kl.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_text_file_shards(text_job):
+    """Data-parallel shards of the length-grouped text batches: equal counts, disjoint."""
+    from elasticize.train.data import text_file_data
+
+    model, text = text_job
+    em = elasticize.load(model)
+    whole = list(text_file_data(text, em, batch_size=4)[0].batch_sampler)
+    parts = [list(text_file_data(text, em, batch_size=4, shard=(r, 2))[0].batch_sampler) for r in (0, 1)]
+    assert len(parts[0]) == len(parts[1]) == len(whole) // 2
+    assert parts[0] + parts[1] != [] and all(b in whole for b in parts[0] + parts[1])
+    assert not {tuple(b) for b in parts[0]} & {tuple(b) for b in parts[1]}

@@ -60,16 +60,34 @@ def _split(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int
     return perm[k:], perm[:k]
 
 
+def _shard(items: list[Any], shard: tuple[int, int], what: str) -> list[Any]:
+    """Process ``rank``'s share of ``items`` (``shard = (rank, world)``): every ``world``-th item
+    from ``rank`` on, after dropping the remainder so that every process gets as many."""
+    rank, world = shard
+    if world == 1:
+        return items
+    if len(items) < world:
+        raise ValueError(f"{len(items)} training {what} cannot be shared by {world} processes; give more data or "
+                         "start fewer processes")
+    return items[:len(items) // world * world][rank::world]
+
+
 def image_folder_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, eval_fraction: float = 0.1,
-                      seed: int = 0, workers: int = 0) -> tuple[DataLoader, list[Any]]:
+                      seed: int = 0, workers: int = 0,
+                      shard: tuple[int, int] = (0, 1)) -> tuple[DataLoader, list[Any]]:
     """An image folder (``PATH/<class>/<image>``) as ``(train loader, held-out batches)`` of ``(x, y)``.
 
     ``x`` is ``(batch, channels, height, width)`` at the model's example input size.
 
+    Args:
+        shard: ``(rank, world size)`` under data-parallel training: the loader gives this
+            process's share of the training images (every process the same number); the held-out
+            batches are the same on every process.
+
     Raises:
         FileNotFoundError: ``path`` is not a folder.
-        ValueError: a folder with no class sub-folders or no images, or a model whose example
-            input is not an image ``(1, C, H, W)``.
+        ValueError: a folder with no class sub-folders or no images, fewer training images than
+            processes, or a model whose example input is not an image ``(1, C, H, W)``.
     """
     p = Path(path)
     if not p.is_dir():
@@ -90,7 +108,7 @@ def image_folder_data(path: str | Path, em: ElasticModel, *, batch_size: int = 3
     except (FileNotFoundError, RuntimeError) as e:
         raise ValueError(f"--data {p}: {e}") from None
     tr, ev = _split(len(ds), eval_fraction, seed)
-    loader = DataLoader(Subset(ds, tr), batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
+    loader = DataLoader(Subset(ds, _shard(tr, shard, "images")), batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
     held = list(DataLoader(Subset(ds, ev), batch_size=batch_size)) if ev else []
     return loader, held
 
@@ -126,15 +144,19 @@ class _Lines(Dataset):
 
 
 def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, eval_fraction: float = 0.1,
-                   max_length: int = 128, seed: int = 0, tokenizer: Any = None) -> tuple[DataLoader, list[Any]]:
+                   max_length: int = 128, seed: int = 0, tokenizer: Any = None,
+                   shard: tuple[int, int] = (0, 1)) -> tuple[DataLoader, list[Any]]:
     """A text file (one sample per line) as ``(train loader, held-out batches)`` of tokenized mappings.
 
     Args:
         tokenizer: a Hugging Face tokenizer; default: the one in the folder the model was converted from.
+        shard: ``(rank, world size)`` under data-parallel training: the loader gives this
+            process's share of the length-grouped training batches (every process the same number).
 
     Raises:
         FileNotFoundError, ValueError: see :func:`read_text_lines`; also a model that is not a
-            Hugging Face model or whose folder has no tokenizer.
+            Hugging Face model or whose folder has no tokenizer, or fewer training batches than
+            processes.
     """
     lines = read_text_lines(path)
     if tokenizer is None:
@@ -160,7 +182,8 @@ def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, 
         lengths = [len(ids) for ids in tokenizer(part, truncation=True, max_length=max_length)["input_ids"]]
         return length_grouped_batches(lengths, batch_size, seed=seed)
 
-    loader = DataLoader(_Lines(train_lines), batch_sampler=grouped(train_lines), collate_fn=collate)
+    loader = DataLoader(_Lines(train_lines), batch_sampler=_shard(grouped(train_lines), shard, "batches"),
+                        collate_fn=collate)
     held = list(DataLoader(_Lines(held_lines), batch_sampler=grouped(held_lines), collate_fn=collate)) if ev else []
     return loader, held
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 
 from .data import image_folder_data, text_file_data
 from .losses import masked_hidden, mean_pooled
@@ -48,6 +50,31 @@ def _same(a: Path, b: Path) -> bool:
         return a.exists() and b.exists() and os.path.samefile(a, b)
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def _process_group(device: str) -> Iterator[tuple[int, int, str]]:
+    """``(rank, world size, device)`` of this process; joins the ``torchrun`` job it was started in.
+
+    When ``WORLD_SIZE > 1`` (set by ``torchrun``) and no process group exists yet, one is created
+    (NCCL for CUDA, gloo otherwise; a bare ``"cuda"`` becomes ``cuda:LOCAL_RANK``) and destroyed on
+    exit. An existing process group (the caller's) is used as it is.
+    """
+    if dist.is_available() and dist.is_initialized():
+        yield dist.get_rank(), dist.get_world_size(), device
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield 0, 1, device
+        return
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if dev.index is None else dev
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size(), str(dev)
+    finally:
+        dist.destroy_process_group()
 
 
 def _choice(loss: str | None, choices: tuple[str, ...], kind: str) -> str:
@@ -115,8 +142,14 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
             :class:`~elasticize.train.Trainer`).
         amp: bf16 autocast for the training passes (None: on for CUDA only; see :class:`~elasticize.train.Trainer`).
 
+    Under ``torchrun --nproc_per_node N`` (or in a process group the caller created) the job is
+    data-parallel: each process trains on its share of the data with
+    :class:`~torch.nn.parallel.DistributedDataParallel` (see :class:`~elasticize.train.Trainer`),
+    and process 0 writes ``output`` and ``state``.
+
     Returns:
-        ``{"output", "steps", "metrics" (per preset), "history" (losses per step)}``.
+        ``{"output", "steps", "metrics" (per preset), "rank", "world" (this process and how many
+        train), "history" (losses per step)}``.
 
     Raises:
         FileNotFoundError: a missing model file, data path, resume file or output folder.
@@ -164,33 +197,34 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     text = d.is_file()
     distill_loss = _choice(distill_loss, tuple(TEXT_LOSSES), "text") if text else \
         _choice(distill_loss, IMAGE_LOSSES, "an image folder")
-    if text:
-        if distill is False:
-            raise ValueError("text training distills from the original model (there are no labels); drop --no-distill")
-        train, held = text_file_data(d, em, batch_size=batch_size, eval_fraction=eval_fraction,
-                                     max_length=max_length, seed=seed)
-        distill, loss_fn, output_fn, metric = True, None, TEXT_LOSSES[distill_loss], "cosine"
-    else:
-        train, held = image_folder_data(d, em, batch_size=batch_size, eval_fraction=eval_fraction, seed=seed)
-        loss_fn, output_fn, metric = torch.nn.CrossEntropyLoss(), None, "accuracy"
+    if text and distill is False:
+        raise ValueError("text training distills from the original model (there are no labels); drop --no-distill")
     if not dropout:
         for m in em.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    em.to(dev)
-    opt = torch.optim.AdamW(em.parameters(), lr=lr)
-    sched = _scheduler(schedule, opt, lr=lr, steps=steps, warmup=warmup)
-    kw: dict[str, Any] = {} if output_fn is None else {"output_fn": output_fn}
-    tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, strategy=strategy, strategy_options=strategy_options,
-                 seed=seed, distill="auto" if distill is None else distill, distill_loss=distill_loss, device=dev,
-                 calibration_batches=calibration_batches, always=always, amp=amp, scheduler=sched, **kw)
-    if resume is not None:
-        tr.load_state(str(resume))
-    remaining = max(0, steps - tr.step)
-    history = tr.train_steps(remaining, progress=progress, state_path=None if state is None else str(state),
-                             save_every=save_every)
-    metrics = tr.evaluate(held, metric=metric) if held else {}
-    tr.save(str(out), overwrite=overwrite)
-    return {"output": str(out), "steps": tr.step, "metrics": metrics,
+    with _process_group(device or ("cuda" if torch.cuda.is_available() else "cpu")) as (rank, world, dev):
+        if text:
+            train, held = text_file_data(d, em, batch_size=batch_size, eval_fraction=eval_fraction,
+                                         max_length=max_length, seed=seed, shard=(rank, world))
+            distill, loss_fn, output_fn, metric = True, None, TEXT_LOSSES[distill_loss], "cosine"
+        else:
+            train, held = image_folder_data(d, em, batch_size=batch_size, eval_fraction=eval_fraction, seed=seed,
+                                            shard=(rank, world))
+            loss_fn, output_fn, metric = torch.nn.CrossEntropyLoss(), None, "accuracy"
+        em.to(dev)
+        opt = torch.optim.AdamW(em.parameters(), lr=lr)
+        sched = _scheduler(schedule, opt, lr=lr, steps=steps, warmup=warmup)
+        kw: dict[str, Any] = {} if output_fn is None else {"output_fn": output_fn}
+        tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, strategy=strategy, strategy_options=strategy_options,
+                     seed=seed, distill="auto" if distill is None else distill, distill_loss=distill_loss, device=dev,
+                     calibration_batches=calibration_batches, always=always, amp=amp, scheduler=sched, **kw)
+        if resume is not None:
+            tr.load_state(str(resume))
+        remaining = max(0, steps - tr.step)
+        history = tr.train_steps(remaining, progress=progress, state_path=None if state is None else str(state),
+                                 save_every=save_every)
+        metrics = tr.evaluate(held, metric=metric) if held else {}
+        tr.save(str(out), overwrite=overwrite)
+    return {"output": str(out), "steps": tr.step, "metrics": metrics, "rank": rank, "world": world,
             "history": [{"step": r["step"], "losses": r["losses"]} for r in history]}
