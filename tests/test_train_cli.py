@@ -84,7 +84,7 @@ def test_image_folder_shards(image_job):
 
 
 def test_train_under_torchrun(image_job, tmp_path):
-    """``torchrun --nproc_per_node 2 -m elasticize.cli train``: gloo data parallel, each process on
+    """``torchrun --nproc_per_node 2 -m elasticize train``: gloo data parallel, each process on
     half of the images, one output and one report written by process 0."""
     import os
     import subprocess
@@ -96,7 +96,7 @@ def test_train_under_torchrun(image_job, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "elasticize.cli", "train", str(model), "--data", str(folder), "--steps", "5", "-o", str(out),
+           "-m", "elasticize", "train", str(model), "--data", str(folder), "--steps", "5", "-o", str(out),
            "--batch-size", "16", "--state", str(state)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
