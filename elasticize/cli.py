@@ -84,7 +84,7 @@ def report_tables(plan: dict[str, Any], presets: dict[str, dict[str, Any]], full
     for col in ("preset", "MACs", "% of full", "params", "metrics"):
         pt.add_column(col, justify="right" if col != "preset" else "left")
     for name, p in presets.items():
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in (p.get("metrics") or {}).items())
+        metrics = _metrics(p.get("metrics") or {})
         pt.add_row(name, _fmt(p["macs"]), f"{100 * p['macs'] / max(full_macs, 1):.1f}%", _fmt(p["params"]), metrics)
     console.print(pt)
 
@@ -182,6 +182,11 @@ def inspect(file: str, as_json: bool) -> None:
         console.print(f"sub-network {json.dumps(m['config'])}: {_fmt(m['macs'])} MACs, {_fmt(m['params'])} params")
 
 
+def _metrics(m: dict[str, float]) -> str:
+    """Measured metrics in words: ``accuracy=0.9833, latency_s=0.00123``."""
+    return ", ".join(f"{k}={v:.3g}" if k == "latency_s" else f"{k}={v:.4f}" for k, v in m.items())
+
+
 def _order(importance: dict) -> str:
     """How the manifest says the units were ordered, in words."""
     if not importance:
@@ -198,6 +203,10 @@ def _order(importance: dict) -> str:
 @click.option("--config", "config_json", help='Sub-network as JSON, e.g. \'{"width": 0.5}\'.')
 @click.option("--max-macs", type=float, help="Largest sub-network with at most this many MACs per sample.")
 @click.option("--max-params", type=float, help="Largest sub-network with at most this many parameters.")
+@click.option("--max-latency-s", type=float, help="Measured preset whose latency (seconds per batch, measured by "
+              "`elasticize train --latency`) is at most this.")
+@click.option("--best", metavar="METRIC", help="With --max-macs/--max-params/--max-latency-s: the measured preset with "
+              "the highest METRIC (e.g. accuracy, cosine) within them, instead of the largest sub-network.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Dense sub-network .safetensors, or a folder "
               "with --format hf.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "hf"]), default="safetensors", show_default=True,
@@ -205,13 +214,20 @@ def _order(importance: dict) -> str:
                    "that plain transformers loads.")
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 def extract(file: str, preset: str | None, config_json: str | None, max_macs: float | None, max_params: float | None,
-            output: str, fmt: str, force: bool) -> None:
-    """Write one dense sub-network of FILE to OUTPUT (a file for elasticize.load_subnet, or a HF folder)."""
+            max_latency_s: float | None, best: str | None, output: str, fmt: str, force: bool) -> None:
+    """Write one dense sub-network of FILE to OUTPUT (a file for elasticize.load_subnet, or a HF folder).
+
+    A budget (--max-macs, --max-params, --max-latency-s) picks without search: the largest nested
+    sub-network within it, or with --best METRIC the measured preset scoring highest within it.
+    """
     from . import checkpoint
 
-    chosen = [x is not None for x in (preset, config_json)] + [max_macs is not None or max_params is not None]
-    if sum(chosen) != 1:
-        raise click.UsageError("choose the sub-network with exactly one of --preset, --config, --max-macs/--max-params")
+    budget = any(x is not None for x in (max_macs, max_params, max_latency_s))
+    if best is not None and not budget:
+        raise click.UsageError("--best picks within a budget: add --max-macs, --max-params and/or --max-latency-s")
+    if sum([preset is not None, config_json is not None, budget]) != 1:
+        raise click.UsageError("choose the sub-network with exactly one of --preset, --config, "
+                               "--max-macs/--max-params/--max-latency-s")
     if Path(output).exists() and Path(file).exists() and Path(output).resolve() == Path(file).resolve():
         raise click.ClickException("-o points at the input file; choose another output path")
     with console.status(f"loading {file}"):
@@ -225,15 +241,19 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
             raise click.BadParameter(f"--config is not JSON: {e}") from None
     else:
         subnet = _run(lambda: em.select(max_macs=None if max_macs is None else int(max_macs),
-                                        max_params=None if max_params is None else int(max_params)))
+                                        max_params=None if max_params is None else int(max_params),
+                                        max_latency_s=max_latency_s, metric=best))
     cfg = _run(lambda: em.resolve(subnet))
+    name = next((n for n in em.presets if em.resolve(n) == cfg), None)
+    measured = _metrics(em.metrics.get(name, {})) if name else ""
     with console.status(f"writing {output}"):
         if fmt == "hf":
             _run(lambda: em.save_pretrained(output, cfg, overwrite=force))
         else:
             _run(lambda: checkpoint.save_subnet(em, cfg, output, overwrite=force))
     console.print(f"[green]wrote[/green] {output}: {_fmt(em.macs(cfg))} MACs "
-                  f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params")
+                  f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params"
+                  + (f"; preset {name}" if name else "") + (f" ({measured})" if measured else ""))
 
 
 @main.command()
@@ -261,6 +281,8 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
                    "images: kl (default) or mse on the logits.")
 @click.option("--dropout/--no-dropout", default=True, show_default=True,
               help="Keep the model's dropout while training.")
+@click.option("--latency", is_flag=True, help="Also measure each preset's latency (seconds per held-out batch on "
+              "--device) into the manifest, for `elasticize extract --max-latency-s`.")
 @click.option("--eval-fraction", type=float, default=0.1, show_default=True, help="Share of the data held out to measure presets.")
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text sample.")
 @click.option("--state", type=click.Path(dir_okay=False), help="Write the trainer state (for --resume) here.")
@@ -275,9 +297,9 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 def train(file: str, data: str, steps: int, output: str, strategy: str, accumulate: int | None, objective: str | None,
           n_random: int | None, batch_size: int, lr: float, schedule: str, warmup: float, seed: int,
-          distill: bool | None, distill_loss: str | None, dropout: bool, eval_fraction: float, max_length: int,
-          state: str | None, save_every: int, resume: str | None, device: str | None, always: tuple[str, ...],
-          amp: bool | None, force: bool) -> None:
+          distill: bool | None, distill_loss: str | None, dropout: bool, latency: bool, eval_fraction: float,
+          max_length: int, state: str | None, save_every: int, resume: str | None, device: str | None,
+          always: tuple[str, ...], amp: bool | None, force: bool) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .train.run import train_file
 
@@ -285,8 +307,8 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, accumula
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
                                      strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,
                                      warmup=warmup, seed=seed, distill=distill, distill_loss=distill_loss,
-                                     dropout=dropout, eval_fraction=eval_fraction, max_length=max_length,
-                                     state=state, resume=resume, save_every=save_every,
+                                     dropout=dropout, latency=latency, eval_fraction=eval_fraction,
+                                     max_length=max_length, state=state, resume=resume, save_every=save_every,
                                      overwrite=force, progress=True, device=device, always=always, amp=amp))
     if result["rank"] != 0:  # under torchrun, rank 0 reports
         return
@@ -295,7 +317,7 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, accumula
         t.add_column("preset")
         t.add_column("metrics", justify="right")
         for name, m in result["metrics"].items():
-            t.add_row(name, ", ".join(f"{k}={v:.4f}" for k, v in m.items()))
+            t.add_row(name, _metrics(m))
         console.print(t)
     procs = f" on {result['world']} processes" if result["world"] > 1 else ""
     console.print(f"[green]wrote[/green] {result['output']} after {result['steps']} steps{procs}")

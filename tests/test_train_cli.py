@@ -69,6 +69,49 @@ def test_train_image_folder(image_job):
     assert "after 6 steps" in res.output
 
 
+def test_extract_best_measured_preset(image_job, tmp_path):
+    """``train --latency`` measures every preset; ``extract --best accuracy`` under a MACs budget takes
+    the best measured preset within it (not the largest), ``--max-latency-s`` bounds the measured
+    latency, and a budget nothing meets is a one-line error."""
+    d, folder, model = image_job
+    trained = tmp_path / "trained.safetensors"
+    res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "3", "-o", str(trained),
+                                    "--batch-size", "16", "--lr", "3e-3", "--latency"])
+    assert res.exit_code == 0, res.output
+    presets = elasticize.read_manifest(trained)["presets"]
+    assert all(p["metrics"]["latency_s"] > 0 for p in presets.values())
+    budget = presets["large"]["macs"]
+    want = max((n for n, p in presets.items() if p["macs"] <= budget),
+               key=lambda n: (presets[n]["metrics"]["accuracy"], presets[n]["macs"]))
+    res = CliRunner().invoke(main, ["extract", str(trained), "--max-macs", str(budget), "--best", "accuracy",
+                                    "-o", str(tmp_path / "best.safetensors")])
+    assert res.exit_code == 0 and f"preset {want} (accuracy=" in res.output, res.output
+    # --best looks only at measured presets: drop the two largest presets' measurements
+    by_size = sorted(presets, key=lambda n: -presets[n]["macs"])
+    em = elasticize.load(trained)
+    for n in by_size[:2]:
+        em.metrics.pop(n)
+    part = tmp_path / "part.safetensors"
+    elasticize.save(em, part)
+    full = presets["full"]["macs"]
+    want = max(by_size[2:], key=lambda n: (presets[n]["metrics"]["accuracy"], presets[n]["macs"]))
+    res = CliRunner().invoke(main, ["extract", str(part), "--max-macs", str(full), "--best", "accuracy",
+                                    "-o", str(tmp_path / "best_part.safetensors")])
+    assert res.exit_code == 0 and f"preset {want} (accuracy=" in res.output, res.output
+    res = CliRunner().invoke(main, ["extract", str(part), "--max-macs", str(full), "-o", str(tmp_path / "l.safetensors")])
+    assert res.exit_code == 0 and "preset full" in res.output, res.output  # without --best: the largest
+    fastest = min(presets, key=lambda n: presets[n]["metrics"]["latency_s"])
+    res = CliRunner().invoke(main, ["extract", str(trained), "--max-latency-s",
+                                    str(presets[fastest]["metrics"]["latency_s"]), "-o", str(tmp_path / "f.safetensors")])
+    assert res.exit_code == 0 and "latency_s=" in res.output, res.output
+    res = CliRunner().invoke(main, ["extract", str(trained), "--max-latency-s", "1e-12", "--best", "accuracy",
+                                    "-o", str(tmp_path / "none.safetensors")])
+    assert res.exit_code == 1 and "no measured preset meets" in res.output
+    res = CliRunner().invoke(main, ["extract", str(trained), "--best", "accuracy", "-o", str(tmp_path / "x.safetensors")])
+    assert res.exit_code == 2 and "--best picks within a budget" in res.output
+    assert not (tmp_path / "none.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
+
+
 def test_image_folder_shards(image_job):
     """Data-parallel shards of the training images: equal sizes, disjoint, within the training split."""
     from elasticize.train.data import image_folder_data

@@ -93,7 +93,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
                save_every: int = 0, calibration_batches: int = 8, overwrite: bool = False,
                progress: Any = False, device: str | None = None, always: Sequence[str] = (),
                amp: bool | None = None, schedule: str = "constant", warmup: float = 0.06,
-               distill_loss: str | None = None, dropout: bool = True) -> dict[str, Any]:
+               distill_loss: str | None = None, dropout: bool = True, latency: bool = False) -> dict[str, Any]:
     """Train an elasticize super-network file on an image folder or a text file, and save it.
 
     A folder ``data`` is image classification (cross-entropy; the model's output is the logits);
@@ -131,6 +131,8 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         dropout: keep the model's dropout during training (False: every ``nn.Dropout`` gets
             ``p = 0`` for this run; the saved file is the same either way, dropout has no weights).
         eval_fraction: share of the data held out for the measured presets.
+        latency: also measure each preset's ``latency_s`` (median seconds of one forward on a
+            held-out batch, on ``device``) into the manifest, for ``select(max_latency_s=...)``.
         max_length: tokens per text sample.
         state: where to write the trainer state (resume file) every ``save_every`` steps and at the end.
         resume: a state file to resume from (must come from this super-network).
@@ -224,7 +226,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         remaining = max(0, steps - tr.step)
         history = tr.train_steps(remaining, progress=progress, state_path=None if state is None else str(state),
                                  save_every=save_every)
-        metrics = tr.evaluate(held, metric=metric) if held else {}
+        metrics = tr.evaluate(held, metric=metric, latency=latency) if held else {}
         tr.save(str(out), overwrite=overwrite)
     return {"output": str(out), "steps": tr.step, "metrics": metrics, "rank": rank, "world": world,
             "history": [{"step": r["step"], "losses": r["losses"]} for r in history]}
