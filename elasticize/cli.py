@@ -283,6 +283,8 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
               help="Keep the model's dropout while training.")
 @click.option("--latency", is_flag=True, help="Also measure each preset's latency (seconds per held-out batch on "
               "--device) into the manifest, for `elasticize extract --max-latency-s`.")
+@click.option("--eval-every", type=int, default=0, show_default=True,
+              help="Also measure every preset on the held-out data every N steps (0: only at the end).")
 @click.option("--eval-fraction", type=float, default=0.1, show_default=True, help="Share of the data held out to measure presets.")
 @click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per text sample.")
 @click.option("--state", type=click.Path(dir_okay=False), help="Write the trainer state (for --resume) here.")
@@ -297,19 +299,23 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 def train(file: str, data: str, steps: int, output: str, strategy: str, accumulate: int | None, objective: str | None,
           n_random: int | None, batch_size: int, lr: float, schedule: str, warmup: float, seed: int,
-          distill: bool | None, distill_loss: str | None, dropout: bool, latency: bool, eval_fraction: float,
-          max_length: int, state: str | None, save_every: int, resume: str | None, device: str | None,
-          always: tuple[str, ...], amp: bool | None, force: bool) -> None:
+          distill: bool | None, distill_loss: str | None, dropout: bool, latency: bool, eval_every: int,
+          eval_fraction: float, max_length: int, state: str | None, save_every: int, resume: str | None,
+          device: str | None, always: tuple[str, ...], amp: bool | None, force: bool) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .train.run import train_file
+
+    def _report(step: int, measured: dict[str, dict[str, float]]) -> None:
+        console.print(f"step {step}: " + "; ".join(f"{p} {_metrics(m)}" for p, m in measured.items()))
 
     options = {k: v for k, v in (("accumulate", accumulate), ("objective", objective), ("n", n_random)) if v is not None}
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
                                      strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,
                                      warmup=warmup, seed=seed, distill=distill, distill_loss=distill_loss,
-                                     dropout=dropout, latency=latency, eval_fraction=eval_fraction,
-                                     max_length=max_length, state=state, resume=resume, save_every=save_every,
-                                     overwrite=force, progress=True, device=device, always=always, amp=amp))
+                                     dropout=dropout, latency=latency, eval_every=eval_every, on_eval=_report,
+                                     eval_fraction=eval_fraction, max_length=max_length, state=state,
+                                     resume=resume, save_every=save_every, overwrite=force, progress=True,
+                                     device=device, always=always, amp=amp))
     if result["rank"] != 0:  # under torchrun, rank 0 reports
         return
     if result["metrics"]:

@@ -69,6 +69,25 @@ def test_train_image_folder(image_job):
     assert "after 6 steps" in res.output
 
 
+def test_eval_every_measures_without_changing_training(image_job, tmp_path):
+    """``--eval-every 2`` prints every preset's held-out accuracy at steps 2 and 4 of 5, and the
+    trained file is the one a run without it writes."""
+    from safetensors.torch import load_file
+
+    d, folder, model = image_job
+    args = ["train", str(model), "--data", str(folder), "--steps", "5", "--batch-size", "16", "--lr", "3e-3"]
+    res = CliRunner().invoke(main, [*args, "--eval-every", "2", "-o", str(tmp_path / "e.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "step 2: full accuracy=" in res.output and "step 4: full accuracy=" in res.output
+    assert "step 5:" not in res.output and "step 6:" not in res.output
+    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "plain.safetensors")])
+    assert res.exit_code == 0, res.output
+    a, b = load_file(str(tmp_path / "e.safetensors")), load_file(str(tmp_path / "plain.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    res = CliRunner().invoke(main, [*args, "--eval-every", "-1", "-o", str(tmp_path / "neg.safetensors")])
+    assert res.exit_code == 1 and "--eval-every must be >= 0" in res.output
+
+
 def test_extract_best_measured_preset(image_job, tmp_path):
     """``train --latency`` measures every preset; ``extract --best accuracy`` under a MACs budget takes
     the best measured preset within it (not the largest), ``--max-latency-s`` bounds the measured

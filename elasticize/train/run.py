@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -93,7 +93,8 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
                save_every: int = 0, calibration_batches: int = 8, overwrite: bool = False,
                progress: Any = False, device: str | None = None, always: Sequence[str] = (),
                amp: bool | None = None, schedule: str = "constant", warmup: float = 0.06,
-               distill_loss: str | None = None, dropout: bool = True, latency: bool = False) -> dict[str, Any]:
+               distill_loss: str | None = None, dropout: bool = True, latency: bool = False, eval_every: int = 0,
+               on_eval: Callable[[int, dict[str, dict[str, float]]], None] | None = None) -> dict[str, Any]:
     """Train an elasticize super-network file on an image folder or a text file, and save it.
 
     A folder ``data`` is image classification (cross-entropy; the model's output is the logits);
@@ -131,6 +132,9 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         dropout: keep the model's dropout during training (False: every ``nn.Dropout`` gets
             ``p = 0`` for this run; the saved file is the same either way, dropout has no weights).
         eval_fraction: share of the data held out for the measured presets.
+        eval_every: also measure every preset on the held-out part every this many steps (0:
+            only at the end); ``on_eval(step, {preset: {metric: value}})`` receives each
+            measurement (process 0 only).
         latency: also measure each preset's ``latency_s`` (median seconds of one forward on a
             held-out batch, on ``device``) into the manifest, for ``select(max_latency_s=...)``.
         max_length: tokens per text sample.
@@ -156,7 +160,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     Raises:
         FileNotFoundError: a missing model file, data path, resume file or output folder.
         FileExistsError: ``output`` exists and ``overwrite`` is False.
-        ValueError: ``output`` is the input, ``steps < 1``, an unknown ``schedule`` or a ``warmup``
+        ValueError: ``output`` is the input, ``steps < 1``, ``eval_every < 0``, an unknown ``schedule`` or a ``warmup``
             outside (0, 1), a ``distill_loss`` that is not one of the data's kind, empty data, a
             resume state from another super-network or with another schedule or (a decaying
             schedule) another ``steps``, or text data for a model without a tokenizer.
@@ -167,6 +171,8 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     src, out = Path(path), Path(output)
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    if eval_every < 0:
+        raise ValueError(f"--eval-every must be >= 0 (0: measure only at the end), got {eval_every}")
     if schedule not in SCHEDULES:
         raise ValueError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if not 0 < warmup < 1:
@@ -223,9 +229,15 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
                      calibration_batches=calibration_batches, always=always, amp=amp, scheduler=sched, **kw)
         if resume is not None:
             tr.load_state(str(resume))
-        remaining = max(0, steps - tr.step)
-        history = tr.train_steps(remaining, progress=progress, state_path=None if state is None else str(state),
-                                 save_every=save_every)
+        history: list[dict[str, Any]] = []
+        while tr.step < steps:
+            n = steps - tr.step if not eval_every else min(eval_every - tr.step % eval_every, steps - tr.step)
+            history += tr.train_steps(n, progress=progress, state_path=None if state is None else str(state),
+                                      save_every=save_every)
+            if eval_every and held and tr.step < steps:
+                measured = tr.evaluate(held, metric=metric)
+                if on_eval is not None and rank == 0:
+                    on_eval(tr.step, measured)
         metrics = tr.evaluate(held, metric=metric, latency=latency) if held else {}
         tr.save(str(out), overwrite=overwrite)
     return {"output": str(out), "steps": tr.step, "metrics": metrics, "rank": rank, "world": world,
