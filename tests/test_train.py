@@ -364,6 +364,7 @@ def test_package_sentences_parse_docstrings_without_importing(tmp_path, monkeypa
     assert len(real) > 300 and real == package_sentences(("click",)) != package_sentences(("click",), seed=1)
     assert all(s[0].isupper() and s[-1] in ".!?" and ">>>" not in s for s in real)
 
+
 def test_amp_on_cpu_trains_in_bf16_and_measures_in_fp32():
     x, y, xt, yt = DATA
     seen = []
