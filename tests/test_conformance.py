@@ -118,3 +118,23 @@ def test_presets_sorted_and_smallest_cnn_is_small(case):
     assert list(em.presets)[0] == "full" and em.macs("full") == macs[0]
     if name in CNN:
         assert macs[-1] <= 0.30 * macs[0]
+
+
+def test_multihead_attention_macs_match_flop_counter():
+    """``nn.MultiheadAttention`` stays whole (its heads are fixed) but its MACs are counted, and
+    dropped with a skipped block: torchvision's ViT encoder, every preset against FlopCounterMode
+    (with the math attention kernel, whose matmuls it counts)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=4, hidden_dim=64, mlp_dim=128,
+                              num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    em = elasticize.elasticize(model, x)
+    assert any("MultiheadAttention" in why for _, why in em.plan.not_elastic)
+    assert len({em.macs(p) for p in em.presets}) == len(em.presets) and em.plan.stages  # width and depth vary
+    for p in em.presets:
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
+            em.extract(p).eval()(x)
+        assert em.macs(p) == fc.get_total_flops() / 2, p

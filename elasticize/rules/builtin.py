@@ -124,8 +124,30 @@ class MultiheadAttentionRule(Rule):
                   "plain nn.MultiheadAttention; register a rule for your attention module to make its heads elastic")
         for v in inputs:
             ctx.fix(v, reason)
+        ctx.macs(self.count_macs(ctx), [])
         out = ctx._p.fresh(ctx.node, reason)
         return out
+
+    @staticmethod
+    def count_macs(ctx: SiteContext) -> int:
+        """MACs of one call (whole example batch; fixed, but dropped with a skipped block).
+
+        With query ``(L, N, E)`` and key/value ``(S, N, kdim)`` / ``(S, N, vdim)`` (batch first:
+        ``(N, L, E)``...): projections ``N L E^2`` (q) + ``N S E (kdim + vdim)`` (k, v) +
+        ``N L E^2`` (output), and ``2 N L S E`` for the two attention matmuls over all heads.
+        """
+        m = ctx.module
+        node = ctx.node
+        query = ctx.in_shape(0)
+        key_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("key", node.args[0])
+        key = ctx._p.shape(key_node) or query
+        n_axis, t_axis = (0, 1) if m.batch_first else (1, 0)
+        if len(query) == 2:  # unbatched (L, E)
+            n, l_q, l_k = 1, query[0], key[0]
+        else:
+            n, l_q, l_k = query[n_axis], query[t_axis], key[t_axis]
+        e = m.embed_dim
+        return n * (2 * l_q * e * e + l_k * e * (m.kdim + m.vdim) + 2 * l_q * l_k * e)
 
 
 class _TimmAttentionBase(Rule):
