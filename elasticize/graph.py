@@ -600,6 +600,8 @@ class _Propagator:
         if rule is None or path in self.forced:
             reason = self.forced.get(path) or f"no rule for {type(module).__name__}"
             self.not_elastic.append((path, reason))
+            if node.meta.get("leaf_macs"):  # kept whole, but counted (and dropped with a skipped block)
+                self.add_macs(path, node.meta["leaf_macs"], [])
             return self.unsupported(node, f"{reason} in {path}")
         inputs = [self.val(a) for a in node.args]
         ctx = SiteContext(self, path, module, node)
@@ -1038,12 +1040,38 @@ def _concrete_args(model: nn.Module, n_given: int) -> dict[str, Any] | None:
     return extra or None
 
 
+class _ShapePropCountingLeaves(ShapeProp):
+    """ShapeProp that also measures the MACs of the untraceable leaves (``node.meta["leaf_macs"]``).
+
+    A leaf the tracer could not enter stays whole, but its multiply-accumulates still belong to
+    the model's count: each one runs once under ``FlopCounterMode`` (FLOPs / 2, for the whole
+    example batch), with gradients enabled and the math attention kernel so that PyTorch's fused
+    inference paths (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) decompose into
+    the matmuls the counter sees.
+    """
+
+    def __init__(self, gm: fx.GraphModule, leaves: set[str]) -> None:
+        super().__init__(gm)
+        self.leaves = leaves
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op != "call_module" or n.target not in self.leaves:
+            return super().run_node(n)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+            out = super().run_node(n)
+        n.meta["leaf_macs"] = fc.get_total_flops() // 2
+        return out
+
+
 def _trace_fx(model: nn.Module, inputs: tuple, find_rule: Callable) -> tuple[_Tracer, fx.GraphModule]:
     tracer = _Tracer(lambda m: find_rule(m) is not None)
     graph = tracer.trace(model, concrete_args=_concrete_args(model, len(inputs)))
     gm = fx.GraphModule(model, graph)
     gm.graph.eliminate_dead_code()
-    ShapeProp(gm).propagate(*inputs)
+    _ShapePropCountingLeaves(gm, set(tracer.forced_leaves)).propagate(*inputs)
     return tracer, gm
 
 

@@ -70,6 +70,11 @@ def test_untraceable_submodule_becomes_a_leaf_with_its_reason():
     assert "fc3:out" in {g["name"] for g in em.plan.groups}  # after it too
     assert "fc2:out" in r  # its output feeds the opaque module
     assert max_diff(em(x), ref) < 1e-6
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(x[:1])
+    assert em.macs(None) == fc.get_total_flops() / 2  # the opaque module's MACs are counted too
     with torch.no_grad():
         assert max_diff(em.extract("tiny")(x), em.eval().extract("tiny")(x)) == 0
 
