@@ -367,6 +367,9 @@ _ELEMENTWISE = {
 #: ops a residual chain may pass through and still count as ``y = x + f(x)``
 _CHAIN = {"relu", "relu6", "gelu", "silu", "hardswish", "contiguous", "clone", "dropout", "identity", "to", "float"}
 _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "_unsafe_view"}
+#: Python arithmetic on sizes: a size read from an elastic axis and computed with (``D // heads``)
+#: would not follow a sub-network's slicing consistently, so that axis is fixed.
+_SIZE_ARITHMETIC = {"floordiv", "truediv", "mul", "add", "sub", "mod", "pow", "neg", "ceil", "floor", "sym_float"}
 _REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "max", "min"}
 _POOL = {
     "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
@@ -609,8 +612,30 @@ class _Propagator:
         self.sites[path] = rule.name
         return out
 
+    def size_source(self, a: Any) -> int | None:
+        """The slot whose size the non-tensor value ``a`` reads (``x.shape[i]``, ``x.size(i)``), or None."""
+        if not isinstance(a, fx.Node) or self.is_tensor(a):
+            return None
+        name, args = canonical(a), a.args
+        if name == "getitem" and isinstance(args[0], fx.Node) and isinstance(args[1], int):
+            src, n = args[0], canonical(args[0])
+            if not ((n == "getattr" and src.args[1] == "shape") or (n == "size" and len(src.args) == 1)):
+                return None
+            x, i = self.env.get(src.args[0]), args[1]
+        elif name in ("size", "sym_size") and len(args) > 1 and isinstance(args[1], int):
+            x, i = self.env.get(args[0]), args[1]
+        else:
+            return None
+        return x[i] if isinstance(x, tuple) and -len(x) <= i < len(x) else None
+
     def visit_op(self, node: fx.Node) -> Value:
         name = canonical(node)
+        if name in _SIZE_ARITHMETIC and not self.is_tensor(node):
+            for a in node.args:
+                s = self.size_source(a)
+                if s is not None:
+                    self.c.fix(s, f"its size is read ({a.name}) and computed with ({name}) at {node.name}")
+            return None
         if name == "getitem":
             return self.getitem(node)
         if name in _NON_TENSOR or not (self.is_tensor(node) or isinstance(node.meta.get("tensor_meta"), (list, tuple))
@@ -704,6 +729,8 @@ class _Propagator:
         for k, s in enumerate(sizes):
             if isinstance(s, int) and s != -1 and s != 1:
                 self.c.fix(out[k], f"hard-coded size {s} in {name} at {node.name}")
+            elif (src := self.size_source(s)) is not None:  # y.reshape(B, T, x.shape[-1]): that axis follows x's
+                self.c.union(out[k], src)
 
     def reduce(self, node: fx.Node) -> Value:
         x = self.env.get(node.args[0])

@@ -59,6 +59,19 @@ def test_group_norm_width_moves_in_whole_groups():
         assert max_diff(em.extract({"width": 0.5})(x), em(x)) < 1e-6
 
 
+def test_sizes_read_from_an_elastic_axis_fix_it():
+    # D = x.shape[-1]; reshape(B, T, 3, heads, D // heads): slicing D would break the head split
+    m = toys.TracedAttention().eval()
+    x = m.example_inputs()[0]
+    em = elasticize.elasticize(m)
+    assert "inp:out" in _reasons(em)
+    assert {g["name"] for g in em.plan.groups} == {"ff.0:out"}
+    for p in em.presets:
+        with torch.no_grad(), em.subnet(p):
+            y = em(x)
+        assert max_diff(em.extract(p)(x), y) < 1e-6, p
+
+
 def test_untraceable_submodule_becomes_a_leaf_with_its_reason():
     m = toys.WithUntraceable().eval()
     x = m.example_inputs()[0]

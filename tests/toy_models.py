@@ -117,6 +117,34 @@ class HardCodedReshape(nn.Module):
         return self.fc2(self.fc1(x).view(-1, 32))
 
 
+class TracedAttention(nn.Module):
+    """Self-attention written out in user code: head size computed from a size read off the input."""
+
+    def __init__(self, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.inp = nn.Linear(8, d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ff = nn.Sequential(nn.Linear(d, 64), nn.ReLU(), nn.Linear(64, d))
+        self.out = nn.Linear(d, 3)
+
+    def example_inputs(self):
+        return (torch.randn(2, 10, 8),)
+
+    def attend(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, T, D))
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = x + self.attend(x)
+        x = x + self.ff(x)
+        return self.out(x.mean(1))
+
+
 class LoopOverBatchCNN(nn.Module):
     """Conv + BatchNorm layers under a Python loop over the batch: only torch.export traces it."""
 
