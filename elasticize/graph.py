@@ -960,6 +960,66 @@ class _Propagator:
                     self.c.union(x[1], v[0])
         return x
 
+    def _op_owner(self, node: fx.Node) -> str:
+        """The module whose forward ran ``node`` (from the tracer's ``nn_module_stack``), or ``""`` at the root."""
+        stack = node.meta.get("nn_module_stack") or {}
+        path = list(stack.values())[-1][0] if stack else ""
+        return path if isinstance(path, str) else ""
+
+    def _batch_axes(self, node: fx.Node, operands: Sequence[fx.Node], n: int) -> list[int]:
+        """Slots of the output's first ``n`` (broadcast batch) axes, shared with the operands' equal-sized ones."""
+        out_shape = self.shape(node)
+        out = []
+        for i in range(n):
+            slot = None
+            for a in operands:
+                v, shp = self.env.get(a), self.shape(a)
+                j = i - (len(out_shape) - len(shp))
+                if isinstance(v, tuple) and 0 <= j < len(shp) - 2 and shp[j] == out_shape[i]:
+                    slot = v[j] if slot is None else self.c.union(slot, v[j])
+            out.append(slot if slot is not None else self.c.new(out_shape[i]))
+        return out
+
+    def op_matmul(self, node: fx.Node) -> Value:
+        """``a @ b``, ``torch.matmul``, ``mm``, ``bmm`` with both operands at least 2-D: ``(..., n, k) @ (..., k, m)``.
+
+        The contracted axes are one coupling group; a 2-D parameter on the right (``x @ W``) produces its
+        columns like a linear layer's outputs; MACs ``prod(out) * k`` scale with every elastic axis.
+        """
+        a, b = node.args[0], node.args[1]
+        va, vb = self.env.get(a), self.env.get(b)
+        if not (isinstance(va, tuple) and isinstance(vb, tuple) and len(va) >= 2 and len(vb) >= 2):
+            return self.unsupported(node, f"{canonical(node)} of a 1-D or untracked operand")
+        out_shape = self.shape(node)
+        k = self.c.union(va[-1], vb[-2])
+        if isinstance(b, fx.Node) and (b.op == "get_attr" or b.name in self.param_of) and len(vb) == 2:
+            self.c.producer.add(vb[-1])  # x @ W: W's columns are output features, as in a linear layer
+        out = (*self._batch_axes(node, (a, b), len(out_shape) - 2), va[-2], vb[-1])
+        self.add_macs(self._op_owner(node), math.prod(out_shape) * self.c.size[k], [*out, k])
+        return out
+
+    op_mm = op_bmm = op_matmul
+
+    def op_scaled_dot_product_attention(self, node: fx.Node) -> Value:
+        """``F.scaled_dot_product_attention(q, k, v)``: q ``(..., L, E)``, k ``(..., S, E)``, v ``(..., S, Ev)``.
+
+        Output ``(..., L, Ev)``; MACs ``prod(batch) * L * S * (E + Ev)`` (the two matmuls), as FlopCounterMode counts.
+        """
+        q, k, v = node.args[:3]
+        vq, vk, vv = (self.env.get(t) for t in (q, k, v))
+        if not all(isinstance(t, tuple) and len(t) >= 2 for t in (vq, vk, vv)):
+            return self.unsupported(node, "scaled_dot_product_attention of an untracked operand")
+        out_shape = self.shape(node)
+        e = self.c.union(vq[-1], vk[-1])
+        s = self.c.union(vk[-2], vv[-2])
+        out = (*self._batch_axes(node, (q, k, v), len(out_shape) - 2), vq[-2], vv[-1])
+        batch = math.prod(out_shape[:-2])
+        size = self.c.size
+        owner = self._op_owner(node)
+        self.add_macs(owner, batch * size[vq[-2]] * size[s] * size[e], [*out[:-1], s, e])
+        self.add_macs(owner, batch * size[vq[-2]] * size[s] * size[vv[-1]], [*out, s])
+        return out
+
     def op_embedding(self, node: fx.Node) -> Value:
         idx, w = self.env.get(node.args[0]), self.env.get(node.args[1])
         if isinstance(w, fx.Node) or not isinstance(idx, tuple):

@@ -145,6 +145,39 @@ class TracedAttention(nn.Module):
         return self.out(x.mean(1))
 
 
+class FunctionalBlock(nn.Module):
+    """A transformer block in functional code: fused attention and an MLP of bare parameter matmuls."""
+
+    def __init__(self, d: int = 32, heads: int = 4, hidden: int = 64) -> None:
+        super().__init__()
+        self.heads, self.d = heads, d
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.w1 = nn.Parameter(torch.randn(d, hidden) / d**0.5)
+        self.w2 = nn.Parameter(torch.randn(hidden, d) / hidden**0.5)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, self.d // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(a.transpose(1, 2).reshape(B, T, self.d))
+        return x + torch.relu(x @ self.w1) @ self.w2
+
+
+class FunctionalTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 32)
+        self.blocks = nn.Sequential(*[FunctionalBlock() for _ in range(3)])
+        self.out = nn.Linear(32, 3)
+
+    def example_inputs(self):
+        return (torch.randn(2, 10, 8),)
+
+    def forward(self, x):
+        return self.out(self.blocks(self.inp(x)).mean(1))
+
+
 class LoopOverBatchCNN(nn.Module):
     """Conv + BatchNorm layers under a Python loop over the batch: only torch.export traces it."""
 
