@@ -145,7 +145,10 @@ def _remove_blocks(model: nn.Module, blocks: list[str]) -> None:
             raise TypeError(f"{parent!r} is a {type(lst).__name__}, not an nn.ModuleList; its blocks cannot be removed")
         kept = [m for i, m in enumerate(lst) if str(i) not in gone]
         grand, _, name = parent.rpartition(".")
-        setattr(model.get_submodule(grand), name, nn.ModuleList(kept))
+        owner = model.get_submodule(grand)
+        setattr(owner, name, nn.ModuleList(kept))
+        if name == "layers" and getattr(owner, "num_layers", None) == len(lst):  # nn.TransformerEncoder/Decoder
+            owner.num_layers = len(kept)
 
 
 def structural_copy(model: nn.Module) -> tuple[nn.Module, set[int]]:

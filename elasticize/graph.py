@@ -71,6 +71,9 @@ class StageInfo:
         module: for layers inside one module (see :meth:`SiteContext.layers`), its path; else None.
         attr: the module's attribute that follows the active depth (``"num_layers"``), or None.
         tensors: per block, the fqns of the module's tensors that belong to that layer.
+        drop: how an extracted sub-network drops a block: ``"identity"`` (``nn.Identity`` in its
+            place) or ``"remove"`` (deleted from its ``nn.ModuleList``; for blocks called with more
+            than one input, such as ``nn.TransformerEncoderLayer(src, src_mask=...)``).
     """
 
     name: str
@@ -79,6 +82,7 @@ class StageInfo:
     module: str | None = None
     attr: str | None = None
     tensors: list[list[str]] = field(default_factory=list)
+    drop: str = "identity"
 
 
 @dataclass
@@ -400,6 +404,48 @@ def canonical(node: fx.Node) -> str:
 
 
 # --------------------------------------------------------------------------- tracer
+def _encoder_stack(m: nn.TransformerEncoder, src: Any, mask: Any = None, src_key_padding_mask: Any = None,
+                   is_causal: Any = None) -> Any:
+    """What ``nn.TransformerEncoder.forward`` computes on a padded (not nested) input, in traceable form.
+
+    Its own forward reads ``src.is_nested`` to find the sequence length and picks a nested-tensor
+    kernel from the input's properties; neither changes a shape or a coupling, so the analysis
+    traces this loop over its layers instead (the model still runs its own forward).
+    """
+    out = src
+    for layer in m.layers:
+        out = layer(out, src_mask=mask, is_causal=is_causal is True, src_key_padding_mask=src_key_padding_mask)
+    return m.norm(out) if m.norm is not None else out
+
+
+def _decoder_stack(m: nn.TransformerDecoder, tgt: Any, memory: Any, tgt_mask: Any = None, memory_mask: Any = None,
+                   tgt_key_padding_mask: Any = None, memory_key_padding_mask: Any = None, tgt_is_causal: Any = None,
+                   memory_is_causal: bool = False) -> Any:
+    """``nn.TransformerDecoder.forward`` in traceable form (see :func:`_encoder_stack`)."""
+    out = tgt
+    for layer in m.layers:
+        out = layer(out, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                    memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=tgt_is_causal is True,
+                    memory_is_causal=memory_is_causal)
+    return m.norm(out) if m.norm is not None else out
+
+
+def _transformer(m: nn.Transformer, src: Any, tgt: Any, src_mask: Any = None, tgt_mask: Any = None,
+                 memory_mask: Any = None, src_key_padding_mask: Any = None, tgt_key_padding_mask: Any = None,
+                 memory_key_padding_mask: Any = None, src_is_causal: Any = None, tgt_is_causal: Any = None,
+                 memory_is_causal: bool = False) -> Any:
+    """``nn.Transformer.forward`` without its input checks (they branch on ``src.dim()``)."""
+    memory = m.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal)
+    return m.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                     memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=tgt_is_causal,
+                     memory_is_causal=memory_is_causal)
+
+
+#: modules whose forward branches on input properties that do not change shapes, traced through a stand-in
+_TRACE_AS: dict[type, Callable[..., Any]] = {nn.TransformerEncoder: _encoder_stack,
+                                              nn.TransformerDecoder: _decoder_stack, nn.Transformer: _transformer}
+
+
 class _Tracer(fx.Tracer):
     def __init__(self, is_rule_leaf: Callable[[nn.Module], bool]) -> None:
         super().__init__()
@@ -417,6 +463,9 @@ class _Tracer(fx.Tracer):
         if self.is_leaf_module(m, path):
             return super().call_module(m, forward, args, kwargs)
         saved = OrderedDict(self.module_stack)
+        stand_in = _TRACE_AS.get(type(m))
+        if stand_in is not None:
+            forward = lambda *a, **kw: stand_in(m, *a, **kw)  # noqa: E731
         try:
             out = super().call_module(m, forward, args, kwargs)
         except Exception as e:  # noqa: BLE001 - any failure makes the module a leaf, with the reason kept
@@ -1053,6 +1102,7 @@ def _is_residual(node: Any, x_in: fx.Node, inner: set[fx.Node], depth: int = 0, 
 
 def _find_stages(root: nn.Module, tracer: _Tracer, prop: _Propagator) -> list[StageInfo]:
     calls = {}
+    n_args: dict[str, int] = {}
     for path, args, out in tracer.calls:
         if not path or tracer.call_count.get(path, 0) != 1:
             continue
@@ -1062,6 +1112,7 @@ def _find_stages(root: nn.Module, tracer: _Tracer, prop: _Propagator) -> list[St
         if out.node is x_in.node:  # a no-op module (Identity-like)
             continue
         calls[path] = (x_in.node, out.node)
+        n_args[path] = len(args)
 
     def residual_block(p: str) -> bool:
         x, y = calls[p]
@@ -1107,7 +1158,10 @@ def _find_stages(root: nn.Module, tracer: _Tracer, prop: _Propagator) -> list[St
                 continue
             first, last = seg[0].rpartition(".")[2], seg[-1].rpartition(".")[2]
             name = parent if len(useful) == 1 and len(seg) == len(kids) else f"{parent}[{first}:{last}]"
-            stages.append(StageInfo(name or "<root>", seg, n_mand))
+            # nn.Identity takes one input: a block called with more is deleted from its list instead
+            drop = ("remove" if isinstance(root.get_submodule(parent), nn.ModuleList)
+                    and any(n_args[b] > 1 for b in seg) else "identity")
+            stages.append(StageInfo(name or "<root>", seg, n_mand, drop=drop))
     return stages
 
 
@@ -1155,7 +1209,14 @@ class _ShapePropCountingLeaves(ShapeProp):
 
 def _trace_fx(model: nn.Module, inputs: tuple, find_rule: Callable) -> tuple[_Tracer, fx.GraphModule]:
     tracer = _Tracer(lambda m: find_rule(m) is not None)
-    graph = tracer.trace(model, concrete_args=_concrete_args(model, len(inputs)))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.TransformerEncoder(Layer) branch on their input's properties to pick the fused inference kernel;
+    # with that fast path off they run (and trace as) their plain Python forward
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        graph = tracer.trace(model, concrete_args=_concrete_args(model, len(inputs)))
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     gm = fx.GraphModule(model, graph)
     gm.graph.eliminate_dead_code()
     _ShapePropCountingLeaves(gm, set(tracer.forced_leaves)).propagate(*inputs)

@@ -220,6 +220,8 @@ def build_plan(
                      "first_skippable": first, "choices": choices}
             if st.module is not None:
                 entry.update(module=st.module, attr=st.attr, tensors=[list(t) for t in st.tensors])
+            if st.drop != "identity":
+                entry["drop"] = st.drop
             plan.stages.append(entry)
         if depth_mode == "skippable":
             _plan_switchable(plan)

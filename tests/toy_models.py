@@ -178,6 +178,40 @@ class FunctionalTransformer(nn.Module):
         return self.out(self.blocks(self.inp(x)).mean(1))
 
 
+class TorchEncoder(nn.Module):
+    """PyTorch's own ``nn.TransformerEncoder`` (post-norm: no block is ``y = x + f(x)``; pre-norm: depth)."""
+
+    def __init__(self, norm_first: bool = True, layers: int = 4) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True, norm_first=norm_first)
+        self.inp = nn.Linear(8, 32)
+        self.enc = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(32) if norm_first else None,
+                                         enable_nested_tensor=False)
+        self.out = nn.Linear(32, 3)
+
+    def example_inputs(self):
+        return (torch.randn(2, 10, 8),)
+
+    def forward(self, x):
+        return self.out(self.enc(self.inp(x)).mean(1))
+
+
+class TorchSeq2Seq(nn.Module):
+    """PyTorch's ``nn.Transformer`` (encoder and decoder stacks, pre-norm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 32)
+        self.tr = nn.Transformer(32, 4, 2, 3, 48, dropout=0.1, batch_first=True, norm_first=True)
+        self.out = nn.Linear(32, 5)
+
+    def example_inputs(self):
+        return (torch.randn(2, 10, 8), torch.randn(2, 6, 8))
+
+    def forward(self, src, tgt):
+        return self.out(self.tr(self.inp(src), self.inp(tgt)))
+
+
 class LoopOverBatchCNN(nn.Module):
     """Conv + BatchNorm layers under a Python loop over the batch: only torch.export traces it."""
 

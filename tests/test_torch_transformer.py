@@ -1,0 +1,84 @@
+"""PyTorch's own transformer modules: nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer.
+
+Their forwards branch on input properties (nested tensors, the fused inference kernel), which
+``torch.fx`` cannot trace; the analysis traces an equivalent loop over their layers instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import elasticize
+import toy_models as toys
+from conftest import max_diff
+
+CASES = {
+    "post-norm encoder": lambda: toys.TorchEncoder(norm_first=False),
+    "pre-norm encoder": lambda: toys.TorchEncoder(norm_first=True),
+    "encoder-decoder": toys.TorchSeq2Seq,
+}
+
+
+@pytest.fixture(params=list(CASES), scope="module")
+def case(request):
+    torch.manual_seed(0)
+    m = CASES[request.param]().eval()
+    xs = m.example_inputs()
+    with torch.no_grad():
+        ref = m(*xs)
+    return request.param, elasticize.elasticize(m), xs, ref
+
+
+def test_ffn_width_elastic_and_full_equals_original(case):
+    name, em, xs, ref = case
+    groups = {g["name"] for g in em.plan.groups}
+    assert "enc.layers.1.linear1:out" in groups or "tr.decoder.layers.2.linear1:out" in groups
+    assert "inp:out" in dict(em.plan.not_elastic)  # nn.MultiheadAttention keeps embed_dim
+    with torch.no_grad():
+        assert max_diff(em(*xs), ref) < 1e-5
+
+
+def test_depth_only_where_layers_are_residual(case):
+    name, em, xs, ref = case
+    stages = {s["name"]: s for s in em.plan.stages}
+    if name == "post-norm encoder":  # norm(x + f(x)): skipping a layer is not an identity
+        assert stages == {}
+    elif name == "pre-norm encoder":
+        assert stages["enc.layers"]["choices"] == [4, 3, 2, 1] and stages["enc.layers"]["drop"] == "remove"
+    else:
+        assert set(stages) == {"tr.encoder.layers", "tr.decoder.layers"}
+
+
+def test_every_preset_extracts_counts_and_trains(case, tmp_path):
+    name, em, xs, ref = case
+    path = tmp_path / "m.safetensors"
+    elasticize.save(em, path)
+    for p in em.presets:
+        with torch.no_grad(), em.subnet(p):
+            y = em(*xs)  # eval + no_grad: PyTorch's fused encoder-layer kernel, on the sliced weights
+        sub = em.extract(p)
+        with torch.no_grad():
+            assert max_diff(sub(*xs), y) < 1e-5, p
+            assert max_diff(elasticize.load_subnet(path, p, model=CASES[name]())(*xs), sub(*xs)) == 0, p
+        if name == "pre-norm encoder":
+            depth = em.resolve(p)["depth"]["enc.layers"]
+            assert len(sub.enc.layers) == sub.enc.num_layers == depth
+        torch.backends.mha.set_fastpath_enabled(False)  # FlopCounterMode does not see the fused kernels
+        try:
+            with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+                sub(*(x[:1] for x in xs))
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+        assert em.macs(p) == fc.get_total_flops() / 2, p
+        assert em.params(p) == sum(t.numel() for t in sub.parameters()), p
+    em.train()
+    smallest = list(em.presets)[-1]
+    with em.subnet(smallest):
+        em(*xs).square().mean().backward()
+    em.eval()
+    grads = [n for n, t in em.model.named_parameters() if t.grad is not None and t.grad.abs().sum() > 0]
+    assert any("linear1" in n for n in grads)
+    em.model.zero_grad()
