@@ -1049,6 +1049,44 @@ class _Propagator:
 
     op_mm = op_bmm = op_matmul
 
+    def op_einsum(self, node: fx.Node) -> Value:
+        """``torch.einsum`` of one or two operands, explicit output, no ellipsis (``"bhid,bhjd->bhij"``).
+
+        Axes that share a letter are one coupling group (an operand's size-1 axis broadcasts and
+        joins nothing); a letter of a 2-D parameter that only it and the output carry is produced
+        there, like a linear layer's outputs (``"btd,df->btf"``). MACs of two operands: the
+        product of every letter's size, scaled by each elastic letter (as ``FlopCounterMode``
+        counts the contraction as one batched matmul).
+        """
+        eq, ops = node.args[0], node.args[1:]
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = tuple(ops[0])
+        if not isinstance(eq, str) or "..." in eq or "->" not in eq or not 1 <= len(ops) <= 2:
+            return self.unsupported(node, "einsum with an ellipsis, an implicit output or more than two operands")
+        lhs, rhs = eq.replace(" ", "").split("->")
+        subs = lhs.split(",")
+        vals = [self.env.get(o) for o in ops]
+        if len(subs) != len(ops) or not all(isinstance(v, tuple) and len(v) == len(sub) for v, sub in zip(vals, subs)):
+            return self.unsupported(node, "einsum of an untracked operand")
+        letter: dict[str, int] = {}
+        for o, v, sub in zip(ops, vals, subs):
+            shp = self.shape(o)
+            for ch, slot, n in zip(sub, v, shp):
+                if n == 1 and any(ch in other for other in subs if other is not sub):
+                    continue  # broadcast
+                letter[ch] = slot if ch not in letter else self.c.union(letter[ch], slot)
+        out_shape = self.shape(node)
+        out = tuple(letter.get(ch) if letter.get(ch) is not None else self.c.new(n) for ch, n in zip(rhs, out_shape))
+        if len(ops) == 2:
+            for o, v, sub, other in ((ops[0], vals[0], subs[0], subs[1]), (ops[1], vals[1], subs[1], subs[0])):
+                if isinstance(o, fx.Node) and (o.op == "get_attr" or o.name in self.param_of) and len(sub) == 2:
+                    for ch, slot in zip(sub, v):
+                        if ch in rhs and ch not in other:
+                            self.c.producer.add(slot)
+            size = self.c.size
+            self.add_macs(self._op_owner(node), math.prod(size[s] for s in letter.values()), list(letter.values()))
+        return out
+
     def op_scaled_dot_product_attention(self, node: fx.Node) -> Value:
         """``F.scaled_dot_product_attention(q, k, v)``: q ``(..., L, E)``, k ``(..., S, E)``, v ``(..., S, Ev)``.
 

@@ -72,15 +72,15 @@ def test_sizes_read_from_an_elastic_axis_fix_it():
         assert max_diff(em.extract(p)(x), y) < 1e-6, p
 
 
-@pytest.mark.parametrize("name", ["TracedAttention", "FunctionalTransformer"])
+@pytest.mark.parametrize("name", ["TracedAttention", "FunctionalTransformer", "FunctionalTransformer-einsum"])
 def test_matmul_and_attention_in_user_code_are_counted_and_sliced(name):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    m = getattr(toys, name)().eval()
+    m = (toys.FunctionalTransformer(einsum=True) if name.endswith("einsum") else getattr(toys, name)()).eval()
     x = m.example_inputs()[0]
     em = elasticize.elasticize(m)
-    if name == "FunctionalTransformer":  # x @ W: W's columns are a width, as a linear layer's outputs
+    if name.startswith("FunctionalTransformer"):  # x @ W: W's columns are a width, as a linear layer's outputs
         assert "blocks.1.w1:out" in {g["name"] for g in em.plan.groups}
         assert em.plan.stages[0]["choices"] == [3, 2, 1]
     assert len({em.macs(p) for p in em.presets}) == len(em.presets)
@@ -88,7 +88,7 @@ def test_matmul_and_attention_in_user_code_are_counted_and_sliced(name):
         sub = em.extract(p)
         with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             sub(x[:1])
-        assert em.macs(p) == fc.get_total_flops() / 2, p  # q @ k, a @ v, x @ W included; skipped blocks not
+        assert em.macs(p) == fc.get_total_flops() / 2, p  # q @ k, a @ v, x @ W (or einsums) included; skipped blocks not
         with torch.no_grad(), em.subnet(p):
             assert max_diff(sub(x), em(x)) < 1e-6, p
 

@@ -146,11 +146,11 @@ class TracedAttention(nn.Module):
 
 
 class FunctionalBlock(nn.Module):
-    """A transformer block in functional code: fused attention and an MLP of bare parameter matmuls."""
+    """A transformer block in functional code: fused attention (or einsums) and an MLP of bare parameter matmuls."""
 
-    def __init__(self, d: int = 32, heads: int = 4, hidden: int = 64) -> None:
+    def __init__(self, d: int = 32, heads: int = 4, hidden: int = 64, einsum: bool = False) -> None:
         super().__init__()
-        self.heads, self.d = heads, d
+        self.heads, self.d, self.einsum = heads, d, einsum
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.w1 = nn.Parameter(torch.randn(d, hidden) / d**0.5)
@@ -159,16 +159,20 @@ class FunctionalBlock(nn.Module):
     def forward(self, x):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).reshape(B, T, 3, self.heads, self.d // self.heads).permute(2, 0, 3, 1, 4)
+        if self.einsum:
+            a = torch.einsum("bhij,bhjd->bhid", torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1), v)
+            x = x + self.proj(a.transpose(1, 2).reshape(B, T, self.d))
+            return x + torch.einsum("btf,fd->btd", torch.relu(torch.einsum("btd,df->btf", x, self.w1)), self.w2)
         a = nn.functional.scaled_dot_product_attention(q, k, v)
         x = x + self.proj(a.transpose(1, 2).reshape(B, T, self.d))
         return x + torch.relu(x @ self.w1) @ self.w2
 
 
 class FunctionalTransformer(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, einsum: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(8, 32)
-        self.blocks = nn.Sequential(*[FunctionalBlock() for _ in range(3)])
+        self.blocks = nn.Sequential(*[FunctionalBlock(einsum=einsum) for _ in range(3)])
         self.out = nn.Linear(32, 3)
 
     def example_inputs(self):
