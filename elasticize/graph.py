@@ -4,7 +4,9 @@ The model is traced with ``torch.fx`` (a submodule whose ``forward`` cannot be t
 becomes a leaf, and the reason is recorded, as NVIDIA ModelOpt's tracer does); when
 the top-level ``forward`` itself cannot be traced, ``torch.export`` (non-strict) is
 used instead, and parameters are found through its graph signature. Shapes come
-from running the graph once on the example inputs.
+from running the graph once on the example inputs. PyTorch's ``nn.TransformerEncoder``,
+``nn.TransformerDecoder`` and ``nn.Transformer`` branch on their inputs' properties; they are
+traced through equivalent loops over their layers (``_TRACE_AS``).
 
 Every axis of every tensor is a *slot*; an op that makes two axes share one channel
 index space joins their slots (union-find). A parameter axis joined to a convolution
