@@ -705,6 +705,8 @@ class _Propagator:
             return self.reduce(node)
         if name in _POOL:
             return self.same_size(node)
+        if node.meta.get("leaf_macs"):  # a wrapped function: its MACs measured, its axes fixed
+            self.add_macs(self._op_owner(node), node.meta["leaf_macs"], [])
         return self.unsupported(node, f"unsupported op {name}")
 
     # generic handlers ---------------------------------------------------
@@ -947,17 +949,22 @@ class _Propagator:
             fqn = str(node.target)
         return fqn.rsplit(".", 1)[0] if fqn and "." in fqn else ""
 
+    @staticmethod
+    def _call_args(node: fx.Node, names: Sequence[str]) -> list[Any]:
+        """``node``'s arguments in the order of ``names``, given by position or by keyword (None if absent)."""
+        return [node.args[i] if i < len(node.args) else node.kwargs.get(n) for i, n in enumerate(names)]
+
     def op_linear(self, node: fx.Node) -> Value:
-        x, w = self.env.get(node.args[0]), self.env.get(node.args[1])
-        b_node = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+        x_node, w_node, b_node = self._call_args(node, ("input", "weight", "bias"))
+        x, w = self.env.get(x_node), self.env.get(w_node)
         b = self.env.get(b_node) if isinstance(b_node, fx.Node) else None
-        return self.linear_like(x, w, b, self.shape(node), self._owner(node.args[1]))
+        return self.linear_like(x, w, b, self.shape(node), self._owner(w_node))
 
     def op_conv2d(self, node: fx.Node) -> Value:
-        a = list(node.args) + [None] * 7
+        a = self._call_args(node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
         x, w = self.env.get(a[0]), self.env.get(a[1])
         b = self.env.get(a[2]) if isinstance(a[2], fx.Node) else None
-        groups = node.kwargs.get("groups", a[6] if a[6] is not None else 1)
+        groups = a[6] if a[6] is not None else 1
         owner = self._owner(a[1])
         mod = owner if owner and hasattr(self.root.get_submodule(owner), "groups") else None
         return self.conv_like(x, w, b, groups, self.shape(node), owner, module=mod)
@@ -1221,11 +1228,21 @@ def _concrete_args(model: nn.Module, n_given: int) -> dict[str, Any] | None:
     return extra or None
 
 
+def _is_wrapped_function(n: fx.Node) -> bool:
+    """A call of a function from outside PyTorch kept whole in the graph (``torch.fx.wrap``, e.g.
+    torchvision's ``shifted_window_attention``)."""
+    if n.op != "call_function":
+        return False
+    mod = getattr(n.target, "__module__", None) or ""
+    return not (mod.split(".")[0] in ("torch", "_operator", "operator", "builtins", "math", "_tensor")
+                or isinstance(n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)))
+
+
 class _ShapePropCountingLeaves(ShapeProp):
     """ShapeProp that also measures the MACs of the untraceable leaves (``node.meta["leaf_macs"]``).
 
-    A leaf the tracer could not enter stays whole, but its multiply-accumulates still belong to
-    the model's count: each one runs once under ``FlopCounterMode`` (FLOPs / 2, for the whole
+    A leaf the tracer could not enter stays whole (and so does a wrapped function, see
+    :func:`_is_wrapped_function`), but its multiply-accumulates still belong to the model's count: each one runs once under ``FlopCounterMode`` (FLOPs / 2, for the whole
     example batch), with gradients enabled and the math attention kernel so that PyTorch's fused
     inference paths (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``) decompose into
     the matmuls the counter sees.
@@ -1236,7 +1253,7 @@ class _ShapePropCountingLeaves(ShapeProp):
         self.leaves = leaves
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.op != "call_module" or n.target not in self.leaves:
+        if not ((n.op == "call_module" and n.target in self.leaves) or _is_wrapped_function(n)):
             return super().run_node(n)
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode

@@ -24,6 +24,7 @@ MODELS = [
     ("timm", "vit_small_patch16_224"),
     ("torchvision", "resnet50"),
     ("torchvision", "mobilenet_v2"),
+    ("torchvision", "swin_t"),
 ]
 CNN = {"resnet18", "resnet50", "convnext_tiny", "efficientnet_b0", "mobilenetv3_large_100", "mobilenet_v2"}
 

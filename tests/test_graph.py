@@ -93,6 +93,20 @@ def test_matmul_and_attention_in_user_code_are_counted_and_sliced(name):
             assert max_diff(sub(x), em(x)) < 1e-6, p
 
 
+def test_keyword_arguments_and_wrapped_functions_are_counted():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = toys.KeywordsAndWrapped().eval()
+    x = m.example_inputs()[0]
+    em = elasticize.elasticize(m)
+    assert {g["name"] for g in em.plan.groups} == {"fc2:out"}
+    assert "unsupported op window_mix" in _reasons(em)["fc1:out"]  # the wrapped function's inputs stay whole
+    for p in em.presets:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            em.extract(p)(x[:1])
+        assert em.macs(p) == fc.get_total_flops() / 2, p  # F.linear(x, weight=...) and window_mix included
+
+
 def test_untraceable_submodule_becomes_a_leaf_with_its_reason():
     m = toys.WithUntraceable().eval()
     x = m.example_inputs()[0]

@@ -216,6 +216,31 @@ class TorchSeq2Seq(nn.Module):
         return self.out(self.tr(self.inp(src), self.inp(tgt)))
 
 
+@torch.fx.wrap
+def window_mix(x, weight):
+    """Kept whole by torch.fx (as torchvision's ``shifted_window_attention``)."""
+    return x @ weight @ weight.T
+
+
+class KeywordsAndWrapped(nn.Module):
+    """``F.linear`` with keyword arguments (timm's BEiT) and a ``torch.fx.wrap``-ped function."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 32)
+        self.mix = nn.Parameter(torch.randn(32, 16) / 4)
+        self.fc2 = nn.Linear(32, 64)
+        self.fc3 = nn.Linear(64, 3)
+
+    def example_inputs(self):
+        return (torch.randn(2, 8),)
+
+    def forward(self, x):
+        h = nn.functional.linear(x, weight=self.fc1.weight, bias=self.fc1.bias)
+        h = window_mix(h, self.mix)
+        return self.fc3(torch.relu(self.fc2(h)))
+
+
 class LoopOverBatchCNN(nn.Module):
     """Conv + BatchNorm layers under a Python loop over the batch: only torch.export traces it."""
 
