@@ -881,6 +881,13 @@ class _Propagator:
         metas = node.meta.get("tensor_meta", node.meta.get("val"))
         dim %= len(x)
         in_shape = self.shape(node.args[0])
+        sizes = {tuple(m.shape)[dim] for m in metas}
+        if not removes_axis and len(metas) > 1 and len(sizes) == 1 and len(metas) * sizes.pop() == in_shape[dim]:
+            # equal chunks (a gated MLP's x1, x2 = fc1(x).chunk(2, -1)): the axis is that many copies of one
+            # index space, sliced alike in each chunk, as the fused q/k/v rows of an attention projection are
+            part = self.c.new(in_shape[dim] // len(metas))
+            self.c.union(x[dim], self.c.repeated(part, len(metas)))
+            return [x[:dim] + (part,) + x[dim + 1:] for _ in metas]
         out = []
         for m in metas:
             shp = tuple(m.shape)

@@ -107,6 +107,26 @@ def test_keyword_arguments_and_wrapped_functions_are_counted():
         assert em.macs(p) == fc.get_total_flops() / 2, p  # F.linear(x, weight=...) and window_mix included
 
 
+def test_equal_chunks_of_an_axis_are_sliced_alike():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = toys.GatedMLP().eval()
+    x = m.example_inputs()[0]
+    ref = m(x)
+    em = elasticize.elasticize(m)  # magnitude order: one permutation applied to both halves
+    g = em.plan.tensors["fc2.weight"]["axes"]["1"][0]
+    assert em.plan.tensors["fc1.weight"]["axes"]["0"] == [g, 2] and em.plan.group(g)["size"] == 48
+    assert max_diff(em(x), ref) < 1e-6
+    for p in em.presets:
+        sub = em.extract(p)
+        with torch.no_grad(), em.subnet(p):
+            assert max_diff(sub(x), em(x)) < 1e-6, p
+        assert sub.fc1.out_features == 2 * sub.fc2.in_features
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            sub(x[:1])
+        assert em.macs(p) == fc.get_total_flops() / 2, p
+
+
 def test_untraceable_submodule_becomes_a_leaf_with_its_reason():
     m = toys.WithUntraceable().eval()
     x = m.example_inputs()[0]

@@ -241,6 +241,26 @@ class KeywordsAndWrapped(nn.Module):
         return self.fc3(torch.relu(self.fc2(h)))
 
 
+class GatedMLP(nn.Module):
+    """A SwiGLU feed-forward block in user code: one projection chunked into gate and value halves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.fc1 = nn.Linear(16, 2 * 48)
+        self.fc2 = nn.Linear(48, 16)
+        self.out = nn.Linear(16, 3)
+
+    def example_inputs(self):
+        return (torch.randn(4, 8),)
+
+    def forward(self, x):
+        x = self.inp(x)
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        x = x + self.fc2(nn.functional.silu(gate) * value)
+        return self.out(x)
+
+
 class LoopOverBatchCNN(nn.Module):
     """Conv + BatchNorm layers under a Python loop over the batch: only torch.export traces it."""
 
