@@ -69,6 +69,17 @@ def test_train_image_folder(image_job):
     assert "after 6 steps" in res.output
 
 
+def test_image_distill_loss_needs_distillation(image_job, tmp_path):
+    d, folder, model = image_job  # converted with --no-pretrained: no distillation unless asked
+    args = ["train", str(model), "--data", str(folder), "--steps", "1", "--batch-size", "16", "--distill-loss", "mse"]
+    res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a.safetensors")])
+    assert res.exit_code == 1 and "add --distill or drop --distill-loss" in res.output
+    assert not (tmp_path / "a.safetensors").exists()
+    res = CliRunner().invoke(main, [*args, "--distill", "-o", str(tmp_path / "b.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "b.safetensors").exists()
+
+
 def test_eval_every_measures_without_changing_training(image_job, tmp_path):
     """``--eval-every 2`` prints every preset's held-out accuracy at steps 2 and 4 of 5, and the
     trained file is the one a run without it writes."""
@@ -200,6 +211,7 @@ def test_train_errors_leave_files_untouched(image_job, tmp_path):
         (["--data", str(folder), "--always", "no-such-preset"], "no preset 'no-such-preset'"),
         (["--data", str(folder), "--warmup", "1.5"], "warm-up share"),
         (["--data", str(folder), "--distill-loss", "hidden"], "does not apply to an image folder"),
+        (["--data", str(folder), "--no-distill", "--distill-loss", "kl"], "(--no-distill)"),
     ]
     for extra, message in cases:
         res = CliRunner().invoke(main, ["train", str(model), "--steps", "2", "-o", str(out), "--force", *extra])

@@ -161,7 +161,8 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         FileNotFoundError: a missing model file, data path, resume file or output folder.
         FileExistsError: ``output`` exists and ``overwrite`` is False.
         ValueError: ``output`` is the input, ``steps < 1``, ``eval_every < 0``, an unknown ``schedule`` or a ``warmup``
-            outside (0, 1), a ``distill_loss`` that is not one of the data's kind, empty data, a
+            outside (0, 1), a ``distill_loss`` that is not one of the data's kind or (images) given for a
+            run that does not distill, empty data, a
             resume state from another super-network or with another schedule or (a decaying
             schedule) another ``steps``, or text data for a model without a tokenizer.
         KeyError: an ``always`` name that is not one of the file's presets.
@@ -203,8 +204,13 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
             raise ValueError(f"--resume {resume} comes from a {was} run of --steps {was_steps}; resume with the same "
                              "--steps (the schedule is laid out over them)")
     text = d.is_file()
+    asked = distill_loss
     distill_loss = _choice(distill_loss, tuple(TEXT_LOSSES), "text") if text else \
         _choice(distill_loss, IMAGE_LOSSES, "an image folder")
+    if not text and asked is not None and not (distill or (distill is None and em.recipe.get("pretrained"))):
+        raise ValueError(f"--distill-loss {asked} applies when distilling from the original model, and this run does "
+                         "not (" + ("--no-distill" if distill is False else "the model was not converted from "
+                                    "pretrained weights") + "): add --distill or drop --distill-loss")
     if text and distill is False:
         raise ValueError("text training distills from the original model (there are no labels); drop --no-distill")
     if not dropout:
