@@ -373,6 +373,8 @@ _ELEMENTWISE = {
 #: ops a residual chain may pass through and still count as ``y = x + f(x)``
 _CHAIN = {"relu", "relu6", "gelu", "silu", "hardswish", "contiguous", "clone", "dropout", "identity", "to", "float"}
 _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "_unsafe_view"}
+#: reshapes that keep the element order, allowed inside a residual chain (see :func:`_is_residual`)
+_RESHAPE_CHAIN = _RESHAPE - {"view_as", "reshape_as"}
 #: Python arithmetic on sizes: a size read from an elastic axis and computed with (``D // heads``)
 #: would not follow a sub-network's slicing consistently, so that axis is fixed.
 _SIZE_ARITHMETIC = {"floordiv", "truediv", "mul", "add", "sub", "mod", "pow", "neg", "ceil", "floor", "sym_float"}
@@ -1136,6 +1138,10 @@ class _Propagator:
 def _is_residual(node: Any, x_in: fx.Node, inner: set[fx.Node], depth: int = 0, added: bool = False) -> bool:
     """Whether ``node`` is ``x_in`` plus branches: a chain of adds (and activations) back to the input.
 
+    Reshapes may sit in the chain (timm's Swin block adds its MLP branch to ``x.reshape(B, -1, C)``
+    and reshapes back): reshapes keep the element order, so with the block's output shaped like its
+    input (checked by the caller) the chain without its branches is the identity.
+
     The chain may not pass through the output of a sub-module call (``inner``): a container
     of residual blocks is not itself a residual block.
     """
@@ -1149,7 +1155,7 @@ def _is_residual(node: Any, x_in: fx.Node, inner: set[fx.Node], depth: int = 0, 
         name = canonical(node)
         if name in ("add", "iadd"):
             return any(_is_residual(a, x_in, inner, depth + 1, True) for a in node.args[:2])
-        if name in _CHAIN and node.args:
+        if (name in _CHAIN or name in _RESHAPE_CHAIN) and node.args:
             return _is_residual(node.args[0], x_in, inner, depth + 1, added)
     return False
 

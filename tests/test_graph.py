@@ -27,6 +27,19 @@ def test_residual_blocks_share_one_group_and_form_a_stage():
     assert em.plan.stages[0]["choices"] == [3, 2, 1]
 
 
+def test_residual_chain_may_pass_through_reshapes():
+    m = toys.SwinLike().eval()
+    x = m.example_inputs()[0]
+    em = elasticize.elasticize(m)
+    assert [(s["name"], s["choices"]) for s in em.plan.stages] == [("blocks", [3, 2, 1])]
+    for p in em.presets:
+        with torch.no_grad(), em.subnet(p):
+            assert max_diff(em.extract(p)(x), em(x)) < 1e-6, p
+    with torch.no_grad(), em.subnet({"depth": {"blocks": 1}}):  # skipped blocks return their input
+        y = em(x)
+    assert max_diff(y, m.head(m.blocks[0](m.stem(x)).mean((1, 2)))) < 1e-6
+
+
 def test_concat_grouped_conv_and_output_are_fixed_with_reasons():
     em = elasticize.elasticize(toys.ToyCNN())
     r = _reasons(em)

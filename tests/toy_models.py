@@ -261,6 +261,36 @@ class GatedMLP(nn.Module):
         return self.out(x)
 
 
+class SwinLikeBlock(nn.Module):
+    """timm's Swin block pattern: the second branch is added to a flattened view, then reshaped back."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.norm1, self.mix = nn.LayerNorm(c), nn.Linear(c, c)
+        self.norm2, self.mlp = nn.LayerNorm(c), nn.Sequential(nn.Linear(c, 32), nn.GELU(), nn.Linear(32, c))
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        x = x + self.mix(self.norm1(x))
+        x = x.reshape(B, -1, C)
+        x = x + self.mlp(self.norm2(x))
+        return x.reshape(B, H, W, C)
+
+
+class SwinLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(3, 16)
+        self.blocks = nn.Sequential(*[SwinLikeBlock() for _ in range(3)])
+        self.head = nn.Linear(16, 4)
+
+    def example_inputs(self):
+        return (torch.randn(2, 4, 4, 3),)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((1, 2)))
+
+
 class LoopOverBatchCNN(nn.Module):
     """Conv + BatchNorm layers under a Python loop over the batch: only torch.export traces it."""
 
