@@ -1,0 +1,92 @@
+"""Coverage: which timm and torchvision architectures convert, what becomes elastic, and whether
+the analytic MACs are right.
+
+For each model (random weights, batch 2 at its default input size): the number of width groups
+(heads count as groups too) and depth stages, the number of presets, the full and smallest
+presets' MACs from the plan against ``FlopCounterMode`` on the extracted sub-network (FLOPs / 2;
+fused attention off so the counter sees its matmuls), and the largest difference between the
+extracted sub-network and the elastic model at that preset. One markdown row per model; a model
+that fails prints its error in the row and the run goes on.
+
+    python benchmarks/bench_coverage.py [--threads 2] [MODEL ...]   # e.g. timm:resnet18 torchvision:swin_t
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+import warnings
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import elasticize
+
+MODELS = [
+    "torchvision:resnext50_32x4d", "torchvision:wide_resnet50_2", "torchvision:convnext_tiny",
+    "torchvision:efficientnet_b0", "torchvision:regnet_y_400mf", "torchvision:densenet121", "torchvision:vgg11",
+    "torchvision:squeezenet1_0", "torchvision:shufflenet_v2_x1_0", "torchvision:mnasnet1_0",
+    "torchvision:mobilenet_v3_small", "torchvision:googlenet", "torchvision:inception_v3", "torchvision:swin_t",
+    "torchvision:swin_v2_t", "torchvision:maxvit_t", "torchvision:vit_b_16",
+    "timm:deit_tiny_patch16_224", "timm:beit_base_patch16_224", "timm:eva02_tiny_patch14_224",
+    "timm:swin_tiny_patch4_window7_224", "timm:convnextv2_atto", "timm:efficientvit_b0", "timm:levit_128",
+    "timm:regnetx_002", "timm:rexnet_100", "timm:mobilevit_xs", "timm:poolformer_s12", "timm:coat_lite_tiny",
+    "timm:fastvit_t8", "timm:ghostnet_100", "timm:edgenext_xx_small",
+]
+
+
+def measured_macs(module: torch.nn.Module, x: torch.Tensor) -> float:
+    """MACs of one forward of ``module`` on ``x`` by ``FlopCounterMode`` (FLOPs / 2), math attention."""
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            module(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return fc.get_total_flops() / 2
+
+
+def row(spec: str) -> str:
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        em = elasticize.convert(spec, pretrained=False).eval()
+        x = torch.randn(2, *em.input_shapes[0][1:])
+        cells = []
+        for p in (next(iter(em.presets)), list(em.presets)[-1]):
+            sub = em.extract(p).eval()
+            with torch.no_grad(), em.subnet(p):
+                diff = (sub(x) - em(x)).abs().max().item()
+            cells += [f"{em.macs(p) / 1e9:.3f} / {measured_macs(sub, x[:1]) / 1e9:.3f}", f"{diff:.0e}"]
+        kinds = [g["kind"] for g in em.plan.groups]
+        return (f"| {spec} | {kinds.count('width')} | {kinds.count('heads')} | {len(em.plan.stages)} | "
+                f"{len(em.presets)} | {' | '.join(cells)} | {time.perf_counter() - t0:.1f} |")
+    except Exception as e:  # noqa: BLE001 - report the failure and go on
+        return f"| {spec} | failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} |"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="*", default=MODELS)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, "
+          f"torch {torch.__version__}")
+    print("| model | width groups | heads groups | depth stages | presets | full GMACs plan / counted | "
+          "full max diff | smallest GMACs plan / counted | smallest max diff | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for spec in args.models:
+        print(row(spec), flush=True)
+
+
+if __name__ == "__main__":
+    main()
