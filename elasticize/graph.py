@@ -445,6 +445,20 @@ def _transformer(m: nn.Transformer, src: Any, tgt: Any, src_mask: Any = None, tg
                      memory_is_causal=memory_is_causal)
 
 
+def _stand_in_attrs(model: nn.Module, c: Coupling) -> None:
+    """Attributes of modules traced through a stand-in that their own forward checks.
+
+    ``nn.Transformer.forward`` requires ``src`` and ``tgt`` to have ``d_model`` features; with an
+    elastic width that is the group of its first encoder layer's attention input.
+    """
+    for path, m in model.named_modules():
+        if isinstance(m, nn.Transformer):
+            first = f"{path}." if path else ""
+            slot = c.tensor_slot.get((f"{first}encoder.layers.0.self_attn.in_proj_weight", 1))
+            if slot is not None:
+                c.attrs.append((path, "d_model", slot, "int", 1, 1))
+
+
 #: modules whose forward branches on input properties that do not change shapes, traced through a stand-in
 _TRACE_AS: dict[type, Callable[..., Any]] = {nn.TransformerEncoder: _encoder_stack,
                                               nn.TransformerDecoder: _decoder_stack, nn.Transformer: _transformer}
@@ -1341,6 +1355,7 @@ def analyze(model: nn.Module, example_inputs: tuple, find_rule: Callable[[nn.Mod
                 prop.batch = shp[0]
                 break
     prop.run()
+    _stand_in_attrs(model, prop.c)
     stages = (_find_stages(model, tracer, prop) if tracer is not None else []) + prop.layer_stages
     not_elastic = list(prop.not_elastic)
     if how == "export":

@@ -1,4 +1,5 @@
-"""PyTorch's own transformer modules: nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer.
+"""PyTorch's own transformer modules: nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer,
+and nn.MultiheadAttention's heads with the residual width.
 
 Their forwards branch on input properties (nested tensors, the fused inference kernel), which
 ``torch.fx`` cannot trace; the analysis traces an equivalent loop over their layers instead.
@@ -32,13 +33,18 @@ def case(request):
     return request.param, elasticize.elasticize(m), xs, ref
 
 
-def test_ffn_width_elastic_and_full_equals_original(case):
+def test_ffn_width_heads_and_full_equals_original(case):
     name, em, xs, ref = case
-    groups = {g["name"] for g in em.plan.groups}
+    groups = {g["name"]: g for g in em.plan.groups}
     assert "enc.layers.1.linear1:out" in groups or "tr.decoder.layers.2.linear1:out" in groups
-    assert "inp:out" in dict(em.plan.not_elastic)  # nn.MultiheadAttention keeps embed_dim
+    # the residual width: every attention's embed_dim, in whole heads (head_dim 8)
+    assert groups["inp:out"]["unit"] == 8 and groups["inp:out"]["choices"] == [32, 24, 16, 8]
     with torch.no_grad():
         assert max_diff(em(*xs), ref) < 1e-5
+    sub = em.extract({"width": 0.5})
+    attns = [m for m in sub.modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    assert attns and all((a.embed_dim, a.num_heads, a.head_dim, a.in_proj_weight.shape[0]) == (16, 2, 8, 48)
+                         for a in attns)
 
 
 def test_depth_only_where_layers_are_residual(case):
@@ -82,3 +88,34 @@ def test_every_preset_extracts_counts_and_trains(case, tmp_path):
     grads = [n for n, t in em.model.named_parameters() if t.grad is not None and t.grad.abs().sum() > 0]
     assert any("linear1" in n for n in grads)
     em.model.zero_grad()
+
+
+class _CrossAttention(torch.nn.Module):
+    def __init__(self, by_keyword: bool) -> None:
+        super().__init__()
+        self.by_keyword = by_keyword
+        self.q, self.kv = torch.nn.Linear(8, 32), torch.nn.Linear(8, 32 if by_keyword else 24)
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True, kdim=None if by_keyword else 24,
+                                                vdim=None if by_keyword else 24)
+        self.out = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+
+    def forward(self, x):
+        q, kv = self.q(x), self.kv(x)
+        y = self.attn(q, key=kv, value=kv)[0] if self.by_keyword else self.attn(q, kv, kv)[0]
+        return self.out(y)
+
+
+@pytest.mark.parametrize("by_keyword", [False, True])
+def test_attention_it_cannot_slice_stays_whole_with_the_reason(by_keyword):
+    m = _CrossAttention(by_keyword).eval()
+    x = torch.randn(2, 5, 8)
+    em = elasticize.elasticize(m, x)
+    why = dict(em.plan.not_elastic)["q:out"]
+    assert ("by keyword" in why) if by_keyword else ("kdim or vdim" in why)
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            m(x[:1])
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+    assert em.macs(None) == fc.get_total_flops() / 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -111,41 +112,91 @@ class EmbeddingRule(Rule):
 
 @register_rule("multihead_attention")
 class MultiheadAttentionRule(Rule):
-    """``nn.MultiheadAttention``: kept whole, and listed with the reason.
+    """``nn.MultiheadAttention``: whole heads, tied to ``embed_dim``.
 
-    Its fused kernel ties the heads' inner size to ``embed_dim``, so a sub-network with
-    fewer heads has no plain ``nn.MultiheadAttention`` to be extracted into.
+    A plain ``nn.MultiheadAttention`` has ``head_dim * num_heads == embed_dim`` for its queries,
+    keys and values and for its input and output, so the only sub-network it can be extracted
+    into has fewer channels on its input and output too. The attention's inner index space
+    (``in_proj_weight`` rows, three chunks q, k, v; ``out_proj`` columns) and the stream it reads
+    and writes (``in_proj_weight`` columns, ``out_proj`` rows, the query, key and value inputs'
+    last axis, ``bias_k`` / ``bias_v``) are joined into one group that moves in whole heads
+    (unit ``head_dim``): at ``E'`` active channels the module has ``E' / head_dim`` heads, and
+    ``embed_dim``, ``kdim``, ``vdim``, ``num_heads`` and ``out_proj``'s features follow. Each
+    index space is permuted alike by the importance order (whole heads on both sides), which
+    leaves the function unchanged. In a transformer the stream is the residual width, so heads
+    and hidden width shrink together (SortedNet, arXiv 2309.00255, Section 3: nested heads and
+    hidden width).
+
+    Kept whole, with the reason, when its key and value come by keyword or it has separate
+    ``kdim`` / ``vdim`` projections; its MACs are counted either way (:meth:`count_macs`).
     """
 
     module_types = (nn.MultiheadAttention,)
 
     def analyze(self, ctx: SiteContext, *inputs: Any) -> Any:
-        reason = ("nn.MultiheadAttention ties its heads to embed_dim, so fewer heads cannot be extracted into a "
-                  "plain nn.MultiheadAttention; register a rule for your attention module to make its heads elastic")
-        for v in inputs:
-            ctx.fix(v, reason)
-        ctx.macs(self.count_macs(ctx), [])
-        out = ctx._p.fresh(ctx.node, reason)
-        return out
+        m = ctx.module
+        q, k, v = (list(inputs) + [None] * 3)[:3]
+        reason = None
+        if not m._qkv_same_embed_dim:
+            reason = "nn.MultiheadAttention with kdim or vdim other than embed_dim (separate projections)"
+        elif not all(isinstance(t, tuple) for t in (q, k, v)):
+            reason = "nn.MultiheadAttention called with its key or value by keyword; pass query, key, value by position"
+        if reason is not None:
+            for t in (*inputs, *ctx.node.kwargs.values()):
+                ctx.fix(ctx._p.env.get(t) if hasattr(t, "op") else t, reason)
+            ctx.macs(self.count_macs(ctx), [])
+            return ctx._p.fresh(ctx.node, reason)
+        ctx.chunked("in_proj_weight", 0, 3)
+        if m.in_proj_bias is not None:
+            ctx.chunked("in_proj_bias", 0, 3)
+        w = ctx.tensor("in_proj_weight")
+        e = w[0]
+        for slot in (w[1], q[-1], k[-1], v[-1]):
+            ctx.couple(e, slot)
+        ow = ctx.tensor("out_proj.weight")
+        ctx.couple(e, ow[0])
+        ctx.couple(e, ow[1])
+        for name in ("in_proj_bias", "out_proj.bias", "bias_k", "bias_v"):
+            t = ctx.tensor(name)
+            if t is not None:
+                ctx.couple(e, t[-1])
+        root = ctx.c.find(e)
+        ctx.c.unit[root] = math.lcm(ctx.c.unit.get(root, 1), m.head_dim)
+        for attr in ("embed_dim", "kdim", "vdim"):
+            ctx.attr(attr, e)
+        ctx.attr("num_heads", e, div=m.head_dim)
+        ctx.attr("in_features", e, module="out_proj")
+        ctx.attr("out_features", e, module="out_proj")
+        n, l_q, l_k = self._lengths(ctx)
+        size = ctx.c.size[e]
+        ctx.macs(n * (2 * l_q + 2 * l_k) * size * size, [e, e])  # q, k, v and output projections
+        ctx.macs(2 * n * l_q * l_k * size, [e])  # q @ k^T and attention @ v over all heads
+        meta = ctx.node.meta.get("tensor_meta", ctx.node.meta.get("val"))
+        weights = ctx._p._fresh_from(meta[1], None) if isinstance(meta, (list, tuple)) and len(meta) > 1 else None
+        return [q[:-1] + (e,), weights]
 
     @staticmethod
-    def count_macs(ctx: SiteContext) -> int:
-        """MACs of one call (whole example batch; fixed, but dropped with a skipped block).
+    def _lengths(ctx: SiteContext) -> tuple[int, int, int]:
+        """Batch, query length and key length of the call (``batch_first`` or not, or unbatched)."""
+        m, node = ctx.module, ctx.node
+        query = ctx.in_shape(0)
+        key_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("key", node.args[0])
+        key = ctx._p.shape(key_node) or query
+        n_axis, t_axis = (0, 1) if m.batch_first else (1, 0)
+        if len(query) == 2:  # unbatched (L, E)
+            return 1, query[0], key[0]
+        return query[n_axis], query[t_axis], key[t_axis]
+
+    @classmethod
+    def count_macs(cls, ctx: SiteContext) -> int:
+        """MACs of one call at full size (whole example batch; dropped with a skipped block).
 
         With query ``(L, N, E)`` and key/value ``(S, N, kdim)`` / ``(S, N, vdim)`` (batch first:
         ``(N, L, E)``...): projections ``N L E^2`` (q) + ``N S E (kdim + vdim)`` (k, v) +
         ``N L E^2`` (output), and ``2 N L S E`` for the two attention matmuls over all heads.
         """
         m = ctx.module
-        node = ctx.node
-        query = ctx.in_shape(0)
-        key_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("key", node.args[0])
-        key = ctx._p.shape(key_node) or query
-        n_axis, t_axis = (0, 1) if m.batch_first else (1, 0)
-        if len(query) == 2:  # unbatched (L, E)
-            n, l_q, l_k = 1, query[0], key[0]
-        else:
-            n, l_q, l_k = query[n_axis], query[t_axis], key[t_axis]
+        n, l_q, l_k = cls._lengths(ctx)
         e = m.embed_dim
         return n * (2 * l_q * e * e + l_k * e * (m.kdim + m.vdim) + 2 * l_q * l_k * e)
 
