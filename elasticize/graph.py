@@ -373,6 +373,8 @@ _ELEMENTWISE = {
 #: ops a residual chain may pass through and still count as ``y = x + f(x)``
 _CHAIN = {"relu", "relu6", "gelu", "silu", "hardswish", "contiguous", "clone", "dropout", "identity", "to", "float"}
 _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "_unsafe_view"}
+#: attribute names that hold a width; a reshape to a literal equal to one of them follows it (``_width_attr``)
+_WIDTH_ATTRS = ("hidden_dim", "embed_dim", "d_model", "hidden_size", "num_features", "embed_dims", "dim", "width")
 #: reshapes that keep the element order, allowed inside a residual chain (see :func:`_is_residual`)
 _RESHAPE_CHAIN = _RESHAPE - {"view_as", "reshape_as"}
 #: Python arithmetic on sizes: a size read from an elastic axis and computed with (``D // heads``)
@@ -517,6 +519,7 @@ class _Propagator:
         self.sites: dict[str, str] = {}
         self.not_elastic: list[tuple[str, str]] = []
         self.layer_stages: list[StageInfo] = []
+        self.bound_attrs: dict[tuple[str, str], int] = {}  # (module, attribute) -> slot, see _width_attr
         self.batch = 1
 
     # helpers ------------------------------------------------------------
@@ -787,6 +790,22 @@ class _Propagator:
         self._check_literal_sizes(node, result)
         return result
 
+    def _width_attr(self, node: fx.Node, size: int) -> tuple[str, str] | None:
+        """``(module path, attribute)`` that a literal reshape size most likely came from, or None.
+
+        torchvision's ViT reshapes to ``self.hidden_dim``, which tracing turns into the constant 768.
+        When the module whose forward ran the reshape has exactly one int attribute named like a
+        width (:data:`_WIDTH_ATTRS`) equal to the literal, that attribute follows the axis's group
+        instead of fixing it (and the sub-network's module reads its active size).
+        """
+        path = self._op_owner(node)
+        try:
+            module = self.root.get_submodule(path)
+        except AttributeError:
+            return None
+        names = [n for n in _WIDTH_ATTRS if type(vars(module).get(n)) is int and vars(module)[n] == size]
+        return (path, names[0]) if len(names) == 1 else None
+
     def _check_literal_sizes(self, node: fx.Node, out: tuple) -> None:
         name = canonical(node)
         if name not in ("view", "reshape", "_unsafe_view"):
@@ -797,7 +816,14 @@ class _Propagator:
             return
         for k, s in enumerate(sizes):
             if isinstance(s, int) and s != -1 and s != 1:
-                self.c.fix(out[k], f"hard-coded size {s} in {name} at {node.name}")
+                bound = self._width_attr(node, s)
+                if bound is None:
+                    self.c.fix(out[k], f"hard-coded size {s} in {name} at {node.name}")
+                elif bound in self.bound_attrs:
+                    self.c.union(self.bound_attrs[bound], out[k])
+                else:
+                    self.bound_attrs[bound] = out[k]
+                    self.c.attrs.append((*bound, out[k], "int", 1, 1))
             elif (src := self.size_source(s)) is not None:  # y.reshape(B, T, x.shape[-1]): that axis follows x's
                 self.c.union(out[k], src)
 

@@ -122,10 +122,10 @@ def test_presets_sorted_and_smallest_cnn_is_small(case):
 
 
 def test_multihead_attention_macs_match_flop_counter():
-    """``nn.MultiheadAttention``'s MACs are counted, and dropped with a skipped block: torchvision's
-    ViT encoder, every preset against FlopCounterMode (with the math attention kernel, whose
-    matmuls it counts). Its heads follow the residual width, which this ViT fixes by reshaping
-    to its literal ``hidden_dim``."""
+    """torchvision's ViT: ``nn.MultiheadAttention``'s heads follow the residual width, and the patch
+    embedding's reshape to ``self.hidden_dim`` (a literal once traced) follows it through that
+    attribute. MACs at every preset against FlopCounterMode (math attention kernel, whose matmuls
+    it counts), skipped blocks dropped; every extraction equals the elastic model."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torchvision.models import VisionTransformer
 
@@ -134,9 +134,15 @@ def test_multihead_attention_macs_match_flop_counter():
                               num_classes=10).eval()
     x = torch.randn(1, 3, 32, 32)
     em = elasticize.elasticize(model, x)
-    assert "hard-coded size 64 in reshape" in dict(em.plan.not_elastic)["conv_proj:out"]
+    g = em.plan.group("conv_proj:out")
+    assert g["unit"] == 16 and em.plan.attrs[""]["hidden_dim"][0] == "conv_proj:out"
     assert len({em.macs(p) for p in em.presets}) == len(em.presets) and em.plan.stages  # width and depth vary
     for p in em.presets:
+        sub = em.extract(p).eval()
         with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
-            em.extract(p).eval()(x)
+            y = sub(x)
         assert em.macs(p) == fc.get_total_flops() / 2, p
+        width = em.resolve(p)["width"]["conv_proj:out"]
+        assert sub.hidden_dim == width and sub.encoder.layers[0].self_attention.num_heads == width // 16
+        with torch.no_grad(), em.subnet(p):
+            assert max_diff(em(x), y) < 1e-5, p
