@@ -130,6 +130,7 @@ class Coupling:
         self.chunks: dict[tuple[str, int], int] = {}
         self.attrs: list[tuple[str, str, int, str, int, int]] = []
         self.derived: dict[int, tuple[int, int]] = {}  # slot -> (base slot, chunks): ``chunks`` copies of base
+        self.per_unit: dict[tuple[str, int], tuple[int, int]] = {}  # (fqn, axis) -> (slot, channels per entry)
 
     def new(self, size: int, fixed: str | None = None) -> int:
         s = len(self.parent)
@@ -294,6 +295,22 @@ class SiteContext:
         """
         fqn = f"{self.path}.{name}" if self.path else name
         self.c.chunks[(fqn, axis)] = chunks
+
+    def per_unit(self, name: str, axis: int, slot: int, unit: int) -> None:
+        """Declare axis ``axis`` of tensor ``name`` one entry per ``unit`` channels of ``slot``'s group.
+
+        A relative position bias table ``(positions, num_heads)`` next to a heads group whose
+        size is in channels (``head_dim`` per head) has ``unit=head_dim``: it keeps one column
+        per active head, and the importance order moves its columns with their heads.
+
+        Raises:
+            ValueError: if the axis does not have ``size(slot) / unit`` entries.
+        """
+        fqn = f"{self.path}.{name}" if self.path else name
+        n = self._p.state[fqn].shape[axis]
+        if n * unit != self.c.size[slot]:
+            raise ValueError(f"{fqn} axis {axis} has {n} entries, not {self.c.size[slot]} / {unit}")
+        self.c.per_unit[(fqn, axis)] = (slot, unit)
 
     def repeated(self, slot: int, chunks: int) -> int:
         """A fresh activation slot made of ``chunks`` side-by-side copies of ``slot``'s channels.
@@ -1396,9 +1413,16 @@ def _collect(prop: _Propagator, how: str, stages: list[StageInfo], not_elastic: 
     members: dict[int, list[tuple[str, int, int]]] = {}
     axis_of: dict[tuple[str, int], tuple[int, int]] = {}  # (fqn, axis) -> (group root, chunks)
     for (fqn, ax), s in c.tensor_slot.items():
+        if (fqn, ax) in c.per_unit:
+            continue
         r, k = resolve(s)
         axis_of[(fqn, ax)] = (r, k * c.chunks.get((fqn, ax), 1))
         members.setdefault(r, []).append((fqn, ax, axis_of[(fqn, ax)][1]))
+    div_of: dict[tuple[str, int], int] = {}
+    for (fqn, ax), (s, unit) in c.per_unit.items():
+        r, k = resolve(s)
+        axis_of[(fqn, ax)], div_of[(fqn, ax)] = (r, k), unit
+        members.setdefault(r, []).append((fqn, ax, k))
     order = {fqn: i for i, fqn in enumerate(prop.state)}
     groups: list[GroupInfo] = []
     name_of: dict[int, str] = {}
@@ -1435,7 +1459,7 @@ def _collect(prop: _Propagator, how: str, stages: list[StageInfo], not_elastic: 
             r, k = axis_of.get((fqn, ax), (-1, 1))
             g = name_of.get(r)
             if g is not None:
-                axes[str(ax)] = [g, k]
+                axes[str(ax)] = [g, k, div_of[(fqn, ax)]] if (fqn, ax) in div_of else [g, k]
         tensors[fqn] = {"shape": list(t.shape), "param": fqn in params, "axes": axes}
     attrs: dict[str, dict[str, tuple[str, str, int, int]]] = {}
     for module, attr, slot, kind, mul, div in c.attrs:

@@ -22,6 +22,7 @@ MODELS = [
     ("timm", "efficientnet_b0"),
     ("timm", "mobilenetv3_large_100"),
     ("timm", "vit_small_patch16_224"),
+    ("timm", "swin_tiny_patch4_window7_224"),
     ("torchvision", "resnet50"),
     ("torchvision", "mobilenet_v2"),
     ("torchvision", "swin_t"),
@@ -146,3 +147,27 @@ def test_multihead_attention_macs_match_flop_counter():
         assert sub.hidden_dim == width and sub.encoder.layers[0].self_attention.num_heads == width // 16
         with torch.no_grad(), em.subnet(p):
             assert max_diff(em(x), y) < 1e-5, p
+
+
+def test_swin_heads_keep_their_relative_position_bias():
+    """timm Swin's window attention: whole heads, and the bias table keeps one column per active head."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                            num_classes=5).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    em = elasticize.elasticize(model, x[:1])
+    with torch.no_grad():
+        assert max_diff(em(x), ref) <= tol(ref)  # the importance order moved each head's bias column with it
+    table = "layers.1.blocks.0.attn.relative_position_bias_table"
+    g, chunks, div = em.plan.tensors[table]["axes"]["1"]
+    assert (em.plan.group(g)["kind"], em.plan.group(g)["unit"], div) == ("heads", 16, 16)
+    sub = em.extract({"heads": 0.5})
+    attn = sub.layers[1].blocks[0].attn
+    assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 32
+    assert torch.equal(attn.relative_position_bias_table, em.model.state_dict()[table][:, :2])
+    with torch.no_grad(), em.subnet({"heads": 0.5}):
+        assert max_diff(sub(x), em(x)) <= 1e-5

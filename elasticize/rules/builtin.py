@@ -201,15 +201,53 @@ class MultiheadAttentionRule(Rule):
         return n * (2 * l_q * e * e + l_k * e * (m.kdim + m.vdim) + 2 * l_q * l_k * e)
 
 
-class _TimmAttentionBase(Rule):
-    def matches(self, module: nn.Module) -> bool:
-        timm_attn = sys.modules.get("timm.layers.attention")
-        cls = getattr(timm_attn, "Attention", None) if timm_attn else None
-        return cls is not None and type(module) is cls
+def _timm_class(module_name: str, class_name: str) -> type | None:
+    """A timm class if timm (and that module) is already imported, else None (timm stays optional)."""
+    mod = sys.modules.get(module_name)
+    return getattr(mod, class_name, None) if mod else None
+
+
+def _fused_qkv_heads(ctx: SiteContext, x: tuple, head_dim: int) -> tuple[int, int]:
+    """The heads of a fused ``qkv`` / ``proj`` attention (timm's layout), MACs included.
+
+    ``qkv.weight`` rows are three chunks (q, k, v) that keep the same first heads, ``proj``
+    keeps the matching input columns; both layers' feature attributes follow. MACs: the q/k/v
+    and output projections, plus ``2 * batch * tokens^2 * heads * head_dim`` for the two attention
+    matmuls of an input ``(batch, tokens, channels)``.
+
+    Returns:
+        ``(heads, out)``: the heads slot (in channels, unit ``head_dim``) and the output's feature slot.
+    """
+    m = ctx.module
+    ctx.chunked("qkv.weight", 0, 3)
+    if m.qkv.bias is not None:
+        ctx.chunked("qkv.bias", 0, 3)
+    qkv_w = ctx.tensor("qkv.weight")
+    heads = qkv_w[0]
+    ctx.producer(heads, unit=head_dim, kind="heads")
+    ctx.couple(x[-1], qkv_w[1])
+    if m.qkv.bias is not None:
+        ctx.couple(heads, ctx.tensor("qkv.bias")[0])
+    proj_w = ctx.tensor("proj.weight")
+    ctx.couple(heads, proj_w[1])
+    if m.proj.bias is not None:
+        ctx.couple(proj_w[0], ctx.tensor("proj.bias")[0])
+    ctx.producer(proj_w[0])
+    ctx.attr("out_features", heads, mul=3, module="qkv")
+    ctx.attr("in_features", heads, module="proj")
+    ctx.attr("in_features", x[-1], module="qkv")
+    ctx.attr("out_features", proj_w[0], module="proj")
+    shape = ctx.in_shape(0)
+    tokens, n = shape[0] * shape[1], shape[1]
+    size = ctx.c.size
+    ctx.macs(tokens * 3 * size[heads] * size[x[-1]], [heads, x[-1]])
+    ctx.macs(tokens * size[heads] * size[proj_w[0]], [heads, proj_w[0]])
+    ctx.macs(2 * shape[0] * n * n * size[heads], [heads])
+    return heads, proj_w[0]
 
 
 @register_rule("timm_attention")
-class TimmAttentionRule(_TimmAttentionBase):
+class TimmAttentionRule(Rule):
     """timm ``Attention`` (ViT, DeiT, EVA-style blocks): whole heads are elastic.
 
     The fused ``qkv`` rows are three chunks (q, k, v) that keep the same first heads;
@@ -218,25 +256,14 @@ class TimmAttentionRule(_TimmAttentionBase):
     two attention matmuls (SortedNet, arXiv 2309.00255, Section 3: nested heads).
     """
 
+    def matches(self, module: nn.Module) -> bool:
+        return type(module) is _timm_class("timm.layers.attention", "Attention")
+
     def analyze(self, ctx: SiteContext, x: Any, *rest: Any) -> Any:
         m = ctx.module
         if not isinstance(x, tuple):
             return None
-        d = m.head_dim
-        ctx.chunked("qkv.weight", 0, 3)
-        if m.qkv.bias is not None:
-            ctx.chunked("qkv.bias", 0, 3)
-        qkv_w = ctx.tensor("qkv.weight")
-        heads = qkv_w[0]
-        ctx.producer(heads, unit=d, kind="heads")
-        ctx.couple(x[-1], qkv_w[1])
-        if m.qkv.bias is not None:
-            ctx.couple(heads, ctx.tensor("qkv.bias")[0])
-        proj_w = ctx.tensor("proj.weight")
-        ctx.couple(heads, proj_w[1])
-        if m.proj.bias is not None:
-            ctx.couple(proj_w[0], ctx.tensor("proj.bias")[0])
-        ctx.producer(proj_w[0])
+        heads, out = _fused_qkv_heads(ctx, x, m.head_dim)
         if getattr(m, "gate", None) is not None:
             gw = ctx.tensor("gate.weight")
             ctx.couple(heads, gw[0])
@@ -244,6 +271,8 @@ class TimmAttentionRule(_TimmAttentionBase):
             if m.gate.bias is not None:
                 ctx.couple(heads, ctx.tensor("gate.bias")[0])
             ctx.attr("out_features", heads, module="gate")
+            shape = ctx.in_shape(0)
+            ctx.macs(shape[0] * shape[1] * ctx.c.size[heads] * ctx.c.size[x[-1]], [heads, x[-1]])
         if isinstance(m.norm, nn.LayerNorm):
             for n in ("norm.weight", "norm.bias"):
                 t = ctx.tensor(n)
@@ -252,18 +281,30 @@ class TimmAttentionRule(_TimmAttentionBase):
             ctx.attr("normalized_shape", heads, kind="shape", module="norm")
         elif not isinstance(m.norm, nn.Identity):
             ctx.fix((heads,), f"attention scale norm {type(m.norm).__name__}")
-        ctx.attr("num_heads", heads, div=d)
+        ctx.attr("num_heads", heads, div=m.head_dim)
         ctx.attr("attn_dim", heads)
-        ctx.attr("out_features", heads, mul=3, module="qkv")
-        ctx.attr("in_features", heads, module="proj")
-        ctx.attr("in_features", x[-1], module="qkv")
-        ctx.attr("out_features", proj_w[0], module="proj")
-        shape = ctx.in_shape(0)
-        tokens, n = shape[0] * shape[1], shape[1]
-        size = ctx.c.size
-        ctx.macs(tokens * 3 * size[heads] * size[x[-1]], [heads, x[-1]])
-        ctx.macs(tokens * size[heads] * size[proj_w[0]], [heads, proj_w[0]])
-        ctx.macs(2 * shape[0] * n * n * size[heads], [heads])
-        if getattr(m, "gate", None) is not None:
-            ctx.macs(tokens * size[heads] * size[x[-1]], [heads, x[-1]])
-        return x[:-1] + (proj_w[0],)
+        return x[:-1] + (out,)
+
+
+@register_rule("timm_window_attention")
+class TimmWindowAttentionRule(Rule):
+    """timm Swin ``WindowAttention``: whole heads are elastic, with their relative position bias.
+
+    As :class:`TimmAttentionRule` for ``qkv`` and ``proj``; the relative position bias table
+    ``((2 Wh - 1)(2 Ww - 1), num_heads)`` keeps one column per active head, and ``num_heads``
+    follows (Swin, Liu et al., ICCV 2021, Eq. 4; SortedNet, arXiv 2309.00255, Section 3:
+    nested heads). Input ``(windows * batch, Wh * Ww, channels)``.
+    """
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module) is _timm_class("timm.models.swin_transformer", "WindowAttention")
+
+    def analyze(self, ctx: SiteContext, x: Any, *rest: Any) -> Any:
+        m = ctx.module
+        if not isinstance(x, tuple):
+            return None
+        head_dim = m.qkv.out_features // 3 // m.num_heads
+        heads, out = _fused_qkv_heads(ctx, x, head_dim)
+        ctx.per_unit("relative_position_bias_table", 1, heads, head_dim)
+        ctx.attr("num_heads", heads, div=head_dim)
+        return x[:-1] + (out,)
