@@ -338,6 +338,21 @@ class DigitsResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class DigitsTransformer(nn.Module):
+    """A pre-norm ``nn.TransformerEncoder`` over the 8 rows of a digits image (8 tokens of 8 pixels)."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.pos = nn.Parameter(torch.randn(1, 8, d) * 0.02)
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, 3, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        return self.head(self.enc(self.inp(x.reshape(x.shape[0], 8, 8)) + self.pos).mean(1))
+
+
 def digits(seed: int = 0, test_fraction: float = 1 / 3):
     """scikit-learn's bundled digits as ``(x_train, y_train, x_test, y_test)`` tensors, ``x`` of shape (n, 1, 8, 8) in [0, 1]."""
     from sklearn.datasets import load_digits
