@@ -394,8 +394,7 @@ _RESHAPE = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "
 _WIDTH_ATTRS = ("hidden_dim", "embed_dim", "d_model", "hidden_size", "num_features", "embed_dims", "dim", "width")
 #: reshapes that keep the element order, allowed inside a residual chain (see :func:`_is_residual`)
 _RESHAPE_CHAIN = _RESHAPE - {"view_as", "reshape_as"}
-#: Python arithmetic on sizes: a size read from an elastic axis and computed with (``D // heads``)
-#: would not follow a sub-network's slicing consistently, so that axis is fixed.
+#: Python arithmetic on sizes read off axes (see ``_Propagator.size_arithmetic``)
 _SIZE_ARITHMETIC = {"floordiv", "truediv", "mul", "add", "sub", "mod", "pow", "neg", "ceil", "floor", "sym_float"}
 _REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "prod", "max", "min"}
 _POOL = {
@@ -537,6 +536,7 @@ class _Propagator:
         self.not_elastic: list[tuple[str, str]] = []
         self.layer_stages: list[StageInfo] = []
         self.bound_attrs: dict[tuple[str, str], int] = {}  # (module, attribute) -> slot, see _width_attr
+        self.size_expr: dict[fx.Node, set[int]] = {}  # a size computed from axes -> their slots, see size_arithmetic
         self.batch = 1
 
     # helpers ------------------------------------------------------------
@@ -715,13 +715,32 @@ class _Propagator:
             return None
         return x[i] if isinstance(x, tuple) and -len(x) <= i < len(x) else None
 
+    def size_arithmetic(self, node: fx.Node, name: str) -> None:
+        """Python arithmetic on sizes read off tensor axes (``D // heads``, ``C * H * W``).
+
+        The axes it reads are recorded (``size_expr``). The computed size may reach a reshape,
+        which checks it (:meth:`_check_literal_sizes`), or more arithmetic; any other use fixes
+        the axes it was read from, since nothing tells how that use would follow a smaller axis.
+        """
+        src: set[int] = set()
+        for a in node.args:
+            s = self.size_source(a)
+            if s is not None:
+                src.add(s)
+            elif isinstance(a, fx.Node) and a in self.size_expr:
+                src |= self.size_expr[a]
+        if not src:
+            return
+        self.size_expr[node] = src
+        for u in node.users:
+            if canonical(u) not in _SIZE_ARITHMETIC and canonical(u) not in ("view", "reshape", "_unsafe_view"):
+                for s in src:
+                    self.c.fix(s, f"its size is read, computed with ({name}) at {node.name} and used by {u.name}")
+
     def visit_op(self, node: fx.Node) -> Value:
         name = canonical(node)
         if name in _SIZE_ARITHMETIC and not self.is_tensor(node):
-            for a in node.args:
-                s = self.size_source(a)
-                if s is not None:
-                    self.c.fix(s, f"its size is read ({a.name}) and computed with ({name}) at {node.name}")
+            self.size_arithmetic(node, name)
             return None
         if name == "getitem":
             return self.getitem(node)
@@ -843,6 +862,13 @@ class _Propagator:
                     self.c.attrs.append((*bound, out[k], "int", 1, 1))
             elif (src := self.size_source(s)) is not None:  # y.reshape(B, T, x.shape[-1]): that axis follows x's
                 self.c.union(out[k], src)
+            elif isinstance(s, fx.Node) and s in self.size_expr:
+                # a computed size: fine where it lands on the axis it was read from (C * 1 * 1 after pooling);
+                # elsewhere (D // heads as a head size) it would not follow that axis's slicing
+                if any(self.c.find(a) != self.c.find(out[k]) and self.c.size[a] != 1 for a in self.size_expr[s]):
+                    reason = f"a size computed from it ({s.name}) is used in {name} at {node.name}"
+                    for a in self.size_expr[s]:
+                        self.c.fix(a, reason)
 
     def reduce(self, node: fx.Node) -> Value:
         x = self.env.get(node.args[0])

@@ -140,6 +140,25 @@ def test_equal_chunks_of_an_axis_are_sliced_alike():
         assert em.macs(p) == fc.get_total_flops() / 2, p
 
 
+def test_a_size_computed_onto_its_own_axis_keeps_it_elastic():
+    class PoolThenView(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 32, 3)
+            self.fc = torch.nn.Linear(32, 5)
+
+        def forward(self, x):
+            x = torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1)
+            return self.fc(x.view(x.size(0), x.size(1) * x.size(2) * x.size(3)))  # C * 1 * 1 is C
+
+    m = PoolThenView().eval()
+    x = torch.randn(2, 3, 8, 8)
+    em = elasticize.elasticize(m, x)
+    assert {g["name"] for g in em.plan.groups} == {"conv:out"}
+    with torch.no_grad(), em.subnet("tiny"):
+        assert max_diff(em.extract("tiny")(x), em(x)) < 1e-6
+
+
 def test_untraceable_submodule_becomes_a_leaf_with_its_reason():
     m = toys.WithUntraceable().eval()
     x = m.example_inputs()[0]
