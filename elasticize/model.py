@@ -13,7 +13,8 @@ from .adapters import Adapter, adapter_for_model, get_adapter
 from .export import extract_from
 from .graph import analyze
 from .importance import activation_importance, magnitude_importance, sort_by_importance
-from .plan import Plan, apply_plan, build_plan, slice_ranges
+from .modules import SWITCH_PREFIX
+from .plan import KIND_DIM, Plan, apply_plan, build_plan, remove_elastic, slice_ranges
 from .rules import find_rule
 from .space import Config, SearchSpace
 
@@ -326,7 +327,10 @@ def elasticize(
     """Turn a trained model into an elastic super-network, in place.
 
     The model's parameters are reused (not copied); after conversion the largest
-    sub-network computes what the original did (fp32, max abs diff <= 1e-5).
+    sub-network computes what the original did (fp32, max abs diff <= 1e-5). The smallest
+    sub-network is run once on the example inputs; a group or stage whose smallest choice
+    makes that fail (a rule that claims more than its module can run) is kept at full size,
+    with the error as its reason in ``plan.not_elastic``.
 
     Args:
         model: any ``nn.Module`` (timm, torchvision, your own).
@@ -364,6 +368,8 @@ def elasticize(
             unknown, ``sort="activation"`` comes without calibration batches (or calibration
             batches with another explicit ``sort``), or nothing could be made elastic (the
             message lists why, per module).
+        RuntimeError: if the smallest sub-network fails to run although every group and
+            stage runs at its smallest alone (the message says what to exclude).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"elasticize() takes an nn.Module, not {type(model).__name__}")
@@ -389,9 +395,10 @@ def elasticize(
                    heads_ratios=tuple(heads_ratios), exclude=tuple(exclude))
     family = adapter_for_model(model)
     plan = family.plan(model, inputs, **options) if family is not None else None
+    analysis = None
     if plan is None:
-        plan = build_plan(analyze(model, inputs, find_rule), **options,
-                          modules_ratios=None if modules_ratios is None else tuple(modules_ratios))
+        analysis = analyze(model, inputs, find_rule)
+        plan = build_plan(analysis, **options, modules_ratios=None if modules_ratios is None else tuple(modules_ratios))
     if not plan.groups and not plan.stages:
         reasons = "; ".join(f"{w}: {r}" for w, r in plan.not_elastic[:12]) or "no convolution, linear layer or block"
         raise ValueError(f"nothing in {type(model).__name__} could be made elastic ({reasons}). Add a rule for its "
@@ -404,10 +411,69 @@ def elasticize(
         scores = (activation_importance(model, plan, calibration) if sort == "activation"
                   else magnitude_importance(model, plan))
         sort_by_importance(model, plan, scores)
-    em = ElasticModel(model, plan, recipe=recipe, input_shapes=[list(t.shape) for t in inputs
-                                                                if isinstance(t, torch.Tensor)], importance=order)
+    shapes = [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+    em = ElasticModel(model, plan, recipe=recipe, input_shapes=shapes, importance=order)
+    failing = _failing_dims(em, inputs)
+    if failing:  # never ship a sub-network that cannot run: keep those groups and stages at full size
+        _undo_surgery(model, plan)
+        options["exclude"] = tuple(options["exclude"]) + tuple(failing)
+        plan = (family.plan(model, inputs, **options) if analysis is None else
+                build_plan(analysis, **options, modules_ratios=None if modules_ratios is None else tuple(modules_ratios)))
+        for entry in plan.not_elastic:
+            if entry[0] in failing:
+                entry[1] = f"a sub-network with it at its smallest failed to run on the example inputs ({failing[entry[0]]})"
+        em = ElasticModel(model, plan, recipe=recipe, input_shapes=shapes, importance=order)
+        still = _failing_dims(em, inputs)
+        if still:
+            raise RuntimeError(f"the smallest sub-network of {type(model).__name__} fails to run ({still}) although "
+                               "each elastic group and stage runs alone; pass exclude=[...] to keep some at full "
+                               "size, and please report it")
     em.train(was_training)
     return em
+
+
+def _failing_dims(em: ElasticModel, inputs: tuple) -> dict[str, str]:
+    """Groups and stages whose smallest choice makes the example forward fail, name -> error.
+
+    Runs the smallest sub-network on ``inputs`` once (no gradients); only when that fails,
+    each group and stage at its smallest alone (the rest full) to find the ones to blame.
+    Empty when the smallest sub-network runs, or there is nothing elastic.
+    """
+    def error(cfg: Any) -> str | None:
+        try:
+            with torch.no_grad(), em.subnet(cfg):
+                em(*inputs)
+        except Exception as e:  # noqa: BLE001 - any failure of a sub-network counts
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return None
+
+    if not em.plan.groups and not em.plan.stages:
+        return {}
+    em.eval()
+    smallest: dict[str, dict[str, int]] = {}
+    singles: dict[str, dict[str, dict[str, int]]] = {}
+    for g in em.plan.groups:
+        dim = KIND_DIM.get(g["kind"], "width")
+        smallest.setdefault(dim, {})[g["name"]] = g["choices"][-1]
+        singles[g["name"]] = {dim: {g["name"]: g["choices"][-1]}}
+    for st in em.plan.stages:
+        smallest.setdefault("depth", {})[st["name"]] = st["choices"][-1]
+        singles[st["name"]] = {"depth": {st["name"]: st["choices"][-1]}}
+    first = error(smallest)
+    if first is None:
+        return {}
+    blamed = {name: err for name, cfg in singles.items() if (err := error(cfg)) is not None}
+    return blamed or {"<all at their smallest>": first}
+
+
+def _undo_surgery(model: nn.Module, plan: Plan) -> None:
+    """Give ``model`` back its plain modules, dropping the switchable-norm tensors ``plan`` added."""
+    remove_elastic(model, freeze=False)
+    for module in plan.switchable:
+        m = model.get_submodule(module)
+        for d in (m._parameters, m._buffers):
+            for k in [k for k in d if k.startswith(SWITCH_PREFIX)]:
+                del d[k]
 
 
 def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None = None,

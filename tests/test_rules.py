@@ -61,3 +61,41 @@ def test_without_the_rule_the_custom_layer_is_traced_through():
     m = TinyMLP().eval()
     a = analyze(m, m.example_inputs(), lambda mod: None if isinstance(mod, ScaledLinear) else find_rule(mod))
     assert any(a.tensors["fc1.scale"]["axes"].values())
+
+
+class _FixedReshape(torch.nn.Module):
+    """Reads its full width from an attribute in forward: narrower outputs cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 16)
+        self.n = 16
+
+    def forward(self, x):
+        return self.lin(x).reshape(x.shape[0], self.n)
+
+
+def test_a_subnetwork_that_cannot_run_is_kept_whole_at_conversion():
+    @register_rule("overclaiming")
+    class Overclaiming(Rule):  # claims lin's outputs are elastic, but the module's forward reshapes to self.n
+        module_types = (_FixedReshape,)
+
+        def analyze(self, ctx, x):
+            y = ctx.linear(x, weight="lin.weight", bias="lin.bias")
+            ctx.attr("out_features", y[-1], module="lin")
+            return y
+
+    try:
+        model = torch.nn.Sequential(_FixedReshape(), torch.nn.ReLU(), torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, 3)).eval()
+        x = torch.randn(2, 8)
+        em = elasticize.elasticize(model, x)
+        why = dict(em.plan.not_elastic)["0.lin:out"]
+        assert "failed to run on the example inputs (RuntimeError: shape" in why
+        assert {g["name"] for g in em.plan.groups} == {"2:out"}
+        for p in em.presets:
+            with torch.no_grad(), em.subnet(p):
+                assert em(x).shape == (2, 3)
+        assert not any(type(m).__name__.startswith("Elastic") for m in model[0].modules())  # surgery undone there
+    finally:
+        unregister_rule("overclaiming")
