@@ -1116,6 +1116,10 @@ class _Propagator:
         path = list(stack.values())[-1][0] if stack else ""
         return path if isinstance(path, str) else ""
 
+    def _is_param(self, node: Any) -> bool:
+        """Whether ``node`` is one of the model's own tensors (``get_attr``, or an export placeholder for one)."""
+        return isinstance(node, fx.Node) and (node.op == "get_attr" or node.name in self.param_of)
+
     def _batch_axes(self, node: fx.Node, operands: Sequence[fx.Node], n: int) -> list[int]:
         """Slots of the output's first ``n`` (broadcast batch) axes, shared with the operands' equal-sized ones."""
         out_shape = self.shape(node)
@@ -1142,7 +1146,7 @@ class _Propagator:
             return self.unsupported(node, f"{canonical(node)} of a 1-D or untracked operand")
         out_shape = self.shape(node)
         k = self.c.union(va[-1], vb[-2])
-        if isinstance(b, fx.Node) and (b.op == "get_attr" or b.name in self.param_of) and len(vb) == 2:
+        if self._is_param(b) and len(vb) == 2:
             self.c.producer.add(vb[-1])  # x @ W: W's columns are output features, as in a linear layer
         out = (*self._batch_axes(node, (a, b), len(out_shape) - 2), va[-2], vb[-1])
         self.add_macs(self._op_owner(node), math.prod(out_shape) * self.c.size[k], [*out, k])
@@ -1180,7 +1184,7 @@ class _Propagator:
         out = tuple(letter.get(ch) if letter.get(ch) is not None else self.c.new(n) for ch, n in zip(rhs, out_shape))
         if len(ops) == 2:
             for o, v, sub, other in ((ops[0], vals[0], subs[0], subs[1]), (ops[1], vals[1], subs[1], subs[0])):
-                if isinstance(o, fx.Node) and (o.op == "get_attr" or o.name in self.param_of) and len(sub) == 2:
+                if self._is_param(o) and len(sub) == 2:
                     for ch, slot in zip(sub, v):
                         if ch in rhs and ch not in other:
                             self.c.producer.add(slot)

@@ -160,11 +160,11 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     Raises:
         FileNotFoundError: a missing model file, data path, resume file or output folder.
         FileExistsError: ``output`` exists and ``overwrite`` is False.
-        ValueError: ``output`` is the input, ``steps < 1``, ``eval_every < 0``, an unknown ``schedule`` or a ``warmup``
-            outside (0, 1), a ``distill_loss`` that is not one of the data's kind or (images) given for a
-            run that does not distill, empty data, a
-            resume state from another super-network or with another schedule or (a decaying
-            schedule) another ``steps``, or text data for a model without a tokenizer.
+        ValueError: ``output`` is the input, ``steps < 1``, ``eval_every < 0``, an unknown
+            ``schedule`` or a ``warmup`` outside (0, 1), a ``distill_loss`` that is not one of the
+            data's kind or (images) given for a run that does not distill, empty data, a resume
+            state from another super-network or with another schedule or (a decaying schedule)
+            another ``steps``, or text data for a model without a tokenizer.
         KeyError: an ``always`` name that is not one of the file's presets.
     """
     from ..checkpoint import load, read_manifest
