@@ -62,8 +62,12 @@ def report_tables(plan: dict[str, Any], presets: dict[str, dict[str, Any]], full
         width.add_column(col)
     for g in plan["groups"]:
         unit = {"heads": " heads", "modules": " modules"}.get(g["kind"], "")
-        width.add_row(g["name"], g["kind"], str(g["size"] // g["unit"] if unit else g["size"]) + unit,
-                      ", ".join(map(str, g["choices"])))
+        if not unit and g["unit"] > 1:  # channels that move together: whole heads of an nn.MultiheadAttention, groups
+            unit = f" (in units of {g['unit']})"
+            size = g["size"]
+        else:
+            size = g["size"] // g["unit"] if unit else g["size"]
+        width.add_row(g["name"], g["kind"], f"{size}{unit}", ", ".join(map(str, g["choices"])))
     if plan["groups"]:
         console.print(width)
     if plan["stages"]:

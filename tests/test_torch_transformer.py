@@ -119,3 +119,17 @@ def test_attention_it_cannot_slice_stays_whole_with_the_reason(by_keyword):
         finally:
             torch.backends.mha.set_fastpath_enabled(True)
     assert em.macs(None) == fc.get_total_flops() / 2
+
+
+def test_inspect_shows_the_residual_width_moving_in_whole_heads(tmp_path):
+    from click.testing import CliRunner
+
+    from elasticize.cli import main
+
+    em = elasticize.elasticize(toys.TorchEncoder().eval())
+    path = tmp_path / "enc.safetensors"
+    elasticize.save(em, path)
+    res = CliRunner().invoke(main, ["inspect", str(path)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if "inp:out" in line)
+    assert "32 (in units of 8)" in row and "32, 24, 16, 8" in row
