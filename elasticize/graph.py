@@ -765,10 +765,10 @@ class _Propagator:
         return self.unsupported(node, f"unsupported op {name}")
 
     # generic handlers ---------------------------------------------------
-    def elementwise(self, node: fx.Node) -> Value:
-        out_shape = self.shape(node)
+    def broadcast(self, out_shape: Sequence[int], ins: Sequence[tuple[Value, Sequence[int]]]) -> tuple[int, ...]:
+        """Slots of an output of ``out_shape`` broadcast from ``ins`` (``(value, shape)`` pairs, right-aligned):
+        each output axis joins the inputs' axes of the same size; a fresh slot where none has it."""
         n = len(out_shape)
-        ins = [(self.env.get(a), self.shape(a)) for a in node.all_input_nodes if self.is_tensor(a)]
         out = []
         for i in range(n):
             slot = None
@@ -781,6 +781,10 @@ class _Propagator:
                 slot = v[j] if slot is None else self.c.union(slot, v[j])
             out.append(slot if slot is not None else self.c.new(out_shape[i]))
         return tuple(out)
+
+    def elementwise(self, node: fx.Node) -> Value:
+        ins = [(self.env.get(a), self.shape(a)) for a in node.all_input_nodes if self.is_tensor(a)]
+        return self.broadcast(self.shape(node), ins)
 
     def same_size(self, node: fx.Node) -> Value:
         x = self.env.get(node.args[0])
@@ -1120,19 +1124,10 @@ class _Propagator:
         """Whether ``node`` is one of the model's own tensors (``get_attr``, or an export placeholder for one)."""
         return isinstance(node, fx.Node) and (node.op == "get_attr" or node.name in self.param_of)
 
-    def _batch_axes(self, node: fx.Node, operands: Sequence[fx.Node], n: int) -> list[int]:
-        """Slots of the output's first ``n`` (broadcast batch) axes, shared with the operands' equal-sized ones."""
-        out_shape = self.shape(node)
-        out = []
-        for i in range(n):
-            slot = None
-            for a in operands:
-                v, shp = self.env.get(a), self.shape(a)
-                j = i - (len(out_shape) - len(shp))
-                if isinstance(v, tuple) and 0 <= j < len(shp) - 2 and shp[j] == out_shape[i]:
-                    slot = v[j] if slot is None else self.c.union(slot, v[j])
-            out.append(slot if slot is not None else self.c.new(out_shape[i]))
-        return out
+    def _batch_axes(self, node: fx.Node, operands: Sequence[fx.Node]) -> tuple[int, ...]:
+        """Slots of a matmul-like output's batch axes (all but the last two), broadcast from the operands'."""
+        ins = [(v[:-2], self.shape(a)[:-2]) for a in operands if isinstance(v := self.env.get(a), tuple)]
+        return self.broadcast(self.shape(node)[:-2], ins)
 
     def op_matmul(self, node: fx.Node) -> Value:
         """``a @ b``, ``torch.matmul``, ``mm``, ``bmm`` with both operands at least 2-D: ``(..., n, k) @ (..., k, m)``.
@@ -1148,7 +1143,7 @@ class _Propagator:
         k = self.c.union(va[-1], vb[-2])
         if self._is_param(b) and len(vb) == 2:
             self.c.producer.add(vb[-1])  # x @ W: W's columns are output features, as in a linear layer
-        out = (*self._batch_axes(node, (a, b), len(out_shape) - 2), va[-2], vb[-1])
+        out = (*self._batch_axes(node, (a, b)), va[-2], vb[-1])
         self.add_macs(self._op_owner(node), math.prod(out_shape) * self.c.size[k], [*out, k])
         return out
 
@@ -1204,7 +1199,7 @@ class _Propagator:
         out_shape = self.shape(node)
         e = self.c.union(vq[-1], vk[-1])
         s = self.c.union(vk[-2], vv[-2])
-        out = (*self._batch_axes(node, (q, k, v), len(out_shape) - 2), vq[-2], vv[-1])
+        out = (*self._batch_axes(node, (q, k, v)), vq[-2], vv[-1])
         batch = math.prod(out_shape[:-2])
         size = self.c.size
         owner = self._op_owner(node)
