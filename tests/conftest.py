@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
 import torch
+
+# The CLI prints through rich, which wraps at 80 columns when output is not a terminal, so where
+# a long message breaks depends on the length of the temporary paths inside it. Tests check
+# the words, not the layout: a wide console (set before elasticize.cli builds its Console;
+# inherited by the torchrun subprocesses) keeps each message on one line.
+os.environ["COLUMNS"] = "1000"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -19,3 +30,18 @@ def tol(ref: torch.Tensor) -> float:
     alone moves outputs by ~4e-5 (5e-7 relative).
     """
     return 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@contextmanager
+def scratch_dir(tmp_path_factory, name: str):
+    """A fresh folder for a module-scoped fixture, deleted when the fixture is torn down.
+
+    The suite writes about 1.7 GB of safetensors files; pytest keeps a module fixture's folder
+    until the session ends, which once filled the CI machine's disk mid-run. Per-test
+    ``tmp_path`` folders are removed by ``tmp_path_retention_policy = "failed"`` (pyproject).
+    """
+    d = tmp_path_factory.mktemp(name)
+    try:
+        yield Path(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

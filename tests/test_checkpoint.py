@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import elasticize
 from elasticize.checkpoint import METADATA_KEY, read_manifest
-from conftest import max_diff
+from conftest import max_diff, scratch_dir
 
 PKG = Path(elasticize.__file__).parent
 
@@ -23,9 +23,10 @@ PKG = Path(elasticize.__file__).parent
 def saved(tmp_path_factory):
     torch.manual_seed(0)
     em = elasticize.convert("resnet18", pretrained=False)
-    path = tmp_path_factory.mktemp("ckpt") / "r18.safetensors"
-    elasticize.save(em, path)
-    return em, path
+    with scratch_dir(tmp_path_factory, "ckpt") as d:
+        path = d / "r18.safetensors"
+        elasticize.save(em, path)
+        yield em, path
 
 
 def _listing(folder: Path) -> dict[str, bytes]:

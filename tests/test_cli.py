@@ -12,15 +12,16 @@ from click.testing import CliRunner
 import elasticize
 from elasticize import checkpoint
 from elasticize.cli import main
+from conftest import scratch_dir
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli")
-    out = d / "r18.safetensors"
-    res = CliRunner().invoke(main, ["convert", "resnet18", "--no-pretrained", "-o", str(out)])
-    assert res.exit_code == 0, res.output
-    return d, out, res.output
+    with scratch_dir(tmp_path_factory, "cli") as d:
+        out = d / "r18.safetensors"
+        res = CliRunner().invoke(main, ["convert", "resnet18", "--no-pretrained", "-o", str(out)])
+        assert res.exit_code == 0, res.output
+        yield d, out, res.output
 
 
 def _files(d: Path) -> dict[str, bytes]:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import elasticize
-from conftest import max_diff, tol
+from conftest import max_diff, scratch_dir, tol
 
 MODELS = [
     ("timm", "resnet18"),
@@ -37,9 +37,10 @@ def case(request, tmp_path_factory):
     em = elasticize.convert(f"{family}:{name}", pretrained=False)
     original = elasticize.adapters.build_from_recipe(em.recipe)  # same architecture, to copy the original weights
     x = torch.randn(2, 3, 224, 224)
-    path = tmp_path_factory.mktemp(name) / "m.safetensors"
-    elasticize.save(em, path)
-    return name, em, x, path, original
+    with scratch_dir(tmp_path_factory, name) as d:
+        path = d / "m.safetensors"
+        elasticize.save(em, path)
+        yield name, em, x, path, original
 
 
 def _outputs(em, x):

