@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import torch
-
-# The CLI prints through rich, which wraps at 80 columns when output is not a terminal, so where
-# a long message breaks depends on the length of the temporary paths inside it. Tests check
-# the words, not the layout: a wide console (set before elasticize.cli builds its Console;
-# inherited by the torchrun subprocesses) keeps each message on one line.
-os.environ["COLUMNS"] = "1000"
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -45,3 +39,19 @@ def scratch_dir(tmp_path_factory, name: str):
         yield Path(d)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+#: width of the CLI's consoles in tests (``COLUMNS`` for a CLI run in a subprocess)
+WIDE = 1000
+
+
+@pytest.fixture(autouse=True, scope="session")
+def wide_cli_console():
+    """The CLI prints through rich, which wraps at 80 columns when output is not a terminal, so
+    where a long message breaks depends on the length of the temporary paths inside it. Tests
+    check the words, not the layout: a wide console keeps each message on one line."""
+    from elasticize import cli
+
+    for console in (cli.console, cli.err_console):
+        console.width = WIDE
+    yield

@@ -14,7 +14,7 @@ from elasticize.cli import main
 from elasticize.train.state import read_state_info
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import scratch_dir  # noqa: E402
+from conftest import WIDE, scratch_dir  # noqa: E402
 from toy_models import digits  # noqa: E402
 
 
@@ -167,7 +167,7 @@ def test_train_under_torchrun(image_job, tmp_path):
 
     d, folder, model = image_job
     out, state = tmp_path / "ddp.safetensors", tmp_path / "ddp_state.safetensors"
-    env = dict(os.environ, OMP_NUM_THREADS="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS=str(WIDE),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "elasticize", "train", str(model), "--data", str(folder), "--steps", "5", "-o", str(out),
