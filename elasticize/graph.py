@@ -386,6 +386,7 @@ _ELEMENTWISE = {
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
     "contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type", "type_as", "detach",
     "requires_grad_", "cpu", "cuda", "identity", "native_dropout", "_to_copy", "alias", "lift_fresh_copy",
+    "stochastic_depth",  # torchvision.ops (fx-wrapped): scales whole samples, every axis kept
 }
 #: ops a residual chain may pass through and still count as ``y = x + f(x)``
 _CHAIN = {"relu", "relu6", "gelu", "silu", "hardswish", "contiguous", "clone", "dropout", "identity", "to", "float"}

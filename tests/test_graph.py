@@ -246,3 +246,23 @@ def test_switching_touches_no_tensor():
     with em.subnet("full"):
         assert em.model.stage[0].conv1.weight.shape == em.model.stage[0].conv1._parameters["weight"].shape
     assert em.active == em.resolve("tiny")
+
+
+def test_stochastic_depth_keeps_the_residual_width_elastic():
+    """torchvision's ``stochastic_depth`` (an fx-wrapped function in ConvNeXt, EfficientNet, Swin)
+    scales whole samples; before it was known, it fixed every stage's residual width."""
+    torch.manual_seed(0)
+    em = elasticize.convert("torchvision:convnext_tiny", pretrained=False)
+    layer_scales = [f"features.{i}.0.layer_scale" for i in (1, 3, 5, 7)]
+    groups = [em.plan.tensors[t]["axes"]["0"][0] for t in layer_scales]
+    assert [em.plan.group(g)["size"] for g in groups] == [96, 192, 384, 768]
+    smallest = min(em.presets, key=em.macs)
+    x = torch.randn(2, 3, 64, 64)
+    em.train()  # stochastic depth active (p up to 0.1): it must follow the narrower stream
+    with em.subnet(smallest):
+        em(x).sum().backward()
+        active = em.model.features[1][0].layer_scale.shape[0]  # a sliced view while the sub-network is set
+    assert active < 96 and em.model.features[1][0].layer_scale.grad[active:].abs().sum() == 0
+    em.eval()
+    with torch.no_grad(), em.subnet(smallest):
+        assert max_diff(em.extract(smallest)(x), em(x)) < 1e-5
