@@ -937,6 +937,11 @@ class _Propagator:
         out_shape = self.shape(node)
         dim %= len(out_shape)
         vals = [self.env.get(t) for t in tensors]
+        if (len(vals) > 1 and all(isinstance(v, tuple) and len(v) == len(out_shape) for v in vals)
+                and len({self.c.find(v[dim]) for v in vals}) == 1):
+            # copies of one index space side by side (torchvision's patch merging): sliced alike in each
+            return self._join([v[:dim] + v[dim + 1:] for v in vals], out_shape, dim,
+                              self.c.repeated(vals[0][dim], len(vals)))
         out = []
         reason = f"concatenated along axis {dim} at {node.name}"
         for a in range(len(out_shape)):
@@ -952,6 +957,22 @@ class _Propagator:
                     slot = v[a] if slot is None else self.c.union(slot, v[a])
             out.append(slot if slot is not None else self.c.new(out_shape[a]))
         return tuple(out)
+
+    def _join(self, others: list[tuple[int, ...]], out_shape: Sequence[int], dim: int, slot: int) -> Value:
+        """The output of joining values along ``dim`` into ``slot``: their other axes are one slot each."""
+        base = others[0]
+        for v in others[1:]:
+            base = tuple(self.c.union(p, q) for p, q in zip(base, v))
+        return base[:dim] + (slot,) + base[dim:]
+
+    def op__patch_merging_pad(self, node: fx.Node) -> Value:
+        """torchvision Swin's fx-wrapped ``_patch_merging_pad``: ``(..., H, W, C)`` -> ``(..., H/2, W/2, 4 C)``,
+        the four 2x2 neighbours' channels side by side (each a copy of the input's index space)."""
+        x = self.env.get(node.args[0])
+        out_shape = self.shape(node)
+        if not isinstance(x, tuple) or len(x) != len(out_shape) or out_shape[-1] != 4 * self.shape(node.args[0])[-1]:
+            return self.unsupported(node, "unsupported op _patch_merging_pad")
+        return x[:-3] + (self.c.new(out_shape[-3]), self.c.new(out_shape[-2]), self.c.repeated(x[-1], 4))
 
     def op_stack(self, node: fx.Node) -> Value:
         vals = [self.env.get(t) for t in node.args[0]]

@@ -266,3 +266,28 @@ def test_stochastic_depth_keeps_the_residual_width_elastic():
     em.eval()
     with torch.no_grad(), em.subnet(smallest):
         assert max_diff(em.extract(smallest)(x), em(x)) < 1e-5
+
+
+def test_concatenated_copies_of_one_axis_are_sliced_alike():
+    """Patch merging in user code: neighbouring tokens' channels side by side, ``cat`` of copies of
+    one index space; the next layer's input columns are that many chunks of the stream's group."""
+
+    class Merge(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm, self.reduce = torch.nn.Linear(6, 16), torch.nn.LayerNorm(32), torch.nn.Linear(32, 3)
+
+        def forward(self, x):  # (batch, tokens, 6)
+            h = self.embed(x)
+            return self.reduce(self.norm(torch.cat([h[:, 0::2], h[:, 1::2]], dim=-1))).mean(1)
+
+    torch.manual_seed(0)
+    m, x = Merge().eval(), torch.randn(2, 8, 6)
+    em = elasticize.elasticize(m, x)
+    assert em.plan.tensors["reduce.weight"]["axes"]["1"] == ["embed:out", 2]
+    assert em.plan.tensors["norm.weight"]["axes"]["0"] == ["embed:out", 2]
+    for p in em.presets:
+        sub = em.extract(p)
+        assert sub.reduce.in_features == 2 * sub.embed.out_features
+        with torch.no_grad(), em.subnet(p):
+            assert max_diff(sub(x), em(x)) < 1e-6, p
