@@ -172,3 +172,44 @@ def test_swin_heads_keep_their_relative_position_bias():
     assert torch.equal(attn.relative_position_bias_table, em.model.state_dict()[table][:, :2])
     with torch.no_grad(), em.subnet({"heads": 0.5}):
         assert max_diff(sub(x), em(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_torchvision_swin_heads_move_with_the_stream(version):
+    """torchvision Swin's attention takes its head size as ``C // num_heads``: heads and the stage's
+    stream are one group in whole heads, with each head's position-bias entries (V1 table column;
+    V2 logit scale and position-bias MLP row). Patch merging's four neighbours are sliced alike.
+    Windows are padded here (10x10 tokens, window 4): MACs at every preset against FlopCounterMode."""
+    from torchvision.models import swin_transformer as tv
+
+    torch.manual_seed(0)
+    extra = dict(block=tv.SwinTransformerBlockV2, downsample_layer=tv.PatchMergingV2) if version == "v2" else {}
+    model = tv.SwinTransformer(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                               stochastic_depth_prob=0.1, num_classes=5, **extra).eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        ref = model(x)
+    em = elasticize.elasticize(model, x[:1])
+    with torch.no_grad():
+        assert max_diff(em(x), ref) <= tol(ref)  # the importance order moved whole heads on both sides
+    assert not em.plan.not_elastic[:-1], em.plan.not_elastic  # only the model output stays whole
+    g = em.plan.group("features.2.reduction:out")  # the second stage's stream: 64 channels, 4 heads of 16
+    assert (g["size"], g["unit"]) == (64, 16)
+    for p in em.presets:
+        sub = em.extract(p).eval()
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            y = sub(x[:1])
+        assert em.macs(p) == fc.get_total_flops() / 2, p
+        with torch.no_grad(), em.subnet(p):
+            assert max_diff(em(x[:1]), y) <= 1e-5, p
+        attn = sub.features[3][0].attn
+        width = em.resolve(p)["width"][g["name"]]
+        assert attn.num_heads == width // 16 and attn.qkv.out_features == 3 * width
+        if version == "v2":
+            assert attn.cpb_mlp[2].out_features == attn.logit_scale.shape[0] == width // 16
+        else:
+            assert attn.relative_position_bias_table.shape[1] == width // 16
+    smallest = min(em.presets, key=em.macs)
+    em.train()  # stochastic depth on, at the narrowest stream
+    with em.subnet(smallest):
+        em(x).sum().backward()

@@ -201,19 +201,30 @@ class MultiheadAttentionRule(Rule):
         return n * (2 * l_q * e * e + l_k * e * (m.kdim + m.vdim) + 2 * l_q * l_k * e)
 
 
-def _timm_class(module_name: str, class_name: str) -> type | None:
-    """A timm class if timm (and that module) is already imported, else None (timm stays optional)."""
+def _loaded_class(module_name: str, class_name: str) -> type | None:
+    """A class of an optional library (timm, torchvision) if that module is already imported, else None."""
     mod = sys.modules.get(module_name)
     return getattr(mod, class_name, None) if mod else None
 
 
-def _fused_qkv_heads(ctx: SiteContext, x: tuple, head_dim: int) -> tuple[int, int]:
-    """The heads of a fused ``qkv`` / ``proj`` attention (timm's layout), MACs included.
+def _fused_qkv_heads(ctx: SiteContext, x: tuple, head_dim: int, *, seq: tuple[int, int] | None = None,
+                     stream: bool = False) -> tuple[int, int]:
+    """The heads of a fused ``qkv`` / ``proj`` attention (timm's and torchvision's layout), MACs included.
 
     ``qkv.weight`` rows are three chunks (q, k, v) that keep the same first heads, ``proj``
     keeps the matching input columns; both layers' feature attributes follow. MACs: the q/k/v
-    and output projections, plus ``2 * batch * tokens^2 * heads * head_dim`` for the two attention
-    matmuls of an input ``(batch, tokens, channels)``.
+    and output projections, plus ``2 * sequences * length^2 * heads * head_dim`` for the two
+    attention matmuls (``q @ k^T`` and ``attention @ v``).
+
+    Args:
+        ctx: the attention module's site.
+        x: slots of its input, channels last.
+        head_dim: channels per head (the unit of the heads).
+        seq: ``(sequences, length)`` the attention runs over; default ``(batch, tokens)`` of an
+            input ``(batch, tokens, channels)``. Window attention gives ``(batch * windows, window area)``.
+        stream: the module derives its head size from its input width (``C // num_heads``), so
+            heads, input and output channels are one group, in units of ``head_dim`` (as in
+            :class:`MultiheadAttentionRule`); otherwise the heads are their own group.
 
     Returns:
         ``(heads, out)``: the heads slot (in channels, unit ``head_dim``) and the output's feature slot.
@@ -224,7 +235,6 @@ def _fused_qkv_heads(ctx: SiteContext, x: tuple, head_dim: int) -> tuple[int, in
         ctx.chunked("qkv.bias", 0, 3)
     qkv_w = ctx.tensor("qkv.weight")
     heads = qkv_w[0]
-    ctx.producer(heads, unit=head_dim, kind="heads")
     ctx.couple(x[-1], qkv_w[1])
     if m.qkv.bias is not None:
         ctx.couple(heads, ctx.tensor("qkv.bias")[0])
@@ -232,17 +242,24 @@ def _fused_qkv_heads(ctx: SiteContext, x: tuple, head_dim: int) -> tuple[int, in
     ctx.couple(heads, proj_w[1])
     if m.proj.bias is not None:
         ctx.couple(proj_w[0], ctx.tensor("proj.bias")[0])
-    ctx.producer(proj_w[0])
+    if stream:
+        root = ctx.couple(ctx.couple(heads, x[-1]), proj_w[0])
+        ctx.c.unit[root] = math.lcm(ctx.c.unit.get(root, 1), head_dim)
+    else:
+        ctx.producer(heads, unit=head_dim, kind="heads")
+        ctx.producer(proj_w[0])
     ctx.attr("out_features", heads, mul=3, module="qkv")
     ctx.attr("in_features", heads, module="proj")
     ctx.attr("in_features", x[-1], module="qkv")
     ctx.attr("out_features", proj_w[0], module="proj")
-    shape = ctx.in_shape(0)
-    tokens, n = shape[0] * shape[1], shape[1]
+    if seq is None:
+        shape = ctx.in_shape(0)
+        seq = (shape[0], shape[1])
+    n_seq, length = seq
     size = ctx.c.size
-    ctx.macs(tokens * 3 * size[heads] * size[x[-1]], [heads, x[-1]])
-    ctx.macs(tokens * size[heads] * size[proj_w[0]], [heads, proj_w[0]])
-    ctx.macs(2 * shape[0] * n * n * size[heads], [heads])
+    ctx.macs(n_seq * length * 3 * size[heads] * size[x[-1]], [heads, x[-1]])
+    ctx.macs(n_seq * length * size[heads] * size[proj_w[0]], [heads, proj_w[0]])
+    ctx.macs(2 * n_seq * length * length * size[heads], [heads])
     return heads, proj_w[0]
 
 
@@ -257,7 +274,7 @@ class TimmAttentionRule(Rule):
     """
 
     def matches(self, module: nn.Module) -> bool:
-        return type(module) is _timm_class("timm.layers.attention", "Attention")
+        return type(module) is _loaded_class("timm.layers.attention", "Attention")
 
     def analyze(self, ctx: SiteContext, x: Any, *rest: Any) -> Any:
         m = ctx.module
@@ -297,7 +314,7 @@ class TimmWindowAttentionRule(Rule):
     """
 
     def matches(self, module: nn.Module) -> bool:
-        return type(module) is _timm_class("timm.models.swin_transformer", "WindowAttention")
+        return type(module) is _loaded_class("timm.models.swin_transformer", "WindowAttention")
 
     def analyze(self, ctx: SiteContext, x: Any, *rest: Any) -> Any:
         m = ctx.module
@@ -308,3 +325,49 @@ class TimmWindowAttentionRule(Rule):
         ctx.per_unit("relative_position_bias_table", 1, heads, head_dim)
         ctx.attr("num_heads", heads, div=head_dim)
         return x[:-1] + (out,)
+
+
+@register_rule("torchvision_window_attention")
+class TorchvisionWindowAttentionRule(Rule):
+    """torchvision Swin ``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2``: whole heads, tied to the stream.
+
+    torchvision's ``shifted_window_attention`` takes the head size as ``C // num_heads`` of its
+    input ``(batch, H, W, C)``, so, as in ``nn.MultiheadAttention``, the heads (``qkv`` rows in three
+    chunks, ``proj`` columns) and the stream the block reads and writes (``qkv`` columns, ``proj``
+    rows) are one group in whole heads: at ``C'`` active channels the module has ``C' / head_dim``
+    heads and ``num_heads`` follows. Per head: V1's relative position bias table column; V2's
+    ``logit_scale`` row and the continuous position bias MLP's output row (``cpb_mlp.2``).
+    MACs: the projections and the attention matmuls over the padded windows, plus V2's position
+    bias MLP (Swin, Liu et al., ICCV 2021, Eq. 4; Swin V2, Liu et al., CVPR 2022, Eq. 2;
+    SortedNet, arXiv 2309.00255, Section 3: nested heads and hidden width).
+    """
+
+    def _classes(self) -> tuple[type, ...]:
+        mod = "torchvision.models.swin_transformer"
+        return tuple(c for c in (_loaded_class(mod, "ShiftedWindowAttention"),
+                                 _loaded_class(mod, "ShiftedWindowAttentionV2")) if c is not None)
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module) in self._classes()
+
+    def analyze(self, ctx: SiteContext, x: Any, *rest: Any) -> Any:
+        m = ctx.module
+        if not isinstance(x, tuple) or len(x) != 4:
+            return None
+        head_dim = m.qkv.in_features // m.num_heads
+        batch, h, w, _ = ctx.in_shape(0)
+        wh, ww = m.window_size
+        windows = -(-h // wh) * -(-w // ww)  # the function pads H and W to multiples of the window
+        _fused_qkv_heads(ctx, x, head_dim, seq=(batch * windows, wh * ww), stream=True)
+        positions = (2 * wh - 1) * (2 * ww - 1)
+        if hasattr(m, "cpb_mlp"):  # V2
+            ctx.per_unit("logit_scale", 0, x[-1], head_dim)
+            ctx.per_unit("cpb_mlp.2.weight", 0, x[-1], head_dim)
+            ctx.attr("out_features", x[-1], div=head_dim, module="cpb_mlp.2")
+            hidden = m.cpb_mlp[0].out_features
+            ctx.macs(positions * m.cpb_mlp[0].in_features * hidden, [])
+            ctx.macs(positions * hidden * m.num_heads, [x[-1]])
+        else:
+            ctx.per_unit("relative_position_bias_table", 1, x[-1], head_dim)
+        ctx.attr("num_heads", x[-1], div=head_dim)
+        return x
