@@ -31,7 +31,7 @@ MODELS = [
     "torchvision:squeezenet1_0", "torchvision:shufflenet_v2_x1_0", "torchvision:mnasnet1_0",
     "torchvision:mobilenet_v3_small", "torchvision:googlenet", "torchvision:inception_v3", "torchvision:swin_t",
     "torchvision:swin_v2_t", "torchvision:maxvit_t", "torchvision:vit_b_16",
-    "timm:deit_tiny_patch16_224", "timm:beit_base_patch16_224", "timm:eva02_tiny_patch14_224",
+    "timm:deit_tiny_patch16_224", "timm:beit_base_patch16_224", "timm:eva02_tiny_patch14_336",
     "timm:swin_tiny_patch4_window7_224", "timm:convnextv2_atto", "timm:efficientvit_b0", "timm:levit_128",
     "timm:regnetx_002", "timm:rexnet_100", "timm:mobilevit_xs", "timm:poolformer_s12", "timm:coat_lite_tiny",
     "timm:fastvit_t8", "timm:ghostnet_100", "timm:edgenext_xx_small",

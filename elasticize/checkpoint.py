@@ -36,7 +36,8 @@ from ._version import __version__
 from .adapters import build_from_recipe, get_adapter
 from .export import densify, dense_tensors, set_tensor
 from .model import ElasticModel, SubnetLike
-from .plan import Plan, apply_plan
+from .graph import model_tensors
+from .plan import Plan, apply_plan, slice_ranges
 from .space import Config, SearchSpace
 
 __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
@@ -165,6 +166,8 @@ def _preset_entry(em: ElasticModel, name: str, cfg: Config, state: dict[str, tor
     tensors: dict[str, Any] = {}
     total = 0
     for dense, (src, ranges) in spec.items():
+        if em.plan.tensors.get(src, {}).get("persistent") is False:
+            continue  # not in the file: the model builds it (see Plan.tensors)
         if src in calibrated:
             shape = list(calibrated[src].shape)
             total += calibrated[src].numel() * calibrated[src].element_size()
@@ -268,6 +271,18 @@ def _base_model(manifest: dict[str, Any], model: nn.Module | None) -> tuple[nn.M
             raise TypeError("pass the plain base model (not an elastic one) as model=")
         return model.eval(), False
     return build_from_recipe(manifest.get("recipe") or {}, device="meta"), True
+
+
+def _non_persistent(base: nn.Module, plan: Plan, manifest: dict[str, Any], meta: bool) -> dict[str, torch.Tensor]:
+    """The full values of the sliced non-persistent buffers, which the file does not hold: the
+    given model's own, or a real build's when ``base`` was built on ``meta``."""
+    names = [fqn for fqn, info in plan.tensors.items() if info.get("persistent") is False]
+    if not names:
+        return {}
+    if meta:
+        base = build_from_recipe(manifest.get("recipe") or {})
+    own = model_tensors(base)
+    return {n: own[n].detach() for n in names}
 
 
 def _materialize(model: nn.Module, manifest: dict[str, Any]) -> None:
@@ -378,6 +393,7 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
         cfg = space.resolve(subnet)
     space.apply(state, cfg)
     spec = dense_tensors(plan, space, state, cfg)
+    built = _non_persistent(base, plan, manifest, meta)
     calibrated: dict[str, str] = {}  # the preset's calibrated BatchNorm statistics, if the file has them
     for preset, table in (manifest.get("bn_stats") or {}).items():
         if manifest.get("kind") != "sub-network" and space.resolve(preset) == cfg:
@@ -387,7 +403,9 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
     aliases = manifest.get("aliases") or {}
     with safe_open(str(path), framework="pt") as f:
         for dense, (src, ranges) in spec.items():
-            if manifest.get("kind") == "sub-network":
+            if src in built:
+                t = slice_ranges(built[src], ranges)
+            elif manifest.get("kind") == "sub-network":
                 t = f.get_tensor(aliases.get(dense, dense))
             elif src in calibrated:
                 t = f.get_tensor(calibrated[src])

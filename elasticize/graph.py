@@ -31,7 +31,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["Analysis", "GroupInfo", "StageInfo", "MacTerm", "SiteContext", "analyze"]
+__all__ = ["Analysis", "GroupInfo", "StageInfo", "MacTerm", "SiteContext", "analyze", "model_tensors"]
 
 Value = Any  # tuple[int, ...] for a tensor, list of Values for a sequence, None otherwise
 
@@ -375,6 +375,15 @@ class SiteContext:
         return x
 
 
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` by name: its ``state_dict(keep_vars=True)`` plus its non-persistent
+    buffers (timm BEiT's ``k_bias``: outside the state dict and the file, but sliced like the rest)."""
+    state = dict(model.state_dict(keep_vars=True))
+    for name, b in model.named_buffers():
+        state.setdefault(name, b)
+    return state
+
+
 # --------------------------------------------------------------------------- op tables
 _ELEMENTWISE = {
     "add", "iadd", "sub", "isub", "rsub", "mul", "imul", "div", "truediv", "itruediv", "floordiv", "pow",
@@ -531,7 +540,8 @@ class _Propagator:
         self.param_of = param_of  # placeholder name -> fqn (export path)
         self.c = Coupling()
         self.env: dict[fx.Node, Value] = {}
-        self.state = dict(root.state_dict(keep_vars=True))
+        self.state = model_tensors(root)
+        self.persistent = set(root.state_dict(keep_vars=True))
         self.mac_terms: list[MacTerm] = []
         self.sites: dict[str, str] = {}
         self.not_elastic: list[tuple[str, str]] = []
@@ -1507,7 +1517,10 @@ def _collect(prop: _Propagator, how: str, stages: list[StageInfo], not_elastic: 
             g = name_of.get(r)
             if g is not None:
                 axes[str(ax)] = [g, k, div_of[(fqn, ax)]] if (fqn, ax) in div_of else [g, k]
-        tensors[fqn] = {"shape": list(t.shape), "param": fqn in params, "axes": axes}
+        if fqn in prop.persistent:
+            tensors[fqn] = {"shape": list(t.shape), "param": fqn in params, "axes": axes}
+        elif axes:  # a non-persistent buffer the plan slices; not in the file
+            tensors[fqn] = {"shape": list(t.shape), "param": False, "axes": axes, "persistent": False}
     attrs: dict[str, dict[str, tuple[str, str, int, int]]] = {}
     for module, attr, slot, kind, mul, div in c.attrs:
         r, k = resolve(slot)

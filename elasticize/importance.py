@@ -41,6 +41,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .graph import model_tensors
 from .plan import Plan, axis_entry
 
 __all__ = ["magnitude_importance", "activation_importance", "sort_by_importance", "sort_unit"]
@@ -72,7 +73,7 @@ def magnitude_importance(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor
         group name -> tensor of shape ``(size // sort_unit,)`` (see :func:`sort_unit`), larger is
         more important.
     """
-    state = model.state_dict(keep_vars=True)
+    state = model_tensors(model)
     scores: dict[str, torch.Tensor] = {}
     members = _members(plan)
     for g in plan.groups:
@@ -196,7 +197,7 @@ def sort_by_importance(model: nn.Module, plan: Plan, scores: dict[str, torch.Ten
     Returns:
         group -> the permutation applied (new position -> old unit index).
     """
-    state = model.state_dict(keep_vars=True)
+    state = model_tensors(model)
     perms: dict[str, list[int]] = {}
     members = _members(plan)
     done: set[tuple[int, int]] = set()  # tied tensors appear under several names: permute once

@@ -11,7 +11,7 @@ from torch import nn
 
 from .adapters import Adapter, adapter_for_model, get_adapter
 from .export import extract_from
-from .graph import analyze
+from .graph import analyze, model_tensors
 from .importance import activation_importance, magnitude_importance, sort_by_importance
 from .modules import SWITCH_PREFIX
 from .plan import KIND_DIM, Plan, apply_plan, build_plan, remove_elastic, slice_ranges
@@ -242,7 +242,7 @@ class ElasticModel(nn.Module):
             KeyError, ValueError, TypeError: for a sub-network outside the search space.
         """
         cfg = self.resolve(subnet)
-        state = dict(self.model.state_dict(keep_vars=True))
+        state = model_tensors(self.model)
         with self.subnet(cfg):
             dense = extract_from(self.model, self.plan, self.space, self._state, cfg,
                                  lambda src, ranges: slice_ranges(state[src], ranges))

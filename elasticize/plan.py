@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph import Analysis
+from .graph import Analysis, model_tensors
 from .modules import SWITCH_PREFIX, GroupState, StageState, make_elastic, restore
 from .rules import get_rule
 
@@ -62,7 +62,9 @@ class Plan:
         groups: one dict per coupling group: ``name, kind, size, unit, choices`` (choices in
             channels for width, in heads for heads, in parallel modules for modules, largest first).
         tensors: tensor fqn -> ``{"shape", "param", "axes": {axis: [group, chunks] or [group, chunks, div]}}``
-            (``div``: see :data:`elasticize.modules.TensorSpec`).
+            (``div``: see :data:`elasticize.modules.TensorSpec`), plus ``"persistent": false`` for a
+            non-persistent buffer that is sliced (timm BEiT's ``k_bias``): not in the file, the model
+            builds it, a sub-network takes its slice of the built one.
         attrs: module path -> attribute -> ``[group, kind, mul, div]``.
         sites: module path -> rule name, for every module a rule handled.
         stages: one dict per stage: ``name, blocks, n_mandatory, first_skippable, choices``, and
@@ -195,6 +197,8 @@ def build_plan(
     for fqn, info in analysis.tensors.items():
         axes = {ax: v for ax, v in info["axes"].items() if v[0] in kept}
         plan.tensors[fqn] = {"shape": info["shape"], "param": info["param"], "axes": axes}
+        if info.get("persistent") is False:
+            plan.tensors[fqn]["persistent"] = False
     for module, attrs in analysis.attrs.items():
         a = {k: list(v) for k, v in attrs.items() if v[0] in kept}
         if a:
@@ -268,7 +272,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
         ValueError: if the model does not match the plan (a tensor is missing or has another shape).
         KeyError: if the plan names a rule that is not registered.
     """
-    state = dict(model.state_dict(keep_vars=True))
+    state = model_tensors(model)
     for fqn, info in plan.tensors.items():
         if not info["axes"]:
             continue

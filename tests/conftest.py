@@ -16,6 +16,23 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+def math_attention(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with timm's fused attention off (FlopCounterMode does not count the CPU kernel)."""
+    for m in module.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    return module
+
+
+def counted(module: torch.nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``module(*inputs)`` without gradients, and its MACs by FlopCounterMode (FLOPs / 2), math attention."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        y = math_attention(module)(*inputs)
+    return y, fc.get_total_flops() / 2
+
+
 def tol(ref: torch.Tensor) -> float:
     """1e-5, scaled by the output's magnitude when it exceeds 1.
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import elasticize
-from conftest import max_diff, scratch_dir, tol
+from conftest import counted, math_attention, max_diff, scratch_dir, tol
 
 MODELS = [
     ("timm", "resnet18"),
@@ -213,3 +213,89 @@ def test_torchvision_swin_heads_move_with_the_stream(version):
     em.train()  # stochastic depth on, at the narrowest stream
     with em.subnet(smallest):
         em(x).sum().backward()
+
+
+def test_beit_heads_move_with_the_stream_and_its_non_persistent_k_bias_is_sliced(tmp_path):
+    """timm BEiT reshapes its attention output to the input width, so its heads move with the
+    residual stream; ``k_bias`` is a non-persistent buffer: sliced like the rest, absent from the
+    file, and taken from the built model by ``load_subnet`` (here built on ``meta`` from the recipe)."""
+    from elasticize.checkpoint import read_manifest
+
+    torch.manual_seed(0)
+    small = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 4, "num_classes": 5}
+    em = elasticize.convert("timm:beit_base_patch16_224", pretrained=False, kwargs=small)
+    fresh = elasticize.adapters.build_from_recipe(em.recipe).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = fresh(x)
+        em2 = elasticize.elasticize(fresh, x[:1])
+        assert max_diff(em2(x), ref) <= tol(ref)  # the importance order moved whole heads on both sides
+    info = em.plan.tensors["blocks.0.attn.k_bias"]
+    assert info["persistent"] is False and info["axes"]["0"][0] == "patch_embed.proj:out"
+    assert em.plan.group("patch_embed.proj:out")["unit"] == 16
+    em.model.blocks[0].attn.k_bias.normal_()  # not zeros, so a wrong slice would show
+    path = elasticize.save(em, tmp_path / "beit.safetensors")
+    tables = read_manifest(path)["presets"]
+    assert all("blocks.0.attn.k_bias" not in t["tensors"] for t in tables.values())
+    em.eval()
+    for p in em.presets:
+        sub = em.extract(p).eval()
+        y, macs = counted(sub, x[:1])
+        assert em.macs(p) == macs, p
+        width = em.resolve(p)["width"]["patch_embed.proj:out"]
+        attn = sub.blocks[0].attn
+        assert attn.num_heads == width // 16 and attn.relative_position_bias_table.shape[1] == width // 16
+        assert torch.equal(attn.k_bias, em.model.blocks[0].attn.k_bias[:width])
+        with torch.no_grad(), em.subnet(p):
+            assert max_diff(em(x[:1]), y) <= 1e-5, p
+        loaded = elasticize.load_subnet(path, p)
+        assert torch.equal(loaded.blocks[0].attn.k_bias, torch.zeros(width))  # the model's own zeros, cut
+        math_attention(loaded)
+        with torch.no_grad():
+            sub.blocks[0].attn.k_bias.zero_()
+            assert max_diff(loaded(x[:1]), sub(x[:1])) == 0.0, p
+
+
+def test_beit_shared_relative_position_bias_keeps_heads_whole_with_the_reason():
+    from timm.models.beit import Beit
+
+    torch.manual_seed(0)
+    model = Beit(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5,
+                 use_rel_pos_bias=False, use_shared_rel_pos_bias=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    em = elasticize.elasticize(model, x)
+    reasons = dict(em.plan.not_elastic)
+    assert reasons["blocks.0.attn"] == "BEiT attention with a relative position bias shared by all blocks"
+    assert {g["name"] for g in em.plan.groups} == {"blocks.0.mlp.fc1:out", "blocks.1.mlp.fc1:out"}
+    for p in em.presets:
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            em.extract(p).eval()(x)
+        assert em.macs(p) == fc.get_total_flops() / 2, p  # the whole attention still counted
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["qkv", "q_k_v_proj"])
+def test_eva_heads_move_with_the_stream(fused):
+    """timm EVA attention (rotary embeddings, SwiGLU MLP, inner scale norm) reshapes its output to
+    the input width: heads move with the stream, whether q, k, v are one fused projection with
+    separate biases (``k_bias`` non-persistent) or three projections."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    model = Eva(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5, qkv_fused=fused,
+                qkv_bias=True, swiglu_mlp=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4),
+                scale_attn_inner=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        em = elasticize.elasticize(model, x[:1])
+        assert max_diff(em(x), ref) <= tol(ref)
+    assert em.plan.not_elastic == [["head:out", "model output"]]
+    stream = em.plan.group("patch_embed.proj:out")
+    assert stream["unit"] == 16 and em.plan.tensors["blocks.1.attn.norm.weight"]["axes"]["0"][0] == stream["name"]
+    for p in em.presets:
+        sub = em.extract(p).eval()
+        y, macs = counted(sub, x[:1])
+        assert em.macs(p) == macs, p
+        assert sub.blocks[0].attn.num_heads == em.resolve(p)["width"][stream["name"]] // 16
+        with torch.no_grad(), em.subnet(p):
+            assert max_diff(em(x[:1]), y) <= 1e-5, p

@@ -207,14 +207,15 @@ def _loaded_class(module_name: str, class_name: str) -> type | None:
     return getattr(mod, class_name, None) if mod else None
 
 
-def _fused_qkv_heads(ctx: SiteContext, x: tuple, head_dim: int, *, seq: tuple[int, int] | None = None,
-                     stream: bool = False) -> tuple[int, int]:
-    """The heads of a fused ``qkv`` / ``proj`` attention (timm's and torchvision's layout), MACs included.
+def _qkv_heads(ctx: SiteContext, x: tuple, head_dim: int, *, seq: tuple[int, int] | None = None,
+               stream: bool = False) -> tuple[int, int]:
+    """The heads of a timm / torchvision attention module, MACs included.
 
-    ``qkv.weight`` rows are three chunks (q, k, v) that keep the same first heads, ``proj``
-    keeps the matching input columns; both layers' feature attributes follow. MACs: the q/k/v
-    and output projections, plus ``2 * sequences * length^2 * heads * head_dim`` for the two
-    attention matmuls (``q @ k^T`` and ``attention @ v``).
+    The q, k, v projections are one fused ``qkv`` (rows in three chunks, q, k, v, that keep the
+    same first heads) or separate ``q_proj`` / ``k_proj`` / ``v_proj``; ``proj`` keeps the matching
+    input columns; the layers' feature attributes follow. MACs: the q/k/v and output
+    projections, plus ``2 * sequences * length^2 * heads * head_dim`` for the two attention
+    matmuls (``q @ k^T`` and ``attention @ v``).
 
     Args:
         ctx: the attention module's site.
@@ -222,22 +223,31 @@ def _fused_qkv_heads(ctx: SiteContext, x: tuple, head_dim: int, *, seq: tuple[in
         head_dim: channels per head (the unit of the heads).
         seq: ``(sequences, length)`` the attention runs over; default ``(batch, tokens)`` of an
             input ``(batch, tokens, channels)``. Window attention gives ``(batch * windows, window area)``.
-        stream: the module derives its head size from its input width (``C // num_heads``), so
-            heads, input and output channels are one group, in units of ``head_dim`` (as in
+        stream: the module ties its heads' total width to its input width (``C // num_heads`` as
+            the head size, or ``reshape(B, N, C)`` of the attention output), so heads, input and
+            output channels are one group, in units of ``head_dim`` (as in
             :class:`MultiheadAttentionRule`); otherwise the heads are their own group.
 
     Returns:
         ``(heads, out)``: the heads slot (in channels, unit ``head_dim``) and the output's feature slot.
     """
     m = ctx.module
-    ctx.chunked("qkv.weight", 0, 3)
-    if m.qkv.bias is not None:
-        ctx.chunked("qkv.bias", 0, 3)
-    qkv_w = ctx.tensor("qkv.weight")
-    heads = qkv_w[0]
-    ctx.couple(x[-1], qkv_w[1])
-    if m.qkv.bias is not None:
-        ctx.couple(heads, ctx.tensor("qkv.bias")[0])
+    if getattr(m, "qkv", None) is not None:
+        ctx.chunked("qkv.weight", 0, 3)
+        if m.qkv.bias is not None:
+            ctx.chunked("qkv.bias", 0, 3)
+        names, mul = ("qkv",), 3
+    else:
+        names, mul = ("q_proj", "k_proj", "v_proj"), 1
+    heads = None
+    for name in names:
+        w = ctx.tensor(f"{name}.weight")
+        heads = w[0] if heads is None else ctx.couple(heads, w[0])
+        ctx.couple(x[-1], w[1])
+        if getattr(m, name).bias is not None:
+            ctx.couple(heads, ctx.tensor(f"{name}.bias")[0])
+        ctx.attr("out_features", heads, mul=mul, module=name)
+        ctx.attr("in_features", x[-1], module=name)
     proj_w = ctx.tensor("proj.weight")
     ctx.couple(heads, proj_w[1])
     if m.proj.bias is not None:
@@ -248,9 +258,7 @@ def _fused_qkv_heads(ctx: SiteContext, x: tuple, head_dim: int, *, seq: tuple[in
     else:
         ctx.producer(heads, unit=head_dim, kind="heads")
         ctx.producer(proj_w[0])
-    ctx.attr("out_features", heads, mul=3, module="qkv")
     ctx.attr("in_features", heads, module="proj")
-    ctx.attr("in_features", x[-1], module="qkv")
     ctx.attr("out_features", proj_w[0], module="proj")
     if seq is None:
         shape = ctx.in_shape(0)
@@ -261,6 +269,46 @@ def _fused_qkv_heads(ctx: SiteContext, x: tuple, head_dim: int, *, seq: tuple[in
     ctx.macs(n_seq * length * size[heads] * size[proj_w[0]], [heads, proj_w[0]])
     ctx.macs(2 * n_seq * length * length * size[heads], [heads])
     return heads, proj_w[0]
+
+
+def _qkv_biases(ctx: SiteContext, heads: int) -> None:
+    """timm's separate biases of a fused ``qkv`` (BEiT, EVA): ``q_bias``, ``k_bias`` (a
+    non-persistent buffer of zeros, sliced all the same) and ``v_bias`` keep one entry per head channel."""
+    for name in ("q_bias", "k_bias", "v_bias"):
+        t = ctx.tensor(name)
+        if t is not None:
+            ctx.couple(heads, t[0])
+
+
+def _timm_attention(ctx: SiteContext, x: tuple, *, stream: bool) -> int:
+    """A timm ``Attention`` / ``EvaAttention``: :func:`_qkv_heads`, then the optional ``gate``
+    (rows per head channel), the scale norm over the heads' width and the fused q/k/v biases
+    (``q_bias``, ``k_bias``, ``v_bias``); ``num_heads`` follows. Returns the output's feature slot."""
+    m = ctx.module
+    heads, out = _qkv_heads(ctx, x, m.head_dim, stream=stream)
+    _qkv_biases(ctx, heads)
+    if getattr(m, "gate", None) is not None:
+        gw = ctx.tensor("gate.weight")
+        ctx.couple(heads, gw[0])
+        ctx.couple(x[-1], gw[1])
+        if m.gate.bias is not None:
+            ctx.couple(heads, ctx.tensor("gate.bias")[0])
+        ctx.attr("out_features", heads, module="gate")
+        ctx.attr("in_features", x[-1], module="gate")
+        shape = ctx.in_shape(0)
+        ctx.macs(shape[0] * shape[1] * ctx.c.size[heads] * ctx.c.size[x[-1]], [heads, x[-1]])
+    if isinstance(m.norm, nn.LayerNorm):
+        for n in ("norm.weight", "norm.bias"):
+            t = ctx.tensor(n)
+            if t is not None:
+                ctx.couple(heads, t[0])
+        ctx.attr("normalized_shape", heads, kind="shape", module="norm")
+    elif not isinstance(m.norm, nn.Identity):
+        ctx.fix((heads,), f"attention scale norm {type(m.norm).__name__}")
+    ctx.attr("num_heads", heads, div=m.head_dim)
+    if isinstance(getattr(m, "attn_dim", None), int):
+        ctx.attr("attn_dim", heads)
+    return out
 
 
 @register_rule("timm_attention")
@@ -277,30 +325,9 @@ class TimmAttentionRule(Rule):
         return type(module) is _loaded_class("timm.layers.attention", "Attention")
 
     def analyze(self, ctx: SiteContext, x: Any, *rest: Any) -> Any:
-        m = ctx.module
         if not isinstance(x, tuple):
             return None
-        heads, out = _fused_qkv_heads(ctx, x, m.head_dim)
-        if getattr(m, "gate", None) is not None:
-            gw = ctx.tensor("gate.weight")
-            ctx.couple(heads, gw[0])
-            ctx.couple(x[-1], gw[1])
-            if m.gate.bias is not None:
-                ctx.couple(heads, ctx.tensor("gate.bias")[0])
-            ctx.attr("out_features", heads, module="gate")
-            shape = ctx.in_shape(0)
-            ctx.macs(shape[0] * shape[1] * ctx.c.size[heads] * ctx.c.size[x[-1]], [heads, x[-1]])
-        if isinstance(m.norm, nn.LayerNorm):
-            for n in ("norm.weight", "norm.bias"):
-                t = ctx.tensor(n)
-                if t is not None:
-                    ctx.couple(heads, t[0])
-            ctx.attr("normalized_shape", heads, kind="shape", module="norm")
-        elif not isinstance(m.norm, nn.Identity):
-            ctx.fix((heads,), f"attention scale norm {type(m.norm).__name__}")
-        ctx.attr("num_heads", heads, div=m.head_dim)
-        ctx.attr("attn_dim", heads)
-        return x[:-1] + (out,)
+        return x[:-1] + (_timm_attention(ctx, x, stream=False),)
 
 
 @register_rule("timm_window_attention")
@@ -321,7 +348,7 @@ class TimmWindowAttentionRule(Rule):
         if not isinstance(x, tuple):
             return None
         head_dim = m.qkv.out_features // 3 // m.num_heads
-        heads, out = _fused_qkv_heads(ctx, x, head_dim)
+        heads, out = _qkv_heads(ctx, x, head_dim)
         ctx.per_unit("relative_position_bias_table", 1, heads, head_dim)
         ctx.attr("num_heads", heads, div=head_dim)
         return x[:-1] + (out,)
@@ -358,7 +385,7 @@ class TorchvisionWindowAttentionRule(Rule):
         batch, h, w, _ = ctx.in_shape(0)
         wh, ww = m.window_size
         windows = -(-h // wh) * -(-w // ww)  # the function pads H and W to multiples of the window
-        _fused_qkv_heads(ctx, x, head_dim, seq=(batch * windows, wh * ww), stream=True)
+        _qkv_heads(ctx, x, head_dim, seq=(batch * windows, wh * ww), stream=True)
         positions = (2 * wh - 1) * (2 * ww - 1)
         if hasattr(m, "cpb_mlp"):  # V2
             ctx.per_unit("logit_scale", 0, x[-1], head_dim)
@@ -371,3 +398,67 @@ class TorchvisionWindowAttentionRule(Rule):
             ctx.per_unit("relative_position_bias_table", 1, x[-1], head_dim)
         ctx.attr("num_heads", x[-1], div=head_dim)
         return x
+
+
+@register_rule("timm_beit_attention")
+class TimmBeitAttentionRule(Rule):
+    """timm BEiT ``Attention``: whole heads, tied to the stream.
+
+    BEiT's attention reshapes its output to its input width (``reshape(B, N, C)``), so, as in
+    ``nn.MultiheadAttention``, its heads (``qkv`` rows in three chunks, ``proj`` columns, the
+    ``q_bias`` / ``k_bias`` / ``v_bias`` entries; ``k_bias`` is a non-persistent buffer of zeros)
+    and the residual stream are one group in whole heads; each head keeps its relative position
+    bias column and ``num_heads`` follows (BEiT, Bao et al., ICLR 2022, Section 2.1; SortedNet,
+    arXiv 2309.00255, Section 3: nested heads and hidden width). Kept whole, with the reason,
+    when the blocks share one relative position bias or the heads' total width is not the input
+    width (``attn_head_dim``). Input ``(batch, tokens, channels)``.
+    """
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module) is _loaded_class("timm.models.beit", "Attention")
+
+    def analyze(self, ctx: SiteContext, x: Any, *rest: Any) -> Any:
+        m = ctx.module
+        if not isinstance(x, tuple):
+            return None
+        reason = None
+        if any(isinstance(r, tuple) or hasattr(r, "op") for r in [*rest, *ctx.node.kwargs.values()]):
+            reason = "BEiT attention with a relative position bias shared by all blocks"
+        elif m.qkv.out_features != 3 * m.qkv.in_features:
+            reason = "BEiT attention whose heads' total width (attn_head_dim) is not its input width"
+        head_dim = m.qkv.out_features // 3 // m.num_heads
+        heads, _ = _qkv_heads(ctx, x, head_dim, stream=reason is None)  # MACs counted either way
+        if reason is not None:
+            return ctx.refuse(reason, x, (heads,))
+        _qkv_biases(ctx, heads)
+        if m.relative_position_bias_table is not None:
+            ctx.per_unit("relative_position_bias_table", 1, x[-1], head_dim)
+        ctx.attr("num_heads", x[-1], div=head_dim)
+        return x
+
+
+@register_rule("timm_eva_attention")
+class TimmEvaAttentionRule(Rule):
+    """timm ``EvaAttention`` (EVA-02, and the ViTs built on it): whole heads, tied to the stream.
+
+    It reshapes its attention output to its input width (``reshape(B, N, C)``), so, as for
+    :class:`TimmBeitAttentionRule`, its heads and the residual stream are one group in whole
+    heads: the fused ``qkv`` rows (three chunks) with ``q_bias`` / ``k_bias`` / ``v_bias``, or the
+    separate ``q_proj`` / ``k_proj`` / ``v_proj`` rows, the optional ``gate`` rows and scale norm,
+    and ``proj``'s columns; rotary embeddings act within a head and need nothing (EVA-02, Fang
+    et al., 2023; SortedNet, arXiv 2309.00255, Section 3: nested heads and hidden width). Kept
+    whole, with the reason, when the heads' total width is not the input width (``attn_head_dim``).
+    """
+
+    def matches(self, module: nn.Module) -> bool:
+        return type(module) is _loaded_class("timm.models.eva", "EvaAttention")
+
+    def analyze(self, ctx: SiteContext, x: Any, *rest: Any) -> Any:
+        m = ctx.module
+        if not isinstance(x, tuple):
+            return None
+        if m.head_dim * m.num_heads != ctx.c.size[x[-1]]:
+            heads, _ = _qkv_heads(ctx, x, m.head_dim)  # MACs counted
+            return ctx.refuse("EVA attention whose heads' total width (attn_head_dim) is not its input width",
+                              x, (heads,))
+        return x[:-1] + (_timm_attention(ctx, x, stream=True),)
