@@ -35,11 +35,28 @@ MODELS = [
     "timm:swin_tiny_patch4_window7_224", "timm:convnextv2_atto", "timm:efficientvit_b0", "timm:levit_128",
     "timm:regnetx_002", "timm:rexnet_100", "timm:mobilevit_xs", "timm:poolformer_s12", "timm:coat_lite_tiny",
     "timm:fastvit_t8", "timm:ghostnet_100", "timm:edgenext_xx_small",
+    # a wider sweep: hierarchical, windowed, conv-attention hybrids, MLP mixers, LSTM mixers
+    "timm:cait_xxs24_224", "timm:xcit_nano_12_p16_224", "timm:pvt_v2_b0", "timm:twins_svt_small",
+    "timm:crossvit_tiny_240", "timm:mvitv2_tiny", "timm:hiera_tiny_224", "timm:focalnet_tiny_srf",
+    "timm:davit_tiny", "timm:efficientformer_l1", "timm:efficientformerv2_s0", "timm:repvit_m1",
+    "timm:tiny_vit_5m_224", "timm:gcvit_xxtiny", "timm:maxvit_tiny_rw_224", "timm:volo_d1_224",
+    "timm:deit3_small_patch16_224", "timm:resmlp_12_224", "timm:gmlp_s16_224", "timm:sequencer2d_s",
+    "timm:inception_next_tiny", "timm:hgnetv2_b0", "timm:mobilenetv4_conv_small", "timm:efficientnetv2_rw_t",
+    "timm:nfnet_l0", "timm:dla34", "timm:dpn68", "timm:res2net50_14w_8s", "timm:resnest14d", "timm:cspresnet50",
+    "timm:hrnet_w18_small", "timm:mobileone_s0", "timm:fbnetv3_b", "timm:lcnet_050", "timm:skresnet18",
+    "timm:visformer_tiny", "timm:pit_ti_224", "timm:convit_tiny", "timm:swinv2_tiny_window8_256",
+    "timm:vit_relpos_small_patch16_224", "timm:coatnet_nano_rw_224", "timm:nextvit_small", "timm:starnet_s1",
+    "timm:mambaout_femto", "timm:rdnet_tiny", "timm:vit_small_patch16_rope_224", "timm:fastvit_sa12",
 ]
 
 
 def measured_macs(module: torch.nn.Module, x: torch.Tensor) -> float:
-    """MACs of one forward of ``module`` on ``x`` by ``FlopCounterMode`` (FLOPs / 2), math attention."""
+    """MACs of one forward of ``module`` on ``x`` by ``FlopCounterMode`` (FLOPs / 2), math attention.
+
+    ``module`` (an extracted copy) stops requiring gradients: the counter's module tracker hooks
+    every tensor that does, and fails on a parameter expanded under ``no_grad`` (timm CaiT, PiT).
+    """
+    module.requires_grad_(False)
     for m in module.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False

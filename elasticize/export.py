@@ -34,7 +34,7 @@ def dense_tensors(plan: Plan, space: SearchSpace, state: ElasticState, cfg: Conf
         ranges, or None for the whole tensor).
     """
     out: dict[str, tuple[str, Ranges | None]] = {}
-    renamed = _renamed_blocks(plan, cfg)
+    removed = _removed_blocks(plan, cfg)
     for fqn in plan.tensors:
         module, _, name = fqn.rpartition(".")
         if name.startswith(SWITCH_PREFIX) or not space.kept_tensor(fqn, cfg):
@@ -43,32 +43,41 @@ def dense_tensors(plan: Plan, space: SearchSpace, state: ElasticState, cfg: Conf
         sw = plan.switchable.get(module)
         if sw is not None and name in sw["tensors"] and state.stages[sw["stage"]].skip:
             src = f"{module}.{SWITCH_PREFIX}{name}" if module else SWITCH_PREFIX + name
-        out[_rename(fqn, renamed)] = (src, tensor_ranges(plan, state, fqn))
+        out[_rename(fqn, removed)] = (src, tensor_ranges(plan, state, fqn))
     return out
 
 
-def _renamed_blocks(plan: Plan, cfg: Config) -> dict[str, str]:
-    """Old path -> new path of the blocks that move when dropped blocks are removed from their list."""
-    out: dict[str, str] = {}
+def _removed_blocks(plan: Plan, cfg: Config) -> dict[str, list[int]]:
+    """Parent ``nn.ModuleList`` path -> indices of the blocks that ``cfg`` deletes from it (``drop: "remove"``)."""
+    out: dict[str, list[int]] = {}
     for st in plan.stages:
         if st.get("drop") != "remove" or st.get("module") is not None:
             continue
         depth = cfg["depth"].get(st["name"], len(st["blocks"]))
-        kept = [b for b, r in zip(st["blocks"], stage_ranks(st)) if r < depth]
-        for new, b in enumerate(kept):
-            parent, _, _ = b.rpartition(".")
-            out[b] = f"{parent}.{new}"
+        for b, r in zip(st["blocks"], stage_ranks(st)):
+            if r >= depth:
+                parent, _, idx = b.rpartition(".")
+                out.setdefault(parent, []).append(int(idx))
     return out
 
 
-def _rename(fqn: str, renamed: dict[str, str]) -> str:
-    if renamed:
-        parts = fqn.split(".")
-        for i in range(len(parts) - 1, 0, -1):
-            new = renamed.get(".".join(parts[:i]))
-            if new is not None:
-                return ".".join([new, *parts[i:]])
-    return fqn
+def _rename(fqn: str, removed: dict[str, list[int]]) -> str:
+    """``fqn`` in the dense model, where each list lost its ``removed`` blocks and the rest moved up.
+
+    A stage may be a segment of its list (timm Twins: ``blocks.2[1:9]``, its block 0 followed by
+    a position encoding) or be followed by other blocks, so every later index moves, not only
+    the stage's own blocks.
+    """
+    if not removed:
+        return fqn
+    parts = fqn.split(".")
+    out = list(parts)
+    for k in range(1, len(parts)):
+        gone = removed.get(".".join(parts[:k]))
+        if gone and parts[k].isdigit():
+            i = int(parts[k])
+            out[k] = str(i - sum(g < i for g in gone))
+    return ".".join(out)
 
 
 def set_tensor(root: nn.Module, fqn: str, value: torch.Tensor) -> None:

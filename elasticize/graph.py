@@ -633,7 +633,8 @@ class _Propagator:
         self.c.producer.add(w[0])
         positions = math.prod(out_shape[:-1]) if out_shape else 1
         size = self.c.size
-        self.add_macs(owner, positions * size[w[0]] * size[w[1]], [w[0], w[1]])
+        # the leading axes may be elastic too (a token-mixing Linear over (B, C, N), ResMLP / gMLP)
+        self.add_macs(owner, positions * size[w[0]] * size[w[1]], [w[0], w[1], *x[:-1]])
         return out
 
     def conv_like(self, x: Value, w: tuple | None, b: tuple | None, groups: int, out_shape: tuple, owner: str,

@@ -291,3 +291,24 @@ def test_concatenated_copies_of_one_axis_are_sliced_alike():
         assert sub.reduce.in_features == 2 * sub.embed.out_features
         with torch.no_grad(), em.subnet(p):
             assert max_diff(sub(x), em(x)) < 1e-6, p
+
+
+def test_a_stage_that_is_a_segment_of_its_list_extracts_and_counts():
+    """Dropped blocks are deleted from their list (they take two arguments), and the stage is
+    ``blocks[1:4]``: the blocks after a removed one move up, whichever stage they belong to. The
+    token-mixing ``Linear`` runs over the elastic channels as its batch axis: its MACs follow them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    m = toys.SegmentStage().eval()
+    x = m.example_inputs()[0]
+    em = elasticize.elasticize(m)
+    (stage,) = em.plan.stages
+    assert stage["name"] == "blocks[1:3]" and stage["drop"] == "remove"
+    for cfg in [*em.presets, {"depth": {stage["name"]: 1}, "width": 0.5}]:
+        sub = em.extract(cfg)
+        with torch.no_grad(), em.subnet(cfg):
+            assert max_diff(sub(x), em(x)) < 1e-6, cfg
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            sub(x[:1])
+        assert em.macs(cfg) == fc.get_total_flops() / 2, cfg

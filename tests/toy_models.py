@@ -183,7 +183,7 @@ class FunctionalTransformer(nn.Module):
 
 
 class TorchEncoder(nn.Module):
-    """PyTorch's own ``nn.TransformerEncoder`` (post-norm: no block is ``y = x + f(x)``; pre-norm: depth)."""
+    """PyTorch's own ``nn.TransformerEncoder``, pre-norm or post-norm (the default)."""
 
     def __init__(self, norm_first: bool = True, layers: int = 4) -> None:
         super().__init__()
@@ -365,3 +365,39 @@ def digits(seed: int = 0, test_fraction: float = 1 / 3):
     n_test = int(len(y) * test_fraction)
     te, tr = perm[:n_test], perm[n_test:]
     return x[tr], y[tr], x[te], y[te]
+
+
+class PosBlock(nn.Module):
+    """A residual block that takes a second argument (so a dropped block is removed from its list)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x, scale):
+        return x + scale * self.fc(x)
+
+
+class SegmentStage(nn.Module):
+    """timm Twins' pattern: a position encoding after the first block of the list, so the depth
+    stage is the segment ``blocks[1:4]``, and a token-mixing ``Linear`` over ``(B, C, N)`` (ResMLP)."""
+
+    def __init__(self, c: int = 16, tokens: int = 6) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, c)
+        self.blocks = nn.ModuleList(PosBlock(c) for _ in range(4))
+        self.pos = nn.Linear(c, c)
+        self.mix = nn.Linear(tokens, tokens)
+        self.out = nn.Linear(c, 3)
+
+    def example_inputs(self):
+        return (torch.randn(2, 6, 4),)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, 0.5)
+            if i == 0:
+                x = self.pos(x)
+        x = x + self.mix(x.transpose(1, 2)).transpose(1, 2)
+        return self.out(x).mean(1)

@@ -132,17 +132,13 @@ class TimmAdapter(Adapter):
         return type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg")
 
     def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
-        """Batch 1 at the pretrained config's input size, or at the size the model was built for
-        (``img_size`` / ``in_chans`` given as kwargs reach the patch embedding, not the config)."""
+        """Batch 1 at the pretrained config's input size, or at the image size the model was built
+        for (an ``img_size`` kwarg reaches the patch embedding, not the config)."""
         cfg = getattr(model, "pretrained_cfg", None) or {}
         size = list(cfg.get("input_size", (3, 224, 224)))
-        embed = getattr(model, "patch_embed", None)
-        img = getattr(embed, "img_size", None)
+        img = getattr(getattr(model, "patch_embed", None), "img_size", None)
         if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(n, int) for n in img):
             size[1:] = img
-        proj = getattr(embed, "proj", None)
-        if isinstance(proj, nn.Conv2d):
-            size[0] = proj.in_channels
         return (torch.randn(1, *size),)
 
     def after_extract(self, dense: nn.Module) -> None:
