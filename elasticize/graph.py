@@ -1250,29 +1250,40 @@ class _Propagator:
 
 
 # --------------------------------------------------------------------------- residual blocks
-def _is_residual(node: Any, x_in: fx.Node, inner: set[fx.Node], depth: int = 0, added: bool = False) -> bool:
+def _is_residual(node: Any, x_in: fx.Node, inner: set[fx.Node], depth: int = 0, added: bool = False,
+                 norm: Callable[[fx.Node], bool] = lambda n: False) -> bool:
     """Whether ``node`` is ``x_in`` plus branches: a chain of adds (and activations) back to the input.
 
     Reshapes may sit in the chain (timm's Swin block adds its MLP branch to ``x.reshape(B, -1, C)``
     and reshapes back): reshapes keep the element order, so with the block's output shaped like its
     input (checked by the caller) the chain without its branches is the identity.
 
-    The chain may not pass through the output of a sub-module call (``inner``): a container
-    of residual blocks is not itself a residual block.
+    So may the block's own LayerNorm / RMSNorm calls (``norm(node)`` true): a post-norm transformer layer,
+    ``norm2(z + ff(z))`` with ``z = norm1(x + attn(x))``, is skipped whole as LayerDrop does
+    (Fan et al., ICLR 2020; post-norm BERT layers are dropped so in the transformers adapter).
+
+    The chain may not pass through the output of any other sub-module call (``inner``): a
+    container of residual blocks is not itself a residual block.
     """
     if depth > 64 or not isinstance(node, fx.Node):
         return False
     if node is x_in:
         return added
+    if node.args and norm(node):
+        return _is_residual(node.args[0], x_in, inner, depth + 1, added, norm)
     if node in inner:
         return False
     if node.op in ("call_function", "call_method"):
         name = canonical(node)
         if name in ("add", "iadd"):
-            return any(_is_residual(a, x_in, inner, depth + 1, True) for a in node.args[:2])
+            return any(_is_residual(a, x_in, inner, depth + 1, True, norm) for a in node.args[:2])
         if (name in _CHAIN or name in _RESHAPE_CHAIN) and node.args:
-            return _is_residual(node.args[0], x_in, inner, depth + 1, added)
+            return _is_residual(node.args[0], x_in, inner, depth + 1, added, norm)
     return False
+
+
+#: norms a post-norm residual chain may pass through (see :func:`_is_residual`)
+_LAYER_NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
 def _find_stages(root: nn.Module, tracer: _Tracer, prop: _Propagator) -> list[StageInfo]:
@@ -1295,7 +1306,12 @@ def _find_stages(root: nn.Module, tracer: _Tracer, prop: _Propagator) -> list[St
             return False
         # the chain may start at a child's output (an activation module) but not pass through one
         inner = {yy for q, (_, yy) in calls.items() if q.startswith(p + ".") and yy is not y}
-        return _is_residual(y, x, inner)
+
+        def own_norm(n: fx.Node) -> bool:  # a LayerNorm child of the block, called as a leaf
+            return (n.op == "call_module" and str(n.target).rpartition(".")[0] == p
+                    and isinstance(root.get_submodule(str(n.target)), _LAYER_NORMS))
+
+        return _is_residual(y, x, inner, norm=own_norm)
 
     residual = {p for p in calls if residual_block(p)}
 

@@ -47,12 +47,10 @@ def test_ffn_width_heads_and_full_equals_original(case):
                          for a in attns)
 
 
-def test_depth_only_where_layers_are_residual(case):
+def test_depth_over_pre_and_post_norm_layers(case):
     name, em, xs, ref = case
     stages = {s["name"]: s for s in em.plan.stages}
-    if name == "post-norm encoder":  # norm(x + f(x)): skipping a layer is not an identity
-        assert stages == {}
-    elif name == "pre-norm encoder":
+    if name in ("post-norm encoder", "pre-norm encoder"):  # post-norm: norm(x + f(x)) is dropped whole (LayerDrop)
         assert stages["enc.layers"]["choices"] == [4, 3, 2, 1] and stages["enc.layers"]["drop"] == "remove"
     else:
         assert set(stages) == {"tr.encoder.layers", "tr.decoder.layers"}
@@ -69,7 +67,7 @@ def test_every_preset_extracts_counts_and_trains(case, tmp_path):
         with torch.no_grad():
             assert max_diff(sub(*xs), y) < 1e-5, p
             assert max_diff(elasticize.load_subnet(path, p, model=CASES[name]())(*xs), sub(*xs)) == 0, p
-        if name == "pre-norm encoder":
+        if name != "encoder-decoder":
             depth = em.resolve(p)["depth"]["enc.layers"]
             assert len(sub.enc.layers) == sub.enc.num_layers == depth
         torch.backends.mha.set_fastpath_enabled(False)  # FlopCounterMode does not see the fused kernels
