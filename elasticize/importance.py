@@ -52,7 +52,8 @@ def _members(plan: Plan) -> dict[str, list[tuple[str, int, int, int]]]:
     for fqn, info in plan.tensors.items():
         for ax, a in info["axes"].items():
             g, chunks, div = axis_entry(a)
-            out[g].append((fqn, int(ax), chunks, div))
+            if g in out:  # a plan narrowed to some groups (see elasticize.model._keep_function)
+                out[g].append((fqn, int(ax), chunks, div))
     return out
 
 

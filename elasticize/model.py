@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -353,7 +354,9 @@ def elasticize(
             norms), ``"activation"`` (each unit's contribution to the layers that read it on
             ``calibration``; better untrained transformer sub-networks, see
             :mod:`elasticize.importance`), ``"auto"`` (activation when ``calibration`` is given,
-            else magnitude), or None (keep the order).
+            else magnitude), or None (keep the order). The output on the example inputs is
+            compared before and after; a kind of group whose sorting changed it keeps its order
+            (``"sort": false`` and the reason in ``plan.not_elastic``).
         calibration: batches for ``sort="activation"`` (a tensor, ``(x, y)`` tuple or mapping
             of keyword inputs per batch, as the trainer takes them), e.g. 8 batches of 32.
         recipe: how to rebuild the base model on load, ``{"adapter", "name", "kwargs"}``;
@@ -367,7 +370,8 @@ def elasticize(
         ValueError: if no example inputs can be found, the model cannot be traced, an option is
             unknown, ``sort="activation"`` comes without calibration batches (or calibration
             batches with another explicit ``sort``), or nothing could be made elastic (the
-            message lists why, per module).
+            message lists why, per module), also when every group and stage failed to run at
+            its smallest.
         RuntimeError: if the smallest sub-network fails to run although every group and
             stage runs at its smallest alone (the message says what to exclude).
     """
@@ -408,9 +412,15 @@ def elasticize(
         if sort == "activation":
             calibration = list(calibration)  # counted for the manifest, then read once
             order["calibration_batches"] = len(calibration)
+        with torch.no_grad():
+            ref = _float_tensors(model(*inputs))
         scores = (activation_importance(model, plan, calibration) if sort == "activation"
                   else magnitude_importance(model, plan))
-        sort_by_importance(model, plan, scores)
+        perms = sort_by_importance(model, plan, scores)
+        order_kept = _keep_function(model, plan, inputs, ref, scores, perms)
+    else:
+        order_kept = []
+    _mark_unsorted(plan, order_kept)
     shapes = [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
     em = ElasticModel(model, plan, recipe=recipe, input_shapes=shapes, importance=order)
     failing = _failing_dims(em, inputs)
@@ -422,6 +432,11 @@ def elasticize(
         for entry in plan.not_elastic:
             if entry[0] in failing:
                 entry[1] = f"a sub-network with it at its smallest failed to run on the example inputs ({failing[entry[0]]})"
+        _mark_unsorted(plan, order_kept)
+        if not plan.groups and not plan.stages:
+            reasons = "; ".join(f"{w}: {r}" for w, r in plan.not_elastic[:12])
+            raise ValueError(f"nothing in {type(model).__name__} could be made elastic: every group and stage failed "
+                             f"to run at its smallest ({reasons})")
         em = ElasticModel(model, plan, recipe=recipe, input_shapes=shapes, importance=order)
         still = _failing_dims(em, inputs)
         if still:
@@ -464,6 +479,70 @@ def _failing_dims(em: ElasticModel, inputs: tuple) -> dict[str, str]:
         return {}
     blamed = {name: err for name, cfg in singles.items() if (err := error(cfg)) is not None}
     return blamed or {"<all at their smallest>": first}
+
+
+def _float_tensors(out: Any) -> list[torch.Tensor]:
+    """The floating-point tensors of a model output (tensor, tuple, list, dict, ``ModelOutput``), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out.detach()] if out.is_floating_point() else []
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _float_tensors(o)]
+    return []
+
+
+def _same_function(model: nn.Module, inputs: tuple, ref: list[torch.Tensor]) -> bool:
+    """Whether ``model(*inputs)`` still gives ``ref`` (relative 1e-4: a permutation reorders float sums)."""
+    with torch.no_grad():
+        got = _float_tensors(model(*inputs))
+    return len(got) == len(ref) and all(
+        a.shape == b.shape and bool((a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max().item())) for a, b in zip(got, ref))
+
+
+def _keep_function(model: nn.Module, plan: Plan, inputs: tuple, ref: list[torch.Tensor],
+                   scores: dict[str, torch.Tensor], perms: dict[str, list[int]]) -> list[str]:
+    """Undo the importance order of each kind of group whose permutation changed the model's output.
+
+    Sorting is function-preserving when the plan lists every tensor that shares a group's
+    channels. A plan made from a family's known structure can miss one (Nyströmformer's
+    depthwise convolution over the heads), so the output at full size is compared with the
+    original's, and each kind (``width``, ``heads``, ``hidden``) whose order breaks it is put back.
+
+    Returns:
+        The kinds that keep the original order.
+    """
+    if not perms or _same_function(model, inputs, ref):
+        return []
+
+    def permute(by: dict[str, torch.Tensor]) -> None:
+        sort_by_importance(model, dataclasses.replace(plan, groups=[g for g in plan.groups if g["name"] in by]), by)
+
+    def undo(names: list[str]) -> None:  # the inverse permutation: argsort of the one applied
+        permute({n: -torch.tensor(perms[n], dtype=torch.float64) for n in names})
+
+    kinds: dict[str, list[str]] = {}
+    for g in plan.groups:
+        if g["name"] in perms:
+            kinds.setdefault(g["kind"], []).append(g["name"])
+    undo(list(perms))
+    kept = []
+    for kind, names in kinds.items():
+        permute({n: scores[n] for n in names})
+        if not _same_function(model, inputs, ref):
+            undo(names)
+            kept.append(kind)
+    return kept
+
+
+def _mark_unsorted(plan: Plan, kinds: list[str]) -> None:
+    """Record that the groups of ``kinds`` keep their original order, and why."""
+    for kind in kinds:
+        for g in plan.groups:
+            if g["kind"] == kind:
+                g["sort"] = False
+        plan.not_elastic.append([kind, "kept in the original order: sorting by importance changed the full model's "
+                                       "output on the example inputs (a tensor outside the plan shares these channels)"])
 
 
 def _undo_surgery(model: nn.Module, plan: Plan) -> None:

@@ -243,3 +243,83 @@ def test_cli_converts_a_local_folder_and_extracts_a_hf_folder(tmp_path):
     assert loaded.config.num_hidden_layers == 2 and loaded.config.num_attention_heads == 4
     r = runner.invoke(main, ["extract", str(out), "--preset", "small", "--format", "hf", "-o", str(tmp_path / "hf")])
     assert r.exit_code == 1 and "exists" in r.output
+
+
+MORE = {  # families found by name: (config keyword arguments, query/key norms), 4 heads of 16
+    "opt": {}, "gptj": {"rotary_dim": 8}, "phi": {}, "biogpt": {}, "deberta-v2": {},
+    "qwen3": {"num_key_value_heads": 2, "head_dim": 16}, "gemma3_text": {"num_key_value_heads": 2, "head_dim": 16},
+}
+
+
+def _auto(family: str, **extra):
+    cfg = T.AutoConfig.for_model(family, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 intermediate_size=96, vocab_size=100, max_position_embeddings=64, pad_token_id=0,
+                                 bos_token_id=1, eos_token_id=2, **extra)
+    for k, v in (("n_embd", 64), ("n_layer", 3), ("n_head", 4), ("ffn_dim", 96), ("n_inner", 96)):
+        if hasattr(cfg, k):
+            setattr(cfg, k, v)
+    return T.AutoModel.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("family", list(MORE))
+def test_dropped_heads_equal_zeroed_output_columns(family):
+    """OPT, GPT-J, Phi, BioGPT, DeBERTa-v2 (projections found by name), Qwen3 and Gemma 3 (per-head
+    query/key norms, which crashed conversion before): half the heads of every layer equal the
+    full model with those heads' input columns of the output projection zeroed, an independent
+    reference for what dropping a head means."""
+    torch.manual_seed(0)
+    em = elasticize.elasticize(_auto(family, **MORE[family]), dims=("heads", "width", "hidden"))
+    heads = [g["name"] for g in em.plan.groups if g["kind"] == "heads"]
+    assert len(heads) == 3, em.plan.not_elastic
+    ref = em.extract("full")  # dense, in the importance order the elastic model uses
+    state = ref.state_dict()
+    cut = {}
+    with torch.no_grad():
+        for fqn, info in em.plan.tensors.items():
+            ax = info["axes"].get("1")
+            if ax and ax[0] in heads and fqn.endswith("weight"):  # output projection columns, one block per head
+                keep = em.space.resolve({"heads": 0.5})["heads"][ax[0]] * 16
+                state[fqn[len("model."):] if fqn.startswith("model.") else fqn][:, keep:] = 0
+                cut[ax[0]] = keep
+    assert set(cut) == set(heads) and all(k < 64 for k in cut.values())
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), em.subnet({"heads": 0.5}):
+        assert (_out(em, ids) - _out(ref, ids)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "phi3"])
+def test_fused_qkv_other_layouts_keep_heads_with_a_reason_and_extract(family):
+    """GPT-NeoX interleaves its heads in ``query_key_value`` (``(heads, 3, head_dim)`` rows); Phi-3's
+    fused ``qkv_proj`` holds 4 query heads and 2 + 2 key/value heads. Heads stay whole with the
+    reason, FFN width and hidden size are elastic, and the extracted model's config says 4 heads
+    (Phi-3's once read 128 // 3 // 16 = 2)."""
+    torch.manual_seed(0)
+    extra = {"num_key_value_heads": 2} if family == "phi3" else {}
+    em = elasticize.elasticize(_auto(family, **extra), dims=("heads", "width", "hidden"))
+    reasons = {w: r for w, r in em.plan.not_elastic}
+    assert "interleaves its heads" in reasons["layers.0"] if family == "gpt_neox" else "layers.0" in reasons
+    assert {g["kind"] for g in em.plan.groups} == {"width", "hidden"}
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    for p in em.presets:
+        sub = em.extract(p)
+        assert sub.config.num_attention_heads == 4, p
+        with torch.no_grad(), em.subnet(p):
+            assert (_out(em, ids) - _out(sub, ids)).abs().max().item() < 1e-5, p
+
+
+def test_an_importance_order_that_changes_the_output_is_put_back():
+    """Nyströmformer convolves each head's values with a per-head kernel that no projection name
+    reveals, so sorting its heads changed the full model's output (by 1.7e-2 here). Conversion
+    compares the output with the original's, puts the heads back in their order with the reason,
+    and keeps the other kinds sorted."""
+    torch.manual_seed(0)
+    model = _auto("nystromformer")
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = _out(model, ids).clone()
+        em = elasticize.elasticize(model, dims=("heads", "width", "hidden"))
+        assert (_out(em, ids) - ref).abs().max().item() < 1e-5
+    reasons = dict(em.plan.not_elastic)
+    assert reasons["heads"].startswith("kept in the original order: sorting by importance changed")
+    assert "width" not in reasons and all(g.get("sort", True) for g in em.plan.groups if g["kind"] == "width")
+    assert em.importance["order"] == "magnitude"

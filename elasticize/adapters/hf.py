@@ -48,16 +48,22 @@ __all__ = ["HFAdapter", "plan_transformer", "is_hf_model", "save_hf"]
 # Role of a projection inside one layer, from its path relative to the layer (first match wins).
 _ROLES: tuple[tuple[str, str], ...] = (
     ("qkv", r"(c_attn|qkv_proj|query_key_value|Wqkv|qkv)"),
-    ("q", r"(query|q_proj|q_lin)"),
-    ("k", r"(key|k_proj|k_lin)"),
-    ("v", r"(value|v_proj|v_lin)"),
-    ("o", r"(o_proj|out_lin|attention\.output\.dense|attn\.c_proj|self_attn\.out_proj|attention\.out_proj|attn\.proj)"),
+    ("q", r"(query|q_proj|q_lin|query_proj)"),
+    ("k", r"(key|k_proj|k_lin|key_proj)"),
+    ("v", r"(value|v_proj|v_lin|value_proj)"),
+    ("o", r"(o_proj|out_lin|attention\.output\.dense|attn\.c_proj|self_attn\.out_proj|attention\.out_proj|attn\.proj"
+          r"|attn\.out_proj|self_attn\.dense|attention\.dense|self_attention\.dense)"),
     ("gate_up", r"gate_up_proj"),
     ("gate", r"(gate_proj|w1)"),
-    ("up", r"(up_proj|intermediate\.dense|mlp\.c_fc|ffn\.lin1|mlp\.fc1|w3)"),
-    ("down", r"(down_proj|output\.dense|mlp\.c_proj|ffn\.lin2|mlp\.fc2|w2)"),
+    ("up", r"(up_proj|intermediate\.dense|mlp\.c_fc|ffn\.lin1|fc1|fc_in|dense_h_to_4h|w3)"),
+    ("down", r"(down_proj|output\.dense|mlp\.c_proj|ffn\.lin2|fc2|fc_out|dense_4h_to_h|w2)"),
 )
 _ROLE_RE = [(role, re.compile(rf"(^|.*\.){pat}$")) for role, pat in _ROLES]
+#: norms inside the attention over queries or keys (Qwen3, Gemma 3, OLMo 2, Phi): per head, or over all heads
+_QK_NORM_RE = re.compile(r"(^|.*\.)(q|k|query|key)_(norm|layernorm|ln)$")
+#: families whose fused q/k/v projection interleaves the heads (``(heads, 3, head_dim)`` rows, or
+#: CodeGen's model-parallel blocks), not three blocks q | k | v: their heads stay fixed
+_INTERLEAVED_QKV = ("gpt_neox", "bloom", "falcon", "persimmon", "codegen", "gpt_neox_japanese")
 _HEADS_ATTRS = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 _HEAD_CHANNEL_ATTRS = ("all_head_size", "split_size", "inner_dim", "attn_dim")
 _KV_ATTRS = ("num_key_value_heads", "num_kv_heads")
@@ -227,7 +233,7 @@ class _Planner:
 
     def layer(self, path: str, layer: nn.Module, hidden: str | None) -> None:
         roles: dict[str, tuple[str, nn.Module]] = {}
-        unknown = []
+        unknown, qk_norms = [], []
         for name, m in layer.named_modules():
             if isinstance(m, nn.Linear) or _is_conv1d(m):
                 role = next((r for r, rx in _ROLE_RE if rx.match(name)), None)
@@ -235,20 +241,29 @@ class _Planner:
                     unknown.append(name)
                 else:
                     roles[role] = (f"{path}.{name}", m)
-            elif _is_norm(m) and hidden is not None:
-                for t in ("weight", "bias"):
-                    self.ax(f"{path}.{name}.{t}", 0, hidden)
-                if isinstance(m, nn.LayerNorm):
-                    self.attr(f"{path}.{name}", "normalized_shape", hidden, kind="shape")
-                    self.plan.sites[f"{path}.{name}"] = "layernorm"
+            elif _is_norm(m) and _QK_NORM_RE.match(name):
+                qk_norms.append((f"{path}.{name}", m, _QK_NORM_RE.match(name).group(2)[0]))
+            elif _is_norm(m):
+                self.norm(f"{path}.{name}", m, hidden)
         if unknown:
             self.note(path, f"projections {unknown} have no known role; heads and FFN width of this layer stay fixed")
             return
-        self.attention(path, layer, roles, hidden)
+        self.attention(path, layer, roles, hidden, qk_norms)
         self.ffn(path, roles, hidden)
 
+    def norm(self, path: str, m: nn.Module, hidden: str | None) -> None:
+        """A norm over the residual stream: its tensors and ``normalized_shape`` follow ``hidden``."""
+        w = getattr(m, "weight", None)
+        if hidden is None or (isinstance(w, torch.Tensor) and w.dim() == 1 and w.shape[0] != self.hidden):
+            return
+        for t in ("weight", "bias"):
+            self.ax(f"{path}.{t}", 0, hidden)
+        if isinstance(m, nn.LayerNorm):
+            self.attr(path, "normalized_shape", hidden, kind="shape")
+            self.plan.sites[path] = "layernorm"
+
     def attention(self, path: str, layer: nn.Module, roles: dict[str, tuple[str, nn.Module]],
-                  hidden: str | None) -> None:
+                  hidden: str | None, qk_norms: list[tuple[str, nn.Module, str]] = ()) -> None:
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         rep = nh // nkv if nkv else 1
         q_rows, kv_rows = nh * hd, nkv * hd
@@ -264,7 +279,18 @@ class _Planner:
             ok = _io(roles["q"][1])[1] == q_rows and all(_io(roles[r][1])[1] == kv_rows for r in "kv")
         op, om = roles["o"]
         ok = ok and _io(om)[0] == q_rows
-        if not ok:
+        # a q/k norm over one head acts inside each head; one over all heads keeps a row per head channel
+        sizes = {n: (getattr(m, "weight", None).shape[0] if isinstance(getattr(m, "weight", None), torch.Tensor)
+                     else hd) for n, m, _ in qk_norms}
+        odd = [n for n, _, which in qk_norms if sizes[n] not in (hd, q_rows if which == "q" else kv_rows)]
+        model_type = getattr(self.cfg, "model_type", "")
+        if fused and model_type in _INTERLEAVED_QKV:
+            self.note(path, f"{model_type}'s fused query_key_value interleaves its heads; heads stay fixed")
+            heads = None
+        elif odd:
+            self.note(path, f"query/key norms {odd} are neither per head nor over all heads; heads stay fixed")
+            heads = None
+        elif not ok:
             self.note(path, f"attention projections do not match the config ({nh} heads, {nkv} key/value heads, "
                       f"head_dim {hd}); heads stay fixed")
             heads = None
@@ -278,6 +304,12 @@ class _Planner:
             self.proj(roles["q"][0], roles["q"][1], out=heads, inp=hidden)
             for r in "kv":
                 self.proj(roles[r][0], roles[r][1], out=heads, inp=hidden, out_div=rep)
+        for n, m, which in qk_norms:
+            if sizes[n] != hd:  # over all heads (OLMo 2): one entry per head channel, like the projection rows
+                for t in ("weight", "bias"):
+                    self.ax(f"{n}.{t}", 0, heads, div=1 if which == "q" else rep)
+                if isinstance(m, nn.LayerNorm):
+                    self.attr(n, "normalized_shape", heads, kind="shape", div=1 if which == "q" else rep)
         self.proj(op, om, out=hidden, inp=heads)
         attn_path = op.rpartition(".")[0] if fused else roles["q"][0].rpartition(".")[0]
         attn = self.model.get_submodule(attn_path)
@@ -331,11 +363,7 @@ class _Planner:
                 self.ax(f"{name}.bias", 0, hidden)
                 self.attr(name, "out_channels", hidden)
             elif _is_norm(m):
-                for t in ("weight", "bias"):
-                    self.ax(f"{name}.{t}", 0, hidden)
-                if isinstance(m, nn.LayerNorm):
-                    self.attr(name, "normalized_shape", hidden, kind="shape")
-                    self.plan.sites[name] = "layernorm"
+                self.norm(name, m, hidden)
             else:
                 for t, p in m.named_parameters(recurse=False):
                     if p.dim() >= 1 and p.shape[-1] == self.hidden:
@@ -525,6 +553,7 @@ def sync_config(dense: nn.Module) -> None:
         cfg.layer_types = [lt[i] for i in kept_idx]
     cfg.num_hidden_layers = n
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rep = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     heads, kv, inter, per_layer = [], [], [], []
     for layer in layers:
         roles = {}
@@ -536,9 +565,9 @@ def sync_config(dense: nn.Module) -> None:
         if "q" in roles:
             heads.append(_io(roles["q"])[1] // hd)
             kv.append(_io(roles["k"])[1] // hd)
-        elif "qkv" in roles:
-            heads.append(_io(roles["qkv"])[1] // 3 // hd)
-            kv.append(heads[-1])
+        elif "qkv" in roles:  # rows: q, then k and v with one head per `rep` query heads (Phi-3's GQA)
+            heads.append(_io(roles["qkv"])[1] * rep // (hd * (rep + 2)))
+            kv.append(heads[-1] // rep)
         if "down" in roles:
             inter.append(_io(roles["down"])[0])
         per_layer.append({"heads": heads[-1] if heads else None, "intermediate": inter[-1] if inter else None})
