@@ -290,6 +290,10 @@ class _Planner:
         elif odd:
             self.note(path, f"query/key norms {odd} are neither per head nor over all heads; heads stay fixed")
             heads = None
+        elif fused and nkv != nh:
+            self.note(path, f"fused q/k/v projection with grouped-query attention ({nh} query heads, {nkv} key/value "
+                      "heads): its rows are not three equal chunks; heads stay fixed")
+            heads = None
         elif not ok:
             self.note(path, f"attention projections do not match the config ({nh} heads, {nkv} key/value heads, "
                       f"head_dim {hd}); heads stay fixed")
