@@ -18,6 +18,7 @@ import os
 import platform
 import time
 import warnings
+from typing import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -86,23 +87,35 @@ def row(spec: str) -> str:
         return (f"| {spec} | {kinds.count('width')} | {kinds.count('heads')} | {len(em.plan.stages)} | "
                 f"{len(em.presets)} | {' | '.join(cells)} | {time.perf_counter() - t0:.1f} |")
     except Exception as e:  # noqa: BLE001 - report the failure and go on
-        return f"| {spec} | failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} |"
+        return failed(spec, e)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("models", nargs="*", default=MODELS)
+def failed(name: str, e: Exception) -> str:
+    """The markdown row of a model that failed: its error's first line."""
+    return f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} |"
+
+
+def print_table(doc: str, default: list[str], row: Callable[[str], str], header: list[str], versions: str = "") -> None:
+    """The command line shared by the coverage benchmarks: ``[--threads N] [NAME ...]``, the machine,
+    then one markdown row per name."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("names", nargs="*", default=default)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, "
-          f"torch {torch.__version__}")
-    print("| model | width groups | heads groups | depth stages | presets | full GMACs plan / counted | "
-          "full max diff | smallest GMACs plan / counted | smallest max diff | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for spec in args.models:
-        print(row(spec), flush=True)
+          f"torch {torch.__version__}{versions}")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in args.names:
+        print(row(name), flush=True)
+
+
+def main() -> None:
+    print_table(__doc__, MODELS, row, ["model", "width groups", "heads groups", "depth stages", "presets",
+                                       "full GMACs plan / counted", "full max diff", "smallest GMACs plan / counted",
+                                       "smallest max diff", "s"])
 
 
 if __name__ == "__main__":

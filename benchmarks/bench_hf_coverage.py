@@ -14,15 +14,17 @@ goes on.
 
 from __future__ import annotations
 
-import argparse
-import os
-import platform
+import sys
 import time
-import warnings
+from pathlib import Path
 
 import torch
 
-import elasticize
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_coverage import failed, print_table  # noqa: E402
+
+import elasticize  # noqa: E402
 
 FAMILIES = [
     "bert", "roberta", "distilbert", "electra", "xlm-roberta", "camembert", "ernie", "megatron-bert", "deberta-v2",
@@ -76,26 +78,16 @@ def row(model_type: str) -> str:
         return (f"| {model_type} | {kinds.count('heads')} | {kinds.count('width')} | {kinds.count('hidden')} | "
                 f"{len(em.plan.stages)} | {full:.0e} | {worst:.0e} | {fixed[:110]} | {time.perf_counter() - t0:.1f} |")
     except Exception as e:  # noqa: BLE001 - report the failure and go on
-        return f"| {model_type} | failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} |"
+        return failed(model_type, e)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("families", nargs="*", default=FAMILIES)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     import transformers
 
     transformers.logging.set_verbosity_error()
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
-    print("| model type | heads groups | width groups | hidden | depth stages | full vs original | extraction max diff "
-          "| first thing kept whole | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for f in args.families:
-        print(row(f), flush=True)
+    print_table(__doc__, FAMILIES, row, ["model type", "heads groups", "width groups", "hidden", "depth stages",
+                                         "full vs original", "extraction max diff", "first thing kept whole", "s"],
+                f", transformers {transformers.__version__}")
 
 
 if __name__ == "__main__":
