@@ -272,7 +272,8 @@ class ElasticModel(nn.Module):
             TypeError: if this is not a transformers model.
             ValueError: if the family's config cannot describe the sub-network (e.g. BERT derives
                 head_dim from hidden_size / num_attention_heads, so fewer heads at full hidden width
-                do not fit it); the message lists the presets that can be saved.
+                do not fit it; Gemma's embedding scale comes from hidden_size, so a narrower hidden
+                size does not); the message lists the presets that can be saved.
             FileExistsError: if ``directory`` exists and ``overwrite`` is False.
         """
         from .adapters.hf import export_problem, is_hf_model, save_hf

@@ -323,3 +323,24 @@ def test_an_importance_order_that_changes_the_output_is_put_back():
     assert reasons["heads"].startswith("kept in the original order: sorting by importance changed")
     assert "width" not in reasons and all(g.get("sort", True) for g in em.plan.groups if g["kind"] == "width")
     assert em.importance["order"] == "magnitude"
+
+
+def test_a_config_constant_the_sub_network_keeps_is_refused_on_export(tmp_path):
+    """Gemma scales its embeddings by ``sqrt(hidden_size)``, computed from the config when the
+    model is built: a sub-network with a narrower hidden size keeps the full-size scale, so its
+    shapes fit the family's config but a model built from that config computes something else.
+    ``save_pretrained`` refuses it, names the constant, writes nothing, and saves the presets
+    that keep the hidden size (which reload with plain transformers to the same outputs)."""
+    torch.manual_seed(0)
+    em = elasticize.elasticize(_auto("gemma", num_key_value_heads=2, head_dim=16),
+                               dims=("heads", "width", "hidden"))
+    with pytest.raises(ValueError, match=r"embed_tokens\.scalar_embed_scale is 4 from the config, 8 in the sub-network") as e:
+        em.save_pretrained(str(tmp_path / "tiny"), "tiny")
+    assert "Presets that can be saved as a transformers folder: ['full']" in str(e.value)
+    assert not any(tmp_path.iterdir())
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    cfg = {"heads": 0.5, "width": {g["name"]: g["choices"][-1] for g in em.plan.groups if g["kind"] == "width"}}
+    folder = em.save_pretrained(str(tmp_path / "half"), cfg)
+    reloaded = T.AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad(), em.subnet(cfg):
+        assert (_out(reloaded, ids) - _out(em, ids)).abs().max().item() < 1e-5

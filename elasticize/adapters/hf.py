@@ -604,7 +604,8 @@ def export_problem(dense: nn.Module) -> str | None:
     """Why ``dense`` (a synced dense sub-network) cannot be saved as a plain transformers folder, or None.
 
     Builds the model class from the sub-network's config on the ``meta`` device and compares every
-    tensor shape: the family's config must describe the sub-network exactly.
+    tensor shape: the family's config must describe the sub-network exactly. Then builds it for
+    real with the sub-network's tensors and compares one short forward (see ``_reload_problem``).
     """
     cfg = dense.config
     if getattr(cfg, "elasticize_layers", None):
@@ -624,7 +625,49 @@ def export_problem(dense: nn.Module) -> str | None:
     missing = sorted(set(want) ^ set(have))
     if missing:
         return f"the tensors differ from the family's: {missing[:4]}"
-    return None
+    return _reload_problem(dense)
+
+
+def _reload_problem(dense: nn.Module) -> str | None:
+    """Whether the family, built from the sub-network's config with its tensors, computes what it computes.
+
+    A family may derive a constant from the config at construction (Gemma's and BioGPT's
+    embedding scale ``sqrt(hidden_size)``), which a narrower sub-network keeps at its full-size
+    value: shapes match, outputs do not. One short input (8 token ids, or one random image)
+    through both tells; the first scalar attribute or buffer that differs is named.
+    """
+    cfg = dense.config
+    if getattr(dense, "main_input_name", "input_ids") == "pixel_values":
+        size, ch = getattr(cfg, "image_size", None), getattr(cfg, "num_channels", 3)
+        if not isinstance(size, int):
+            return None
+        x = torch.randn(1, ch, size, size, generator=torch.Generator().manual_seed(0))
+    else:
+        x = torch.arange(8).unsqueeze(0) % max(1, int(getattr(cfg, "vocab_size", 8) or 8))
+    try:
+        ref = type(dense)._from_config(cfg).to(next(dense.parameters()).dtype).eval()
+        ref.load_state_dict(dense.state_dict(), strict=False)
+        with torch.no_grad():
+            a, b = ref(x), dense.eval()(x)
+    except Exception as e:  # noqa: BLE001 - a family that cannot run this probe is not judged by it
+        return None
+    a, b = (o.to_tuple()[0] if hasattr(o, "to_tuple") else o[0] if isinstance(o, (tuple, list)) else o for o in (a, b))
+    diff = (a.float() - b.float()).abs().max().item()
+    if diff <= 1e-4 * max(1.0, b.float().abs().max().item()):
+        return None
+    cause = ""
+    mine = dict(dense.named_modules())
+    for name, m in ref.named_modules():
+        d = mine.get(name)
+        scalars = [(k, v, getattr(d, k, None)) for k, v in vars(m).items() if isinstance(v, float)]
+        scalars += [(k, v.item(), getattr(d, k).item()) for k, v in m._buffers.items()
+                    if v is not None and v.dim() == 0 and isinstance(getattr(d, k, None), torch.Tensor)]
+        bad = next(((k, v, w) for k, v, w in scalars if isinstance(w, float) and abs(v - w) > 1e-6 * max(1, abs(w))), None)
+        if bad:
+            cause = f": {name}.{bad[0]} is {bad[1]:.6g} from the config, {bad[2]:.6g} in the sub-network"
+            break
+    return (f"{type(dense).__name__} built from the sub-network's config computes something else (outputs differ by "
+            f"{diff:.2g}{cause}); keep the hidden size full for this family")
 
 
 def save_hf(dense: nn.Module, directory: str | Path, *, source: str | None = None, overwrite: bool = False) -> Path:
