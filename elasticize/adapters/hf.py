@@ -649,7 +649,7 @@ def _reload_problem(dense: nn.Module) -> str | None:
         ref.load_state_dict(dense.state_dict(), strict=False)
         with torch.no_grad():
             a, b = ref(x), dense.eval()(x)
-    except Exception as e:  # noqa: BLE001 - a family that cannot run this probe is not judged by it
+    except Exception:  # noqa: BLE001 - a family that cannot run this probe is not judged by it
         return None
     a, b = (o.to_tuple()[0] if hasattr(o, "to_tuple") else o[0] if isinstance(o, (tuple, list)) else o for o in (a, b))
     diff = (a.float() - b.float()).abs().max().item()
