@@ -31,7 +31,7 @@ FAMILIES = [
     "nystromformer", "mpnet", "modernbert", "mobilebert", "gpt2", "gptj", "opt", "biogpt", "xglm", "phi", "phi3",
     "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2", "starcoder2", "granite",
     "stablelm", "cohere", "glm", "exaone4", "smollm3", "gpt_neox", "bloom", "falcon", "persimmon", "mixtral",
-    "qwen2_moe",
+    "qwen2_moe", "qwen3_moe", "olmoe",
 ]
 #: the same sizes under each family's own names
 SIZES = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 96,

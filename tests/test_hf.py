@@ -344,3 +344,36 @@ def test_a_config_constant_the_sub_network_keeps_is_refused_on_export(tmp_path):
     reloaded = T.AutoModel.from_pretrained(folder).eval()
     with torch.no_grad(), em.subnet(cfg):
         assert (_out(reloaded, ids) - _out(em, ids)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_mixture_of_experts_ffn_width_and_macs(family):
+    """Experts stored as 3-D tensors: one FFN width per layer for all experts (each expert's
+    gate/up halves and down columns sliced alike), the router's hidden columns, and MACs of the
+    tokens routed to experts (top-k per token) equal to FlopCounterMode's at every preset (with the
+    eager experts loop: the counter sees no FLOPs in the default ``grouped_mm``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    extra = {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2,
+             "moe_intermediate_size": 96, "attn_implementation": "eager", "experts_implementation": "eager"}
+    if family == "qwen3_moe":
+        extra["head_dim"] = 16
+    model = _auto(family, **extra)
+    x = torch.randint(3, 100, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = _out(model, x).clone()
+        em = elasticize.elasticize(model, x, dims=("heads", "width", "hidden"))
+        assert (_out(em, x) - ref).abs().max().item() < 1e-5
+    ffn = [g for g in em.plan.groups if g["kind"] == "width"]
+    assert len(ffn) == 3 and all(g["size"] == 96 for g in ffn), em.plan.not_elastic
+    for name in em.presets:
+        with torch.no_grad(), em.subnet(name), FlopCounterMode(display=False) as fc:
+            y = _out(em, x)
+        assert em.macs(name) == fc.get_total_flops() // 2, name
+        sub = em.extract(name)
+        width = em.resolve(name)["width"][ffn[0]["name"]]
+        experts = next(m for m in sub.modules() if type(m).__name__.endswith("Experts"))
+        assert experts.down_proj.shape[2] == experts.intermediate_dim == width, name
+        with torch.no_grad():
+            assert (_out(sub, x) - y).abs().max().item() < 1e-5, name

@@ -89,6 +89,21 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, nn.LayerNorm) or type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
+def _is_experts(m: nn.Module) -> bool:
+    """A mixture-of-experts FFN stored as 3-D tensors (Mixtral, Qwen3-MoE, OLMoE in transformers 5):
+    ``gate_up_proj (experts, 2 * intermediate, hidden)`` and ``down_proj (experts, hidden, intermediate)``."""
+    gu, down = getattr(m, "gate_up_proj", None), getattr(m, "down_proj", None)
+    return (isinstance(gu, nn.Parameter) and isinstance(down, nn.Parameter) and gu.dim() == 3 and down.dim() == 3
+            and gu.shape[0] == down.shape[0] and gu.shape[1] == 2 * down.shape[2] and gu.shape[2] == down.shape[1])
+
+
+def _is_router(m: nn.Module, hidden: int) -> bool:
+    """A mixture-of-experts router that is not an ``nn.Linear``: one ``weight (experts, hidden)``."""
+    w = getattr(m, "weight", None)
+    return (not isinstance(m, nn.Linear) and isinstance(w, nn.Parameter) and w.dim() == 2 and w.shape[1] == hidden
+            and type(m).__name__.endswith(("Router", "Gate")))
+
+
 def _proj_axes(m: nn.Module) -> tuple[int, int]:
     """(output axis, input axis) of a projection's weight: Linear is (out, in), GPT-2 Conv1D (in, out)."""
     return (1, 0) if _is_conv1d(m) else (0, 1)
@@ -235,7 +250,11 @@ class _Planner:
         roles: dict[str, tuple[str, nn.Module]] = {}
         unknown, qk_norms = [], []
         for name, m in layer.named_modules():
-            if isinstance(m, nn.Linear) or _is_conv1d(m):
+            if _is_experts(m):
+                roles["experts"] = (f"{path}.{name}", m)
+            elif _is_router(m, self.hidden):
+                roles["router"] = (f"{path}.{name}", m)
+            elif isinstance(m, nn.Linear) or _is_conv1d(m):
                 role = next((r for r, rx in _ROLE_RE if rx.match(name)), None)
                 if role is None or role in roles:
                     unknown.append(name)
@@ -326,6 +345,8 @@ class _Planner:
             self.module_attrs(attn_path, attn, _HIDDEN_ATTRS, self.hidden, hidden)
 
     def ffn(self, path: str, roles: dict[str, tuple[str, nn.Module]], hidden: str | None) -> None:
+        if "experts" in roles and "down" not in roles:
+            return self.experts(path, roles, hidden)
         if "down" not in roles or not ({"up", "gate_up"} & set(roles)):
             self.note(path, "no FFN up/down projections found; FFN width stays fixed")
             return
@@ -344,6 +365,25 @@ class _Planner:
         mlp_path = dp.rpartition(".")[0]
         if ffn is not None and all(p.rpartition(".")[0] == mlp_path for _, p, _ in ups):
             self.module_attrs(mlp_path, self.model.get_submodule(mlp_path), _FFN_ATTRS, inter, ffn)
+
+    def experts(self, path: str, roles: dict[str, tuple[str, nn.Module]], hidden: str | None) -> None:
+        """A mixture of experts: one FFN width for every expert of the layer (the same channels of
+        each expert's ``gate_up_proj`` halves and ``down_proj`` columns, one importance order for
+        all of them, which permutes each expert alike and keeps the function), the router's
+        hidden columns, and the modules' ``intermediate_dim`` / ``hidden_dim``."""
+        ep, em = roles["experts"]
+        inter = em.down_proj.shape[2]
+        ffn = self.group(f"{path}:ffn", "width", inter, 1, "width")
+        self.ax(f"{ep}.gate_up_proj", 1, ffn, chunks=2)
+        self.ax(f"{ep}.down_proj", 2, ffn)
+        self.ax(f"{ep}.gate_up_proj", 2, hidden)
+        self.ax(f"{ep}.down_proj", 1, hidden)
+        self.module_attrs(ep, em, ("intermediate_dim", "intermediate_size"), inter, ffn)
+        self.module_attrs(ep, em, ("hidden_dim", "hidden_size"), self.hidden, hidden)
+        if "router" in roles:
+            rp, rm = roles["router"]
+            self.ax(f"{rp}.weight", 1, hidden)
+            self.module_attrs(rp, rm, ("hidden_dim", "hidden_size"), self.hidden, hidden)
 
     def outside(self, stack_path: str, hidden: str | None) -> None:
         """Embeddings, final norms, poolers and task heads: only the hidden width reaches them."""
@@ -435,8 +475,18 @@ class _Planner:
             alive.append(t)
             return t.untyped_storage().data_ptr()
 
+        n_batch = x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() > 1 else 1
         for name, m in self.model.named_modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)) or _is_conv1d(m):
+            if _is_experts(m) or _is_router(m, self.hidden):
+                def moe_hook(mod, args, out, name=name):  # per sample: tokens routed to an expert, or all tokens
+                    if _is_experts(mod):  # args: (hidden (tokens, H), top_k_index (tokens, k), top_k_weights)
+                        e, two_i, h = mod.gate_up_proj.shape
+                        macs = args[1].numel() * (two_i * h + h * two_i // 2) / n_batch
+                    else:
+                        macs = args[0].numel() // args[0].shape[-1] * mod.weight.numel() / n_batch
+                    self.seen[name] = self.seen.get(name, 0) + int(macs * (full / short if short else 1))
+                hooks.append(m.register_forward_hook(moe_hook))
+            elif isinstance(m, (nn.Linear, nn.Conv2d)) or _is_conv1d(m):
                 def hook(mod, args, out, name=name):
                     x = args[0]
                     batch = x.shape[0] if x.dim() > 1 else 1
@@ -472,7 +522,8 @@ class _Planner:
         """MACs per sample at the example inputs' size, as measured by :meth:`trace`."""
         terms = []
         for name, macs in self.seen.items():
-            factors = sorted({a[0] for t in ("weight", "bias") for a in self.axes.get(f"{name}.{t}", {}).values()})
+            factors = sorted({a[0] for t in ("weight", "bias", "gate_up_proj")
+                              for a in self.axes.get(f"{name}.{t}", {}).values()})
             terms.append([name, macs, factors])
         for attn_path, heads, q_path in self.attn_terms:
             n = self.tokens.get(q_path, 0)
@@ -562,7 +613,9 @@ def sync_config(dense: nn.Module) -> None:
     for layer in layers:
         roles = {}
         for name, m in layer.named_modules():
-            if isinstance(m, nn.Linear) or _is_conv1d(m):
+            if _is_experts(m):
+                roles.setdefault("experts", m)
+            elif isinstance(m, nn.Linear) or _is_conv1d(m):
                 role = next((r for r, rx in _ROLE_RE if rx.match(name)), None)
                 if role is not None:
                     roles.setdefault(role, m)
@@ -574,6 +627,8 @@ def sync_config(dense: nn.Module) -> None:
             kv.append(heads[-1] // rep)
         if "down" in roles:
             inter.append(_io(roles["down"])[0])
+        elif "experts" in roles:
+            inter.append(roles["experts"].down_proj.shape[2])
         per_layer.append({"heads": heads[-1] if heads else None, "intermediate": inter[-1] if inter else None})
     emb = dense.get_input_embeddings() if hasattr(dense, "get_input_embeddings") else None
     hidden = emb.embedding_dim if isinstance(emb, nn.Embedding) else None
