@@ -346,17 +346,19 @@ def test_a_config_constant_the_sub_network_keeps_is_refused_on_export(tmp_path):
         assert (_out(reloaded, ids) - _out(em, ids)).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_mixture_of_experts_ffn_width_and_macs(family):
     """Experts stored as 3-D tensors: one FFN width per layer for all experts (each expert's
-    gate/up halves and down columns sliced alike), the router's hidden columns, and MACs of the
-    tokens routed to experts (top-k per token) equal to FlopCounterMode's at every preset (with the
-    eager experts loop: the counter sees no FLOPs in the default ``grouped_mm``)."""
+    gate/up halves and down columns sliced alike), the router's hidden columns, Qwen2-MoE's shared
+    expert as its own width and its gate's hidden columns, and MACs of the tokens routed to experts
+    (top-k per token) equal to FlopCounterMode's at every preset (with the eager experts loop: the
+    counter sees no FLOPs in the default ``grouped_mm``)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
     extra = {"num_key_value_heads": 2, "num_local_experts": 4, "num_experts": 4, "num_experts_per_tok": 2,
-             "moe_intermediate_size": 96, "attn_implementation": "eager", "experts_implementation": "eager"}
+             "moe_intermediate_size": 96, "shared_expert_intermediate_size": 48, "attn_implementation": "eager",
+             "experts_implementation": "eager"}
     if family == "qwen3_moe":
         extra["head_dim"] = 16
     model = _auto(family, **extra)
@@ -365,8 +367,10 @@ def test_mixture_of_experts_ffn_width_and_macs(family):
         ref = _out(model, x).clone()
         em = elasticize.elasticize(model, x, dims=("heads", "width", "hidden"))
         assert (_out(em, x) - ref).abs().max().item() < 1e-5
-    ffn = [g for g in em.plan.groups if g["kind"] == "width"]
+    ffn = [g for g in em.plan.groups if g["name"].endswith(":ffn")]
     assert len(ffn) == 3 and all(g["size"] == 96 for g in ffn), em.plan.not_elastic
+    shared = [g["size"] for g in em.plan.groups if g["name"].endswith(":shared_ffn")]
+    assert shared == ([48] * 3 if family == "qwen2_moe" else [])
     for name in em.presets:
         with torch.no_grad(), em.subnet(name), FlopCounterMode(display=False) as fc:
             y = _out(em, x)

@@ -53,6 +53,7 @@ _ROLES: tuple[tuple[str, str], ...] = (
     ("v", r"(value|v_proj|v_lin|value_proj)"),
     ("o", r"(o_proj|out_lin|attention\.output\.dense|attn\.c_proj|self_attn\.out_proj|attention\.out_proj|attn\.proj"
           r"|attn\.out_proj|self_attn\.dense|attention\.dense|self_attention\.dense)"),
+    ("reads_hidden", r"shared_expert_gate"),
     ("gate_up", r"gate_up_proj"),
     ("gate", r"(gate_proj|w1)"),
     ("up", r"(up_proj|intermediate\.dense|mlp\.c_fc|ffn\.lin1|fc1|fc_in|dense_h_to_4h|w3)"),
@@ -345,8 +346,12 @@ class _Planner:
             self.module_attrs(attn_path, attn, _HIDDEN_ATTRS, self.hidden, hidden)
 
     def ffn(self, path: str, roles: dict[str, tuple[str, nn.Module]], hidden: str | None) -> None:
-        if "experts" in roles and "down" not in roles:
-            return self.experts(path, roles, hidden)
+        if "reads_hidden" in roles:  # e.g. Qwen2-MoE's shared-expert gate: hidden columns, one output
+            self.proj(*roles["reads_hidden"], inp=hidden)
+        if "experts" in roles:
+            self.experts(path, roles, hidden)
+            if "down" not in roles:
+                return
         if "down" not in roles or not ({"up", "gate_up"} & set(roles)):
             self.note(path, "no FFN up/down projections found; FFN width stays fixed")
             return
@@ -357,8 +362,8 @@ class _Planner:
         if any(s != inter for s in sizes.values()):
             self.note(path, f"FFN projections disagree on the intermediate size ({sizes}, down reads {inter}); fixed")
             ffn = None
-        else:
-            ffn = self.group(f"{path}:ffn", "width", inter, 1, "width")
+        else:  # beside experts, a dense FFN is their shared expert (Qwen2-MoE)
+            ffn = self.group(f"{path}:{'shared_ffn' if 'experts' in roles else 'ffn'}", "width", inter, 1, "width")
         for r, p, m in ups:
             self.proj(p, m, out=ffn, inp=hidden, out_chunks=2 if r == "gate_up" else 1)
         self.proj(dp, dm, out=hidden, inp=ffn)
@@ -475,7 +480,7 @@ class _Planner:
             alive.append(t)
             return t.untyped_storage().data_ptr()
 
-        n_batch = x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() > 1 else 1
+        n_batch = x0.shape[0] if isinstance(x0, torch.Tensor) and x0.dim() > 1 else 1  # MACs are per sample
         for name, m in self.model.named_modules():
             if _is_experts(m) or _is_router(m, self.hidden):
                 def moe_hook(mod, args, out, name=name):  # per sample: tokens routed to an expert, or all tokens
@@ -489,7 +494,7 @@ class _Planner:
             elif isinstance(m, (nn.Linear, nn.Conv2d)) or _is_conv1d(m):
                 def hook(mod, args, out, name=name):
                     x = args[0]
-                    batch = x.shape[0] if x.dim() > 1 else 1
+                    batch = n_batch  # not x.shape[0]: MoE blocks flatten (batch, tokens) into one axis
                     if isinstance(mod, nn.Conv2d):
                         k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
                         macs = out.numel() // batch * k
@@ -609,7 +614,7 @@ def sync_config(dense: nn.Module) -> None:
     cfg.num_hidden_layers = n
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rep = cfg.num_attention_heads // (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
-    heads, kv, inter, per_layer = [], [], [], []
+    heads, kv, inter, shared, per_layer = [], [], [], [], []
     for layer in layers:
         roles = {}
         for name, m in layer.named_modules():
@@ -625,10 +630,12 @@ def sync_config(dense: nn.Module) -> None:
         elif "qkv" in roles:  # rows: q, then k and v with one head per `rep` query heads (Phi-3's GQA)
             heads.append(_io(roles["qkv"])[1] * rep // (hd * (rep + 2)))
             kv.append(heads[-1] // rep)
-        if "down" in roles:
-            inter.append(_io(roles["down"])[0])
-        elif "experts" in roles:
+        if "experts" in roles:
             inter.append(roles["experts"].down_proj.shape[2])
+            if "down" in roles:
+                shared.append(_io(roles["down"])[0])
+        elif "down" in roles:
+            inter.append(_io(roles["down"])[0])
         per_layer.append({"heads": heads[-1] if heads else None, "intermediate": inter[-1] if inter else None})
     emb = dense.get_input_embeddings() if hasattr(dense, "get_input_embeddings") else None
     hidden = emb.embedding_dim if isinstance(emb, nn.Embedding) else None
@@ -641,8 +648,14 @@ def sync_config(dense: nn.Module) -> None:
         cfg.num_attention_heads = nh
     if nkv is not None and hasattr(cfg, "num_key_value_heads"):
         cfg.num_key_value_heads = nkv
+    keys = _FFN_CONFIG
+    if any(l is not None and any(_is_experts(m) for m in l.modules()) for l in layers):  # experts' own keys
+        keys = ("moe_intermediate_size", "intermediate_size")
+        ns = _uniform(shared)
+        if ns is not None and "shared_expert_intermediate_size" in cfg.to_dict():
+            cfg.shared_expert_intermediate_size = ns
     if ni is not None:
-        for a in _FFN_CONFIG:
+        for a in keys:
             if a in cfg.to_dict() and (a != "hidden_dim" or cfg.model_type == "distilbert"):
                 setattr(cfg, a, ni)
                 break
