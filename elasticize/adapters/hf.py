@@ -712,11 +712,12 @@ def _reload_problem(dense: nn.Module) -> str | None:
         x = torch.randn(1, ch, size, size, generator=torch.Generator().manual_seed(0))
     else:
         x = torch.arange(8).unsqueeze(0) % max(1, int(getattr(cfg, "vocab_size", 8) or 8))
+    p = next(dense.parameters())
     try:
-        ref = type(dense)._from_config(cfg).to(next(dense.parameters()).dtype).eval()
+        ref = type(dense)._from_config(cfg).to(device=p.device, dtype=p.dtype).eval()
         ref.load_state_dict(dense.state_dict(), strict=False)
         with torch.no_grad():
-            a, b = ref(x), dense.eval()(x)
+            a, b = ref(x.to(p.device)), dense.eval()(x.to(p.device))
     except Exception:  # noqa: BLE001 - a family that cannot run this probe is not judged by it
         return None
     a, b = (o.to_tuple()[0] if hasattr(o, "to_tuple") else o[0] if isinstance(o, (tuple, list)) else o for o in (a, b))
@@ -735,7 +736,7 @@ def _reload_problem(dense: nn.Module) -> str | None:
             cause = f": {name}.{bad[0]} is {bad[1]:.6g} from the config, {bad[2]:.6g} in the sub-network"
             break
     return (f"{type(dense).__name__} built from the sub-network's config computes something else (outputs differ by "
-            f"{diff:.2g}{cause}); keep the hidden size full for this family")
+            f"{diff:.2g}{cause}); a sub-network that keeps the sizes the config derives it from can be saved")
 
 
 def save_hf(dense: nn.Module, directory: str | Path, *, source: str | None = None, overwrite: bool = False) -> Path:
