@@ -125,12 +125,15 @@ class ElasticMixin:
 
 
 class GateMixin:
-    """Skips a residual block: returns its input unchanged when the block is off."""
+    """Skips a residual block: returns its input unchanged when the block is off (as the first
+    of ``arity`` outputs, the rest None, for a block that returns a tuple such as
+    ``(hidden_states, attention_weights)``)."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        stage, index = self.__dict__["_el_gate"]
+        stage, index, arity = self.__dict__["_el_gate"]
         if index >= stage.depth:  # index is the block's rank in the stage's keep order
-            return args[0] if args else next(iter(kwargs.values()))
+            x = args[0] if args else next(iter(kwargs.values()))
+            return (x,) + (None,) * (arity - 1) if arity else x
         return super().forward(*args, **kwargs)  # type: ignore[misc]
 
 
@@ -176,7 +179,7 @@ def make_elastic(
     *,
     tensors: dict[str, TensorSpec] | None = None,
     attrs: dict[str, tuple[GroupState | StageState, str, int, int]] | None = None,
-    gate: tuple[StageState, int] | None = None,
+    gate: tuple[StageState, int] | tuple[StageState, int, int] | None = None,
     switch: tuple[StageState, tuple[str, ...]] | None = None,
     mixins: tuple[type, ...] = (),
 ) -> nn.Module:
@@ -191,7 +194,9 @@ def make_elastic(
             takes a :class:`StageState` instead of the group and gives ``depth * mul // div``
             (an ``nn.LSTM``'s ``num_layers`` following its layer stage).
         gate: (stage, rank) for a residual block that the stage's depth may skip: the block runs
-            while ``rank < stage.depth`` (rank = position in the stage's keep order).
+            while ``rank < stage.depth`` (rank = position in the stage's keep order); (stage,
+            rank, arity) for a block that returns a tuple: a skipped one returns its input as the
+            first of ``arity`` outputs, the rest None.
         switch: (stage, names) for switchable norms: when the stage's skippable
             sub-path is skipped, ``names`` are read from ``elastic_skip_<name>``
             (Adaptive Depth Networks, arXiv 2312.16392, skip-aware BatchNorm).
@@ -210,7 +215,7 @@ def make_elastic(
     d["_el_attrs"] = dict(attrs or {})
     d["_el_switch"] = switch
     if gate is not None:
-        d["_el_gate"] = gate
+        d["_el_gate"] = (*gate, 0) if len(gate) == 2 else tuple(gate)
     module.__class__ = _elastic_class(type(module), tuple(sorted(d["_el_attrs"])), gate is not None, mixins)
     return module
 

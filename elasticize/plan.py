@@ -306,7 +306,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
             entry(st["module"])["attrs"][st["attr"]] = (stages[st["name"]], "depth", 1, 1)
             continue
         for b, r in zip(st["blocks"], stage_ranks(st)):
-            entry(b)["gate"] = (stages[st["name"]], r)
+            entry(b)["gate"] = (stages[st["name"]], r, int(st.get("skip_tuple", 0)))
     for module, sw in plan.switchable.items():
         m = model.get_submodule(module)
         for name in sw["tensors"]:

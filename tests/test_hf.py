@@ -246,7 +246,7 @@ def test_cli_converts_a_local_folder_and_extracts_a_hf_folder(tmp_path):
 
 
 MORE = {  # families found by name: (config keyword arguments, query/key norms), 4 heads of 16
-    "opt": {}, "gptj": {"rotary_dim": 8}, "phi": {}, "biogpt": {}, "deberta-v2": {},
+    "opt": {}, "gptj": {"rotary_dim": 8}, "phi": {}, "biogpt": {}, "deberta-v2": {}, "modernbert": {},
     "qwen3": {"num_key_value_heads": 2, "head_dim": 16}, "gemma3_text": {"num_key_value_heads": 2, "head_dim": 16},
 }
 
@@ -263,7 +263,7 @@ def _auto(family: str, **extra):
 
 @pytest.mark.parametrize("family", list(MORE))
 def test_dropped_heads_equal_zeroed_output_columns(family):
-    """OPT, GPT-J, Phi, BioGPT, DeBERTa-v2 (projections found by name), Qwen3 and Gemma 3 (per-head
+    """OPT, GPT-J, Phi, BioGPT, DeBERTa-v2, ModernBERT (projections found by name), Qwen3 and Gemma 3 (per-head
     query/key norms, which crashed conversion before): half the heads of every layer equal the
     full model with those heads' input columns of the output projection zeroed, an independent
     reference for what dropping a head means."""
@@ -381,3 +381,20 @@ def test_mixture_of_experts_ffn_width_and_macs(family):
         assert experts.down_proj.shape[2] == experts.intermediate_dim == width, name
         with torch.no_grad():
             assert (_out(sub, x) - y).abs().max().item() < 1e-5, name
+
+
+@pytest.mark.parametrize("family", ["deberta-v2", "falcon"])
+def test_layers_that_return_tuples_get_depth(family):
+    """DeBERTa-v2's and Falcon's layers return ``(hidden_states, None)``-like tuples (the second
+    is the attention weights, None unless asked for): a skipped layer returns its input in the same
+    shape, so they get depth. Keeping 2 of 3 layers equals the full model cut to its first 2."""
+    torch.manual_seed(0)
+    em = elasticize.elasticize(_auto(family), dims=("depth",))
+    (st,) = em.plan.stages
+    assert st["skip_tuple"] >= 2 and st["choices"] == [3, 2, 1]
+    ref = em.extract("full")
+    del ref.get_submodule(st["name"][len("model."):] if st["name"].startswith("model.") else st["name"])[2:]
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), em.subnet({"depth": {st["name"]: 2}}):
+        assert (_out(em, ids) - _out(ref, ids)).abs().max().item() < 1e-5
+        assert (_out(em.extract({"depth": {st["name"]: 2}}), ids) - _out(em, ids)).abs().max().item() < 1e-6

@@ -52,12 +52,12 @@ _ROLES: tuple[tuple[str, str], ...] = (
     ("k", r"(key|k_proj|k_lin|key_proj)"),
     ("v", r"(value|v_proj|v_lin|value_proj)"),
     ("o", r"(o_proj|out_lin|attention\.output\.dense|attn\.c_proj|self_attn\.out_proj|attention\.out_proj|attn\.proj"
-          r"|attn\.out_proj|self_attn\.dense|attention\.dense|self_attention\.dense)"),
+          r"|attn\.out_proj|self_attn\.dense|attention\.dense|self_attention\.dense|attn\.Wo)"),
     ("reads_hidden", r"shared_expert_gate"),
-    ("gate_up", r"gate_up_proj"),
+    ("gate_up", r"(gate_up_proj|mlp\.Wi)"),
     ("gate", r"(gate_proj|w1)"),
     ("up", r"(up_proj|intermediate\.dense|mlp\.c_fc|ffn\.lin1|fc1|fc_in|dense_h_to_4h|w3)"),
-    ("down", r"(down_proj|output\.dense|mlp\.c_proj|ffn\.lin2|fc2|fc_out|dense_4h_to_h|w2)"),
+    ("down", r"(down_proj|output\.dense|mlp\.c_proj|ffn\.lin2|fc2|fc_out|dense_4h_to_h|w2|mlp\.Wo)"),
 )
 _ROLE_RE = [(role, re.compile(rf"(^|.*\.){pat}$")) for role, pat in _ROLES]
 #: norms inside the attention over queries or keys (Qwen3, Gemma 3, OLMo 2, Phi): per head, or over all heads
@@ -427,9 +427,10 @@ class _Planner:
             plan.tensors[fqn] = {"shape": list(t.shape), "param": fqn in self.params,
                                  "axes": self.axes.get(fqn, {})}
         n = len(blocks)
-        if "depth" in self.dims and self.tuple_layers:
-            self.note(stack_path, f"its layers return {len(self.tuple_layers)} tuples, not the hidden-state tensor that "
-                      "a skipped layer passes on; depth stays fixed")
+        arities = set(self.tuple_layers.values())
+        if "depth" in self.dims and (None in arities or len(arities) > 1):
+            self.note(stack_path, "its layers return tuples with more than the hidden states (a skipped layer could "
+                      "not give the rest); depth stays fixed")
         elif "depth" in self.dims and n > 1 and stack_path is not None:
             name = stack_path
             if self.excluded(name):
@@ -437,6 +438,8 @@ class _Planner:
             else:
                 mode = plan.depth_mode
                 st: dict[str, Any] = {"name": name, "blocks": blocks, "n_mandatory": 1, "drop": "remove"}
+                if arities:  # (hidden_states, None, ...): a skipped layer returns that shape too
+                    st["skip_tuple"] = arities.pop()
                 if mode == "skippable":
                     first = math.ceil(n / 2)
                     st.update(first_skippable=first, choices=[n, first])
@@ -471,7 +474,8 @@ class _Planner:
         if isinstance(x0, torch.Tensor) and x0.dim() == 2 and not x0.is_floating_point() and x0.shape[1] > 16:
             short, full = 16, int(x0.shape[1])
             inputs = (x0[:, :short], *inputs[1:])
-        self.seen, self.tokens, self.reads, self.stream, self.tuple_layers = {}, {}, {}, set(), set()
+        self.seen, self.tokens, self.reads, self.stream = {}, {}, {}, set()
+        self.tuple_layers: dict[str, int | None] = {}  # layer -> the arity of the tuple it returns
         hooks, alive = [], []  # tensors are kept alive so that no storage address is reused during the pass
 
         def storage(t: Any) -> int | None:
@@ -511,7 +515,9 @@ class _Planner:
                 def out_hook(mod, args, out, name=name):
                     self.stream.add(storage(out[0] if isinstance(out, tuple) else out))
                     if name.startswith(stack_path + ".") and not isinstance(out, torch.Tensor):
-                        self.tuple_layers.add(name)
+                        # a tuple (hidden, None, ...) can be mimicked by a skipped layer; anything else not
+                        self.tuple_layers[name] = (len(out) if isinstance(out, tuple) and out
+                                                   and all(o is None for o in out[1:]) else None)
                 hooks.append(m.register_forward_hook(out_hook))
         try:
             with torch.no_grad():
