@@ -97,5 +97,9 @@ def test_a_subnetwork_that_cannot_run_is_kept_whole_at_conversion():
             with torch.no_grad(), em.subnet(p):
                 assert em(x).shape == (2, 3)
         assert not any(type(m).__name__.startswith("Elastic") for m in model[0].modules())  # surgery undone there
+        alone = torch.nn.Sequential(_FixedReshape(), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+        with pytest.raises(ValueError, match="nothing in Sequential could be made elastic: every group and stage "
+                                             "failed to run at its smallest"):
+            elasticize.elasticize(alone, x)  # its only group fails: a clear error, not an inert elastic model
     finally:
         unregister_rule("overclaiming")
