@@ -70,7 +70,9 @@ class Plan:
         stages: one dict per stage: ``name, blocks, n_mandatory, first_skippable, choices``, and
             optionally ``order`` (keep order of the blocks, see :func:`stage_ranks`) and
             ``drop`` (``"identity"``, the default: an extracted sub-network has ``nn.Identity`` for a
-            dropped block; ``"remove"``: the block is deleted from its ``nn.ModuleList``). A stage of
+            dropped block; ``"remove"``: the block is deleted from its ``nn.ModuleList``), and
+            ``skip_tuple`` (blocks that return ``(hidden_states, None, ...)`` of that many items: a
+            skipped one returns its input in that shape, see :class:`elasticize.modules.GateMixin`). A stage of
             the stacked layers inside one module (an ``nn.LSTM``'s ``num_layers``, prefix depth) has
             ``module`` (its path), ``attr`` (its attribute that reads the active depth) and
             ``tensors`` (per block, the fqns of that layer's tensors); its blocks are the names
