@@ -36,7 +36,6 @@ from ._version import __version__
 from .adapters import build_from_recipe, get_adapter
 from .export import densify, dense_tensors, set_tensor
 from .model import ElasticModel, SubnetLike
-from .graph import model_tensors
 from .plan import Plan, apply_plan, slice_ranges
 from .space import Config, SearchSpace
 
@@ -273,27 +272,42 @@ def _base_model(manifest: dict[str, Any], model: nn.Module | None) -> tuple[nn.M
     return build_from_recipe(manifest.get("recipe") or {}, device="meta"), True
 
 
-def _non_persistent(base: nn.Module, plan: Plan, manifest: dict[str, Any], meta: bool) -> dict[str, torch.Tensor]:
+class _RealBuffers:
+    """The buffers of one real (not ``meta``) build of the recipe's model, built on first use.
+
+    Non-persistent buffers are not in the file: a model built on ``meta`` takes them from here,
+    whole (:func:`_materialize`) or cut to a sub-network (:func:`_non_persistent`), from one build.
+    """
+
+    def __init__(self, manifest: dict[str, Any]) -> None:
+        self.manifest = manifest
+        self._buffers: dict[str, torch.Tensor] | None = None
+
+    def get(self) -> dict[str, torch.Tensor]:
+        if self._buffers is None:
+            self._buffers = dict(build_from_recipe(self.manifest.get("recipe") or {}).named_buffers())
+        return self._buffers
+
+
+def _non_persistent(base: nn.Module, plan: Plan, real: _RealBuffers, meta: bool) -> dict[str, torch.Tensor]:
     """The full values of the sliced non-persistent buffers, which the file does not hold: the
     given model's own, or a real build's when ``base`` was built on ``meta``."""
     names = [fqn for fqn, info in plan.tensors.items() if info.get("persistent") is False]
     if not names:
         return {}
-    if meta:
-        base = build_from_recipe(manifest.get("recipe") or {})
-    own = model_tensors(base)
+    own = real.get() if meta else dict(base.named_buffers())
     return {n: own[n].detach() for n in names}
 
 
-def _materialize(model: nn.Module, manifest: dict[str, Any]) -> None:
+def _materialize(model: nn.Module, real: _RealBuffers) -> None:
     """Buffers not stored in the file (non-persistent) are still on ``meta``: take them from a real build."""
     missing = [n for n, b in model.named_buffers() if b.is_meta]
     if not missing:
         return
-    real = dict(build_from_recipe(manifest["recipe"]).named_buffers())
+    buffers = real.get()
     for n in missing:
-        if n in real:
-            set_tensor(model, n, real[n])
+        if n in buffers:
+            set_tensor(model, n, buffers[n])
 
 
 def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticModel:
@@ -326,7 +340,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticM
         tensors[alias] = tensors[target]
     _load_strict(em.model, tensors, assign=meta, what=f"{path}")
     if meta:
-        _materialize(em.model, manifest)
+        _materialize(em.model, _RealBuffers(manifest))
     _named_presets(em.space, manifest)
     em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
     if calibrated:
@@ -393,7 +407,8 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
         cfg = space.resolve(subnet)
     space.apply(state, cfg)
     spec = dense_tensors(plan, space, state, cfg)
-    built = _non_persistent(base, plan, manifest, meta)
+    real = _RealBuffers(manifest)
+    built = _non_persistent(base, plan, real, meta)
     calibrated: dict[str, str] = {}  # the preset's calibrated BatchNorm statistics, if the file has them
     for preset, table in (manifest.get("bn_stats") or {}).items():
         if manifest.get("kind") != "sub-network" and space.resolve(preset) == cfg:
@@ -418,7 +433,7 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
                 with torch.no_grad():
                     set_tensor(base, dense, _aligned(t.contiguous()))
     if meta:
-        _materialize(base, manifest)
+        _materialize(base, real)
     recipe = manifest.get("recipe") or {}
     if recipe.get("adapter"):
         get_adapter(recipe["adapter"]).after_extract(base)
