@@ -36,6 +36,7 @@ from ._version import __version__
 from .adapters import build_from_recipe, get_adapter
 from .export import densify, dense_tensors, set_tensor
 from .model import ElasticModel, SubnetLike
+from .manifest import BN_PREFIX, Header, ManifestError, bn_name, check_manifest, loads, preset_table, read_header
 from .plan import Plan, apply_plan, slice_ranges
 from .space import Config, SearchSpace
 
@@ -43,8 +44,6 @@ __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMA
            "PRESETS_KEY", "load_weights_file"]
 
 FORMAT_VERSION = 2
-#: Prefix of the stored per-preset calibrated BatchNorm statistics (format version 2).
-BN_PREFIX = "elastic_bn."
 METADATA_KEY = "elasticize"
 #: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
 PRESETS_KEY = "elasticize.presets"
@@ -98,90 +97,58 @@ def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     return out, aliases
 
 
+def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, Plan, SearchSpace, Header]:
+    """Header, manifest, per-preset tables, plan and search space of a file, all checked."""
+    path = Path(path)
+    header = read_header(path)
+    meta = header.metadata
+    raw = meta.get(METADATA_KEY)
+    if raw is None:
+        raise ManifestError(f"{path} is a safetensors file without an elasticize manifest; make one with "
+                            "`elasticize convert` or elasticize.save()")
+    try:
+        manifest = loads(raw, "the elasticize manifest")
+        tables = loads(meta[PRESETS_KEY], "the per-preset tables") if PRESETS_KEY in meta else None
+        plan, space = check_manifest(manifest, header=header, tables=tables, format_version=FORMAT_VERSION)
+    except ManifestError as e:
+        raise ManifestError(f"{path}: {e}") from None
+    return manifest, tables, plan, space, header
+
+
 def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str, Any]:
-    """The manifest of an elasticize file, validated.
+    """The manifest of an elasticize file, validated in full before it is returned.
+
+    Reading never builds a model, imports code or follows a path the file names. The whole
+    header is checked (:func:`elasticize.manifest.read_header`) and so is every manifest key
+    (:func:`elasticize.manifest.check_manifest`), including the per-preset tables.
 
     Args:
         path: the file.
-        presets: also read the per-preset tensor tables (metadata key ``elasticize.presets``);
-            loading does not need them, so :func:`load` and :func:`load_subnet` skip them.
+        presets: attach the per-preset tensor tables (metadata key ``elasticize.presets``) to
+            each preset as ``"tensors"``; they are checked either way.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a readable safetensors file (truncated or corrupted), no elasticize
-            manifest in it, a manifest that is not valid JSON, or one written in a newer
-            format version than this elasticize reads (the message says to upgrade).
+        ValueError: (:class:`elasticize.manifest.ManifestError`) not a readable safetensors file
+            (truncated, corrupted, a header over safetensors' 100 MB limit, bad offsets), no
+            elasticize manifest in it, a manifest that is not valid JSON, one written in a newer
+            format version than this elasticize reads (the message says to upgrade), or any key
+            that is missing, unknown, mistyped or disagrees with the tensors or the plan (named).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if size < 8 or n > size - 8:
-                raise ValueError(f"its header claims {n} bytes but the file has {size}")
-            header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
-    if 8 + n + end > size:
-        raise ValueError(f"{path} is truncated: its header describes {8 + n + end} bytes but the file has {size}; "
-                         "copy or download it again")
-    meta = header.get("__metadata__") or {}
-    raw = meta.get(METADATA_KEY)
-    if raw is None:
-        raise ValueError(f"{path} is a safetensors file without an elasticize manifest; make one with "
-                         "`elasticize convert` or elasticize.save()")
-    try:
-        manifest = json.loads(raw)
-        tables = json.loads(meta[PRESETS_KEY]) if presets and PRESETS_KEY in meta else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: the elasticize manifest is not valid JSON ({e}); the file is corrupted") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != "elasticize":
-        raise ValueError(f"{path}: the manifest is not an elasticize manifest")
-    version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise ValueError(f"{path}: the manifest has no integer format_version")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{path} was written in elasticize file format {version} (by elasticize "
-                         f"{manifest.get('library_version', '?')}); this elasticize {__version__} reads format "
-                         f"{FORMAT_VERSION} and older. Upgrade: pip install -U elasticize")
-    if tables:
+    manifest, tables, *_ = _read(path)
+    if presets and tables:
         for name, entry in manifest.get("presets", {}).items():
             entry["tensors"] = tables.get(name, {})
     return manifest
 
 
 # --------------------------------------------------------------------------- manifest
-def _bn_name(preset: str, fqn: str) -> str:
-    return f"{BN_PREFIX}{preset}.{fqn}"
-
-
 def _preset_entry(em: ElasticModel, name: str, cfg: Config, state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    with em.subnet(cfg):
-        spec = dense_tensors(em.plan, em.space, em._state, cfg)
+    stored = {n: (list(t.shape), t.element_size()) for n, t in state.items()}
     calibrated = em.bn_stats.get(name, {})
-    tensors: dict[str, Any] = {}
-    total = 0
-    for dense, (src, ranges) in spec.items():
-        if em.plan.tensors.get(src, {}).get("persistent") is False:
-            continue  # not in the file: the model builds it (see Plan.tensors)
-        if src in calibrated:
-            shape = list(calibrated[src].shape)
-            total += calibrated[src].numel() * calibrated[src].element_size()
-            tensors[dense] = {"source": _bn_name(name, src), "shape": shape, "slices": None}
-            continue
-        if ranges is None:
-            shape = list(state[src].shape)
-        else:
-            shape = [sum(b - a for a, b in rs) for rs in ranges]
-        n = 1
-        for d in shape:
-            n *= d
-        total += n * state[src].element_size()
-        tensors[dense] = {"source": src, "shape": shape,
-                          "slices": None if ranges is None else [[list(r) for r in rs] for rs in ranges]}
+    for fqn, t in calibrated.items():
+        stored[bn_name(name, fqn)] = (list(t.shape), t.element_size())
+    tensors, total = preset_table(em.plan, em.space, name, cfg, stored, calibrated)
     return {"config": cfg, "macs": em.macs(cfg), "params": em.params(cfg), "bytes": total,
             "metrics": dict(em.metrics.get(name, {})), "tensors": tensors}
 
@@ -204,7 +171,7 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
         state = em.model.state_dict()
         m["presets"] = {n: _preset_entry(em, n, c, state) for n, c in em.presets.items()}
         if calibrated:
-            m["bn_stats"] = {p: {fqn: _bn_name(p, fqn) for fqn in t} for p, t in em.bn_stats.items()}
+            m["bn_stats"] = {p: {fqn: bn_name(p, fqn) for fqn in t} for p, t in em.bn_stats.items()}
     else:
         m["config"] = config
         m["macs"] = em.macs(config)
@@ -236,7 +203,7 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
         tensors, aliases = _dedupe(em.model.state_dict())
     for preset, table in em.bn_stats.items():
         for fqn, t in table.items():
-            tensors[_bn_name(preset, fqn)] = t.detach().contiguous().cpu()
+            tensors[bn_name(preset, fqn)] = t.detach().contiguous().cpu()
     manifest = _manifest(em, aliases, "super-network")
     tables = {name: entry.pop("tensors") for name, entry in manifest["presets"].items()}
     meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
@@ -262,14 +229,14 @@ def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *
 
 
 # --------------------------------------------------------------------------- load
-def _base_model(manifest: dict[str, Any], model: nn.Module | None) -> tuple[nn.Module, bool]:
+def _base_model(manifest: dict[str, Any], model: nn.Module | None, trust_remote_code: bool) -> tuple[nn.Module, bool]:
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
         if any(hasattr(m, "_el_tensors") for m in model.modules()):
             raise TypeError("pass the plain base model (not an elastic one) as model=")
         return model.eval(), False
-    return build_from_recipe(manifest.get("recipe") or {}, device="meta"), True
+    return build_from_recipe(manifest.get("recipe") or {}, device="meta", trust_remote_code=trust_remote_code), True
 
 
 class _RealBuffers:
@@ -279,13 +246,15 @@ class _RealBuffers:
     whole (:func:`_materialize`) or cut to a sub-network (:func:`_non_persistent`), from one build.
     """
 
-    def __init__(self, manifest: dict[str, Any]) -> None:
+    def __init__(self, manifest: dict[str, Any], trust_remote_code: bool) -> None:
         self.manifest = manifest
+        self.trust_remote_code = trust_remote_code
         self._buffers: dict[str, torch.Tensor] | None = None
 
     def get(self) -> dict[str, torch.Tensor]:
         if self._buffers is None:
-            self._buffers = dict(build_from_recipe(self.manifest.get("recipe") or {}).named_buffers())
+            built = build_from_recipe(self.manifest.get("recipe") or {}, trust_remote_code=self.trust_remote_code)
+            self._buffers = dict(built.named_buffers())
         return self._buffers
 
 
@@ -310,28 +279,34 @@ def _materialize(model: nn.Module, real: _RealBuffers) -> None:
             set_tensor(model, n, buffers[n])
 
 
-def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticModel:
+def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remote_code: bool = False) -> ElasticModel:
     """Load an elastic model saved by :func:`save`.
+
+    The whole file is checked first (:func:`read_manifest`); nothing is built before that.
 
     Args:
         path: the ``.safetensors`` file.
         model: the base model (same architecture as at conversion); if None it is rebuilt
-            from the manifest's recipe (timm, torchvision or an import path) without
-            allocating random weights.
+            from the manifest's recipe (timm, torchvision or transformers, from the adapter's
+            allow-listed arguments only) without allocating random weights.
+        trust_remote_code: allow a recipe that imports and calls ``package.module:builder``
+            (your own model's builder). Off by default: such a file would run code that is not
+            elasticize's. See the README's *Security model*.
 
     Returns:
         The :class:`ElasticModel`, in eval mode, with the file's weights.
 
     Raises:
         FileNotFoundError, ValueError: see :func:`read_manifest`; also a file that is a dense
-            sub-network (use :func:`load_subnet`), or tensors that do not fit the model.
+            sub-network (use :func:`load_subnet`), an ``import`` recipe without
+            ``trust_remote_code`` or ``model=``, or tensors that do not fit the model (shape or dtype).
         KeyError: the plan names a rule that is not registered (import the module that registers it).
     """
-    manifest = read_manifest(path, presets=False)
-    if manifest.get("kind") != "super-network":
+    manifest, _, plan, _, _ = _read(path)
+    if manifest["kind"] != "super-network":
         raise ValueError(f"{path} holds one dense sub-network; load it with elasticize.load_subnet(path)")
-    base, meta = _base_model(manifest, model)
-    em = ElasticModel(base, Plan.from_json(manifest["plan"]), recipe=manifest.get("recipe"),
+    base, meta = _base_model(manifest, model, trust_remote_code)
+    em = ElasticModel(base, plan, recipe=manifest.get("recipe"),
                       input_shapes=manifest.get("input_shapes", []), importance=manifest.get("importance"))
     tensors = {k: _aligned(t) for k, t in load_file(str(path)).items()}
     calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()}
@@ -340,7 +315,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> ElasticM
         tensors[alias] = tensors[target]
     _load_strict(em.model, tensors, assign=meta, what=f"{path}")
     if meta:
-        _materialize(em.model, _RealBuffers(manifest))
+        _materialize(em.model, _RealBuffers(manifest, trust_remote_code))
     _named_presets(em.space, manifest)
     em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
     if calibrated:
@@ -375,7 +350,8 @@ def _read_ranges(sl: Any, ranges: list[list[tuple[int, int]]]) -> torch.Tensor:
     return torch.cat(parts, dim=ax)
 
 
-def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn.Module | None = None) -> nn.Module:
+def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn.Module | None = None,
+                trust_remote_code: bool = False) -> nn.Module:
     """A dense sub-network, reading only the bytes it needs from the file.
 
     Args:
@@ -384,20 +360,20 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
             (then ``subnet`` must be None or equal to its configuration).
         subnet: preset name or configuration.
         model: the base model, if the file's recipe cannot rebuild it.
+        trust_remote_code: as for :func:`load`.
 
     Returns:
         The dense module (ordinary layers), in eval mode; equal to
         ``load(path).extract(subnet)``.
 
     Raises:
-        FileNotFoundError, ValueError: see :func:`read_manifest`.
+        FileNotFoundError, ValueError: see :func:`read_manifest` and :func:`load`; also a stored
+            tensor whose shape or dtype is not the one the sub-network needs.
         KeyError, ValueError, TypeError: a sub-network outside the search space.
     """
-    manifest = read_manifest(path, presets=False)
-    plan = Plan.from_json(manifest["plan"])
-    space = SearchSpace(plan)
+    manifest, _, plan, space, _ = _read(path)
     _named_presets(space, manifest)
-    base, meta = _base_model(manifest, model)
+    base, meta = _base_model(manifest, model, trust_remote_code)
     state = apply_plan(base, plan)
     if manifest.get("kind") == "sub-network":
         cfg = manifest["config"]
@@ -407,7 +383,7 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
         cfg = space.resolve(subnet)
     space.apply(state, cfg)
     spec = dense_tensors(plan, space, state, cfg)
-    real = _RealBuffers(manifest)
+    real = _RealBuffers(manifest, trust_remote_code)
     built = _non_persistent(base, plan, real, meta)
     calibrated: dict[str, str] = {}  # the preset's calibrated BatchNorm statistics, if the file has them
     for preset, table in (manifest.get("bn_stats") or {}).items():
@@ -415,6 +391,7 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
             calibrated = table
             break
     densify(base, plan, space, cfg)
+    expected = _dense_expected(base, plan, spec)
     aliases = manifest.get("aliases") or {}
     with safe_open(str(path), framework="pt") as f:
         for dense, (src, ranges) in spec.items():
@@ -427,6 +404,10 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
             else:
                 src = aliases.get(src, src)
                 t = f.get_tensor(src) if ranges is None or not ranges else _read_ranges(f.get_slice(src), ranges)
+            want = expected.get(dense)
+            if want is not None and (list(t.shape) != want[0] or t.dtype != want[1]):
+                raise ManifestError(f"{path}: tensor {dense!r} is stored as {t.dtype} {list(t.shape)}, but the "
+                                    f"sub-network needs {want[1]} {want[0]}; the file is corrupted")
             if meta:
                 set_tensor(base, dense, _aligned(t.contiguous()))
             else:
@@ -438,6 +419,20 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
     if recipe.get("adapter"):
         get_adapter(recipe["adapter"]).after_extract(base)
     return base.eval()
+
+
+def _dense_expected(dense: nn.Module, plan: Plan, spec: dict[str, Any]) -> dict[str, tuple[list[int], torch.dtype]]:
+    """Dense tensor name -> (shape, dtype) the sub-network needs: the sliced shape, the model's dtype."""
+    own = {n: t for n, t in dense.state_dict(keep_vars=True).items()}
+    out = {}
+    for name, (src, ranges) in spec.items():
+        t = own.get(name)
+        if t is None:
+            continue
+        shape = list(plan.tensors[src]["shape"]) if ranges is None and src in plan.tensors else (
+            list(t.shape) if ranges is None else [sum(b - a for a, b in rs) for rs in ranges])
+        out[name] = (shape, t.dtype)
+    return out
 
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
@@ -464,11 +459,11 @@ def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, assign: 
     state = model.state_dict()
     missing = [k for k in state if k not in tensors]
     unexpected = [k for k in tensors if k not in state]
-    shapes = [f"{k} {list(tensors[k].shape)} vs {list(state[k].shape)}" for k in state
-              if k in tensors and tensors[k].shape != state[k].shape]
+    shapes = [f"{k} {tensors[k].dtype} {list(tensors[k].shape)} vs {state[k].dtype} {list(state[k].shape)}"
+              for k in state if k in tensors and (tensors[k].shape != state[k].shape or tensors[k].dtype != state[k].dtype)]
     if missing or unexpected or shapes:
         parts = [f"{label} {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
-                 for label, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if v]
+                 for label, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped or of another dtype", shapes)) if v]
         raise ValueError(f"{what} does not fit the model: {'; '.join(parts)}. Pass the architecture it was made "
                          "from (same constructor arguments) as model=")
     model.load_state_dict(tensors, strict=True, assign=assign)

@@ -8,7 +8,6 @@ a checkpoint is loaded), so conversion and loading share one code path.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -102,20 +101,17 @@ class Plan:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Plan":
-        """Rebuild a plan; unknown keys warn and are dropped.
+        """Rebuild a plan from its JSON, checked strictly first (:func:`elasticize.manifest.check_plan`).
 
         Raises:
-            ValueError: if the plan was written by a newer format version.
+            ValueError: (:class:`elasticize.manifest.ManifestError`) a plan written by a newer format
+                version, or one with a missing, unknown, mistyped or inconsistent key (named).
         """
-        version = int(data.get("version", 0))
-        if version > PLAN_VERSION:
-            raise ValueError(f"plan format version {version} is newer than this elasticize reads ({PLAN_VERSION}); "
-                             "upgrade elasticize (pip install -U elasticize)")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(f"ignoring unknown plan keys {unknown}", stacklevel=2)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        from .manifest import check_plan
+
+        check_plan(data, version=PLAN_VERSION, kind_dim=KIND_DIM, dimensions=DIMENSIONS, norm_tensors=_NORM_TENSORS,
+                   switch_prefix=SWITCH_PREFIX)
+        return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})
 
     def group(self, name: str) -> dict[str, Any]:
         """The group dict called ``name``.
@@ -310,7 +306,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
         for b, r in zip(st["blocks"], stage_ranks(st)):
             entry(b)["gate"] = (stages[st["name"]], r, int(st.get("skip_tuple", 0)))
     for module, sw in plan.switchable.items():
-        m = model.get_submodule(module)
+        m = _module(model, module)
         for name in sw["tensors"]:
             t = getattr(m, name)
             if t is None or hasattr(m, SWITCH_PREFIX + name):
@@ -326,10 +322,33 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
         rule = get_rule(rule_name)
         if rule.mixin is not None:
             entry(module)["mixins"] = (rule.mixin,)
+    modules = {path: _module(model, path) for path in per_module}
     for path, e in per_module.items():
-        make_elastic(model.get_submodule(path), tensors=e["tensors"], attrs=e["attrs"], gate=e["gate"],
+        for a in e["attrs"]:
+            _check_attr(modules[path], path, a)
+    for path, e in per_module.items():
+        make_elastic(modules[path], tensors=e["tensors"], attrs=e["attrs"], gate=e["gate"],
                      switch=e["switch"], mixins=e["mixins"])
     return ElasticState(groups, stages, sorted(per_module))
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"the plan names module {path!r}, which the model does not have; the file was made from "
+                         "another architecture") from None
+
+
+def _check_attr(m: nn.Module, path: str, name: str) -> None:
+    """An attribute the plan makes elastic must be a plain size the module holds (an int, or a shape
+    tuple), never a method, property or anything its class defines: the elastic class would shadow it."""
+    v = m.__dict__.get(name)
+    ok = (isinstance(v, int) and not isinstance(v, bool)) or (
+        isinstance(v, (tuple, list)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
+    if not ok or callable(getattr(type(m), name, None)) or isinstance(getattr(type(m), name, None), property):
+        raise ValueError(f"the plan makes {path}.{name} elastic, but it is not a size that {type(m).__name__} holds "
+                         "(an int or a shape); the file was made from another architecture or is corrupted")
 
 
 def remove_elastic(model: nn.Module, *, freeze: bool) -> None:
