@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -28,15 +29,52 @@ from torch import nn
 
 from .. import _registry
 
-__all__ = ["Adapter", "register_adapter", "get_adapter", "resolve_spec", "build_from_recipe", "adapter_for_model"]
+__all__ = ["Adapter", "register_adapter", "get_adapter", "resolve_spec", "build_from_recipe", "adapter_for_model",
+           "check_recipe", "runs_code", "RECIPE_KEYS"]
+
+#: The keys of a recipe; ``pretrained`` records whether conversion started from pretrained weights.
+RECIPE_KEYS = ("adapter", "name", "kwargs", "pretrained")
+#: A string argument in a recipe may not look like a path or an address.
+_SAFE_STR = re.compile(r"[\w.\-+ ]{0,64}")
 
 _ADAPTERS: dict[str, "Adapter"] = {}
 
 
 class Adapter:
-    """Glue for one model family. Subclass and register with :func:`register_adapter`."""
+    """Glue for one model family. Subclass and register with :func:`register_adapter`.
+
+    Attributes:
+        name: the registered name.
+        allowed_kwargs: the builder arguments a file's recipe may carry (JSON scalars, or flat lists
+            of them, and strings that cannot name a path). Anything else could open a file, reach
+            the network or unpickle, so :func:`check_recipe` refuses it with the key named.
+        runs_user_code: building runs code outside elasticize and the family's library (the
+            ``import`` adapter); a file's recipe then needs ``trust_remote_code=True``.
+    """
 
     name: str = ""
+    allowed_kwargs: frozenset[str] = frozenset()
+    runs_user_code: bool = False
+
+    def check_kwargs(self, name: str, kwargs: dict[str, Any]) -> None:
+        """Check a file's recipe before anything is built from it.
+
+        Raises:
+            ValueError: a name that is not a plain model name, or an argument off
+                :attr:`allowed_kwargs` or of a type that is not a JSON scalar (or flat list of them).
+        """
+        if not re.fullmatch(r"[\w.\-]{1,200}", name):
+            raise ValueError(f"{name!r:.80} is not a {self.name} model name")
+        for k, v in kwargs.items():
+            if k not in self.allowed_kwargs:
+                raise ValueError(f"kwargs.{k:.80}: the {self.name} adapter does not build from this argument from a "
+                                 f"file (it could open a file, reach the network or unpickle); allowed: "
+                                 f"{sorted(self.allowed_kwargs)}. Build the model yourself and pass it as model=")
+            for x in v if isinstance(v, list) and len(v) <= 16 else [v]:
+                if not (x is None or isinstance(x, (bool, int, float)) or (isinstance(x, str) and _SAFE_STR.fullmatch(x))):
+                    raise ValueError(f"kwargs.{k}: {x!r:.80} is not a plain value (a number, a flag or a short name)")
+                if isinstance(x, float) and not math.isfinite(x) or isinstance(x, int) and abs(x) > 1 << 24:
+                    raise ValueError(f"kwargs.{k}: {x!r:.40} is not a finite number of a plausible size")
 
     def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
         """Build model ``name``.
@@ -114,6 +152,13 @@ def _offline_error(what: str, err: Exception) -> RuntimeError:
 class TimmAdapter(Adapter):
     """timm models, by name (``timm.create_model``)."""
 
+    allowed_kwargs = frozenset({
+        "num_classes", "in_chans", "img_size", "global_pool", "drop_rate", "drop_path_rate", "proj_drop_rate",
+        "attn_drop_rate", "pos_drop_rate", "patch_drop_rate", "drop_block_rate", "class_token", "no_embed_class",
+        "reg_tokens", "pre_norm", "fc_norm", "dynamic_img_size", "dynamic_img_pad", "output_stride", "patch_size",
+        "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "layer_scale_init_value",
+        "scriptable", "exportable", "no_jit", "features_only", "out_indices", "window_size"})
+
     def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
         import timm
 
@@ -154,7 +199,17 @@ class TimmAdapter(Adapter):
 
 @register_adapter("torchvision")
 class TorchvisionAdapter(Adapter):
-    """torchvision classification models, by name (``torchvision.models.get_model``)."""
+    """torchvision models, by name (``torchvision.models.get_model``).
+
+    Without pretrained weights the builder is also told ``weights_backbone=None`` where it takes
+    one: torchvision's segmentation and detection builders otherwise fetch (and unpickle) an
+    ImageNet backbone checkpoint.
+    """
+
+    allowed_kwargs = frozenset({
+        "num_classes", "aux_logits", "transform_input", "init_weights", "dropout", "attention_dropout",
+        "stochastic_depth_prob", "width_mult", "zero_init_residual", "groups", "width_per_group",
+        "replace_stride_with_dilation", "image_size", "aux_loss", "num_segments", "progress"})
 
     def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
         import torchvision
@@ -163,6 +218,11 @@ class TorchvisionAdapter(Adapter):
         if name not in names:
             close = difflib.get_close_matches(name, names, n=5)
             raise KeyError(f"unknown torchvision model {name!r}" + (f"; did you mean {close}?" if close else ""))
+        import inspect
+
+        kwargs = dict(kwargs)
+        if not pretrained and "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
+            kwargs.setdefault("weights_backbone", None)
         try:
             return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
         except (OSError, RuntimeError, ConnectionError) as e:
@@ -179,7 +239,17 @@ class TorchvisionAdapter(Adapter):
 
 @register_adapter("import")
 class ImportAdapter(Adapter):
-    """Your own model: ``package.module:builder``, a function or class called with ``kwargs``."""
+    """Your own model: ``package.module:builder``, a function or class called with ``kwargs``.
+
+    Building imports and calls code that is not elasticize's, so a file's ``import`` recipe is only
+    built with ``trust_remote_code=True``; its kwargs may then be any JSON values.
+    """
+
+    runs_user_code = True
+
+    def check_kwargs(self, name: str, kwargs: dict[str, Any]) -> None:
+        if not re.fullmatch(r"[\w.]{1,200}:[\w.]{1,200}", name):
+            raise ValueError(f"{name!r:.80} is not an import path; write package.module:builder")
 
     def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
         mod_name, _, attr = name.partition(":")
@@ -233,27 +303,74 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     return "timm", spec
 
 
-def build_from_recipe(recipe: dict[str, Any], *, pretrained: bool = False, device: str | None = None) -> nn.Module:
-    """Build the base model a checkpoint's recipe names, in eval mode.
+def check_recipe(recipe: Any) -> None:
+    """Check a recipe read from a file: its shape, its adapter, and the adapter's allow-list.
+
+    Nothing is imported or built. An ``import`` recipe passes (``inspect`` shows it, with a
+    warning); building it is refused by :func:`build_from_recipe` without ``trust_remote_code``.
+
+    Raises:
+        ValueError: a recipe that is not ``{"adapter", "name", "kwargs"[, "pretrained"]}`` of
+            JSON-native values, an unknown adapter, or an argument off the adapter's allow-list.
+    """
+    if recipe == {}:
+        return
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("adapter"), str) or \
+            not isinstance(recipe.get("name"), str) or not isinstance(recipe.get("kwargs", {}), dict):
+        raise ValueError("a recipe is {} or {\"adapter\": str, \"name\": str, \"kwargs\": {...}}")
+    extra = sorted(set(recipe) - set(RECIPE_KEYS))
+    if extra:
+        raise ValueError(f"unknown key(s) {extra[:5]}")
+    if not isinstance(recipe.get("pretrained", False), bool):
+        raise ValueError("pretrained must be true or false")
+    if recipe["adapter"] not in _ADAPTERS:
+        raise ValueError(f"adapter {recipe['adapter']!r:.40} is not one of {sorted(_ADAPTERS)}")
+    kwargs = recipe.get("kwargs") or {}
+    if not all(isinstance(k, str) for k in kwargs):
+        raise ValueError("kwargs keys must be strings")
+    _ADAPTERS[recipe["adapter"]].check_kwargs(recipe["name"], kwargs)
+
+
+def runs_code(recipe: dict[str, Any]) -> bool:
+    """Whether building ``recipe`` would import and call code outside elasticize and its model libraries."""
+    a = _ADAPTERS.get(recipe.get("adapter") or "")
+    return bool(a is not None and a.runs_user_code)
+
+
+def build_from_recipe(recipe: dict[str, Any], *, pretrained: bool = False, device: str | None = None,
+                      trust_remote_code: bool = False) -> nn.Module:
+    """Build the base model a file's recipe names, in eval mode.
+
+    The recipe is checked first (:func:`check_recipe`): only allow-listed arguments reach a
+    builder, and an ``import`` recipe (``package.module:builder``, your own code) is built only
+    when ``trust_remote_code`` is True.
 
     Args:
         recipe: ``{"adapter", "name", "kwargs"}``.
         pretrained: fetch pretrained weights (off when a checkpoint brings its own).
         device: ``"meta"`` builds without allocating weights (for loading).
+        trust_remote_code: allow an ``import`` recipe to import and call its builder.
 
     Raises:
-        ValueError: if the recipe names no adapter (a model passed as an object): pass ``model=``.
+        ValueError: if the recipe names no adapter (a model passed as an object): pass ``model=``;
+            a recipe off its adapter's allow-list; an ``import`` recipe without ``trust_remote_code``.
         KeyError: unknown adapter or model name.
     """
     if not recipe or not recipe.get("adapter"):
         raise ValueError("this checkpoint was made from a model object, not a named model; pass the same "
-                         "architecture: elasticize.load(path, model=my_model)")
+                         "architecture: elasticize.load(path, model=my_model) (CLI: --model SPEC)")
+    check_recipe(recipe)
     adapter = get_adapter(recipe["adapter"])
+    if adapter.runs_user_code and not trust_remote_code:
+        raise ValueError(f"this file's model is built by importing and calling {recipe['name']!r}, code from outside "
+                         "elasticize; if you trust the file, pass trust_remote_code=True (CLI: --trust-remote-code), "
+                         "or build the model yourself and pass it: model= (CLI: --model SPEC)")
+    kwargs = dict(recipe.get("kwargs") or {})
     if device is None:
-        model = adapter.build(recipe["name"], pretrained=pretrained, kwargs=dict(recipe.get("kwargs") or {}))
+        model = adapter.build(recipe["name"], pretrained=pretrained, kwargs=kwargs)
     else:
         with torch.device(device):
-            model = adapter.build(recipe["name"], pretrained=pretrained, kwargs=dict(recipe.get("kwargs") or {}))
+            model = adapter.build(recipe["name"], pretrained=pretrained, kwargs=kwargs)
     return model.eval()
 
 

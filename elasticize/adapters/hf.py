@@ -797,13 +797,45 @@ def save_hf(dense: nn.Module, directory: str | Path, *, source: str | None = Non
 
 
 # -------------------------------------------------------------------- the adapter
+#: config keys that name an attention implementation; transformers may fetch a hub kernel by name.
+_ATTN_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
+
+
+def _check_config(cfg: Any, key: str, depth: int = 0) -> None:
+    """Refuse a recipe's config (and its sub-configs) that would run or fetch code."""
+    if depth > 8:
+        raise ValueError(f"{key} nests too deep")
+    for k, v in cfg.items():
+        if k in ("auto_map", "trust_remote_code", "quantization_config"):
+            raise ValueError(f"{key}.{k}: a config with custom code or quantization is not built from a file; "
+                             "build the model yourself and pass it as model=")
+        if k in _ATTN_KEYS and v not in (None, "eager", "sdpa"):
+            raise ValueError(f"{key}.{k}: {v!r:.80} is not 'eager' or 'sdpa'")
+        if isinstance(v, dict):
+            _check_config(v, f"{key}.{k}", depth + 1)
 @register_adapter("hf")
 class HFAdapter(Adapter):
     """Hugging Face transformers models: a local folder or a hub id (``hf:bert-base-uncased``).
 
     The recipe stores the model class and the full config, so a checkpoint rebuilds the
-    architecture without the original folder or the network.
+    architecture without the original folder or the network. From a file, the class must be a
+    ``PreTrainedModel`` subclass that transformers exports, and the config may not ask for custom
+    code (``auto_map``), quantization, or an attention implementation other than ``eager``/``sdpa``
+    (transformers can fetch kernels from the hub by that name).
     """
+
+    def check_kwargs(self, name: str, kwargs: dict[str, Any]) -> None:
+        if not isinstance(name, str) or len(name) > 1024:
+            raise ValueError("name must be a string")
+        extra = sorted(set(kwargs) - {"class", "config"})
+        if extra or not isinstance(kwargs.get("config"), dict):
+            raise ValueError(f"kwargs of an hf recipe are 'class' and 'config' (a config dict){'; not ' + str(extra[:5]) if extra else ''}")
+        cls = kwargs.get("class")
+        if not isinstance(cls, str) or not re.fullmatch(r"[A-Z][A-Za-z0-9_]{0,100}", cls):
+            raise ValueError(f"kwargs.class: {cls!r:.80} is not a transformers model class name")
+        if not isinstance(kwargs["config"].get("model_type"), str):
+            raise ValueError("kwargs.config has no model_type")
+        _check_config(kwargs["config"], "kwargs.config")
 
     def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
         import transformers
@@ -811,8 +843,13 @@ class HFAdapter(Adapter):
         cls_name = kwargs.get("class")
         config = kwargs.get("config")
         if config is not None:
-            cfg = transformers.AutoConfig.for_model(**dict(config))
-            cls = getattr(transformers, cls_name or "AutoModel")
+            cls = getattr(transformers, cls_name or "AutoModel", None)
+            if cls_name and not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+                raise ValueError(f"kwargs.class: {cls_name!r} is not a PreTrainedModel class that transformers exports")
+            try:
+                cfg = transformers.AutoConfig.for_model(**dict(config))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"kwargs.config: transformers cannot build a config from it ({str(e)[:200]})") from None
             model = cls._from_config(cfg) if cls_name else transformers.AutoModel.from_config(cfg)
             return model.eval()
         local = Path(name).is_dir()
