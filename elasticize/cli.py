@@ -50,7 +50,7 @@ def _kwargs(items: tuple[str, ...]) -> dict[str, Any]:
             raise click.BadParameter(f"{item!r}: write --kwarg name=value, e.g. --kwarg num_classes=10")
         try:
             out[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or a number past Python's digit limit): a string
             out[key] = value
     return out
 
@@ -91,6 +91,46 @@ def report_tables(plan: dict[str, Any], presets: dict[str, dict[str, Any]], full
         metrics = _metrics(p.get("metrics") or {})
         pt.add_row(name, _fmt(p["macs"]), f"{100 * p['macs'] / max(full_macs, 1):.1f}%", _fmt(p["params"]), metrics)
     console.print(pt)
+
+
+def _budget(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    import math
+
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value} is not a positive, finite budget", param=param)
+    return value
+
+
+def _base_model_options(fn: Callable) -> Callable:
+    """``--model SPEC`` and ``--trust-remote-code``: how a file's base model is built (see the README's Security model)."""
+    fn = click.option("--trust-remote-code", is_flag=True,
+                      help="Allow a file whose recipe imports and calls package.module:builder (code outside "
+                           "elasticize) to run it. Only for files you trust.")(fn)
+    return click.option("--model", "model_spec", metavar="SPEC", default=None,
+                        help="Build the base model yourself instead of from the file's recipe: a timm name, "
+                             "torchvision:NAME or package.module:builder (random weights; the file brings its own).")(fn)
+
+
+def _build_base(spec: str | None, file: str) -> Any:
+    """The base model ``--model SPEC`` names (None without the option)."""
+    if spec is None:
+        return None
+    from .adapters import get_adapter, resolve_spec
+    from .checkpoint import read_manifest
+
+    recipe = _run(lambda: read_manifest(file, presets=False)).get("recipe") or {}
+    adapter, name = _run(lambda: resolve_spec(spec))
+    kwargs = dict(recipe.get("kwargs") or {}) if (recipe.get("adapter"), recipe.get("name")) == (adapter, name) else {}
+    return _run(lambda: get_adapter(adapter).build(name, pretrained=False, kwargs=kwargs))
+
+
+def _config_json(text: str) -> Any:
+    from .manifest import loads
+
+    try:
+        return loads(text, "--config")
+    except ValueError as e:
+        raise click.BadParameter(str(e).replace("; the file is corrupted", ""), param_hint="--config") from None
 
 
 @click.group()
@@ -175,10 +215,21 @@ def inspect(file: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
+    from .adapters import runs_code
+
     recipe = m.get("recipe") or {}
     console.print(f"[bold]{file}[/bold]: {m['kind']}, format {m['format_version']}, elasticize "
-                  f"{m['library_version']}, base model {recipe.get('adapter') or 'user model'}:"
-                  f"{recipe.get('name', '')}, traced with {m['plan']['tracer']}, {_order(m.get('importance') or {})}")
+                  f"{m['library_version']}, traced with {m['plan'].get('tracer', 'fx')}, {_order(m.get('importance') or {})}")
+    if recipe.get("adapter"):
+        kw = {k: v for k, v in (recipe.get("kwargs") or {}).items() if k != "config"}
+        shown = json.dumps(kw)[:300] + (" + a config" if "config" in (recipe.get("kwargs") or {}) else "")
+        console.print(f"base model: {recipe['adapter']} builder {recipe['name']!r}, kwargs {shown}", markup=False)
+        if runs_code(recipe):
+            err_console.print(f"warning: loading this file imports and calls {recipe['name']!r}, code from outside "
+                              "elasticize; elasticize does so only with --trust-remote-code (Python: "
+                              "trust_remote_code=True), or pass --model SPEC / model=", markup=False)
+    else:
+        console.print("base model: a model object (loading needs --model SPEC, or model= in Python)")
     if m["kind"] == "super-network":
         presets = m["presets"]
         report_tables(m["plan"], presets, presets.get("full", next(iter(presets.values())))["macs"])
@@ -205,9 +256,9 @@ def _order(importance: dict) -> str:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--preset", help="Preset name (see `elasticize inspect FILE`).")
 @click.option("--config", "config_json", help='Sub-network as JSON, e.g. \'{"width": 0.5}\'.')
-@click.option("--max-macs", type=float, help="Largest sub-network with at most this many MACs per sample.")
-@click.option("--max-params", type=float, help="Largest sub-network with at most this many parameters.")
-@click.option("--max-latency-s", type=float, help="Measured preset whose latency (seconds per batch, measured by "
+@click.option("--max-macs", type=float, callback=_budget, help="Largest sub-network with at most this many MACs per sample.")
+@click.option("--max-params", type=float, callback=_budget, help="Largest sub-network with at most this many parameters.")
+@click.option("--max-latency-s", type=float, callback=_budget, help="Measured preset whose latency (seconds per batch, measured by "
               "`elasticize train --latency`) is at most this.")
 @click.option("--best", metavar="METRIC", help="With --max-macs/--max-params/--max-latency-s: the measured preset with "
               "the highest METRIC (e.g. accuracy, cosine) within them, instead of the largest sub-network.")
@@ -217,8 +268,10 @@ def _order(importance: dict) -> str:
               help="safetensors: one file for elasticize.load_subnet; hf: a Hugging Face folder (save_pretrained) "
                    "that plain transformers loads.")
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
+@_base_model_options
 def extract(file: str, preset: str | None, config_json: str | None, max_macs: float | None, max_params: float | None,
-            max_latency_s: float | None, best: str | None, output: str, fmt: str, force: bool) -> None:
+            max_latency_s: float | None, best: str | None, output: str, fmt: str, force: bool,
+            model_spec: str | None, trust_remote_code: bool) -> None:
     """Write one dense sub-network of FILE to OUTPUT (a file for elasticize.load_subnet, or a HF folder).
 
     A budget (--max-macs, --max-params, --max-latency-s) picks without search: the largest nested
@@ -234,16 +287,13 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
                                "--max-macs/--max-params/--max-latency-s")
     if Path(output).exists() and Path(file).exists() and Path(output).resolve() == Path(file).resolve():
         raise click.ClickException("-o points at the input file; choose another output path")
+    subnet: Any = preset
+    if config_json is not None:
+        subnet = _config_json(config_json)
     with console.status(f"loading {file}"):
-        em = _run(lambda: checkpoint.load(file))
-    if preset is not None:
-        subnet: Any = preset
-    elif config_json is not None:
-        try:
-            subnet = json.loads(config_json)
-        except json.JSONDecodeError as e:
-            raise click.BadParameter(f"--config is not JSON: {e}") from None
-    else:
+        base = _build_base(model_spec, file)
+        em = _run(lambda: checkpoint.load(file, model=base, trust_remote_code=trust_remote_code))
+    if budget:
         subnet = _run(lambda: em.select(max_macs=None if max_macs is None else int(max_macs),
                                         max_params=None if max_params is None else int(max_params),
                                         max_latency_s=max_latency_s, metric=best))
@@ -301,11 +351,13 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
               help="bf16 autocast for the training passes (default: on for CUDA only; --amp speeds up "
                    "CPUs with AVX512-BF16).")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
+@_base_model_options
 def train(file: str, data: str, steps: int, output: str, strategy: str, accumulate: int | None, objective: str | None,
           n_random: int | None, batch_size: int, lr: float, schedule: str, warmup: float, seed: int,
           distill: bool | None, distill_loss: str | None, dropout: bool, latency: bool, eval_every: int,
           eval_fraction: float, max_length: int, state: str | None, save_every: int, resume: str | None,
-          device: str | None, always: tuple[str, ...], amp: bool | None, force: bool) -> None:
+          device: str | None, always: tuple[str, ...], amp: bool | None, force: bool, model_spec: str | None,
+          trust_remote_code: bool) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .train.run import train_file
 
@@ -313,13 +365,15 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, accumula
         console.print(f"step {step}: " + "; ".join(f"{p} {_metrics(m)}" for p, m in measured.items()))
 
     options = {k: v for k, v in (("accumulate", accumulate), ("objective", objective), ("n", n_random)) if v is not None}
+    base = _build_base(model_spec, file)
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
                                      strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,
                                      warmup=warmup, seed=seed, distill=distill, distill_loss=distill_loss,
                                      dropout=dropout, latency=latency, eval_every=eval_every, on_eval=_report,
                                      eval_fraction=eval_fraction, max_length=max_length, state=state,
                                      resume=resume, save_every=save_every, overwrite=force, progress=True,
-                                     device=device, always=always, amp=amp))
+                                     device=device, always=always, amp=amp, model=base,
+                                     trust_remote_code=trust_remote_code))
     if result["rank"] != 0:  # under torchrun, rank 0 reports
         return
     if result["metrics"]:

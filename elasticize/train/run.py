@@ -94,7 +94,8 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
                progress: Any = False, device: str | None = None, always: Sequence[str] = (),
                amp: bool | None = None, schedule: str = "constant", warmup: float = 0.06,
                distill_loss: str | None = None, dropout: bool = True, latency: bool = False, eval_every: int = 0,
-               on_eval: Callable[[int, dict[str, dict[str, float]]], None] | None = None) -> dict[str, Any]:
+               on_eval: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
+               model: Any = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """Train an elasticize super-network file on an image folder or a text file, and save it.
 
     A folder ``data`` is image classification (cross-entropy; the model's output is the logits);
@@ -147,6 +148,9 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         always: preset names trained at every step on top of the strategy's draws (see
             :class:`~elasticize.train.Trainer`).
         amp: bf16 autocast for the training passes (None: on for CUDA only; see :class:`~elasticize.train.Trainer`).
+        model: the base model, for a file whose recipe cannot or may not rebuild it (see
+            :func:`elasticize.load`).
+        trust_remote_code: allow the file's ``import`` recipe to run its builder (see :func:`elasticize.load`).
 
     Under ``torchrun --nproc_per_node N`` (or in a process group the caller created) the job is
     data-parallel: each process trains on its share of the data with
@@ -191,7 +195,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     if not d.exists():
         raise FileNotFoundError(f"--data {d}: no such file or folder (an image folder, or a text file with one "
                                 "sample per line)")
-    em = load(src)
+    em = load(src, model=model, trust_remote_code=trust_remote_code)
     if resume is not None:
         if not Path(resume).is_file():
             raise FileNotFoundError(f"--resume {resume}: no such trainer state file")
