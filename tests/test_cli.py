@@ -61,7 +61,9 @@ def test_user_model_by_import_path(tmp_path):
     out = tmp_path / "toy.safetensors"
     res = CliRunner().invoke(main, ["convert", "toy_models:ToyCNN", "--kwarg", "c=8", "-o", str(out)])
     assert res.exit_code == 0, res.output
-    em = elasticize.load(out)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # the recipe imports and calls toy_models
+        elasticize.load(out)
+    em = elasticize.load(out, trust_remote_code=True)
     assert em.recipe == {"adapter": "import", "name": "toy_models:ToyCNN", "kwargs": {"c": 8},
                          "pretrained": True}
     assert em.model.stem[0].out_channels == 8

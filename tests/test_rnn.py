@@ -210,16 +210,16 @@ def test_cli_converts_embedding_lstm_head_by_import_path(tmp_path):
                                     "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "rnn:out" in res.output and "tiny" in res.output
-    em = elasticize.load(out)
+    em = elasticize.load(out, trust_remote_code=True)
     assert em.space.depth == {"rnn": [2, 1]}  # the 2-layer LSTM's num_layers is a depth stage
     x = torch.randint(0, 50, (2, 5))
     for args, (h, k) in [(["--preset", "tiny"], (8, 1)),
                          (["--config", '{"depth": {"rnn": 1}, "width": {"rnn:out": 32}}'], (32, 1))]:
         sub = tmp_path / "sub.safetensors"
         sub.unlink(missing_ok=True)
-        res = CliRunner().invoke(main, ["extract", str(out), *args, "-o", str(sub)])
+        res = CliRunner().invoke(main, ["extract", str(out), *args, "-o", str(sub), "--trust-remote-code"])
         assert res.exit_code == 0, res.output
-        dense = elasticize.load_subnet(sub)
+        dense = elasticize.load_subnet(sub, trust_remote_code=True)
         assert isinstance(dense.rnn, nn.LSTM) and (dense.rnn.hidden_size, dense.rnn.num_layers) == (h, k)
         with torch.no_grad(), em.subnet(elasticize.read_manifest(sub)["config"]):
             assert max_diff(dense(x), em(x)) <= 1e-5

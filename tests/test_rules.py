@@ -41,14 +41,14 @@ def test_user_rule_converts_and_round_trips_by_name(tmp_path):
         assert max_diff(dense(x), y) < 1e-6
     path = tmp_path / "mlp.safetensors"
     elasticize.save(em, path)
-    em2 = elasticize.load(path)  # rebuilt from the import path, rule found by its name
+    em2 = elasticize.load(path, trust_remote_code=True)  # rebuilt from the import path, rule found by its name
     with torch.no_grad(), em2.subnet("tiny"):
         assert max_diff(em2(x), y) == 0
     saved = registered_rules()["scaled_linear"]
     unregister_rule("scaled_linear")
     try:
         with pytest.raises(KeyError, match="no rule named 'scaled_linear'"):
-            elasticize.load(path)
+            elasticize.load(path, trust_remote_code=True)
     finally:
         register_rule("scaled_linear")(type(saved))
 

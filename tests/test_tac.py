@@ -114,7 +114,7 @@ def test_cli_lists_the_modules_dimension(tmp_path):
     manifest = elasticize.read_manifest(out)
     assert manifest["search_space"]["modules"]["layers.3.fc:modules"] == [4, 3, 2, 1]
     res = CliRunner().invoke(main, ["extract", str(out), "--config", '{"modules": 0.5, "depth": 0.5}',
-                                    "-o", str(tmp_path / "half.safetensors")])
+                                    "-o", str(tmp_path / "half.safetensors"), "--trust-remote-code"])
     assert res.exit_code == 0, res.output
-    dense = elasticize.load_subnet(tmp_path / "half.safetensors")
+    dense = elasticize.load_subnet(tmp_path / "half.safetensors", trust_remote_code=True)
     assert [b.fc.num_modules for b in dense.layers if isinstance(b, ResidualRNN)] == [2, 2]

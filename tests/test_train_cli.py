@@ -40,7 +40,7 @@ def image_job(tmp_path_factory):
 def test_train_image_folder(image_job):
     d, folder, model = image_job
     out = d / "trained.safetensors"
-    res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "4", "-o", str(out),
+    res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "4", "-o", str(out),
                                     "--batch-size", "16", "--lr", "3e-3", "--accumulate", "2", "--always", "tiny",
                                     "--schedule", "onecycle", "--state", str(d / "state.safetensors")])
     assert res.exit_code == 0, res.output
@@ -51,7 +51,7 @@ def test_train_image_folder(image_job):
     sched = read_state_info(d / "state.safetensors")["scheduler"]  # one-cycle, laid out over --steps
     assert sched["total_steps"] == 4 and sched["_last_lr"][0] < 3e-3
     # a one-cycle run resumes only with its own --steps and --schedule
-    args = ["train", str(model), "--data", str(folder), "--batch-size", "16", "--accumulate", "2", "--always", "tiny"]
+    args = ["train", "--trust-remote-code", str(model), "--data", str(folder), "--batch-size", "16", "--accumulate", "2", "--always", "tiny"]
     out2 = d / "resumed.safetensors"
     for extra, message in ((["--steps", "6", "--schedule", "onecycle"], "same --steps"),
                            (["--steps", "4"], "same --schedule"),  # the default is constant
@@ -72,7 +72,7 @@ def test_train_image_folder(image_job):
 
 def test_image_distill_loss_needs_distillation(image_job, tmp_path):
     d, folder, model = image_job  # converted with --no-pretrained: no distillation unless asked
-    args = ["train", str(model), "--data", str(folder), "--steps", "1", "--batch-size", "16", "--distill-loss", "mse"]
+    args = ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "1", "--batch-size", "16", "--distill-loss", "mse"]
     res = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "a.safetensors")])
     assert res.exit_code == 1 and "add --distill or drop --distill-loss" in res.output
     assert not (tmp_path / "a.safetensors").exists()
@@ -87,7 +87,7 @@ def test_eval_every_measures_without_changing_training(image_job, tmp_path):
     from safetensors.torch import load_file
 
     d, folder, model = image_job
-    args = ["train", str(model), "--data", str(folder), "--steps", "5", "--batch-size", "16", "--lr", "3e-3"]
+    args = ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "5", "--batch-size", "16", "--lr", "3e-3"]
     res = CliRunner().invoke(main, [*args, "--eval-every", "2", "-o", str(tmp_path / "e.safetensors")])
     assert res.exit_code == 0, res.output
     assert "step 2: full accuracy=" in res.output and "step 4: full accuracy=" in res.output
@@ -106,7 +106,7 @@ def test_extract_best_measured_preset(image_job, tmp_path):
     latency, and a budget nothing meets is a one-line error."""
     d, folder, model = image_job
     trained = tmp_path / "trained.safetensors"
-    res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "3", "-o", str(trained),
+    res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "3", "-o", str(trained),
                                     "--batch-size", "16", "--lr", "3e-3", "--latency"])
     assert res.exit_code == 0, res.output
     presets = elasticize.read_manifest(trained)["presets"]
@@ -114,31 +114,31 @@ def test_extract_best_measured_preset(image_job, tmp_path):
     budget = presets["large"]["macs"]
     want = max((n for n, p in presets.items() if p["macs"] <= budget),
                key=lambda n: (presets[n]["metrics"]["accuracy"], presets[n]["macs"]))
-    res = CliRunner().invoke(main, ["extract", str(trained), "--max-macs", str(budget), "--best", "accuracy",
+    res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(trained), "--max-macs", str(budget), "--best", "accuracy",
                                     "-o", str(tmp_path / "best.safetensors")])
     assert res.exit_code == 0 and f"preset {want} (accuracy=" in res.output, res.output
     # --best looks only at measured presets: drop the two largest presets' measurements
     by_size = sorted(presets, key=lambda n: -presets[n]["macs"])
-    em = elasticize.load(trained)
+    em = elasticize.load(trained, trust_remote_code=True)
     for n in by_size[:2]:
         em.metrics.pop(n)
     part = tmp_path / "part.safetensors"
     elasticize.save(em, part)
     full = presets["full"]["macs"]
     want = max(by_size[2:], key=lambda n: (presets[n]["metrics"]["accuracy"], presets[n]["macs"]))
-    res = CliRunner().invoke(main, ["extract", str(part), "--max-macs", str(full), "--best", "accuracy",
+    res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(part), "--max-macs", str(full), "--best", "accuracy",
                                     "-o", str(tmp_path / "best_part.safetensors")])
     assert res.exit_code == 0 and f"preset {want} (accuracy=" in res.output, res.output
-    res = CliRunner().invoke(main, ["extract", str(part), "--max-macs", str(full), "-o", str(tmp_path / "l.safetensors")])
+    res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(part), "--max-macs", str(full), "-o", str(tmp_path / "l.safetensors")])
     assert res.exit_code == 0 and "preset full" in res.output, res.output  # without --best: the largest
     fastest = min(presets, key=lambda n: presets[n]["metrics"]["latency_s"])
-    res = CliRunner().invoke(main, ["extract", str(trained), "--max-latency-s",
+    res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(trained), "--max-latency-s",
                                     str(presets[fastest]["metrics"]["latency_s"]), "-o", str(tmp_path / "f.safetensors")])
     assert res.exit_code == 0 and "latency_s=" in res.output, res.output
-    res = CliRunner().invoke(main, ["extract", str(trained), "--max-latency-s", "1e-12", "--best", "accuracy",
+    res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(trained), "--max-latency-s", "1e-12", "--best", "accuracy",
                                     "-o", str(tmp_path / "none.safetensors")])
     assert res.exit_code == 1 and "no measured preset meets" in res.output
-    res = CliRunner().invoke(main, ["extract", str(trained), "--best", "accuracy", "-o", str(tmp_path / "x.safetensors")])
+    res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(trained), "--best", "accuracy", "-o", str(tmp_path / "x.safetensors")])
     assert res.exit_code == 2 and "--best picks within a budget" in res.output
     assert not (tmp_path / "none.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
 
@@ -148,7 +148,7 @@ def test_image_folder_shards(image_job):
     from elasticize.train.data import image_folder_data
 
     _, folder, model = image_job
-    em = elasticize.load(model)
+    em = elasticize.load(model, trust_remote_code=True)
     whole = image_folder_data(folder, em, batch_size=16)[0].dataset.indices
     parts = [image_folder_data(folder, em, batch_size=16, shard=(r, 2))[0].dataset.indices for r in (0, 1)]
     assert len(parts[0]) == len(parts[1]) == len(whole) // 2
@@ -170,7 +170,7 @@ def test_train_under_torchrun(image_job, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS=str(WIDE),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "elasticize", "train", str(model), "--data", str(folder), "--steps", "5", "-o", str(out),
+           "-m", "elasticize", "train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "5", "-o", str(out),
            "--batch-size", "16", "--state", str(state)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -200,7 +200,7 @@ def test_train_errors_leave_files_untouched(image_job, tmp_path):
     assert CliRunner().invoke(main, ["convert", "toy_models:DigitsResNet", "--kwarg", "c=8", "--no-pretrained",
                                      "-o", str(other)]).exit_code == 0
     state = tmp_path / "other_state.safetensors"
-    res = CliRunner().invoke(main, ["train", str(other), "--data", str(folder), "--steps", "1", "-o",
+    res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(other), "--data", str(folder), "--steps", "1", "-o",
                                     str(tmp_path / "o2.safetensors"), "--batch-size", "16", "--state", str(state)])
     assert res.exit_code == 0, res.output
     before = _snapshot(tmp_path) | _snapshot(d)
@@ -215,10 +215,10 @@ def test_train_errors_leave_files_untouched(image_job, tmp_path):
         (["--data", str(folder), "--no-distill", "--distill-loss", "kl"], "(--no-distill)"),
     ]
     for extra, message in cases:
-        res = CliRunner().invoke(main, ["train", str(model), "--steps", "2", "-o", str(out), "--force", *extra])
+        res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--steps", "2", "-o", str(out), "--force", *extra])
         assert res.exit_code == 1, res.output
         assert message in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(main, ["train", str(model), "--data", str(folder), "--steps", "2", "-o", str(model)])
+    res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "2", "-o", str(model)])
     assert res.exit_code == 1 and "input file" in res.output
     assert _snapshot(tmp_path) | _snapshot(d) == before
 
@@ -244,7 +244,7 @@ def text_job(tmp_path_factory):
 def test_train_text_distills_minilm(text_job, tmp_path):
     model, text = text_job
     out = tmp_path / "trained.safetensors"
-    res = CliRunner().invoke(main, ["train", str(model), "--data", str(text), "--steps", "2", "-o", str(out),
+    res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--data", str(text), "--steps", "2", "-o", str(out),
                                     "--batch-size", "8", "--max-length", "24", "--eval-fraction", "0.2",
                                     "--strategy", "sandwich", "--n-random", "0"])
     assert res.exit_code == 0, res.output
@@ -252,7 +252,7 @@ def test_train_text_distills_minilm(text_job, tmp_path):
     cos = {n: p["metrics"]["cosine"] for n, p in m["presets"].items()}
     assert cos["full"] > 0.9 and all(-1 <= v <= 1 for v in cos.values())
     assert m["format_version"] == 1  # LayerNorm only: no BatchNorm statistics to store
-    em = elasticize.load(out)
+    em = elasticize.load(out, trust_remote_code=True)
     assert torch.isfinite(next(em.parameters())).all()
 
 
@@ -282,7 +282,7 @@ def test_text_file_shards(text_job):
     from elasticize.train.data import text_file_data
 
     model, text = text_job
-    em = elasticize.load(model)
+    em = elasticize.load(model, trust_remote_code=True)
     whole = list(text_file_data(text, em, batch_size=4)[0].batch_sampler)
     parts = [list(text_file_data(text, em, batch_size=4, shard=(r, 2))[0].batch_sampler) for r in (0, 1)]
     assert len(parts[0]) == len(parts[1]) == len(whole) // 2
