@@ -253,6 +253,23 @@ def check_output(path: str | os.PathLike, *, kind: str = "file", overwrite: bool
 
 
 # --------------------------------------------------------------------------- writes
+_OS_ERROR = re.compile(r"\(os error ([0-9]+)\)")
+
+
+@contextlib.contextmanager
+def _os_errors(path: Path):
+    """The ``OSError`` inside a writer's own error: safetensors reports a full disk as
+    ``SafetensorError("... I/O error: No space left on device (os error 28)")``."""
+    try:
+        yield
+    except Exception as e:
+        m = _OS_ERROR.search(str(e))
+        if isinstance(e, OSError) or m is None or type(e).__name__ != "SafetensorError":
+            raise
+        code = int(m[1])
+        raise OSError(code, f"cannot write it: {os.strerror(code)}", str(path)) from e
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = False,
                  inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Write a file atomically: ``write(tmp)`` writes a file in a temporary folder beside ``path``,
@@ -273,8 +290,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
 
     Raises:
         ValueError, FileExistsError, FileNotFoundError, PermissionError: see :func:`check_output`.
-        OSError: writing failed (e.g. the disk is full); nothing is left behind.
-        Exception: whatever ``write`` raises; nothing is left behind.
+        OSError: writing failed (e.g. the disk is full; also when safetensors reports it); nothing
+            is left behind.
+        Exception: whatever else ``write`` raises; nothing is left behind.
     """
     p = check_output(path, kind="file", overwrite=overwrite, inputs=tuple(inputs))
     mode = stat.S_IMODE(os.stat(p).st_mode) & 0o777 if p.is_file() else file_mode()
@@ -282,7 +300,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], *, overw
     os.mkdir(work, 0o700)
     try:
         tmp = work / p.name
-        write(str(tmp))
+        with _os_errors(p):
+            write(str(tmp))
         os.chmod(tmp, mode)
         os.replace(tmp, p)
     finally:
@@ -361,15 +380,16 @@ def swap_folder(path: str | os.PathLike, build: Callable[[Path], None], *, overw
 
     Raises:
         ValueError, FileExistsError, FileNotFoundError, PermissionError: see :func:`check_output`.
-        OSError: writing or renaming failed; the old folder stays.
-        Exception: whatever ``build`` raises; the old folder stays.
+        OSError: writing (also when safetensors reports it) or renaming failed; the old folder stays.
+        Exception: whatever else ``build`` raises; the old folder stays.
     """
     p = check_output(path, kind="folder", overwrite=overwrite, inputs=tuple(inputs))
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.parent / temp_name(p.name)
     os.mkdir(tmp, 0o777)
     try:
-        build(tmp)
+        with _os_errors(p):
+            build(tmp)
         _set_modes(tmp)
         if p.is_dir():
             os.chmod(tmp, stat.S_IMODE(os.stat(p).st_mode) & 0o777)
