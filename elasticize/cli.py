@@ -322,7 +322,7 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, accumula
 
     _run(lambda: check_output(output, overwrite=force, inputs=(file,)))  # before any training
     if state is not None:
-        _run(lambda: check_output(state, overwrite=True, inputs=(file, output)))
+        _run(lambda: check_output(state, overwrite=True, inputs=(file,)))  # train_file refuses --state == -o
 
     def _report(step: int, measured: dict[str, dict[str, float]]) -> None:
         console.print(f"step {step}: " + "; ".join(f"{p} {_metrics(m)}" for p, m in measured.items()))
