@@ -8,8 +8,9 @@ configuration, MACs, params, bytes and, per dense tensor, the source tensor and 
 preset out with a plain safetensors reader; :func:`load_subnet` does so here, reading
 only the bytes that sub-network needs (``safe_open(...).get_slice``).
 
-Writes are atomic (a temporary file in the same folder, then ``os.replace``) and never
-replace the file a model was loaded from. No pickle anywhere.
+Writes are atomic (a temporary file in the same folder, then ``os.replace``; see
+``elasticize._files``), give the file the mode ``open()`` would (``0666 & ~umask``, or the mode
+of the file replaced), and never replace the file a model was loaded from. No pickle anywhere.
 
 Format versions: 1 is the plain super-network; 2 adds calibrated BatchNorm statistics per
 preset (BN recalibration): tensors ``elastic_bn.<preset>.<buffer>`` holding each preset's dense
@@ -23,15 +24,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._files import atomic_write, check_output
 from ._version import __version__
 from .adapters import build_from_recipe, get_adapter
 from .export import densify, dense_tensors, set_tensor
@@ -47,37 +48,6 @@ FORMAT_VERSION = 2
 METADATA_KEY = "elasticize"
 #: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
 PRESETS_KEY = "elasticize.presets"
-
-
-# --------------------------------------------------------------------------- files
-def _same_file(a: Path, b: str | os.PathLike | None) -> bool:
-    if b is None:
-        return False
-    try:
-        return a.exists() and Path(b).exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _atomic_write(path: Path, write: Callable[[str], None], *, overwrite: bool, inputs: tuple = ()) -> Path:
-    path = Path(path)
-    for src in inputs:
-        if _same_file(path, src):
-            raise ValueError(f"refusing to write {path}: it is the input file; choose another output path")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) or choose another path")
-    if not path.parent.exists():
-        raise FileNotFoundError(f"folder {path.parent} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -193,12 +163,15 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
 
     Raises:
         TypeError: if ``em`` is not an :class:`ElasticModel`.
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        FileExistsError: ``path`` exists and ``overwrite`` is False, or is a folder.
         ValueError: ``path`` is the file ``em`` was loaded from.
         FileNotFoundError: the folder does not exist.
+        PermissionError: the folder cannot be written in.
+        OSError: writing failed (e.g. a full disk); the old file, if any, stays as it was.
     """
     if not isinstance(em, ElasticModel):
         raise TypeError(f"save() takes an ElasticModel (from elasticize.elasticize), not {type(em).__name__}")
+    check_output(path, overwrite=overwrite, inputs=(em.source_path,))  # before the work
     with em.trained_bn_stats():
         tensors, aliases = _dedupe(em.model.state_dict())
     for preset, table in em.bn_stats.items():
@@ -208,8 +181,8 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     tables = {name: entry.pop("tensors") for name, entry in manifest["presets"].items()}
     meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
             PRESETS_KEY: json.dumps(tables, separators=(",", ":"))}
-    return _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
-                         inputs=(em.source_path,))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
+                        inputs=(em.source_path,))
 
 
 def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -220,12 +193,13 @@ def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *
     """
     if not isinstance(em, ElasticModel):
         raise TypeError(f"save_subnet() takes an ElasticModel, not {type(em).__name__}")
+    check_output(path, overwrite=overwrite, inputs=(em.source_path,))  # before the extraction
     cfg = em.resolve(subnet)
     dense = em.extract(cfg)
     tensors, aliases = _dedupe(dense.state_dict())
     meta = {METADATA_KEY: json.dumps(_manifest(em, aliases, "sub-network", cfg), separators=(",", ":"))}
-    return _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
-                         inputs=(em.source_path,))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
+                        inputs=(em.source_path,))
 
 
 # --------------------------------------------------------------------------- load

@@ -24,11 +24,17 @@ def _fmt(n: float) -> str:
 
 
 def _run(fn: Callable[[], Any]) -> Any:
-    """Run an API call; a user error becomes a one-line message and exit code 1."""
+    """Run an API call; a user error becomes a one-line message and exit code 1.
+
+    So does every ``OSError`` (a folder that cannot be written, a full disk...): the system's
+    own ones read ``PATH: reason``.
+    """
     try:
         return fn()
-    except (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (KeyError, ValueError, TypeError, OSError, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        if isinstance(e, OSError) and e.strerror and e.filename is not None:  # "[Errno 13] Permission denied: 'x'"
+            msg = f"{e.filename}: {e.strerror}" + (f" (renaming to {e.filename2})" if e.filename2 else "")
         raise click.ClickException(str(msg)) from e
 
 
@@ -172,14 +178,16 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
     import torch
 
     from . import checkpoint
+    from ._files import check_output
     from .model import convert as api_convert
 
     stem = Path(model).name if Path(model).is_dir() else model
     out = Path(output) if output else Path(re.sub(r"[^\w.-]+", "_", stem) + ".elastic.safetensors")
     if weights and out.exists() and Path(weights).exists() and out.resolve() == Path(weights).resolve():
         raise click.ClickException("-o points at the --weights input; choose another output path")
-    if out.exists() and not force:
+    if out.exists() and out.is_file() and not force:
         raise click.ClickException(f"{out} exists; pass --force to replace it or choose another -o")
+    _run(lambda: check_output(out, overwrite=force, inputs=(weights,)))  # before the conversion
     if calibrate and no_sort:
         raise click.UsageError("--calibrate ranks units for sorting; it cannot go with --no-sort")
     example = None
@@ -278,6 +286,7 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
     sub-network within it, or with --best METRIC the measured preset scoring highest within it.
     """
     from . import checkpoint
+    from ._files import check_output
 
     budget = any(x is not None for x in (max_macs, max_params, max_latency_s))
     if best is not None and not budget:
@@ -290,6 +299,7 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
     subnet: Any = preset
     if config_json is not None:
         subnet = _config_json(config_json)
+    _run(lambda: check_output(output, kind="folder" if fmt == "hf" else "file", overwrite=force, inputs=(file,)))
     with console.status(f"loading {file}"):
         base = _build_base(model_spec, file)
         em = _run(lambda: checkpoint.load(file, model=base, trust_remote_code=trust_remote_code))
@@ -359,7 +369,12 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, accumula
           device: str | None, always: tuple[str, ...], amp: bool | None, force: bool, model_spec: str | None,
           trust_remote_code: bool) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
+    from ._files import check_output
     from .train.run import train_file
+
+    _run(lambda: check_output(output, overwrite=force, inputs=(file,)))  # before any training
+    if state is not None:
+        _run(lambda: check_output(state, overwrite=True, inputs=(file,)))  # train_file refuses --state == -o
 
     def _report(step: int, measured: dict[str, dict[str, float]]) -> None:
         console.print(f"step {step}: " + "; ".join(f"{p} {_metrics(m)}" for p, m in measured.items()))

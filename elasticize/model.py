@@ -261,7 +261,8 @@ class ElasticModel(nn.Module):
         model computes at ``subnet``.
 
         Args:
-            directory: the folder to write; it is written beside and renamed into place.
+            directory: the folder to write; it is built beside it and swapped into place (see
+                :func:`~elasticize.adapters.hf.save_hf`: the old or the new folder is always there).
             subnet: a preset name, a config, or None for the largest sub-network.
             overwrite: replace an existing folder (never the input model's folder).
 
@@ -274,15 +275,20 @@ class ElasticModel(nn.Module):
                 head_dim from hidden_size / num_attention_heads, so fewer heads at full hidden width
                 do not fit it; Gemma's embedding scale comes from hidden_size, so a narrower hidden
                 size does not); the message lists the presets that can be saved.
-            FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+            FileExistsError: if ``directory`` exists and ``overwrite`` is False, or is a file.
+            FileNotFoundError: a parent of ``directory`` is a file.
+            PermissionError: ``directory`` cannot be written (checked before the extraction).
+            OSError: writing failed; an old folder stays.
         """
+        from ._files import check_output
         from .adapters.hf import export_problem, is_hf_model, save_hf
 
         if not is_hf_model(self.model):
             raise TypeError(f"save_pretrained needs a transformers model, not {type(self.model).__name__}; use "
                             "elasticize.save_subnet for a safetensors file")
-        dense = self.extract(subnet)
         source = self.recipe.get("name") if self.recipe.get("adapter") == "hf" else None
+        check_output(directory, kind="folder", overwrite=overwrite, inputs=(source,))
+        dense = self.extract(subnet)
         try:
             return str(save_hf(dense, directory, source=source, overwrite=overwrite))
         except ValueError as e:

@@ -750,50 +750,47 @@ def save_hf(dense: nn.Module, directory: str | Path, *, source: str | None = Non
     """Save a dense sub-network as a Hugging Face folder (``save_pretrained``: safetensors + ``config.json``).
 
     Tokenizer and generation files are copied from ``source`` (the original model's folder) when it
-    is a local directory. The folder is written next to its destination and renamed into place, so
-    a failure leaves nothing behind.
+    is a local directory. The folder is built next to its destination and swapped into place
+    (``elasticize._files.swap_folder``): a failure leaves the old folder (or nothing) and no
+    temporary folder, and replacing a folder leaves the old or the new one whole. The folder gets
+    ``0o777 & ~umask`` (or the mode of the folder it replaces), its files ``0o666 & ~umask``.
 
     Args:
         dense: a dense sub-network from :meth:`ElasticModel.extract` of a transformers model.
-        directory: the folder to write.
+        directory: the folder to write (missing parents are created).
         source: the folder the original model was loaded from, for its tokenizer files.
         overwrite: replace an existing folder.
 
     Raises:
         ValueError: if the family's config cannot describe this sub-network (see :func:`export_problem`),
-            or ``directory`` is ``source``.
-        FileExistsError: if ``directory`` exists and ``overwrite`` is False.
+            or ``directory`` is ``source`` or holds it.
+        FileExistsError: if ``directory`` exists and ``overwrite`` is False, or is a file.
+        FileNotFoundError: a parent of ``directory`` is a file.
+        PermissionError: the folder cannot be written (see :func:`elasticize._files.check_output`).
+        OSError: writing failed (e.g. a full disk); the old folder stays.
     """
-    import tempfile
+    from .._files import check_output, swap_folder
 
-    out = Path(directory)
-    if source is not None and out.resolve() == Path(source).resolve():
-        raise ValueError(f"{out} is the input model's folder; choose another output folder")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another folder or pass overwrite=True (CLI: --force)")
+    out = check_output(directory, kind="folder", overwrite=overwrite, inputs=(source,))
     why = export_problem(dense)
     if why is not None:
         raise ValueError(f"this sub-network cannot be saved as a plain transformers folder: {why}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         cfg = dense.config
         extra = cfg.__dict__.pop("elasticize_layers", None)
-        dense.save_pretrained(tmp)
-        if extra is not None:
-            cfg.elasticize_layers = extra
+        try:
+            dense.save_pretrained(tmp)
+        finally:
+            if extra is not None:
+                cfg.elasticize_layers = extra
         if source is not None and Path(source).is_dir():
             for name in TOKENIZER_FILES:
                 f = Path(source) / name
                 if f.is_file():
-                    shutil.copy2(f, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+                    shutil.copyfile(f, tmp / name)  # created like save_pretrained's files (umask), not the source's mode
+
+    return swap_folder(out, build, overwrite=overwrite, inputs=(source,))
 
 
 # -------------------------------------------------------------------- the adapter

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from .._files import check_output
 from .data import image_folder_data, text_file_data
 from .losses import masked_hidden, mean_pooled
 from .state import check_state_info, read_state_info
@@ -163,7 +164,9 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
 
     Raises:
         FileNotFoundError: a missing model file, data path, resume file or output folder.
-        FileExistsError: ``output`` exists and ``overwrite`` is False.
+        FileExistsError: ``output`` exists and ``overwrite`` is False, or ``output`` or ``state`` is a folder.
+        PermissionError: the folder of ``output`` or ``state`` cannot be written in (checked before training).
+        OSError: writing ``output`` or ``state`` failed.
         ValueError: ``output`` is the input, ``steps < 1``, ``eval_every < 0``, an unknown
             ``schedule`` or a ``warmup`` outside (0, 1), a ``distill_loss`` that is not one of the
             data's kind or (images) given for a run that does not distill, empty data, a resume
@@ -185,12 +188,13 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     read_manifest(src, presets=False)
     if _same(out, src) or (out.resolve() == src.resolve()):
         raise ValueError("-o points at the input file; choose another output path")
-    if out.exists() and not overwrite:
+    if out.exists() and out.is_file() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --force to replace it or choose another -o")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"folder {out.parent} does not exist; create it first")
+    check_output(out, overwrite=overwrite, inputs=(src,))  # kind, folder and permissions: before any training
     if state is not None and Path(state).resolve() in (src.resolve(), out.resolve()):
         raise ValueError(f"--state {state} is the model or output file; give the trainer state its own path")
+    if state is not None:
+        check_output(state, overwrite=True, inputs=(src,))
     d = Path(data)
     if not d.exists():
         raise FileNotFoundError(f"--data {d}: no such file or folder (an image folder, or a text file with one "

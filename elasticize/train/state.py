@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import _atomic_write
+from .._files import atomic_write, check_output
 from ..model import ElasticModel
 
 __all__ = ["plan_fingerprint", "write_state", "read_state", "read_state_info", "check_state_info", "STATE_KEY"]
@@ -58,7 +58,19 @@ def read_state_info(path: str | os.PathLike) -> dict[str, Any]:
 
 def write_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
                 rng: dict[str, torch.Tensor], *, inputs: tuple = ()) -> Path:
-    """Write the trainer state atomically (replacing an older state file at ``path``)."""
+    """Write the trainer state atomically (replacing an older state file at ``path``).
+
+    The file keeps the mode of the one it replaces; a new one gets ``0o666 & ~umask``.
+
+    Raises:
+        ValueError: ``path`` is one of ``inputs``.
+        FileExistsError: ``path`` is a folder.
+        FileNotFoundError: its folder does not exist.
+        PermissionError: its folder cannot be written in.
+        TypeError: the optimizer's ``param_groups`` are not JSON-native.
+        OSError: writing failed; the older state file stays as it was.
+    """
+    check_output(path, overwrite=True, inputs=inputs)
     with em.trained_bn_stats():
         tensors = {f"model.{k}": v.detach().contiguous().cpu().clone() for k, v in em.model.state_dict().items()}
     opt = optimizer.state_dict()
@@ -85,8 +97,7 @@ def write_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.opti
             tensors[k] = tensors[k].clone()
         seen[ptr] = k
     metadata = {STATE_KEY: json.dumps(info)}
-    return _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=True,
-                         inputs=inputs)
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=True, inputs=inputs)
 
 
 def check_state_info(path: str | os.PathLike, info: dict[str, Any], em: ElasticModel) -> None:

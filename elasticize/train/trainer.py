@@ -477,7 +477,13 @@ class Trainer:
         return self.em.extract(subnet)
 
     def save(self, path: str, *, overwrite: bool = False) -> Any:
-        """BN recalibration if needed, then :func:`elasticize.save` (rank 0 writes; returns the path or None)."""
+        """BN recalibration if needed, then :func:`elasticize.save` (rank 0 writes; returns the path or None).
+
+        Raises:
+            FileExistsError, FileNotFoundError, PermissionError, ValueError, OSError: see
+                :func:`elasticize.save` (``path`` exists, is a folder, its folder is missing or not
+                writable, it is the input file, or writing failed).
+        """
         from ..checkpoint import save
 
         self._ensure_calibrated()
@@ -487,7 +493,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def save_state(self, path: str) -> Any:
-        """Write the trainer state (weights, optimizer, step, data position, RNG) atomically; rank 0 only."""
+        """Write the trainer state (weights, optimizer, step, data position, RNG) atomically; rank 0 only.
+
+        Raises:
+            FileExistsError, FileNotFoundError, PermissionError, ValueError, OSError: see
+                :func:`elasticize.train.state.write_state`.
+            TypeError: the scheduler's state is not JSON-native.
+        """
         if self.rank != 0:
             return None
         meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
