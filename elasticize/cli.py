@@ -32,6 +32,17 @@ def _run(fn: Callable[[], Any]) -> Any:
         raise click.ClickException(str(msg)) from e
 
 
+_APP_DIR_HELP = ("Folder that package.module:builder imports look in first (default: the current folder, as "
+                 "uvicorn does); never stored in the file.")
+
+
+def _app_dir(folder: str | None) -> Any:
+    """The context in which ``package.module:builder`` imports look in ``folder`` first (None: the current folder)."""
+    from .adapters import app_dir
+
+    return app_dir(folder)
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(v) for v in text.split(",") if v.strip())
@@ -120,14 +131,16 @@ def main() -> None:
               help="Image folder or text file (one sample per line): rank units by activation importance on 8 "
                    "batches of it instead of data-free weight magnitude.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--app-dir", type=click.Path(exists=True, file_okay=False), default=None, help=_APP_DIR_HELP)
 def convert(model: str, output: str | None, pretrained: bool, weights: str | None, kwargs: tuple[str, ...], dims: str,
             depth_mode: str, width_ratios: str, heads_ratios: str, modules_ratios: str | None, exclude: tuple[str, ...], input_shape: str | None,
-            no_sort: bool, calibrate: str | None, force: bool) -> None:
+            no_sort: bool, calibrate: str | None, force: bool, app_dir: str | None) -> None:
     """Make MODEL elastic and save it.
 
-    MODEL is a timm name (resnet50), torchvision:NAME, package.module:builder, or a Hugging Face
-    transformers model: a local folder with a config.json, or hf:HUB_ID (e.g. hf:bert-base-uncased;
-    --kwarg class=AutoModelForCausalLM picks the model class, default AutoModel).
+    MODEL is a timm name (resnet50), torchvision:NAME, package.module:builder (imported from the
+    current folder, or --app-dir), or a Hugging Face transformers model: a local folder with a
+    config.json, or hf:HUB_ID (e.g. hf:bert-base-uncased; --kwarg class=AutoModelForCausalLM picks
+    the model class, default AutoModel); its tokenizer files are stored in the output file.
     """
     import torch
 
@@ -154,7 +167,7 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
                    sort=None if no_sort else "auto")
     if calibrate:
         options["calibration"] = calibrate
-    with console.status(f"building and converting {model}"):
+    with console.status(f"building and converting {model}"), _app_dir(app_dir):
         em = _run(lambda: api_convert(model, pretrained=pretrained, kwargs=_kwargs(kwargs), weights=weights,
                                       example_inputs=example, **options))
     with console.status(f"writing {out}"):
@@ -217,8 +230,10 @@ def _order(importance: dict) -> str:
               help="safetensors: one file for elasticize.load_subnet; hf: a Hugging Face folder (save_pretrained) "
                    "that plain transformers loads.")
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
+@click.option("--app-dir", type=click.Path(exists=True, file_okay=False), default=None, help=_APP_DIR_HELP)
 def extract(file: str, preset: str | None, config_json: str | None, max_macs: float | None, max_params: float | None,
-            max_latency_s: float | None, best: str | None, output: str, fmt: str, force: bool) -> None:
+            max_latency_s: float | None, best: str | None, output: str, fmt: str, force: bool,
+            app_dir: str | None) -> None:
     """Write one dense sub-network of FILE to OUTPUT (a file for elasticize.load_subnet, or a HF folder).
 
     A budget (--max-macs, --max-params, --max-latency-s) picks without search: the largest nested
@@ -234,7 +249,7 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
                                "--max-macs/--max-params/--max-latency-s")
     if Path(output).exists() and Path(file).exists() and Path(output).resolve() == Path(file).resolve():
         raise click.ClickException("-o points at the input file; choose another output path")
-    with console.status(f"loading {file}"):
+    with console.status(f"loading {file}"), _app_dir(app_dir):
         em = _run(lambda: checkpoint.load(file))
     if preset is not None:
         subnet: Any = preset
@@ -301,11 +316,12 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
               help="bf16 autocast for the training passes (default: on for CUDA only; --amp speeds up "
                    "CPUs with AVX512-BF16).")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
+@click.option("--app-dir", type=click.Path(exists=True, file_okay=False), default=None, help=_APP_DIR_HELP)
 def train(file: str, data: str, steps: int, output: str, strategy: str, accumulate: int | None, objective: str | None,
           n_random: int | None, batch_size: int, lr: float, schedule: str, warmup: float, seed: int,
           distill: bool | None, distill_loss: str | None, dropout: bool, latency: bool, eval_every: int,
           eval_fraction: float, max_length: int, state: str | None, save_every: int, resume: str | None,
-          device: str | None, always: tuple[str, ...], amp: bool | None, force: bool) -> None:
+          device: str | None, always: tuple[str, ...], amp: bool | None, force: bool, app_dir: str | None) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .train.run import train_file
 
@@ -313,6 +329,7 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, accumula
         console.print(f"step {step}: " + "; ".join(f"{p} {_metrics(m)}" for p, m in measured.items()))
 
     options = {k: v for k, v in (("accumulate", accumulate), ("objective", objective), ("n", n_random)) if v is not None}
+    click.get_current_context().with_resource(_app_dir(app_dir))  # for this command, as uvicorn's --app-dir
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
                                      strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,
                                      warmup=warmup, seed=seed, distill=distill, distill_loss=distill_loss,
