@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -174,6 +175,14 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
         _run(lambda: checkpoint.save(em, out, overwrite=force))
     rep = em.report()
     report_tables(em.plan.to_json(), rep["presets"], rep["presets"]["full"]["macs"])
+    if em.recipe.get("adapter") == "hf":
+        from .adapters.hf import has_tokenizer
+
+        if em.files:
+            console.print(f"stored with the model: {', '.join(em.files)}")
+        if not has_tokenizer(em.files):
+            err_console.print(f"[yellow]warning:[/yellow] {model} has no tokenizer files (tokenizer.json, vocab.txt, "
+                              "...): folders exported from this file will have no tokenizer", soft_wrap=True)
     console.print(f"[green]wrote[/green] {out}")
 
 
@@ -265,11 +274,15 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
     cfg = _run(lambda: em.resolve(subnet))
     name = next((n for n in em.presets if em.resolve(n) == cfg), None)
     measured = _metrics(em.metrics.get(name, {})) if name else ""
-    with console.status(f"writing {output}"):
+    with console.status(f"writing {output}"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         if fmt == "hf":
             _run(lambda: em.save_pretrained(output, cfg, overwrite=force))
         else:
             _run(lambda: checkpoint.save_subnet(em, cfg, output, overwrite=force))
+    for w in caught:  # e.g. an exported folder without a tokenizer: said, never silent
+        if issubclass(w.category, UserWarning):
+            err_console.print(f"[yellow]warning:[/yellow] {w.message}", soft_wrap=True)
     console.print(f"[green]wrote[/green] {output}: {_fmt(em.macs(cfg))} MACs "
                   f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params"
                   + (f"; preset {name}" if name else "") + (f" ({measured})" if measured else ""))

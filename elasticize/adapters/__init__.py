@@ -68,8 +68,14 @@ class Adapter:
         """Bring non-tensor state (feature counts, configs) in line with a dense sub-network."""
 
     def recipe(self, model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """How a checkpoint rebuilds ``model``: ``{"adapter", "name", "kwargs"}``, JSON-native."""
+        """How a checkpoint rebuilds ``model``: ``{"adapter", "name", "kwargs"}``, JSON-native, with no
+        absolute path of this machine in it (a checkpoint is read elsewhere)."""
         return {"adapter": self.name, "name": name, "kwargs": dict(kwargs)}
+
+    def files(self, name: str) -> dict[str, bytes]:
+        """Small files that travel inside a checkpoint of model ``name`` (a Hugging Face model's
+        tokenizer), file name -> contents; none by default."""
+        return {}
 
     def plan(self, model: nn.Module, inputs: tuple, **options: Any) -> Any:
         """A plan made from the family's known structure, or None to analyse the traced graph.
