@@ -17,11 +17,21 @@ preset (BN recalibration): tensors ``elastic_bn.<preset>.<buffer>`` holding each
 running statistics, listed in the manifest's ``bn_stats`` (``{preset: {buffer: stored name}}``),
 and that preset's tensor table points its running statistics at them (``source``, no slices),
 so a reader that follows the table gets the calibrated values. A file without calibrated
-statistics is still written as version 1, so older readers keep reading it.
+statistics is still written as version 1, so older readers keep reading it. 3 adds small files
+that travel with the model (a Hugging Face model's tokenizer, generation and preprocessor files,
+:data:`elasticize.adapters.hf.TOKENIZER_FILES`): each is a 1-D ``uint8`` tensor
+``elastic_file.<file name>`` holding its bytes, listed in the manifest's ``files``
+(``{file name: {"tensor", "bytes", "sha256"}}``); readers check the name against the allow-list and
+the contents against the hash. Format 2 readers load strictly and would refuse the extra tensors
+as not fitting the model (a wrong diagnosis), so a file holding such files is version 3, one
+without them keeps the lowest version that describes it. Manifests hold no absolute path of the
+writing machine: a Hugging Face recipe names the folder by its own name (``origin: "folder"``) or
+the hub id (``origin: "hub"``), for information only, and its stored config has ``_name_or_path`` blank.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -37,14 +47,14 @@ from ._version import __version__
 from .adapters import build_from_recipe, get_adapter
 from .export import densify, dense_tensors, set_tensor
 from .model import ElasticModel, SubnetLike
-from .manifest import BN_PREFIX, Header, ManifestError, bn_name, check_manifest, loads, preset_table, read_header
+from .manifest import FILE_PREFIX, Header, ManifestError, bn_name, check_manifest, loads, preset_table, read_header
 from .plan import Plan, apply_plan, slice_ranges
 from .space import Config, SearchSpace
 
 __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
-           "PRESETS_KEY", "load_weights_file"]
+           "PRESETS_KEY", "load_weights_file", "read_files"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 METADATA_KEY = "elasticize"
 #: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
 PRESETS_KEY = "elasticize.presets"
@@ -123,11 +133,71 @@ def _preset_entry(em: ElasticModel, name: str, cfg: Config, state: dict[str, tor
             "metrics": dict(em.metrics.get(name, {})), "tensors": tensors}
 
 
-def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Config | None = None) -> dict[str, Any]:
+def _file_tensors(files: Mapping[str, bytes]) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """The stored tensors of ``files`` (checked names) and their manifest entries."""
+    from .adapters.hf import check_file_name
+
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    for name, data in files.items():
+        data = bytes(data)
+        stored = FILE_PREFIX + check_file_name(name)
+        tensors[stored] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+        entries[name] = {"tensor": stored, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return tensors, entries
+
+
+def _file_bytes(path: Any, name: str, entry: Any, tensor: torch.Tensor | None) -> bytes:
+    """The contents of the stored file ``name``, checked against its manifest entry."""
+    from .adapters.hf import check_file_name
+
+    try:
+        check_file_name(name)
+    except ValueError as e:
+        raise ValueError(f"{path}: the manifest lists a stored file {name!r}: {e}") from None
+    if not isinstance(entry, dict) or entry.get("tensor") != FILE_PREFIX + name:
+        raise ValueError(f"{path}: the manifest entry of the stored file {name!r} is malformed; the file is corrupted")
+    if tensor is None or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        raise ValueError(f"{path}: the stored file {name!r} (tensor {entry['tensor']}) is missing or not bytes; "
+                         "the file is corrupted")
+    data = tensor.numpy().tobytes()
+    if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise ValueError(f"{path}: the stored file {name!r} does not match its sha256; the file is corrupted")
+    return data
+
+
+def _listed_files(path: Any, manifest: dict[str, Any]) -> list[tuple[str, Any, str]]:
+    """``(name, manifest entry, stored tensor name)`` of each file the manifest lists (checked by
+    :func:`elasticize.manifest.check_files` when the manifest was read)."""
+    return [(name, entry, entry["tensor"]) for name, entry in (manifest.get("files") or {}).items()]
+
+
+def read_files(path: str | os.PathLike) -> dict[str, bytes]:
+    """The small files stored in an elasticize file (format 3: e.g. a Hugging Face tokenizer), name -> bytes.
+
+    Reads only those tensors. Write them into a folder with :func:`elasticize.adapters.hf.write_files`,
+    or make the tokenizer with :func:`elasticize.adapters.hf.tokenizer_from_files`.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`read_manifest`; also a stored file whose name is
+            not an allowed file name or whose contents do not match the manifest's sha256.
+    """
+    manifest = read_manifest(path, presets=False)
+    listed = _listed_files(path, manifest)
+    if not listed:
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        return {name: _file_bytes(path, name, entry, f.get_tensor(stored) if stored in keys else None)
+                for name, entry, stored in listed}
+
+
+def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Config | None = None,
+              files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     calibrated = kind == "super-network" and bool(em.bn_stats)
     m: dict[str, Any] = {
         "format": "elasticize",
-        "format_version": 2 if calibrated else 1,
+        "format_version": 3 if files else 2 if calibrated else 1,
         "library_version": __version__,
         "kind": kind,
         "recipe": em.recipe,
@@ -146,12 +216,17 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
         m["config"] = config
         m["macs"] = em.macs(config)
         m["params"] = em.params(config)
+    if files:
+        m["files"] = files
     return m
 
 
 # --------------------------------------------------------------------------- save
 def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write the super-network and its manifest to one ``.safetensors`` file, atomically.
+
+    The model's stored files (:attr:`ElasticModel.files`, e.g. a Hugging Face tokenizer) go into
+    it too (format version 3).
 
     Args:
         em: the elastic model.
@@ -164,7 +239,8 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     Raises:
         TypeError: if ``em`` is not an :class:`ElasticModel`.
         FileExistsError: ``path`` exists and ``overwrite`` is False, or is a folder.
-        ValueError: ``path`` is the file ``em`` was loaded from.
+        ValueError: ``path`` is the file ``em`` was loaded from, or a name in ``em.files`` is not
+            an allowed file name (:func:`elasticize.adapters.hf.check_file_name`).
         FileNotFoundError: the folder does not exist.
         PermissionError: the folder cannot be written in.
         OSError: writing failed (e.g. a full disk); the old file, if any, stays as it was.
@@ -177,7 +253,9 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     for preset, table in em.bn_stats.items():
         for fqn, t in table.items():
             tensors[bn_name(preset, fqn)] = t.detach().contiguous().cpu()
-    manifest = _manifest(em, aliases, "super-network")
+    stored, files = _file_tensors(em.files)
+    tensors.update(stored)
+    manifest = _manifest(em, aliases, "super-network", files=files)
     tables = {name: entry.pop("tensors") for name, entry in manifest["presets"].items()}
     meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
             PRESETS_KEY: json.dumps(tables, separators=(",", ":"))}
@@ -188,8 +266,9 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
 def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write one dense sub-network to a ``.safetensors`` file (tensors under the original names).
 
-    :func:`load_subnet` reads it back into a dense module. Errors as :func:`save`, plus
-    those of :meth:`ElasticModel.resolve` for a sub-network outside the search space.
+    :func:`load_subnet` reads it back into a dense module; the model's stored files go into it
+    as in :func:`save` (:func:`read_files` reads them). Errors as :func:`save`, plus those of
+    :meth:`ElasticModel.resolve` for a sub-network outside the search space.
     """
     if not isinstance(em, ElasticModel):
         raise TypeError(f"save_subnet() takes an ElasticModel, not {type(em).__name__}")
@@ -197,7 +276,9 @@ def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *
     cfg = em.resolve(subnet)
     dense = em.extract(cfg)
     tensors, aliases = _dedupe(dense.state_dict())
-    meta = {METADATA_KEY: json.dumps(_manifest(em, aliases, "sub-network", cfg), separators=(",", ":"))}
+    stored, files = _file_tensors(em.files)
+    tensors.update(stored)
+    meta = {METADATA_KEY: json.dumps(_manifest(em, aliases, "sub-network", cfg, files=files), separators=(",", ":"))}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
                         inputs=(em.source_path,))
 
@@ -268,12 +349,14 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
             elasticize's. See the README's *Security model*.
 
     Returns:
-        The :class:`ElasticModel`, in eval mode, with the file's weights.
+        The :class:`ElasticModel`, in eval mode, with the file's weights and stored files
+        (:attr:`ElasticModel.files`).
 
     Raises:
         FileNotFoundError, ValueError: see :func:`read_manifest`; also a file that is a dense
             sub-network (use :func:`load_subnet`), an ``import`` recipe without
-            ``trust_remote_code`` or ``model=``, or tensors that do not fit the model (shape or dtype).
+            ``trust_remote_code`` or ``model=``, tensors that do not fit the model (shape or dtype),
+            or a stored file with a name outside the allow-list or contents that do not match its sha256.
         KeyError: the plan names a rule that is not registered (import the module that registers it).
     """
     manifest, _, plan, _, _ = _read(path)
@@ -285,6 +368,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
     tensors = {k: _aligned(t) for k, t in load_file(str(path)).items()}
     calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()}
                   for p, t in (manifest.get("bn_stats") or {}).items()}
+    files = {name: _file_bytes(path, name, entry, tensors.pop(stored, None) if stored else None)
+             for name, entry, stored in _listed_files(path, manifest)}
     for alias, target in (manifest.get("aliases") or {}).items():
         tensors[alias] = tensors[target]
     _load_strict(em.model, tensors, assign=meta, what=f"{path}")
@@ -294,6 +379,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
     em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
     if calibrated:
         em.set_bn_stats(calibrated)
+    em.files = files
     em.source_path = str(path)
     return em.eval()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +37,17 @@ def _run(fn: Callable[[], Any]) -> Any:
         if isinstance(e, OSError) and e.strerror and e.filename is not None:  # "[Errno 13] Permission denied: 'x'"
             msg = f"{e.filename}: {e.strerror}" + (f" (renaming to {e.filename2})" if e.filename2 else "")
         raise click.ClickException(str(msg)) from e
+
+
+_APP_DIR_HELP = ("Folder that package.module:builder imports look in first (default: the current folder, as "
+                 "uvicorn does); never stored in the file.")
+
+
+def _app_dir(folder: str | None) -> Any:
+    """The context in which ``package.module:builder`` imports look in ``folder`` first (None: the current folder)."""
+    from .adapters import app_dir
+
+    return app_dir(folder)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -166,14 +178,16 @@ def main() -> None:
               help="Image folder or text file (one sample per line): rank units by activation importance on 8 "
                    "batches of it instead of data-free weight magnitude.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--app-dir", type=click.Path(exists=True, file_okay=False), default=None, help=_APP_DIR_HELP)
 def convert(model: str, output: str | None, pretrained: bool, weights: str | None, kwargs: tuple[str, ...], dims: str,
             depth_mode: str, width_ratios: str, heads_ratios: str, modules_ratios: str | None, exclude: tuple[str, ...], input_shape: str | None,
-            no_sort: bool, calibrate: str | None, force: bool) -> None:
+            no_sort: bool, calibrate: str | None, force: bool, app_dir: str | None) -> None:
     """Make MODEL elastic and save it.
 
-    MODEL is a timm name (resnet50), torchvision:NAME, package.module:builder, or a Hugging Face
-    transformers model: a local folder with a config.json, or hf:HUB_ID (e.g. hf:bert-base-uncased;
-    --kwarg class=AutoModelForCausalLM picks the model class, default AutoModel).
+    MODEL is a timm name (resnet50), torchvision:NAME, package.module:builder (imported from the
+    current folder, or --app-dir), or a Hugging Face transformers model: a local folder with a
+    config.json, or hf:HUB_ID (e.g. hf:bert-base-uncased; --kwarg class=AutoModelForCausalLM picks
+    the model class, default AutoModel); its tokenizer files are stored in the output file.
     """
     import torch
 
@@ -202,13 +216,21 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
                    sort=None if no_sort else "auto")
     if calibrate:
         options["calibration"] = calibrate
-    with console.status(f"building and converting {model}"):
+    with console.status(f"building and converting {model}"), _app_dir(app_dir):
         em = _run(lambda: api_convert(model, pretrained=pretrained, kwargs=_kwargs(kwargs), weights=weights,
                                       example_inputs=example, **options))
     with console.status(f"writing {out}"):
         _run(lambda: checkpoint.save(em, out, overwrite=force))
     rep = em.report()
     report_tables(em.plan.to_json(), rep["presets"], rep["presets"]["full"]["macs"])
+    if em.recipe.get("adapter") == "hf":
+        from .adapters.hf import has_tokenizer
+
+        if em.files:
+            console.print(f"stored with the model: {', '.join(em.files)}")
+        if not has_tokenizer(em.files):
+            err_console.print(f"[yellow]warning:[/yellow] {model} has no tokenizer files (tokenizer.json, vocab.txt, "
+                              "...): folders exported from this file will have no tokenizer", soft_wrap=True)
     console.print(f"[green]wrote[/green] {out}")
 
 
@@ -277,9 +299,10 @@ def _order(importance: dict) -> str:
                    "that plain transformers loads.")
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 @_base_model_options
+@click.option("--app-dir", type=click.Path(exists=True, file_okay=False), default=None, help=_APP_DIR_HELP)
 def extract(file: str, preset: str | None, config_json: str | None, max_macs: float | None, max_params: float | None,
             max_latency_s: float | None, best: str | None, output: str, fmt: str, force: bool,
-            model_spec: str | None, trust_remote_code: bool) -> None:
+            model_spec: str | None, trust_remote_code: bool, app_dir: str | None) -> None:
     """Write one dense sub-network of FILE to OUTPUT (a file for elasticize.load_subnet, or a HF folder).
 
     A budget (--max-macs, --max-params, --max-latency-s) picks without search: the largest nested
@@ -300,7 +323,7 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
     if config_json is not None:
         subnet = _config_json(config_json)
     _run(lambda: check_output(output, kind="folder" if fmt == "hf" else "file", overwrite=force, inputs=(file,)))
-    with console.status(f"loading {file}"):
+    with console.status(f"loading {file}"), _app_dir(app_dir):
         base = _build_base(model_spec, file)
         em = _run(lambda: checkpoint.load(file, model=base, trust_remote_code=trust_remote_code))
     if budget:
@@ -310,11 +333,15 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
     cfg = _run(lambda: em.resolve(subnet))
     name = next((n for n in em.presets if em.resolve(n) == cfg), None)
     measured = _metrics(em.metrics.get(name, {})) if name else ""
-    with console.status(f"writing {output}"):
+    with console.status(f"writing {output}"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         if fmt == "hf":
             _run(lambda: em.save_pretrained(output, cfg, overwrite=force))
         else:
             _run(lambda: checkpoint.save_subnet(em, cfg, output, overwrite=force))
+    for w in caught:  # e.g. an exported folder without a tokenizer: said, never silent
+        if issubclass(w.category, UserWarning):
+            err_console.print(f"[yellow]warning:[/yellow] {w.message}", soft_wrap=True)
     console.print(f"[green]wrote[/green] {output}: {_fmt(em.macs(cfg))} MACs "
                   f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params"
                   + (f"; preset {name}" if name else "") + (f" ({measured})" if measured else ""))
@@ -362,12 +389,13 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
                    "CPUs with AVX512-BF16).")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 @_base_model_options
+@click.option("--app-dir", type=click.Path(exists=True, file_okay=False), default=None, help=_APP_DIR_HELP)
 def train(file: str, data: str, steps: int, output: str, strategy: str, accumulate: int | None, objective: str | None,
           n_random: int | None, batch_size: int, lr: float, schedule: str, warmup: float, seed: int,
           distill: bool | None, distill_loss: str | None, dropout: bool, latency: bool, eval_every: int,
           eval_fraction: float, max_length: int, state: str | None, save_every: int, resume: str | None,
           device: str | None, always: tuple[str, ...], amp: bool | None, force: bool, model_spec: str | None,
-          trust_remote_code: bool) -> None:
+          trust_remote_code: bool, app_dir: str | None) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from ._files import check_output
     from .train.run import train_file
@@ -380,6 +408,7 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, accumula
         console.print(f"step {step}: " + "; ".join(f"{p} {_metrics(m)}" for p, m in measured.items()))
 
     options = {k: v for k, v in (("accumulate", accumulate), ("objective", objective), ("n", n_random)) if v is not None}
+    click.get_current_context().with_resource(_app_dir(app_dir))  # for this command, as uvicorn's --app-dir
     base = _build_base(model_spec, file)
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
                                      strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,

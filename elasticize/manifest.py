@@ -468,19 +468,29 @@ def check_files(files: Any, header: Header) -> dict[str, dict[str, Any]]:
     """Check the manifest's ``files`` (small files carried as uint8 tensors, e.g. a tokenizer's).
 
     Raises:
-        ManifestError: a name that is not a plain file name, or an entry that does not point at a
-            uint8 tensor of its size under :data:`FILE_PREFIX`.
+        ManifestError: a name outside :data:`elasticize.adapters.hf.TOKENIZER_FILES`, an entry that
+            does not point at a uint8 tensor of its size under :data:`FILE_PREFIX`, or such a tensor
+            that the manifest does not list.
     """
+    from .adapters.hf import check_file_name
+
     _dict(files, "files", optional=None)
     for name, e in files.items():
         key = f"files[{name!r:.80}]"
-        _str(name, key, pattern=r"[\w][\w.\-]{0,127}")
+        try:
+            check_file_name(name)
+        except ValueError as e:
+            _fail(key, str(e)[:300])
         _dict(e, key, required=("tensor", "bytes", "sha256"))
         t = header.tensors.get(e["tensor"])
         if e["tensor"] != FILE_PREFIX + name or t is None or t["dtype"] != "U8" or t["shape"] != [
                 _int(e["bytes"], f"{key}.bytes")]:
             _fail(key, "must point at a uint8 tensor of its size under " + FILE_PREFIX)
         _str(e["sha256"], f"{key}.sha256", pattern=r"[0-9a-f]{64}")
+    unlisted = sorted(n for n in header.tensors if n.startswith(FILE_PREFIX)) 
+    unlisted = [n for n in unlisted if n.removeprefix(FILE_PREFIX) not in files]
+    if unlisted:
+        _fail("files", f"does not list the stored file(s) {unlisted[:3]}; the file is corrupted")
     return files
 
 
@@ -542,8 +552,9 @@ def check_manifest(m: Any, *, header: Header, tables: Any, format_version: int) 
         if alias in header.tensors or target not in header.tensors:
             _fail(f"aliases[{alias!r:.120}]", f"must name a tensor the file does not store and one it stores "
                   f"({target!r:.120})")
-    if "files" in m:
-        check_files(m["files"], header)
+    check_files(m.get("files", {}), header)
+    if m.get("files") and version < 3:
+        _fail("files", "stored files need format version 3")
     stored = {n for n in header.tensors if not n.startswith(FILE_PREFIX)}
 
     def shape_of(name: str) -> list[int] | None:

@@ -45,6 +45,13 @@ class ElasticModel(nn.Module):
             (as in ``model.state_dict()``, the tensor that preset reads) -> its dense values ``(channels,)``.
             Setting a calibrated preset installs its statistics; any other sub-network runs with the
             trained statistics. Set with :meth:`set_bn_stats`.
+        files: small files that travel with the model, file name -> contents: a Hugging Face model's
+            tokenizer, generation and preprocessor files (:data:`elasticize.adapters.hf.TOKENIZER_FILES`),
+            read from its folder by :func:`convert`, kept inside the saved file and written into
+            exported Hugging Face folders (:meth:`save_pretrained`).
+        source_dir: the Hugging Face folder :func:`convert` built this model from in this process
+            (None otherwise; never saved): :meth:`save_pretrained` refuses to write into it, and copies
+            its tokenizer files from it when they were too large to store (:data:`~elasticize.adapters.hf.FILES_CAP`).
     """
 
     def __init__(self, model: nn.Module, plan: Plan, *, recipe: dict[str, Any] | None = None,
@@ -58,6 +65,8 @@ class ElasticModel(nn.Module):
         self.input_shapes = [list(s) for s in input_shapes]
         self.metrics: dict[str, dict[str, float]] = {}
         self.source_path: str | None = None  # the file this model was loaded from; never overwritten
+        self.files: dict[str, bytes] = {}
+        self.source_dir: str | None = None
         self._state = apply_plan(model, plan)
         self._active: Config = self.space.full()
         self._resolved: dict[str, Config] = {}
@@ -256,9 +265,10 @@ class ElasticModel(nn.Module):
         """Save ``subnet`` of a transformers model as a plain Hugging Face folder.
 
         The folder (``model.safetensors``, a ``config.json`` that describes the sub-network, and the
-        tokenizer files of the original folder) loads with ``AutoModel.from_pretrained`` (or the
-        model's own class) in a program that has never heard of elasticize, and computes what this
-        model computes at ``subnet``.
+        original folder's tokenizer files, from :attr:`files`) loads with ``AutoModel.from_pretrained``
+        (or the model's own class) in a program that has never heard of elasticize, and computes what
+        this model computes at ``subnet``. Without tokenizer files (a model made from a model object,
+        or a file of an older elasticize) a ``UserWarning`` says that the folder has no tokenizer.
 
         Args:
             directory: the folder to write; it is built beside it and swapped into place (see
@@ -286,11 +296,10 @@ class ElasticModel(nn.Module):
         if not is_hf_model(self.model):
             raise TypeError(f"save_pretrained needs a transformers model, not {type(self.model).__name__}; use "
                             "elasticize.save_subnet for a safetensors file")
-        source = self.recipe.get("name") if self.recipe.get("adapter") == "hf" else None
-        check_output(directory, kind="folder", overwrite=overwrite, inputs=(source,))
+        check_output(directory, kind="folder", overwrite=overwrite, inputs=(self.source_dir,))
         dense = self.extract(subnet)
         try:
-            return str(save_hf(dense, directory, source=source, overwrite=overwrite))
+            return str(save_hf(dense, directory, files=self.files, source=self.source_dir, overwrite=overwrite))
         except ValueError as e:
             if "cannot be saved" not in str(e):
                 raise
@@ -590,7 +599,9 @@ def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None
     """Build a model by name and elasticize it, recording the recipe so ``load`` can rebuild it.
 
     Args:
-        spec: ``resnet50`` (timm), ``torchvision:resnet50``, or ``package.module:builder``.
+        spec: ``resnet50`` (timm), ``torchvision:resnet50``, ``package.module:builder`` (imported with
+            the current folder first on the import path, or the :func:`elasticize.adapters.app_dir`
+            folder), a Hugging Face folder or ``hf:HUB_ID`` (its tokenizer files go into :attr:`ElasticModel.files`).
         pretrained: fetch pretrained weights (fails offline with a message naming the way out).
         kwargs: keyword arguments for the builder (JSON-native, stored in the recipe).
         weights: a ``.safetensors`` state dict to load into the model before conversion.
@@ -618,11 +629,17 @@ def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None
         load_weights_file(model, weights)
     recipe = adapter.recipe(model, name, kw)
     recipe["pretrained"] = bool(pretrained or weights is not None)  # the trainer distills from the original then
+    files = adapter.files(name)
     if isinstance(options.get("calibration"), (str, os.PathLike)):
         from .train.data import calibration_batches
 
         shapes = [list(t.shape) for t in (_as_tuple(example_inputs) or adapter.example_inputs(model))
                   if isinstance(t, torch.Tensor)]
-        options["calibration"] = calibration_batches(options["calibration"], input_shapes=shapes, recipe=recipe)
-    return elasticize(model.eval(), example_inputs, recipe=recipe, **options)
+        options["calibration"] = calibration_batches(options["calibration"], input_shapes=shapes, recipe=recipe,
+                                                     files=files)
+    em = elasticize(model.eval(), example_inputs, recipe=recipe, **options)
+    em.files = files
+    if adapter_name == "hf" and os.path.isdir(name):
+        em.source_dir = os.path.abspath(name)
+    return em
 

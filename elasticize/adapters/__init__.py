@@ -11,18 +11,24 @@ Model specs understood by :func:`resolve_spec` (and by ``elasticize convert``):
 * ``resnet50``: a timm model name;
 * ``timm:resnet50`` / ``torchvision:resnet50``: explicit family;
 * ``package.module:builder``: a function or class that builds your own model, as uvicorn names apps;
+  as in uvicorn, the import looks in the current folder first (:func:`app_dir` chooses another,
+  CLI ``--app-dir``);
 * ``hf:bert-base-uncased`` or a local folder with a ``config.json``: a Hugging Face transformers model
   (:mod:`elasticize.adapters.hf`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import importlib
 import math
+import os
 import re
+import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -30,14 +36,17 @@ from torch import nn
 from .. import _registry
 
 __all__ = ["Adapter", "register_adapter", "get_adapter", "resolve_spec", "build_from_recipe", "adapter_for_model",
-           "check_recipe", "runs_code", "RECIPE_KEYS"]
+           "check_recipe", "runs_code", "RECIPE_KEYS", "app_dir"]
 
-#: The keys of a recipe; ``pretrained`` records whether conversion started from pretrained weights.
-RECIPE_KEYS = ("adapter", "name", "kwargs", "pretrained")
+#: The keys of a recipe; ``pretrained`` records whether conversion started from pretrained weights,
+#: ``origin`` (transformers) whether ``name`` was a local folder's name or a hub id (informational).
+RECIPE_KEYS = ("adapter", "name", "kwargs", "pretrained", "origin")
 #: A string argument in a recipe may not look like a path or an address.
 _SAFE_STR = re.compile(r"[\w.\-+ ]{0,64}")
 
 _ADAPTERS: dict[str, "Adapter"] = {}
+#: the folder ``package.module:builder`` imports look in first (None: the current folder); see :func:`app_dir`
+_APP_DIR: contextvars.ContextVar[str | None] = contextvars.ContextVar("elasticize_app_dir", default=None)
 
 
 class Adapter:
@@ -97,8 +106,14 @@ class Adapter:
         """Bring non-tensor state (feature counts, configs) in line with a dense sub-network."""
 
     def recipe(self, model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """How a checkpoint rebuilds ``model``: ``{"adapter", "name", "kwargs"}``, JSON-native."""
+        """How a checkpoint rebuilds ``model``: ``{"adapter", "name", "kwargs"}``, JSON-native, with no
+        absolute path of this machine in it (a checkpoint is read elsewhere)."""
         return {"adapter": self.name, "name": name, "kwargs": dict(kwargs)}
+
+    def files(self, name: str) -> dict[str, bytes]:
+        """Small files that travel inside a checkpoint of model ``name`` (a Hugging Face model's
+        tokenizer), file name -> contents; none by default."""
+        return {}
 
     def plan(self, model: nn.Module, inputs: tuple, **options: Any) -> Any:
         """A plan made from the family's known structure, or None to analyse the traced graph.
@@ -237,9 +252,58 @@ class TorchvisionAdapter(Adapter):
         return (torch.randn(1, 3, 224, 224),)
 
 
+@contextlib.contextmanager
+def app_dir(folder: str | os.PathLike | None) -> Iterator[None]:
+    """Context manager: inside, ``package.module:builder`` imports look in ``folder`` first instead of
+    the current folder (uvicorn's ``--app-dir``; CLI ``--app-dir``). The folder is never stored in a
+    checkpoint; None keeps the current folder.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+    """
+    if folder is not None and not Path(folder).is_dir():
+        raise FileNotFoundError(f"app dir {folder}: no such folder")
+    token = _APP_DIR.set(None if folder is None else str(Path(folder).resolve()))
+    try:
+        yield
+    finally:
+        _APP_DIR.reset(token)
+
+
+@contextlib.contextmanager
+def _first_on_path(folder: str | None) -> Iterator[None]:
+    """``folder`` at the front of ``sys.path`` inside (for one import), as it was after."""
+    if folder is None:
+        yield
+        return
+    sys.path.insert(0, folder)
+    importlib.invalidate_caches()  # a module written since the folder was last listed
+    try:
+        yield
+    finally:
+        if sys.path and sys.path[0] == folder:
+            del sys.path[0]
+        elif folder in sys.path:
+            sys.path.remove(folder)
+
+
+def _import_folder() -> str | None:
+    """The folder imports look in first: :func:`app_dir`'s, else the current folder."""
+    folder = _APP_DIR.get()
+    if folder is not None:
+        return folder
+    try:
+        return os.getcwd()
+    except OSError:  # the current folder was deleted
+        return None
+
+
 @register_adapter("import")
 class ImportAdapter(Adapter):
     """Your own model: ``package.module:builder``, a function or class called with ``kwargs``.
+
+    As uvicorn does for ``module:app``, the module is imported with the current folder (or the
+    :func:`app_dir` folder) first on ``sys.path``, for the import and the call only.
 
     Building imports and calls code that is not elasticize's, so a file's ``import`` recipe is only
     built with ``trust_remote_code=True``; its kwargs may then be any JSON values.
@@ -252,21 +316,31 @@ class ImportAdapter(Adapter):
             raise ValueError(f"{name!r:.80} is not an import path; write package.module:builder")
 
     def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+        """Import ``package.module`` and call ``builder(**kwargs)``.
+
+        Raises:
+            KeyError: not an import path, a module that cannot be imported, or no such callable.
+            TypeError: the builder returned something other than an ``nn.Module``.
+        """
         mod_name, _, attr = name.partition(":")
         if not attr or not re.fullmatch(r"[\w.]+", mod_name) or not re.fullmatch(r"[\w.]+", attr):
             raise KeyError(f"{name!r} is not an import path; write package.module:builder")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise KeyError(f"cannot import {mod_name!r} for {name!r} ({e}); is it on PYTHONPATH?") from e
-        obj: Any = mod
-        for part in attr.split("."):
-            if not hasattr(obj, part):
-                raise KeyError(f"{mod_name!r} has no {attr!r}")
-            obj = getattr(obj, part)
-        if not callable(obj):
-            raise KeyError(f"{name!r} is not callable")
-        model = obj(**kwargs)
+        folder = _import_folder()
+        with _first_on_path(folder):
+            try:
+                mod = importlib.import_module(mod_name)
+            except ImportError as e:
+                where = f"in {folder} or on sys.path" if folder else "on sys.path"
+                raise KeyError(f"cannot import {mod_name!r} for {name!r} ({e}); looked {where}: run from the folder "
+                               "that holds it, or pass --app-dir DIR (Python: elasticize.adapters.app_dir)") from e
+            obj: Any = mod
+            for part in attr.split("."):
+                if not hasattr(obj, part):
+                    raise KeyError(f"{mod_name!r} has no {attr!r}")
+                obj = getattr(obj, part)
+            if not callable(obj):
+                raise KeyError(f"{name!r} is not callable")
+            model = obj(**kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
         return model

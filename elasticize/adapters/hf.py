@@ -33,17 +33,21 @@ elastic and why.
 from __future__ import annotations
 
 import math
+import os
 import re
 import shutil
+import stat
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from . import Adapter, register_adapter
 
-__all__ = ["HFAdapter", "plan_transformer", "is_hf_model", "save_hf"]
+__all__ = ["HFAdapter", "plan_transformer", "is_hf_model", "save_hf", "folder_files", "write_files",
+           "check_file_name", "has_tokenizer", "tokenizer_from_files", "TOKENIZER_FILES", "FILES_CAP"]
 
 # Role of a projection inside one layer, from its path relative to the layer (first match wins).
 _ROLES: tuple[tuple[str, str], ...] = (
@@ -74,6 +78,137 @@ _FFN_CONFIG = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
                    "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json", "preprocessor_config.json")
+#: the files of TOKENIZER_FILES that make a tokenizer or an image/audio processor (a folder without any has none)
+_PROCESSOR_FILES = tuple(n for n in TOKENIZER_FILES if n != "generation_config.json")
+#: the most bytes of a model folder's TOKENIZER_FILES that travel inside an elasticize file (all of them together)
+FILES_CAP = 64 * 2**20
+
+
+def has_tokenizer(names: Any) -> bool:
+    """Whether the file names ``names`` include a tokenizer or preprocessor file (not only ``generation_config.json``)."""
+    return any(n in _PROCESSOR_FILES for n in names)
+
+
+def check_file_name(name: str) -> str:
+    """``name``, if it may travel with an elasticize file: one of :data:`TOKENIZER_FILES`, a plain file name.
+
+    Raises:
+        ValueError: any other name (a path, ``..``, a name outside the allow-list).
+    """
+    if not isinstance(name, str) or name not in TOKENIZER_FILES or os.path.basename(name) != name \
+            or "/" in name or "\\" in name:
+        raise ValueError(f"{name!r} is not a file name elasticize stores with a model; allowed: {', '.join(TOKENIZER_FILES)}")
+    return name
+
+
+def _inside(target: Path, root: Path) -> bool:
+    try:
+        target.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def folder_files(folder: str | os.PathLike, *, cap: int | None = FILES_CAP) -> dict[str, bytes]:
+    """The tokenizer, generation and preprocessor files (:data:`TOKENIZER_FILES`) of a model folder.
+
+    Only regular files are read. A symbolic link counts when it points at a regular file inside the
+    folder, or, for a Hugging Face hub cache snapshot (``.../snapshots/<revision>``), inside that
+    model's cache folder (the snapshot's links point at its ``blobs``); a link elsewhere is left out
+    with a warning, so converting a downloaded folder never embeds some other file of this machine.
+
+    Args:
+        folder: the model folder.
+        cap: the most bytes read in all; when the files are larger together, none is returned and a
+            ``UserWarning`` says so (a tokenizer without some of its files would tokenize otherwise).
+            None: no limit.
+
+    Returns:
+        File name -> contents, in :data:`TOKENIZER_FILES` order; empty for a folder without them.
+    """
+    root = Path(folder).resolve()
+    allowed = root.parent.parent if root.parent.name == "snapshots" else root
+    out: dict[str, bytes] = {}
+    total = 0
+    for name in TOKENIZER_FILES:
+        f = Path(folder) / name
+        try:
+            st = os.stat(f)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if f.is_symlink() and not _inside(f.resolve(), allowed):
+            warnings.warn(f"{f} is a link to {f.resolve()}, outside the model folder: not stored with the model",
+                          stacklevel=2)
+            continue
+        with open(f, "rb") as fh:
+            data = fh.read() if cap is None else fh.read(cap - total + 1)
+        total += len(data)
+        if cap is not None and total > cap:
+            warnings.warn(f"the tokenizer files of {folder} exceed {cap / 2**20:.0f} MiB together: none is stored "
+                          "with the model; copy them into exported folders yourself", stacklevel=2)
+            return {}
+        out[name] = data
+    return out
+
+
+def write_files(files: Mapping[str, bytes], folder: str | os.PathLike) -> list[str]:
+    """Write ``files`` (name -> contents, names checked by :func:`check_file_name`) into ``folder``.
+
+    Returns:
+        The names written.
+
+    Raises:
+        ValueError: a name outside :data:`TOKENIZER_FILES` or with a path in it.
+    """
+    names = [check_file_name(n) for n in files]
+    for name in names:
+        (Path(folder) / name).write_bytes(bytes(files[name]))
+    return names
+
+
+def tokenizer_from_files(files: Mapping[str, bytes], *, config: Mapping[str, Any] | None = None) -> Any:
+    """The Hugging Face tokenizer that ``files`` (an elasticize file's embedded files) make.
+
+    They are written to a temporary folder, ``AutoTokenizer.from_pretrained`` reads it, and the
+    folder is removed.
+
+    Args:
+        files: file name -> contents.
+        config: the model's config (the recipe's), written as ``config.json`` beside them: a
+            ``tokenizer_config.json`` that names no tokenizer class leaves the choice to the model type.
+
+    Raises:
+        ValueError: no tokenizer file among ``files``, a name :func:`check_file_name` refuses, or
+            files transformers cannot make a tokenizer of.
+    """
+    import json
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    if not any(n in files for n in _PROCESSOR_FILES if n != "preprocessor_config.json"):
+        raise ValueError("the model's file holds no tokenizer files")
+    with tempfile.TemporaryDirectory(prefix="elasticize-tokenizer.") as tmp:
+        write_files(files, tmp)
+        if config:
+            (Path(tmp) / "config.json").write_text(json.dumps(dict(config)))
+        try:
+            return AutoTokenizer.from_pretrained(tmp)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"the tokenizer files stored with the model do not make a tokenizer: {e}") from None
+
+
+def _hub_folder(name: str) -> Path | None:
+    """The local hub-cache snapshot folder of hub id ``name`` (no network), or None."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 - not a valid hub id, no cache: nothing to read
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -746,11 +881,18 @@ def _reload_problem(dense: nn.Module) -> str | None:
             f"{diff:.2g}{cause}); a sub-network that keeps the sizes the config derives it from can be saved")
 
 
-def save_hf(dense: nn.Module, directory: str | Path, *, source: str | None = None, overwrite: bool = False) -> Path:
+def save_hf(dense: nn.Module, directory: str | Path, *, files: Mapping[str, bytes] | None = None,
+            source: str | None = None, overwrite: bool = False) -> Path:
     """Save a dense sub-network as a Hugging Face folder (``save_pretrained``: safetensors + ``config.json``).
 
-    Tokenizer and generation files are copied from ``source`` (the original model's folder) when it
-    is a local directory. The folder is built next to its destination and swapped into place
+    Tokenizer, generation and preprocessor files (:data:`TOKENIZER_FILES`) come from ``files``
+    (those an elasticize file carries, :attr:`ElasticModel.files`), or when it is empty are copied
+    from ``source``, which must be the folder the model was converted from in this process (never a
+    folder read from a manifest: another machine's path may hold another model). When neither gives
+    a tokenizer or preprocessor file, a ``UserWarning`` says so: the folder loads as a model, but
+    ``AutoTokenizer.from_pretrained`` on it fails or builds some other tokenizer.
+
+    The folder is built next to its destination and swapped into place
     (``elasticize._files.swap_folder``): a failure leaves the old folder (or nothing) and no
     temporary folder, and replacing a folder leaves the old or the new one whole. The folder gets
     ``0o777 & ~umask`` (or the mode of the folder it replaces), its files ``0o666 & ~umask``.
@@ -758,12 +900,14 @@ def save_hf(dense: nn.Module, directory: str | Path, *, source: str | None = Non
     Args:
         dense: a dense sub-network from :meth:`ElasticModel.extract` of a transformers model.
         directory: the folder to write (missing parents are created).
-        source: the folder the original model was loaded from, for its tokenizer files.
+        files: file name -> contents, names from :data:`TOKENIZER_FILES`.
+        source: the folder the original model was converted from in this process.
         overwrite: replace an existing folder.
 
     Raises:
         ValueError: if the family's config cannot describe this sub-network (see :func:`export_problem`),
-            or ``directory`` is ``source`` or holds it.
+            ``directory`` is ``source`` or holds it, or a name in ``files`` is not an allowed file name
+            (:func:`check_file_name`).
         FileExistsError: if ``directory`` exists and ``overwrite`` is False, or is a file.
         FileNotFoundError: a parent of ``directory`` is a file.
         PermissionError: the folder cannot be written (see :func:`elasticize._files.check_output`).
@@ -772,9 +916,14 @@ def save_hf(dense: nn.Module, directory: str | Path, *, source: str | None = Non
     from .._files import check_output, swap_folder
 
     out = check_output(directory, kind="folder", overwrite=overwrite, inputs=(source,))
+    for name in files or {}:
+        check_file_name(name)
     why = export_problem(dense)
     if why is not None:
         raise ValueError(f"this sub-network cannot be saved as a plain transformers folder: {why}")
+    if not files and source is not None and Path(source).is_dir():
+        files = folder_files(source, cap=None)
+    written: list[str] = []
 
     def build(tmp: Path) -> None:
         cfg = dense.config
@@ -784,13 +933,15 @@ def save_hf(dense: nn.Module, directory: str | Path, *, source: str | None = Non
         finally:
             if extra is not None:
                 cfg.elasticize_layers = extra
-        if source is not None and Path(source).is_dir():
-            for name in TOKENIZER_FILES:
-                f = Path(source) / name
-                if f.is_file():
-                    shutil.copyfile(f, tmp / name)  # created like save_pretrained's files (umask), not the source's mode
+        written.extend(write_files(files or {}, tmp))
 
-    return swap_folder(out, build, overwrite=overwrite, inputs=(source,))
+    swap_folder(out, build, overwrite=overwrite, inputs=(source,))
+    if not has_tokenizer(written):
+        warnings.warn(f"{out} has no tokenizer: no tokenizer or preprocessor files came with the model (its "
+                      "elasticize file carries none: made from a model object or a folder without them, or by an older "
+                      "elasticize); save the original's into it: AutoTokenizer.from_pretrained(ORIGINAL)"
+                      f".save_pretrained({str(out)!r})", stacklevel=2)
+    return out
 
 
 # -------------------------------------------------------------------- the adapter
@@ -815,7 +966,8 @@ class HFAdapter(Adapter):
     """Hugging Face transformers models: a local folder or a hub id (``hf:bert-base-uncased``).
 
     The recipe stores the model class and the full config, so a checkpoint rebuilds the
-    architecture without the original folder or the network. From a file, the class must be a
+    architecture without the original folder or the network; the folder's tokenizer files
+    travel inside the checkpoint (:meth:`files`). From a file, the class must be a
     ``PreTrainedModel`` subclass that transformers exports, and the config may not ask for custom
     code (``auto_map``), quantization, or an attention implementation other than ``eager``/``sdpa``
     (transformers can fetch kernels from the hub by that name).
@@ -876,8 +1028,20 @@ class HFAdapter(Adapter):
         return is_hf_model(model)
 
     def recipe(self, model: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {"adapter": self.name, "name": name,
-                "kwargs": {"class": type(model).__name__, "config": model.config.to_dict()}}
+        """Class and config (``_name_or_path`` blanked); ``name`` is informational and holds no local path:
+        the folder's own name (``origin: "folder"``) or the hub id (``origin: "hub"``)."""
+        config = model.config.to_dict()
+        if "_name_or_path" in config:
+            config["_name_or_path"] = ""
+        local = Path(name).is_dir()
+        return {"adapter": self.name, "name": Path(name).resolve().name if local else name,
+                "origin": "folder" if local else "hub", "kwargs": {"class": type(model).__name__, "config": config}}
+
+    def files(self, name: str) -> dict[str, bytes]:
+        """The tokenizer, generation and preprocessor files of the folder ``name``, or of hub id
+        ``name``'s snapshot in the local cache (:func:`folder_files`; nothing is downloaded)."""
+        folder = Path(name) if Path(name).is_dir() else _hub_folder(name)
+        return {} if folder is None else folder_files(folder)
 
     def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
         cfg = model.config

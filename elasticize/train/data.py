@@ -3,8 +3,9 @@
 Both return a training ``DataLoader`` and a held-out list of batches. Images are read with
 torchvision's ``ImageFolder`` (one sub-folder per class), resized to the model's example input
 size and scaled to [0, 1] then normalised with ImageNet's mean and std (three channels) or 0.5/0.5
-(one channel). Text lines are tokenized with the Hugging Face tokenizer stored next to the model
-(the recipe's folder) and grouped into batches of similar length (:func:`length_grouped_batches`),
+(one channel). Text lines are tokenized with the Hugging Face tokenizer that travels with the model
+(:attr:`~elasticize.ElasticModel.files`, read from its folder at conversion and kept in its file)
+and grouped into batches of similar length (:func:`length_grouped_batches`),
 each padded to its longest line; batches are mappings ``{"input_ids", "attention_mask"}``.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -149,27 +150,21 @@ def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, 
     """A text file (one sample per line) as ``(train loader, held-out batches)`` of tokenized mappings.
 
     Args:
-        tokenizer: a Hugging Face tokenizer; default: the one in the folder the model was converted from.
+        tokenizer: a Hugging Face tokenizer; default: the one made of the model's tokenizer files
+            (:attr:`~elasticize.ElasticModel.files`), else for a model converted from a hub id
+            (``hf:ID``) that hub model's tokenizer.
         shard: ``(rank, world size)`` under data-parallel training: the loader gives this
             process's share of the length-grouped training batches (every process the same number).
 
     Raises:
         FileNotFoundError, ValueError: see :func:`read_text_lines`; also a model that is not a
-            Hugging Face model or whose folder has no tokenizer, or fewer training batches than
+            Hugging Face model or carries no tokenizer files (no folder path named in a manifest is
+            read: it may hold another model on this machine), or fewer training batches than
             processes.
     """
     lines = read_text_lines(path)
     if tokenizer is None:
-        name = em.recipe.get("name") if em.recipe.get("adapter") == "hf" else None
-        if not name:
-            raise ValueError("text data needs a Hugging Face model converted from a folder or hub id (its tokenizer "
-                             "tokenizes the lines); this model's recipe names none")
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"no tokenizer for {name}: {e}") from None
+        tokenizer = _model_tokenizer(em)
 
     def collate(batch: list[str]) -> dict[str, torch.Tensor]:
         enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
@@ -188,18 +183,45 @@ def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, 
     return loader, held
 
 
+def _model_tokenizer(em: Any) -> Any:
+    """The tokenizer of ``em``: from its tokenizer files, else (hub models) from the hub id."""
+    from ..adapters.hf import has_tokenizer, tokenizer_from_files
+
+    recipe = em.recipe or {}
+    files = getattr(em, "files", None) or {}
+    if recipe.get("adapter") != "hf":
+        raise ValueError("text data needs a Hugging Face model converted from a folder or hub id (its tokenizer "
+                         "tokenizes the lines); this model's recipe names none")
+    name = recipe.get("name")
+    if has_tokenizer(files):
+        return tokenizer_from_files(files, config=(recipe.get("kwargs") or {}).get("config"))
+    if recipe.get("origin") == "hub" and name and not Path(name).exists():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"no tokenizer for {name}: {e}") from None
+    raise ValueError(f"the model ({name or 'a Hugging Face model'}) carries no tokenizer files: its file was written "
+                     "by an older elasticize, or its folder had none. Convert the original folder again, or store its "
+                     "tokenizer in the file: em = elasticize.load(FILE); em.files = elasticize.adapters.hf.folder_files("
+                     "ORIGINAL_FOLDER); elasticize.save(em, NEW_FILE) (Python: or pass tokenizer=)")
+
+
 def calibration_batches(path: str | Path, *, input_shapes: list[list[int]], recipe: dict[str, Any],
-                        num_batches: int = 8, batch_size: int = 32, max_length: int = 128) -> list[Any]:
+                        num_batches: int = 8, batch_size: int = 32, max_length: int = 128,
+                        files: Mapping[str, bytes] | None = None) -> list[Any]:
     """The first ``num_batches`` batches of an image folder or a text file, for activation importance.
 
     A folder is read as an image folder (:func:`image_folder_data`), a file as text lines
-    (:func:`text_file_data`, tokenized by the tokenizer of the Hugging Face model in ``recipe``).
+    (:func:`text_file_data`, tokenized by the tokenizer ``files`` make).
     Nothing is held out.
 
     Args:
         path: the image folder or text file.
         input_shapes: the model's example input shapes, e.g. ``[[1, 3, 224, 224]]``.
-        recipe: the conversion recipe (names the Hugging Face folder or hub id for text).
+        recipe: the conversion recipe (a Hugging Face model's, for text).
+        files: the model's tokenizer files (:attr:`~elasticize.ElasticModel.files`), for text.
 
     Returns:
         Up to ``num_batches`` batches: ``(x, y)`` with ``x`` of shape ``(batch, C, H, W)``, or
@@ -213,7 +235,7 @@ def calibration_batches(path: str | Path, *, input_shapes: list[list[int]], reci
     if not p.exists():
         raise FileNotFoundError(f"calibration data {p}: no such file or folder (an image folder with one sub-folder "
                                 "per class, or a text file with one sample per line)")
-    model = SimpleNamespace(input_shapes=input_shapes, recipe=recipe)  # all the loaders read of a model
+    model = SimpleNamespace(input_shapes=input_shapes, recipe=recipe, files=dict(files or {}))  # what loaders read
     try:
         if p.is_dir():
             loader, _ = image_folder_data(p, model, batch_size=batch_size, eval_fraction=0.0)  # type: ignore[arg-type]
