@@ -113,3 +113,53 @@ def test_cli_resume_equals_uninterrupted(runs):
     assert _equal(a, b) == []
     half = load_file(str(d / "cli_half.safetensors"))
     assert _equal(a, half)  # the half run is not the whole one: the comparison can fail
+
+
+def test_warns_when_a_state_cannot_resume_exactly(tmp_path):
+    """Persistent DataLoader workers past the first epoch draw from random states seeded in that
+    epoch, which a resumed run cannot make again: ``save_state`` says so (in the first epoch it
+    resumes exactly and does not). Loading a state into a trainer whose loader has other random
+    generators warns too."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y, _, _ = digits()
+    tr = trainer("plain", x[:64], y[:64])  # one step an epoch
+    tr.data = DataLoader(TensorDataset(x[:64], y[:64]), batch_size=32, num_workers=1, persistent_workers=True)
+    tr.train_steps(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr.save_state(str(tmp_path / "first.safetensors"))
+    tr.train_steps(1)
+    with pytest.warns(UserWarning, match="persistent_workers=True"):
+        tr.save_state(str(tmp_path / "second.safetensors"))
+    shuffled = trainer("generator", x[:64], y[:64])
+    shuffled.train_steps(1)
+    shuffled.save_state(str(tmp_path / "shuffled.safetensors"))
+    with pytest.warns(UserWarning, match=r"different random generators \(generator\)"):
+        trainer("plain", x[:64], y[:64]).load_state(str(tmp_path / "shuffled.safetensors"))
+
+
+def test_random_states_round_trip_through_safetensors_and_json(tmp_path):
+    """torch, Python ``random`` (with a cached Gaussian), NumPy and a loader's generator come back."""
+    import random
+
+    import numpy as np
+
+    from elasticize.train.state import rng_state, set_rng_state
+
+    g = torch.Generator().manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal()  # both keep a second Gaussian for the next call
+    tensors, info = rng_state({"generator": g})
+    assert all(t.dtype == torch.uint8 for t in tensors.values())
+    save_file(tensors, str(tmp_path / "rng.safetensors"))
+
+    def draws():
+        return (random.gauss(0, 1), random.random(), np.random.standard_normal(), torch.rand(3),
+                torch.rand(2, generator=g))
+
+    first = draws()
+    random.seed(1), np.random.seed(1), torch.manual_seed(1), g.manual_seed(1)
+    assert set_rng_state(load_file(str(tmp_path / "rng.safetensors")), json.loads(json.dumps(info)),
+                         {"generator": g}) == []
+    again = draws()
+    assert first[:3] == again[:3] and torch.equal(first[3], again[3]) and torch.equal(first[4], again[4])
