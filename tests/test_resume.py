@@ -77,12 +77,14 @@ def runs(tmp_path_factory):
     args = ["train", str(model), "--data", str(d / "digits"), "--batch-size", "16", "--lr", "3e-3",
             "--accumulate", "2"]
     for extra in (["--steps", "6", "-o", str(d / "cli_straight.safetensors")],
+                  ["--steps", "6", "--eval-every", "2", "-o", str(d / "cli_straight_eval.safetensors")],
                   ["--steps", "3", "-o", str(d / "cli_half.safetensors"), "--state", str(d / "cli_state.safetensors")]):
         torch.manual_seed(0)  # both start from the same global random state
         res = CliRunner().invoke(main, [*args, *extra])
         assert res.exit_code == 0, res.output
-    jobs.append({"kind": "cli", "args": [*args, "--steps", "6", "-o", str(d / "cli_resumed.safetensors"),
-                                         "--resume", str(d / "cli_state.safetensors")]})
+    for extra, out in (([], "cli_resumed"), (["--eval-every", "2"], "cli_resumed_eval")):
+        jobs.append({"kind": "cli", "args": [*args, "--steps", "6", *extra, "-o", str(d / f"{out}.safetensors"),
+                                             "--resume", str(d / "cli_state.safetensors")]})
     (d / "jobs.json").write_text(json.dumps(jobs))
     r = subprocess.run([sys.executable, str(HERE / "resume_helper.py"), str(d / "jobs.json")], capture_output=True,
                        text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
@@ -163,3 +165,13 @@ def test_random_states_round_trip_through_safetensors_and_json(tmp_path):
                          {"generator": g}) == []
     again = draws()
     assert first[:3] == again[:3] and torch.equal(first[3], again[3]) and torch.equal(first[4], again[4])
+
+
+def test_evaluating_between_steps_changes_neither_training_nor_resume(runs):
+    """``--eval-every 2`` (BN recalibration and measuring every preset at steps 2 and 4, which
+    iterates the training loader) leaves the random states as they were: the straight run and
+    the resumed one (measuring at step 4 only) write the file of a run that never measures."""
+    d, _, _ = runs
+    a = load_file(str(d / "cli_straight.safetensors"))
+    assert _equal(a, load_file(str(d / "cli_straight_eval.safetensors"))) == []
+    assert _equal(a, load_file(str(d / "cli_resumed_eval.safetensors"))) == []

@@ -21,6 +21,7 @@ leave gradients of blocks used only by earlier passes unsynchronised. On CUDA (o
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import statistics
 import time
@@ -160,6 +161,21 @@ class _null:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+def _keeps_rng(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`Trainer` method that leaves the random states and the training data's generators
+    as it found them: evaluating between steps changes neither training nor an exact resume
+    (iterating a ``DataLoader`` draws its base seed from them)."""
+    @functools.wraps(method)
+    def kept(self: "Trainer", *args: Any, **kwargs: Any) -> Any:
+        gens = data_generators(self.data)
+        saved = rng_state(gens)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            set_rng_state(*saved, gens)
+    return kept
 
 
 def _world() -> tuple[int, int]:
@@ -403,8 +419,12 @@ class Trainer:
         return records
 
     # ------------------------------------------------------------------ BN, evaluation, saving
+    @_keeps_rng
     def recalibrate(self, data: Iterable[Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """BN recalibration of every preset on ``calibration_batches`` batches (default: the training data)."""
+        """BN recalibration of every preset on ``calibration_batches`` batches (default: the training data).
+
+        Leaves the random states as they were, so training after it draws what it would have drawn.
+        """
         stats = recalibrate_bn(self.em, data if data is not None else self.data, num_batches=self.calibration_batches,
                                device=self.device, forward=lambda m, b: forward_batch(m, b))
         self._calibrated = True
@@ -416,6 +436,7 @@ class Trainer:
             self.recalibrate()
         self._calibrated = True
 
+    @_keeps_rng
     def measure(self, data: Iterable[Any], subnet: str | Mapping[str, Any] | None, *,
                 metric: str | Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor] = "accuracy") -> float:
         """Mean per-sample ``metric`` of one sub-network over ``data`` (eval mode, no gradients).
@@ -423,7 +444,7 @@ class Trainer:
         Uses the calibrated BatchNorm statistics of a calibrated preset (run :meth:`recalibrate` or
         :meth:`evaluate` first); other sub-networks use the trained statistics. Runs in the
         model's own precision, without the training passes' autocast, so the figure describes
-        the weights as saved.
+        the weights as saved. Leaves the random states as they were.
 
         Raises:
             KeyError: unknown metric name. ValueError: a metric that needs a target or teacher it lacks.
@@ -462,6 +483,7 @@ class Trainer:
         self._tcache = (key, outs)
         return outs
 
+    @_keeps_rng
     def evaluate(self, data: Iterable[Any], *, metric: str | Callable[..., torch.Tensor] = "accuracy",
                  presets: Sequence[str] | None = None, latency: bool = False,
                  metric_name: str | None = None) -> dict[str, dict[str, float]]:
@@ -469,7 +491,8 @@ class Trainer:
 
         BN recalibration runs first if the model has BatchNorm and was trained since the last one.
         ``data`` should be a list (or a loader with a fixed order) so the original model's outputs are
-        computed once for all presets.
+        computed once for all presets. Leaves the random states as they were, so evaluating
+        between steps does not change training.
 
         Args:
             data: held-out batches.
