@@ -21,6 +21,7 @@ from elasticize.cli import main
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from conftest import scratch_dir  # noqa: E402
 from resume_helper import CASES, trainer  # noqa: E402
 from toy_models import digits  # noqa: E402
 
@@ -46,50 +47,51 @@ def _images(folder: Path, x: torch.Tensor, y: torch.Tensor) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every uninterrupted run and every state here; every resumed half in one new process."""
-    d = tmp_path_factory.mktemp("resume")
-    x, y, _, _ = digits()
-    x, y = x[:256].contiguous(), y[:256].contiguous()
-    data = d / "digits.safetensors"
-    save_file({"x": x, "y": y}, str(data))
-    straight: dict[str, dict[str, torch.Tensor]] = {}
-    jobs: list[dict] = [{"threads": torch.get_num_threads()}]
-    outs: dict[tuple[str, int], Path] = {}
-    for case in CASES:
-        tr = trainer(case, x, y)
-        tr.train_steps(STEPS)
-        straight[case] = _state_dict(tr)
-        tr = trainer(case, x, y)
-        for k in POINTS[case]:
-            tr.train_steps(k - tr.step)
-            state = d / f"{case}{k}.safetensors"
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # every one of these loaders resumes exactly: no warning
-                tr.save_state(str(state))
-            outs[case, k] = d / f"{case}{k}.out.safetensors"
-            jobs.append({"kind": "trainer", "case": case, "data": str(data), "state": str(state), "steps": STEPS,
-                         "out": str(outs[case, k])})
-    # the CLI: 64 images, 58 to train on in 4 batches of 16 (2 steps an epoch); stopped at step 3
-    _images(d / "digits", x[:64], y[:64])
-    model = d / "dropout.safetensors"
-    res = CliRunner().invoke(main, ["convert", "resume_helper:DropoutDigits", "--no-pretrained", "--dims", "width",
-                                    "-o", str(model)])
-    assert res.exit_code == 0, res.output
-    args = ["train", str(model), "--data", str(d / "digits"), "--batch-size", "16", "--lr", "3e-3",
-            "--accumulate", "2"]
-    for extra in (["--steps", "6", "-o", str(d / "cli_straight.safetensors")],
-                  ["--steps", "6", "--eval-every", "2", "-o", str(d / "cli_straight_eval.safetensors")],
-                  ["--steps", "3", "-o", str(d / "cli_half.safetensors"), "--state", str(d / "cli_state.safetensors")]):
-        torch.manual_seed(0)  # both start from the same global random state
-        res = CliRunner().invoke(main, [*args, *extra])
+    with scratch_dir(tmp_path_factory, "resume") as d:
+        x, y, _, _ = digits()
+        x, y = x[:256].contiguous(), y[:256].contiguous()
+        data = d / "digits.safetensors"
+        save_file({"x": x, "y": y}, str(data))
+        straight: dict[str, dict[str, torch.Tensor]] = {}
+        jobs: list[dict] = [{"threads": torch.get_num_threads()}]
+        outs: dict[tuple[str, int], Path] = {}
+        for case in CASES:
+            tr = trainer(case, x, y)
+            tr.train_steps(STEPS)
+            straight[case] = _state_dict(tr)
+            tr = trainer(case, x, y)
+            for k in POINTS[case]:
+                tr.train_steps(k - tr.step)
+                state = d / f"{case}{k}.safetensors"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # every one of these loaders resumes exactly: no warning
+                    tr.save_state(str(state))
+                outs[case, k] = d / f"{case}{k}.out.safetensors"
+                jobs.append({"kind": "trainer", "case": case, "data": str(data), "state": str(state), "steps": STEPS,
+                             "out": str(outs[case, k])})
+        # the CLI: 64 images, 58 to train on in 4 batches of 16 (2 steps an epoch); stopped at step 3
+        _images(d / "digits", x[:64], y[:64])
+        model = d / "dropout.safetensors"
+        res = CliRunner().invoke(main, ["convert", "resume_helper:DropoutDigits", "--no-pretrained", "--dims", "width",
+                                        "-o", str(model)])
         assert res.exit_code == 0, res.output
-    for extra, out in (([], "cli_resumed"), (["--eval-every", "2"], "cli_resumed_eval")):
-        jobs.append({"kind": "cli", "args": [*args, "--steps", "6", *extra, "-o", str(d / f"{out}.safetensors"),
-                                             "--resume", str(d / "cli_state.safetensors")]})
-    (d / "jobs.json").write_text(json.dumps(jobs))
-    r = subprocess.run([sys.executable, str(HERE / "resume_helper.py"), str(d / "jobs.json")], capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
-    assert r.returncode == 0, r.stdout + r.stderr
-    return d, straight, outs
+        args = ["train", str(model), "--data", str(d / "digits"), "--batch-size", "16", "--lr", "3e-3",
+                "--accumulate", "2"]
+        for extra in (["--steps", "6", "-o", str(d / "cli_straight.safetensors")],
+                      ["--steps", "6", "--eval-every", "2", "-o", str(d / "cli_straight_eval.safetensors")],
+                      ["--steps", "3", "-o", str(d / "cli_half.safetensors"),
+                       "--state", str(d / "cli_state.safetensors")]):
+            torch.manual_seed(0)  # every run starts from the same global random state
+            res = CliRunner().invoke(main, [*args, *extra])
+            assert res.exit_code == 0, res.output
+        for extra, out in (([], "cli_resumed"), (["--eval-every", "2"], "cli_resumed_eval")):
+            jobs.append({"kind": "cli", "args": [*args, "--steps", "6", *extra, "-o", str(d / f"{out}.safetensors"),
+                                                 "--resume", str(d / "cli_state.safetensors")]})
+        (d / "jobs.json").write_text(json.dumps(jobs))
+        r = subprocess.run([sys.executable, str(HERE / "resume_helper.py"), str(d / "jobs.json")], capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield d, straight, outs
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
