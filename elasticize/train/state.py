@@ -2,11 +2,15 @@
 
 One ``.safetensors`` file: tensors ``model.<name>`` (the super-network's state dict, with
 the trained BatchNorm statistics), ``optim.<param index>.<key>`` (optimizer state tensors),
-``rng.sampler`` and ``rng.torch`` (generator states, uint8); the header metadata key
+``rng.sampler`` (the sub-network sampler's generator) and the random states of
+:func:`rng_state` (uint8) twice: ``rng.<name>`` as they were when the state was saved and
+``rng.epoch.<name>`` as they were when the current epoch's data iterator was made (a resumed
+run makes it again from them, so a shuffle draws the same order); the header metadata key
 ``"elasticize.train"`` holds JSON: ``format_version``, ``plan_sha256`` (fingerprint of the
 model's plan: a state only resumes the model it was saved from), ``step``, ``epoch``,
-``batch_in_epoch``, ``strategy`` (name and options), ``sampler`` (seed, per), the optimizer's
-``param_groups`` and non-tensor state. Written atomically; no pickle.
+``batch_in_epoch``, ``strategy`` (name and options), ``sampler`` (seed, per), ``rng`` (the
+JSON halves of the random states, ``now`` and ``epoch``), the optimizer's ``param_groups``
+and non-tensor state. Written atomically; no pickle.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
@@ -24,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from .._files import atomic_write, check_output
 from ..model import ElasticModel
 
-__all__ = ["plan_fingerprint", "write_state", "read_state", "read_state_info", "check_state_info", "STATE_KEY"]
+__all__ = ["plan_fingerprint", "write_state", "read_state", "read_state_info", "check_state_info", "STATE_KEY",
+           "rng_state", "set_rng_state", "data_generators"]
 
 STATE_KEY = "elasticize.train"
 STATE_VERSION = 1
@@ -146,3 +153,101 @@ def read_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.optim
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     return info, rng
+
+
+# ---------------------------------------------------------------------- random states
+
+#: Where a loader keeps the ``torch.Generator`` it draws its order from (see :func:`data_generators`).
+_GENERATOR_PATHS = ("generator", "sampler.generator", "batch_sampler.generator", "batch_sampler.sampler.generator")
+
+
+def data_generators(data: Any) -> dict[str, torch.Generator]:
+    """The ``torch.Generator`` objects a data loader draws from, by attribute path.
+
+    Looks at ``data.generator`` (``DataLoader(generator=...)``, which also seeds its iterators),
+    ``data.sampler.generator`` (e.g. ``RandomSampler(generator=...)``), ``data.batch_sampler.generator``
+    and ``data.batch_sampler.sampler.generator``; a generator found under two paths is listed
+    under the first. Anything else (a list of batches) has none.
+    """
+    out: dict[str, torch.Generator] = {}
+    seen: set[int] = set()
+    for path in _GENERATOR_PATHS:
+        obj = data
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, torch.Generator) and id(obj) not in seen:
+            seen.add(id(obj))
+            out[path] = obj
+    return out
+
+
+def rng_state(generators: Mapping[str, torch.Generator] | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random state that exact resume restores, as uint8 tensors and JSON (no pickle).
+
+    Args:
+        generators: named generators of the data (:func:`data_generators`).
+
+    Returns:
+        (tensors, JSON). Tensors: ``torch`` (the CPU generator), ``cuda.<device index>`` (each
+        CUDA device's, when this process has initialised CUDA), ``python`` (the words of
+        ``random``'s Mersenne Twister, int64 bytes), ``numpy`` (``numpy.random``'s key, uint32
+        bytes, when NumPy is imported), ``loader.<path>`` (each of ``generators``). JSON: the
+        rest of the Python and NumPy states.
+    """
+    tensors: dict[str, torch.Tensor] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, words, gauss = random.getstate()
+    tensors["python"] = torch.tensor(words, dtype=torch.int64).view(torch.uint8)
+    info: dict[str, Any] = {"python": {"version": version, "gauss_next": gauss}}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        kind, key, pos, has_gauss, cached = np.random.get_state()
+        tensors["numpy"] = torch.from_numpy(np.ascontiguousarray(key, dtype=np.uint32).view(np.uint8).copy())
+        info["numpy"] = {"kind": str(kind), "pos": int(pos), "has_gauss": int(has_gauss),
+                         "cached_gaussian": float(cached)}
+    for name, g in (generators or {}).items():
+        tensors[f"loader.{name}"] = g.get_state()
+    return tensors, info
+
+
+def set_rng_state(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any],
+                  generators: Mapping[str, torch.Generator] | None = None) -> list[str]:
+    """Restore random states from :func:`rng_state`'s output.
+
+    A state that lacks an entry (a state saved without CUDA or NumPy, or by an older
+    elasticize) leaves that generator as it is; CUDA states of devices this process does not
+    have are skipped.
+
+    Args:
+        tensors, info: :func:`rng_state`'s output (tensors as read back from the file).
+        generators: the data's named generators (:func:`data_generators`).
+
+    Returns:
+        The loader generator paths found in only one of ``tensors`` and ``generators`` (their
+        draws cannot be restored), sorted.
+    """
+    if "torch" in tensors:
+        torch.set_rng_state(tensors["torch"].to(torch.uint8).cpu())
+    cuda = sorted((int(k.split(".", 1)[1]), v) for k, v in tensors.items() if k.startswith("cuda."))
+    if cuda and torch.cuda.is_available():
+        for i, s in cuda:
+            if i < torch.cuda.device_count():
+                torch.cuda.set_rng_state(s.to(torch.uint8).cpu(), i)
+    if "python" in tensors:
+        p = info.get("python") or {}
+        words = tuple(tensors["python"].cpu().clone().view(torch.int64).tolist())
+        random.setstate((int(p.get("version", 3)), words, p.get("gauss_next")))
+    if "numpy" in tensors and info.get("numpy"):
+        import numpy as np
+
+        n = info["numpy"]
+        key = np.frombuffer(tensors["numpy"].cpu().numpy().tobytes(), dtype=np.uint32)
+        np.random.set_state((n["kind"], key, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    gens = generators or {}
+    saved = {k[len("loader."):] for k in tensors if k.startswith("loader.")}
+    for name in saved & set(gens):
+        gens[name].set_state(tensors[f"loader.{name}"].to(torch.uint8).cpu())
+    return sorted(saved ^ set(gens))

@@ -21,9 +21,11 @@ leave gradients of blocks used only by earlier passes unsynchronised. On CUDA (o
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import statistics
 import time
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -36,7 +38,8 @@ from ..space import Config
 from .bn import batchnorm_layers, recalibrate_bn
 from .losses import DISTILL_LOSSES, batch_size, default_output, forward_batch, split_batch, to_device
 from .sampler import SubnetSampler
-from .state import check_state_info, read_state, read_state_info, write_state
+from .state import (check_state_info, data_generators, read_state, read_state_info, rng_state, set_rng_state,
+                    write_state)
 from .strategies import Pass, Strategy, make_strategy
 
 __all__ = ["train_step", "Trainer", "METRICS"]
@@ -160,6 +163,21 @@ class _null:
         return None
 
 
+def _keeps_rng(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A :class:`Trainer` method that leaves the random states and the training data's generators
+    as it found them: evaluating between steps changes neither training nor an exact resume
+    (iterating a ``DataLoader`` draws its base seed from them)."""
+    @functools.wraps(method)
+    def kept(self: "Trainer", *args: Any, **kwargs: Any) -> Any:
+        gens = data_generators(self.data)
+        saved = rng_state(gens)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            set_rng_state(*saved, gens)
+    return kept
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -171,9 +189,10 @@ class Trainer:
 
     Args:
         em: the elastic model to train (in place).
-        data: re-iterable training batches (a ``DataLoader``); iterated in epochs. For exact
-            resume its order must depend only on the epoch (no shuffle, or a sampler with
-            ``set_epoch`` such as ``DistributedSampler``, which the trainer calls).
+        data: re-iterable training batches (a ``DataLoader``); iterated in epochs, calling the
+            sampler's ``set_epoch`` (``DistributedSampler``) at each. Resume repeats it bit for
+            bit, shuffled or not, with a ``generator`` or without (see :meth:`load_state`),
+            except with ``persistent_workers=True`` past the first epoch (:meth:`save_state` warns).
         optimizer: over ``em.parameters()``.
         loss_fn: task loss ``(output, target) -> scalar``; None for distillation only.
         strategy: name (``sortednet``, ``subnetwork-to-go``, ``sandwich``, ``skip-aware``, ``full``)
@@ -271,6 +290,8 @@ class Trainer:
         self.batch_in_epoch = 0
         self.history: list[dict[str, Any]] = []
         self._iter: Any = None
+        self._epoch_rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # at this epoch's iter()
+        self._resumed_rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # load_state's, till used
         self._calibrated = False
 
     # ------------------------------------------------------------------ data
@@ -278,16 +299,43 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if self.amp else None
 
     def _start_epoch(self) -> None:
+        # the random states the iterator draws this epoch's order from (its base seed, a shuffle
+        # without a generator: the global RNG; with one: the loader's generator), for resume
+        self._epoch_rng = rng_state(data_generators(self.data))
         sampler = getattr(self.data, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(self.epoch)
         self._iter = iter(self.data)
 
+    def _resume_iterator(self) -> None:
+        """Make the data iterator: at the first step, or after :meth:`load_state` at the state's batch.
+
+        Making an iterator draws from the random generators (its base seed; a shuffle's order),
+        and so does every batch it gives (random transforms). So the iterator is made from the
+        random states the interrupted run made it from (saved at the epoch's start), the
+        epoch's first ``batch_in_epoch`` batches are drawn and dropped, and only then are the
+        random states set to the saved ones (as the Hugging Face Trainer does), so that the next
+        batch, dropout and everything after draw what the interrupted run drew.
+        """
+        now, self._resumed_rng = self._resumed_rng, None
+        gens = data_generators(self.data)
+        skip = self.batch_in_epoch
+        start = self._epoch_rng if skip and self._epoch_rng is not None else now
+        if start is not None:
+            set_rng_state(*start, gens)
+        self._start_epoch()
+        for i in range(skip):  # resumed: skip what this epoch already gave
+            try:
+                next(self._iter)
+            except StopIteration:
+                raise ValueError(f"the trainer state is at batch {skip} of epoch {self.epoch}, but this data gives "
+                                 f"{i} batches an epoch; resume with the data the state was saved with") from None
+        if skip and now is not None:
+            set_rng_state(*now, gens)
+
     def _next_batch(self) -> Any:
         if self._iter is None:
-            self._start_epoch()
-            for _ in range(self.batch_in_epoch):  # resumed: skip what this epoch already gave
-                next(self._iter)
+            self._resume_iterator()
         try:
             b = next(self._iter)
         except StopIteration:
@@ -315,6 +363,10 @@ class Trainer:
 
         Returns:
             One record per step: ``step``, ``losses`` (per pass label), ``configs``, ``samples``, ``seconds``.
+
+        Raises:
+            ValueError: empty training data, a step that fails (see :func:`train_step`), or a
+                resumed state whose batch is past the end of this data's epoch (other data).
         """
         self.em.set_bn_stats({})
         self._calibrated = False
@@ -367,8 +419,12 @@ class Trainer:
         return records
 
     # ------------------------------------------------------------------ BN, evaluation, saving
+    @_keeps_rng
     def recalibrate(self, data: Iterable[Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """BN recalibration of every preset on ``calibration_batches`` batches (default: the training data)."""
+        """BN recalibration of every preset on ``calibration_batches`` batches (default: the training data).
+
+        Leaves the random states as they were, so training after it draws what it would have drawn.
+        """
         stats = recalibrate_bn(self.em, data if data is not None else self.data, num_batches=self.calibration_batches,
                                device=self.device, forward=lambda m, b: forward_batch(m, b))
         self._calibrated = True
@@ -380,6 +436,7 @@ class Trainer:
             self.recalibrate()
         self._calibrated = True
 
+    @_keeps_rng
     def measure(self, data: Iterable[Any], subnet: str | Mapping[str, Any] | None, *,
                 metric: str | Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor] = "accuracy") -> float:
         """Mean per-sample ``metric`` of one sub-network over ``data`` (eval mode, no gradients).
@@ -387,7 +444,7 @@ class Trainer:
         Uses the calibrated BatchNorm statistics of a calibrated preset (run :meth:`recalibrate` or
         :meth:`evaluate` first); other sub-networks use the trained statistics. Runs in the
         model's own precision, without the training passes' autocast, so the figure describes
-        the weights as saved.
+        the weights as saved. Leaves the random states as they were.
 
         Raises:
             KeyError: unknown metric name. ValueError: a metric that needs a target or teacher it lacks.
@@ -426,6 +483,7 @@ class Trainer:
         self._tcache = (key, outs)
         return outs
 
+    @_keeps_rng
     def evaluate(self, data: Iterable[Any], *, metric: str | Callable[..., torch.Tensor] = "accuracy",
                  presets: Sequence[str] | None = None, latency: bool = False,
                  metric_name: str | None = None) -> dict[str, dict[str, float]]:
@@ -433,7 +491,8 @@ class Trainer:
 
         BN recalibration runs first if the model has BatchNorm and was trained since the last one.
         ``data`` should be a list (or a loader with a fixed order) so the original model's outputs are
-        computed once for all presets.
+        computed once for all presets. Leaves the random states as they were, so evaluating
+        between steps does not change training.
 
         Args:
             data: held-out batches.
@@ -495,10 +554,22 @@ class Trainer:
     def save_state(self, path: str) -> Any:
         """Write the trainer state (weights, optimizer, step, data position, RNG) atomically; rank 0 only.
 
+        The random states (torch CPU and CUDA, Python ``random``, NumPy, the data's generators;
+        see :func:`~elasticize.train.state.rng_state`) are stored as they are now and as they
+        were when this epoch's data iterator was made, which :meth:`load_state` makes it from
+        again. Under DDP they are rank 0's, and every rank resumes with them.
+
+        Returns:
+            The path written (None on other ranks).
+
+        Warns:
+            UserWarning: a resume from this state cannot repeat this run bit for bit (a
+                ``DataLoader`` with ``persistent_workers=True`` past its first epoch).
+
         Raises:
             FileExistsError, FileNotFoundError, PermissionError, ValueError, OSError: see
                 :func:`elasticize.train.state.write_state`.
-            TypeError: the scheduler's state is not JSON-native.
+            TypeError: a scheduler whose ``state_dict`` is not JSON-native.
         """
         if self.rank != 0:
             return None
@@ -512,11 +583,42 @@ class Trainer:
             except TypeError as e:
                 raise TypeError(f"the scheduler's state_dict is not JSON-native ({e}); use a torch.optim.lr_scheduler "
                                 "class with plain-number settings") from e
-        rng = {"sampler": self.sampler.generator.get_state(), "torch": torch.get_rng_state()}
+        gens = data_generators(self.data)
+        now, now_info = rng_state(gens)
+        rng = {"sampler": self.sampler.generator.get_state(), **now}
+        meta["rng"] = {"now": now_info}
+        if self.batch_in_epoch and self._epoch_rng is not None:
+            epoch, epoch_info = self._epoch_rng
+            rng.update({f"epoch.{k}": v for k, v in epoch.items()})
+            meta["rng"]["epoch"] = epoch_info
+        for reason in self._inexact_resume():
+            warnings.warn(f"{path}: resuming from this state will not repeat the interrupted run exactly: {reason}",
+                          stacklevel=2)
         return write_state(path, self.em, self.optimizer, meta, rng, inputs=(self.em.source_path,))
+
+    def _inexact_resume(self) -> list[str]:
+        """Why a resume from a state saved now would not repeat this run bit for bit (empty: it would)."""
+        reasons = []
+        if getattr(self.data, "persistent_workers", False) and getattr(self.data, "num_workers", 0) > 0 \
+                and self.epoch > 0:
+            reasons.append("the DataLoader keeps its worker processes across epochs (persistent_workers=True), and "
+                           "they draw from random states seeded in the first epoch that a resumed run cannot make "
+                           "again; use persistent_workers=False for exact resume")
+        return reasons
 
     def load_state(self, path: str) -> None:
         """Resume from :meth:`save_state`: the next step continues exactly where that run stopped.
+
+        Weights, optimizer, scheduler, sampler and random states are restored now. At the next
+        step the data iterator is made again (``set_epoch`` first) from the random states saved
+        at the epoch's start, so it draws the interrupted run's order and base seed; the
+        epoch's batches before the state's position are drawn and dropped; then the random
+        states are set to those saved with the state (as the Hugging Face Trainer does), so
+        that dropout and the rest draw what the interrupted run drew.
+
+        Warns:
+            UserWarning: the state's data had other random generators than this trainer's
+                (e.g. a ``DataLoader`` with a ``generator`` and one without).
 
         Raises:
             FileNotFoundError, ValueError: see :func:`elasticize.train.state.read_state`; also a state
@@ -543,8 +645,18 @@ class Trainer:
         self.epoch = int(info["epoch"])
         self.batch_in_epoch = int(info["batch_in_epoch"])
         self.sampler.load_state_dict({"per": info["sampler"]["per"], "generator": rng["sampler"]})
-        torch.set_rng_state(rng["torch"])
+        rng_info = info.get("rng") or {}
+        now = ({k: v for k, v in rng.items() if k != "sampler" and not k.startswith("epoch.")},
+               rng_info.get("now") or {})
+        epoch = {k[len("epoch."):]: v for k, v in rng.items() if k.startswith("epoch.")}
+        missing = set_rng_state(*now, data_generators(self.data))
+        if missing:
+            warnings.warn(f"{path} and this trainer's data have different random generators ({', '.join(missing)}): "
+                          "the resumed data order will not be the interrupted run's; resume with the same loader",
+                          stacklevel=2)
         if self.scheduler is not None:
             self.scheduler.load_state_dict(info["scheduler"])
         self._iter = None
+        self._resumed_rng = now
+        self._epoch_rng = (epoch, rng_info.get("epoch") or {}) if epoch else None
         self._calibrated = False
