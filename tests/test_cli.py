@@ -125,3 +125,33 @@ def test_weights_file_must_be_safetensors(tmp_path):
     res = CliRunner().invoke(main, ["convert", "resnet18", "--weights", str(bad), "-o", str(tmp_path / "o.safetensors")])
     assert res.exit_code == 1 and "never unpickles" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-macs", "inf"], "not a positive, finite budget"),
+    (["--max-macs", "nan"], "not a positive, finite budget"),
+    (["--max-params", "-5"], "not a positive, finite budget"),
+    (["--config", '{"width": ' + "9" * 5000 + "}"], "not valid JSON"),
+    (["--config", "[" * 100_000 + "]" * 100_000], "nests deeper"),
+])
+def test_hostile_command_line_values_are_one_line_errors(converted, tmp_path, args, message):
+    _, out, _ = converted
+    res = CliRunner().invoke(main, ["extract", str(out), *args, "-o", str(tmp_path / "x.safetensors")])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert not isinstance(res.exception, (RecursionError, OverflowError))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_torchvision_builds_without_fetching_a_backbone(monkeypatch, tmp_path):
+    """torchvision's segmentation builders default to an ImageNet backbone checkpoint; without
+    pretrained weights elasticize asks for none, so building touches neither the network nor a cache."""
+    import socket
+
+    def refuse(*a, **k):
+        raise AssertionError("the builder opened a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: a checkpoint could only be downloaded
+    with torch.device("meta"):
+        m = elasticize.adapters.get_adapter("torchvision").build("fcn_resnet50", pretrained=False, kwargs={})
+    assert type(m).__name__ == "FCN" and list(tmp_path.iterdir()) == []
