@@ -47,7 +47,9 @@ from ._version import __version__
 from .adapters import build_from_recipe, get_adapter
 from .export import densify, dense_tensors, set_tensor
 from .model import ElasticModel, SubnetLike
-from .manifest import FILE_PREFIX, Header, ManifestError, bn_name, check_manifest, loads, preset_table, read_header
+from .fileformat.header import Header, read_header
+from .fileformat.manifest import FILE_PREFIX, bn_name, check_manifest, preset_table
+from .plan.parse import ManifestError, loads
 from .plan import Plan, apply_plan, slice_ranges
 from .space import Config, SearchSpace
 
@@ -99,8 +101,8 @@ def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str,
     """The manifest of an elasticize file, validated in full before it is returned.
 
     Reading never builds a model, imports code or follows a path the file names. The whole
-    header is checked (:func:`elasticize.manifest.read_header`) and so is every manifest key
-    (:func:`elasticize.manifest.check_manifest`), including the per-preset tables.
+    header is checked (:func:`elasticize.fileformat.header.read_header`) and so is every manifest key
+    (:func:`elasticize.fileformat.manifest.check_manifest`), including the per-preset tables.
 
     Args:
         path: the file.
@@ -109,7 +111,7 @@ def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str,
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: (:class:`elasticize.manifest.ManifestError`) not a readable safetensors file
+        ValueError: (:class:`elasticize.plan.parse.ManifestError`) not a readable safetensors file
             (truncated, corrupted, a header over safetensors' 100 MB limit, bad offsets), no
             elasticize manifest in it, a manifest that is not valid JSON, one written in a newer
             format version than this elasticize reads (the message says to upgrade), or any key
@@ -168,7 +170,7 @@ def _file_bytes(path: Any, name: str, entry: Any, tensor: torch.Tensor | None) -
 
 def _listed_files(path: Any, manifest: dict[str, Any]) -> list[tuple[str, Any, str]]:
     """``(name, manifest entry, stored tensor name)`` of each file the manifest lists (checked by
-    :func:`elasticize.manifest.check_files` when the manifest was read)."""
+    :func:`elasticize.fileformat.manifest.check_files` when the manifest was read)."""
     return [(name, entry, entry["tensor"]) for name, entry in (manifest.get("files") or {}).items()]
 
 

@@ -143,7 +143,7 @@ def _build_base(spec: str | None, file: str) -> Any:
 
 
 def _config_json(text: str) -> Any:
-    from .manifest import loads
+    from .plan.parse import loads
 
     try:
         return loads(text, "--config")

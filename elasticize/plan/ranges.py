@@ -1,0 +1,46 @@
+"""Prefix ranges: which ``[start, stop)`` ranges of each tensor a sub-network uses, and cutting them."""
+
+from __future__ import annotations
+
+import torch
+
+from .apply import ElasticState
+from .core import Plan, axis_entry
+
+__all__ = ["tensor_ranges", "slice_ranges"]
+
+
+def tensor_ranges(plan: Plan, state: ElasticState, fqn: str) -> list[list[tuple[int, int]]] | None:
+    """Per axis, the ``[start, stop)`` ranges of ``fqn`` that the active sub-network uses.
+
+    Returns None when the tensor is not elastic (the whole tensor is used).
+    """
+    info = plan.tensors.get(fqn)
+    if info is None or not info["axes"]:
+        return None
+    out: list[list[tuple[int, int]]] = []
+    for ax, n in enumerate(info["shape"]):
+        a = info["axes"].get(str(ax))
+        if a is None:
+            out.append([(0, n)])
+            continue
+        name, chunks, div = axis_entry(a)
+        g = state.groups[name]
+        size, active = g.size // div, g.active // div
+        out.append([(k * size, k * size + active) for k in range(chunks)])
+    return out
+
+
+def slice_ranges(t: torch.Tensor, ranges: list[list[tuple[int, int]]] | None) -> torch.Tensor:
+    """``t`` cut to ``ranges`` (as from :func:`tensor_ranges`); a new contiguous tensor."""
+    if ranges is None:
+        return t.detach().clone()
+    for ax, rs in enumerate(ranges):
+        if len(rs) == 1:
+            a, b = rs[0]
+            if a == 0 and b == t.shape[ax]:
+                continue
+            t = t.narrow(ax, a, b - a)
+        else:
+            t = torch.cat([t.narrow(ax, a, b - a) for a, b in rs], dim=ax)
+    return t.detach().clone().contiguous()
