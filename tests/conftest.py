@@ -9,19 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from elasticize.testing import math_attention  # noqa: F401  (re-exported for the tests)
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
-
-
-def math_attention(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with timm's fused attention off (FlopCounterMode does not count the CPU kernel)."""
-    for m in module.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
-    return module
 
 
 def counted(module: torch.nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tensor, float]:
