@@ -7,7 +7,7 @@ data section exactly), parses JSON without recursion (nesting is bounded first),
 manifest against its format version: unknown keys in a known version are refused, every size
 must agree with the stored tensors, choices run from the full size down to at least 1, preset
 configurations lie inside the search space and the per-preset tables (the contract for readers
-in other languages, see the README's file format) equal what the plan computes. Every problem
+in other languages, see docs/guides/file-format.md) equal what the plan computes. Every problem
 is a :class:`ManifestError` (a ``ValueError``) that names the key.
 
 Nothing here builds a model or imports a library a file names; recipes are checked against
