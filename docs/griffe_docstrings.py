@@ -6,8 +6,9 @@ when the reference is built (the source is left as it is):
 * ``:func:`name```, ``:class:`~pkg.Name```... become code spans (``name``, ``Name``);
 * a paragraph ending in ``::`` followed by an indented block, and a run of ``>>>`` lines, become
   fenced Python code;
-* a package's re-exports of its own submodules' objects (``from .model import ElasticModel`` with
-  ``__all__``) are documented once, in the submodule that defines them.
+* a package's re-exports of its own public submodules' objects (``from .model import ElasticModel``
+  with ``__all__``) are documented once, in the submodule that defines them; re-exports from a
+  private submodule (``from ._impl import f``) are documented in the package.
 """
 
 from __future__ import annotations
@@ -87,8 +88,11 @@ class ReferenceDocstrings(griffe.Extension):
             obj.docstring.value = markdown(obj.docstring.value)
         for member in list(obj.members.values()):
             if member.is_alias:
-                # re-exported from a submodule of this package: documented there
-                if obj.is_module and member.target_path.startswith(obj.path + "."):
+                # re-exported from a public submodule of this package: documented there (one from a
+                # private submodule, e.g. ``pkg._impl``, stays here, since ``_impl`` gets no section)
+                rel = member.target_path[len(obj.path) + 1:] if obj.is_module else ""
+                if obj.is_module and member.target_path.startswith(obj.path + ".") and not any(
+                        part.startswith("_") for part in rel.split(".")[:-1]):
                     member.public = False
                 continue
             self._visit(member)
