@@ -80,7 +80,8 @@ def main_() -> None:
                 print(f"  lr {lr} {schedule}: " + ", ".join(f"{p} {a:.4f}" for p, a in rows[-1][2].items()), flush=True)
     presets = list(rows[0][2])
     header = ["lr", "schedule", *presets, "s/run"]
-    cells = [[lr, f"`{schedule}`", *(f"{acc[p]:.4f}" for p in presets), f"{sec:.0f}"] for lr, schedule, acc, sec in rows]
+    cells = [[lr, f"`{schedule}`", *(f"{acc[p]:.4f}" for p in presets), f"{sec:.0f}"]
+             for lr, schedule, acc, sec in rows]
     print("\n" + _results.markdown(_results.table(header, cells)))
     _results.write(__file__, [_results.table(header, cells, title=f"held-out accuracy, mean of seeds {args.seeds} "
                                                                   f"({args.steps} sortednet steps)")],

@@ -120,7 +120,8 @@ def test_results_helper_replaces_a_run_of_the_same_command(tmp_path):
     _results.write("bench_x.py", [t], dest=dest, argv=["--steps", "4"])
     _results.write("bench_x.py", [_results.table(["a"], [[2]])], dest=dest, argv=["--steps", "3"])
     runs = json.loads(Path(dest).read_text())["runs"]
-    assert [r["command"] for r in runs] == ["python benchmarks/bench_x.py --steps 3", "python benchmarks/bench_x.py --steps 4"]
+    assert [r["command"] for r in runs] == ["python benchmarks/bench_x.py --steps 3",
+                                            "python benchmarks/bench_x.py --steps 4"]
     assert runs[0]["tables"][0]["rows"] == [["2"]]
     assert _results.write("bench_x.py", [t], quick=True) is None  # smoke runs write only where told
 
@@ -137,7 +138,8 @@ def test_docs_hook_renders_results_and_reference_pages():
 
     out = hooks.on_page_markdown((ROOT / "docs" / "benchmarks.md").read_text(), Page, None, None)
     assert "<!-- results:" not in out
-    assert "| conversion (`elasticize(model)`, including the run of the smallest sub-network that checks it) | 0.44 s |" in out
+    assert ("| conversion (`elasticize(model)`, including the run of the smallest sub-network that checks it) "
+            "| 0.44 s |") in out
     with pytest.raises(Exception, match="no run with id"):
         hooks.on_page_markdown("<!-- results: bench_core#nope -->", Page, None, None)
 
