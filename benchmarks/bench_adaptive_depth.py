@@ -19,6 +19,7 @@ import statistics
 
 import torch
 
+import _results
 from _digits import DigitsResNet, loaders, train
 
 import elasticize
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--quick", action="store_true")
+    _results.add_argument(ap)
     args = ap.parse_args()
     if args.quick:
         args.steps = 30
@@ -81,15 +83,20 @@ def main() -> None:
     m = lambda v: f"{statistics.mean(v):.2f}" if v else "-"  # noqa: E731
     print(f"\ndigits, DigitsResNet c={args.channels}, 2 stages x 4 blocks (2 skippable), {args.steps} updates, "
           f"mean of {args.seeds} seed(s); accuracy %")
-    print("| training | super-net | base-net | super-net, BN recalibrated | base-net, BN recalibrated | train s |")
-    print("|---|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {m(r.get('super', []))} | {m(r.get('base', []))} | {m(r.get('super (recal)', []))} | "
-              f"{m(r.get('base (recal)', []))} | {statistics.mean(times[name]):.1f} |")
+    header = ["training", "super-net", "base-net", "super-net, BN recalibrated", "base-net, BN recalibrated",
+              "train s"]
+    cells = [[name, m(r.get("super", [])), m(r.get("base", [])), m(r.get("super (recal)", [])),
+              m(r.get("base (recal)", [])), f"{statistics.mean(times[name]):.1f}"] for name, r in rows.items()]
+    print(_results.markdown(_results.table(header, cells)))
     sep = sum(statistics.mean(v) for k, v in times.items() if k.endswith("alone"))
     ours = statistics.mean(times["self-distillation + switchable BN"])
     print(f"\ntraining cost: one skip-aware run / the 4 depth variants trained separately = {ours / sep:.2f}x "
           f"({ours:.1f} s vs {sep:.1f} s)")
+    _results.write(__file__, [
+        _results.table(header, cells, title=f"accuracy %, mean of {args.seeds} seed(s)"),
+        _results.table(["measure", "result"], [["one skip-aware run (all 4 depth variants) / the 4 variants trained "
+                                                "separately", f"{ours / sep:.2f}x ({ours:.1f} s vs {sep:.1f} s)"]])],
+        dest=args.results, quick=args.quick, machine_text=_results.machine(1))
 
 
 if __name__ == "__main__":

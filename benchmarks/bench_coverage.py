@@ -24,6 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import _results
 import elasticize
 
 MODELS = [
@@ -71,7 +72,7 @@ def measured_macs(module: torch.nn.Module, x: torch.Tensor) -> float:
     return fc.get_total_flops() / 2
 
 
-def row(spec: str) -> str:
+def row(spec: str) -> list[str]:
     t0 = time.perf_counter()
     try:
         torch.manual_seed(0)
@@ -84,23 +85,25 @@ def row(spec: str) -> str:
                 diff = (sub(x) - em(x)).abs().max().item()
             cells += [f"{em.macs(p) / 1e9:.3f} / {measured_macs(sub, x[:1]) / 1e9:.3f}", f"{diff:.0e}"]
         kinds = [g["kind"] for g in em.plan.groups]
-        return (f"| {spec} | {kinds.count('width')} | {kinds.count('heads')} | {len(em.plan.stages)} | "
-                f"{len(em.presets)} | {' | '.join(cells)} | {time.perf_counter() - t0:.1f} |")
+        return [spec, str(kinds.count("width")), str(kinds.count("heads")), str(len(em.plan.stages)),
+                str(len(em.presets)), *cells, f"{time.perf_counter() - t0:.1f}"]
     except Exception as e:  # noqa: BLE001 - report the failure and go on
         return failed(spec, e)
 
 
-def failed(name: str, e: Exception) -> str:
-    """The markdown row of a model that failed: its error's first line."""
-    return f"| {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:160]} |"
+def failed(name: str, e: Exception) -> list[str]:
+    """The row of a model that failed: its name and its error's first line."""
+    return [name, f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"]
 
 
-def print_table(doc: str, default: list[str], row: Callable[[str], str], header: list[str], versions: str = "") -> None:
-    """The command line shared by the coverage benchmarks: ``[--threads N] [NAME ...]``, the machine,
-    then one markdown row per name."""
+def print_table(doc: str, default: list[str], row: Callable[[str], list[str]], header: list[str], versions: str = "",
+                script: str = __file__) -> None:
+    """The command line shared by the coverage benchmarks: ``[--threads N] [--results FILE] [NAME ...]``, the
+    machine, then one markdown row per name; the rows also go to ``script``'s results file."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("names", nargs="*", default=default)
     ap.add_argument("--threads", type=int, default=2)
+    _results.add_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -108,8 +111,13 @@ def print_table(doc: str, default: list[str], row: Callable[[str], str], header:
           f"torch {torch.__version__}{versions}")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
+    rows = []
     for name in args.names:
-        print(row(name), flush=True)
+        cells = row(name)
+        print("| " + " | ".join(cells) + " |", flush=True)
+        rows.append(cells + [""] * (len(header) - len(cells)))  # a failed model's row: its name and its error
+    _results.write(script, [_results.table(header, rows)], dest=args.results,
+                   machine_text=_results.machine(args.threads) + versions)
 
 
 def main() -> None:

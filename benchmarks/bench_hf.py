@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
+import _results  # noqa: E402
 from bench_core import paired  # noqa: E402
 from docstrings import stdlib_sentences  # noqa: E402
 from minilm import embed  # noqa: E402
@@ -45,6 +46,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
+    _results.add_argument(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads")
@@ -74,6 +76,7 @@ def main() -> None:
     calib = [dict(tok(calib_lines[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
              for i in range(0, len(calib_lines), 32)]
     cfg = {"heads": 0.5, "width": 0.5}
+    cosines = {}
     with torch.no_grad():
         ref = embed(original, batch)
         for sort in ("activation", "magnitude", None):  # activation: ranked on 256 other sentences
@@ -83,6 +86,23 @@ def main() -> None:
                 cos = torch.nn.functional.cosine_similarity(embed(e, batch), ref).mean().item()
             print(f"half heads + half FFN ({100 * e.macs(cfg) / e.macs():.0f}% MACs), sort={sort!s:10}: "
                   f"mean cosine {cos:.4f} over {len(sentences)} sentences")
+            cosines[sort] = (cos, 100 * e.macs(cfg) / e.macs())
+    share = cosines["magnitude"][1]
+    rows = [
+        ["conversion (`elasticize(model)`), bundled all-MiniLM-L6-v2", f"{t_minilm:.2f} s", "<= 2 s"],
+        ["conversion, BERT-base size (`BertConfig()`, 110M params, random weights)", f"{t_base:.2f} s", "<= 2 s"],
+        ["load from the folder + convert, MiniLM", f"{t_load_convert:.2f} s", ""],
+        ["elastic MiniLM at the largest sub-network / original, batch 32 x 128 tokens",
+         f"{t_el / t_orig:.3f} ({t_el * 1e3:.0f} ms vs {t_orig * 1e3:.0f} ms)", "<= 1.05"],
+        [f"mean cosine to the original, half heads + half FFN ({share:.0f}% MACs), magnitude-sorted",
+         f"{cosines['magnitude'][0]:.4f}", ""],
+        ["same, unsorted (original channel order)", f"{cosines[None][0]:.4f}", ""],
+        [f"same, activation-sorted (`calibration=` {len(calib_lines)} other sentences)",
+         f"{cosines['activation'][0]:.4f}", ""],
+    ]
+    _results.write(__file__, [_results.table(["measure", "result", "target"], rows)], dest=args.results,
+                   machine_text=_results.machine(args.threads) + ", fp32",
+                   notes=f"Cosines over {len(sentences)} standard-library docstring sentences, before any training.")
 
 
 if __name__ == "__main__":

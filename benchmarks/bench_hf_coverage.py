@@ -57,7 +57,7 @@ def first(out):
     return out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
 
 
-def row(model_type: str) -> str:
+def row(model_type: str) -> list[str]:
     t0 = time.perf_counter()
     try:
         torch.manual_seed(0)
@@ -75,8 +75,8 @@ def row(model_type: str) -> str:
                     y = first(em(ids))
                 worst = max(worst, (first(em.extract(p)(ids)) - y).abs().max().item())
         fixed = next((f"{w}: {r}" for w, r in em.plan.not_elastic if "channel order the user sees" not in r), "")
-        return (f"| {model_type} | {kinds.count('heads')} | {kinds.count('width')} | {kinds.count('hidden')} | "
-                f"{len(em.plan.stages)} | {full:.0e} | {worst:.0e} | {fixed[:110]} | {time.perf_counter() - t0:.1f} |")
+        return [model_type, str(kinds.count("heads")), str(kinds.count("width")), str(kinds.count("hidden")),
+                str(len(em.plan.stages)), f"{full:.0e}", f"{worst:.0e}", fixed[:110], f"{time.perf_counter() - t0:.1f}"]
     except Exception as e:  # noqa: BLE001 - report the failure and go on
         return failed(model_type, e)
 
@@ -87,7 +87,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     print_table(__doc__, FAMILIES, row, ["model type", "heads groups", "width groups", "hidden", "depth stages",
                                          "full vs original", "extraction max diff", "first thing kept whole", "s"],
-                f", transformers {transformers.__version__}")
+                f", transformers {transformers.__version__}", script=__file__)
 
 
 if __name__ == "__main__":

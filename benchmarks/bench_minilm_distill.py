@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from docstrings import package_sentences, stdlib_sentences  # noqa: E402
 
+import _results  # noqa: E402
 import elasticize  # noqa: E402
 from elasticize.train import Trainer, masked_hidden, mean_pooled  # noqa: E402
 from elasticize.train.losses import DISTILL_LOSSES  # noqa: E402
@@ -131,6 +132,7 @@ def main() -> None:
                     "the original; the teacher is still the original model")
     ap.add_argument("--out", help="save the first strategy's trained model here (.safetensors)")
     ap.add_argument("--quick", action="store_true")
+    _results.add_argument(ap)
     args = ap.parse_args()
     if args.quick:
         args.steps, args.held_out = 2, 16
@@ -223,12 +225,16 @@ def main() -> None:
         if k == 0 and args.out:
             tr.save(args.out, overwrite=True)
     presets = list(macs)
-    print("\n| strategy | " + " | ".join(f"{p} ({macs[p]:.0%} MACs)" for p in presets) + " |")
-    print("|---|" + "---|" * len(presets))
-    for name, row in table.items():
-        print(f"| {name} | " + " | ".join(f"{row[p]:.4f}" for p in presets) + " |")
+    header = ["strategy", *(f"{p} ({macs[p]:.0%} MACs)" for p in presets)]
+    rows = [[name, *(f"{row[p]:.4f}" for p in presets)] for name, row in table.items()]
+    print("\n" + _results.markdown(_results.table(header, rows)))
     for name, line in extra.items():
         print(f"- {name}: {line}")
+    _results.write(__file__, [
+        _results.table(header, rows, title=f"mean cosine to the original on {args.held_out} held-out sentences, "
+                                           f"{args.steps} steps per strategy"),
+        _results.table(["strategy", "training and sub-networks"], [[k, v] for k, v in extra.items()])],
+        dest=args.results, quick=args.quick, machine_text=_results.machine(args.threads, args.device))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import statistics
 
 import torch
 
+import _results
 from _digits import loaders, model, train
 
 WIDTHS = {"full": 1.0, "large": 0.75, "medium": 0.5, "tiny": 0.25}
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--full-weight", type=float, default=0.4, help="P_B of the full width in the weighted run")
     ap.add_argument("--quick", action="store_true")
+    _results.add_argument(ap)
     args = ap.parse_args()
     if args.quick:
         args.steps, args.seeds = 40, 1
@@ -69,20 +71,36 @@ def main() -> None:
 
     mean = {k: {w: statistics.mean(v) for w, v in d.items()} for k, d in acc.items()}
     print(f"\ndigits, DigitsResNet c={c}, {args.steps} updates, batch 64, AdamW 3e-3 cosine, mean of {args.seeds} seeds")
-    print(f"| width | sorted, uniform P_B | sorted, P_B full {args.full_weight:g} | individual | uniform - individual | "
-          "weighted - individual | full + truncation |")
-    print("|---|---|---|---|---|---|---|")
+    header = ["width", "sorted, uniform `P_B`", f"sorted, `P_B` full {args.full_weight:g}", "individual",
+              "uniform - individual", "weighted - individual", "full + truncation"]
+    rows = []
     for w, r in WIDTHS.items():
         ind = mean["individual"][w]
-        print(f"| {int(r * 100)}% | {mean['sorted'][w]:.2f} | {mean['weighted'][w]:.2f} | {ind:.2f} | "
-              f"{mean['sorted'][w] - ind:+.2f} | {mean['weighted'][w] - ind:+.2f} | {mean['truncation'][w]:.2f} |")
+        rows.append([f"{int(r * 100)}%", f"{mean['sorted'][w]:.2f}", f"{mean['weighted'][w]:.2f}", f"{ind:.2f}",
+                     f"{mean['sorted'][w] - ind:+.2f}", f"{mean['weighted'][w] - ind:+.2f}",
+                     f"{mean['truncation'][w]:.2f}"])
+    print(_results.markdown(_results.table(header, rows)))
     print()
+    summary = []
     for name in runs:
         ratio = sum(t_sorted[name]) / sum(t_indiv)
-        worst = min(mean[name][w] - mean["individual"][w] for w in WIDTHS)
+        worst_w = min(WIDTHS, key=lambda w: mean[name][w] - mean["individual"][w])
+        worst = mean[name][worst_w] - mean["individual"][worst_w]
         print(f"{name}: one run / sum of individual runs, time {ratio:.2f}x ({sum(t_sorted[name]):.1f} s vs "
               f"{sum(t_indiv):.1f} s); every width within 0.5 points or better: {'met' if worst >= -0.5 else 'NOT met'} "
               f"(worst {worst:+.2f}); time <= 0.5x: {'met' if ratio <= 0.5 else 'NOT met'}")
+        label = "uniform P_B" if runs[name] is None else f"P_B full {args.full_weight:g}"
+        summary.append([
+            label, f"{ratio:.2f}x ({sum(t_sorted[name]):.1f} s vs {sum(t_indiv):.1f} s)",
+            f"{worst:+.2f} ({int(WIDTHS[worst_w] * 100)}%)",
+            "met" if worst >= -0.5 and ratio <= 0.5 else
+            "not met" + (f" at {int(WIDTHS[worst_w] * 100)}%" if worst < -0.5 else " (time)")])
+    _results.write(__file__, [
+        _results.table(header, rows, title=f"accuracy %, mean of {args.seeds} seeds (DigitsResNet c={c}, "
+                                           f"{args.steps} updates, batch 64, AdamW 3e-3 cosine)"),
+        _results.table(["run", "time of one sorted run / sum of the four individual runs", "worst width - individual",
+                        "targets (every width within 0.5 points; <= 0.5x the time)"], summary)],
+        dest=args.results, quick=args.quick, machine_text=_results.machine(1))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from toy_models import digits  # noqa: E402
 
+import _results  # noqa: E402
 from elasticize.cli import main  # noqa: E402
 from elasticize.train.run import SCHEDULES, train_file  # noqa: E402
 
@@ -49,6 +50,7 @@ def main_() -> None:
     ap.add_argument("--schedules", default=",".join(SCHEDULES))
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", type=int, default=1)
+    _results.add_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -69,17 +71,21 @@ def main_() -> None:
                 t0 = time.perf_counter()
                 for seed in seeds:
                     res = train_file(model, data=folder, steps=args.steps, output=root / "out.safetensors",
-                                     lr=float(lr), schedule=schedule, seed=seed, eval_fraction=0.2, overwrite=True)
+                                     lr=float(lr), schedule=schedule, seed=seed, eval_fraction=0.2, overwrite=True,
+                                     trust_remote_code=True)  # the file this script just wrote from its own model
                     for preset, m in res["metrics"].items():
                         acc.setdefault(preset, []).append(m["accuracy"])
                 sec = (time.perf_counter() - t0) / len(seeds)
                 rows.append((lr, schedule, {p: sum(v) / len(v) for p, v in acc.items()}, sec))
                 print(f"  lr {lr} {schedule}: " + ", ".join(f"{p} {a:.4f}" for p, a in rows[-1][2].items()), flush=True)
     presets = list(rows[0][2])
-    print("\n| lr | schedule | " + " | ".join(presets) + " | s/run |")
-    print("|---|---|" + "---|" * (len(presets) + 1))
-    for lr, schedule, acc, sec in rows:
-        print(f"| {lr} | `{schedule}` | " + " | ".join(f"{acc[p]:.4f}" for p in presets) + f" | {sec:.0f} |")
+    header = ["lr", "schedule", *presets, "s/run"]
+    cells = [[lr, f"`{schedule}`", *(f"{acc[p]:.4f}" for p in presets), f"{sec:.0f}"]
+             for lr, schedule, acc, sec in rows]
+    print("\n" + _results.markdown(_results.table(header, cells)))
+    _results.write(__file__, [_results.table(header, cells, title=f"held-out accuracy, mean of seeds {args.seeds} "
+                                                                  f"({args.steps} sortednet steps)")],
+                   dest=args.results, machine_text=_results.machine(args.threads))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 import torch
 from torch import nn
 
+import _results
 from _digits import DigitsResNet, digits
 
 import elasticize
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="steps per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
+    _results.add_argument(ap)
     args = ap.parse_args()
     if args.quick:
         args.steps, args.rounds = 3, 2
@@ -82,11 +84,14 @@ def main() -> None:
     base = statistics.median(times["plain step (original model)"])
     print(f"digits batch 64, DigitsResNet c=32 (width 100/75/50/25%, depth), CPU {torch.get_num_threads()} thread, "
           f"median of {args.rounds} rounds x {args.steps} steps")
-    print("| step | passes | ms / step | ratio to plain step |")
-    print("|---|---|---|---|")
-    for name, (_, passes) in runs.items():
-        med = statistics.median(times[name])
-        print(f"| {name} | {passes} | {1000 * med:.1f} | {med / base:.2f}x |")
+    rows = [[name, str(passes), f"{1000 * statistics.median(times[name]):.1f}",
+             f"{statistics.median(times[name]) / base:.2f}x"] for name, (_, passes) in runs.items()]
+    header = ["step", "passes", "ms / step", "ratio to plain step"]
+    print(_results.markdown(_results.table(header, rows)))
+    _results.write(__file__, [_results.table(header, rows, title=f"step time over a plain step of the original model "
+                                                                 f"({1000 * base:.1f} ms); medians of {args.rounds} "
+                                                                 f"alternating rounds x {args.steps} steps")],
+                   dest=args.results, quick=args.quick, machine_text=_results.machine(1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """One ``.safetensors`` file per elastic model, with its manifest in the header metadata.
 
 The file holds the super-network's tensors under the original model's names, and the
-header metadata key ``"elasticize"`` holds a JSON manifest (schema in the README):
+header metadata key ``"elasticize"`` holds a JSON manifest (schema: docs/guides/file-format.md):
 format version, library version, base-model recipe, the plan, and for each preset its
 configuration, MACs, params, bytes and, per dense tensor, the source tensor and the
 ``[start, stop)`` ranges to read along each axis. A program in any language can cut a

@@ -47,7 +47,6 @@ class SearchSpace:
 
     Args:
         plan: the model's plan.
-        metrics: optional measured metrics per preset name (written by training).
     """
 
     def __init__(self, plan: Plan) -> None:

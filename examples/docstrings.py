@@ -82,7 +82,7 @@ def package_sentences(packages: tuple[str, ...] = PACKAGES, *, seed: int = 0, mi
     """Distinct prose sentences of every docstring in the source files of installed packages.
 
     The ``.py`` files are parsed with :mod:`ast`, never imported, so no package code runs and
-    nothing is printed; a package that is not installed is skipped. On the VM of the README, the
+    nothing is printed; a package that is not installed is skipped. On the 2-core VM of the benchmarks, the
     default packages give about 110,000 sentences in about a minute.
 
     Args:

@@ -113,8 +113,11 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         data: an image folder (one sub-folder per class) or a text file.
         steps: optimizer updates.
         output: the trained super-network file (never ``path``).
-        strategy, strategy_options: see :func:`~elasticize.train.make_strategy`.
-        batch_size, lr, seed: batch size, AdamW (peak) learning rate, sampler/data-split seed.
+        strategy: see :func:`~elasticize.train.make_strategy`.
+        strategy_options: see :func:`~elasticize.train.make_strategy`.
+        batch_size: batch size.
+        lr: AdamW (peak) learning rate.
+        seed: sampler/data-split seed.
         schedule: ``"constant"`` (the default: ``lr`` throughout), ``"cosine"`` (from ``lr`` to 0
             along a cosine over ``steps``; :class:`torch.optim.lr_scheduler.CosineAnnealingLR`, the
             digits benchmarks' schedule) or ``"onecycle"`` (rises from ``lr / 25`` over the first
@@ -128,7 +131,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         distill_loss: the distillation loss (None: the first of its kind). Text: ``"cosine"``
             (``1 - cos`` of the mean-pooled sentence embeddings) or ``"hidden"`` (that plus the
             relative MSE of every token's final hidden state, :func:`~elasticize.train.hidden_distillation`);
-            images: ``"kl"`` (Hinton et al., 2015) or ``"mse"`` on the logits. In the README's
+            images: ``"kl"`` (Hinton et al., 2015) or ``"mse"`` on the logits. In the benchmarks'
             MiniLM comparison ``hidden`` without dropout keeps the large sub-networks closer to the
             original and ``cosine`` with dropout the small ones (and is 15% cheaper per step).
         dropout: keep the model's dropout during training (False: every ``nn.Dropout`` gets

@@ -222,7 +222,8 @@ def set_rng_state(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any],
     have are skipped.
 
     Args:
-        tensors, info: :func:`rng_state`'s output (tensors as read back from the file).
+        tensors: :func:`rng_state`'s tensors, as read back from the file.
+        info: :func:`rng_state`'s JSON part.
         generators: the data's named generators (:func:`data_generators`).
 
     Returns:

@@ -210,7 +210,7 @@ class Trainer:
         device: where to train (default: the model's device).
         amp: bf16 autocast for the forward passes (default: on for CUDA, off elsewhere; True on a
             CPU with native bf16, e.g. AVX512-BF16, made MiniLM training steps about 1.3x faster on
-            the 2-core EPYC VM of the README's figures).
+            the 2-core EPYC VM of the benchmarks' figures).
         calibration_batches: batches per preset for BN recalibration.
         scheduler: a ``torch.optim.lr_scheduler`` on ``optimizer``, stepped after every update;
             its ``state_dict`` goes into the trainer state (JSON) for resume.
