@@ -1,4 +1,7 @@
-"""``elasticize convert``: build a model by name, make it elastic, save it (:func:`elasticize.convert`, :func:`elasticize.save`)."""
+"""``elasticize convert``: build a model by name, make it elastic and save it.
+
+A thin call of :func:`elasticize.convert` and :func:`elasticize.save`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""``elasticize extract``: one dense sub-network of a file (:meth:`ElasticModel.select`, :func:`elasticize.save_subnet`, :meth:`ElasticModel.save_pretrained`)."""
+"""``elasticize extract``: write one dense sub-network of a file.
+
+A thin call of :func:`elasticize.load`, :meth:`~elasticize.ElasticModel.select`,
+:func:`elasticize.checkpoint.save_subnet` and :meth:`~elasticize.ElasticModel.save_pretrained`.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""``elasticize train``: the sorted trainer on an image folder or a text file (:func:`elasticize.train.run.train_file`).
+"""``elasticize train``: the sorted trainer on an image folder or a text file.
+
+A thin call of :func:`elasticize.train.run.train_file`.
 
 ``--strategy`` and the options after it come from the strategy registry: every strategy
 registered with :func:`elasticize.train.register_strategy` by the time the command runs is a

@@ -3,9 +3,9 @@
 Pieces for your own loop: :class:`SubnetSampler` (SortedNet Eq. 1 sampling),
 :func:`make_strategy` (``sortednet``, ``subnetwork-to-go``, ``sandwich``, ``skip-aware``,
 ``full``, or your own, registered with :func:`register_strategy`), :func:`train_step` (one
-update), the losses in :mod:`elasticize.train.losses`, :func:`recalibrate_bn`. Or the :class:`Trainer`, which adds distillation from the frozen
-original, DDP under ``torchrun``, resume, BN recalibration before evaluation and saving, and
-measured presets.
+update), the losses in :mod:`elasticize.train.losses`, :func:`recalibrate_bn`. Or the
+:class:`Trainer`, which adds distillation from the frozen original, DDP under ``torchrun``,
+resume, BN recalibration before evaluation and saving, and measured presets.
 
     >>> from elasticize.train import Trainer
     >>> tr = Trainer(em, loader, optimizer=torch.optim.AdamW(em.parameters(), 1e-3),

@@ -178,7 +178,8 @@ def _check_option(name: str, opt: StrategyOption) -> None:
         for o in cls.cli_options:
             if o.flag == opt.flag and (o.key, o.type, o.choices) != (opt.key, opt.type, opt.choices):
                 raise ValueError(f"strategy {name!r}: option {opt.flag} is strategy {other!r}'s with key {o.key!r}, "
-                                 f"type {o.type.__name__} and choices {o.choices}; declare it alike or use another flag")
+                                 f"type {o.type.__name__} and choices {o.choices}; declare it alike or use another "
+                                 "flag")
 
 
 def strategy_cli_options() -> list[tuple[StrategyOption, tuple[str, ...]]]:
