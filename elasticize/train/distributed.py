@@ -26,6 +26,10 @@ def process_group(device: str) -> Iterator[tuple[int, int, str]]:
     When ``WORLD_SIZE > 1`` (set by ``torchrun``) and no process group exists yet, one is created
     (NCCL for CUDA, gloo otherwise; a bare ``"cuda"`` becomes ``cuda:LOCAL_RANK``) and destroyed on
     exit. An existing process group (the caller's) is used as it is.
+
+    Raises:
+        ValueError, RuntimeError: :func:`torch.distributed.init_process_group` cannot join the
+            job (e.g. ``MASTER_ADDR`` unset, a rendezvous that times out).
     """
     if dist.is_available() and dist.is_initialized():
         yield dist.get_rank(), dist.get_world_size(), device

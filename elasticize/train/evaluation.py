@@ -83,6 +83,9 @@ class _EvaluationMixin:
         """BN recalibration of every preset on ``calibration_batches`` batches (default: the training data).
 
         Leaves the random states as they were, so training after it draws what it would have drawn.
+
+        Raises:
+            ValueError: ``calibration_batches < 1`` or ``data`` yields no batch (see :func:`recalibrate_bn`).
         """
         stats = recalibrate_bn(self.em, data if data is not None else self.data, num_batches=self.calibration_batches,
                                device=self.device, forward=lambda m, b: forward_batch(m, b))
@@ -163,6 +166,10 @@ class _EvaluationMixin:
 
         Returns:
             preset -> {metric name: value, ...}.
+
+        Raises:
+            KeyError: an unknown metric name or preset. ValueError: a metric that needs a target or
+                teacher it lacks, or BN recalibration without batches (see :meth:`recalibrate`).
         """
         self._ensure_calibrated()
         name = metric_name or (metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"))
@@ -190,7 +197,12 @@ class _EvaluationMixin:
         return statistics.median(times)
 
     def extract(self, subnet: str | Mapping[str, Any] | None = None) -> nn.Module:
-        """``em.extract(subnet)`` after BN recalibration (a preset gets its calibrated statistics)."""
+        """``em.extract(subnet)`` after BN recalibration (a preset gets its calibrated statistics).
+
+        Raises:
+            KeyError, ValueError, TypeError: a sub-network outside the search space (see
+                :meth:`ElasticModel.extract`); ValueError also for BN recalibration without batches.
+        """
         self._ensure_calibrated()
         return self.em.extract(subnet)
 

@@ -182,7 +182,8 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
 
     Raises:
         TypeError: ``em`` is not an :class:`ElasticModel`.
-        KeyError, ValueError: an unknown strategy or bad option (see :func:`make_strategy`);
+        KeyError, ValueError, TypeError: an unknown strategy or ``distill_loss`` name, a bad
+            strategy option value or an option the strategy does not take (see :func:`make_strategy`);
             ValueError also for a ``max_grad_norm`` that is not positive; KeyError, ValueError or
             TypeError for an ``always`` entry that ``em.resolve`` rejects (an unknown preset, a
             value outside the search space).
