@@ -185,6 +185,24 @@ def test_a_registered_strategy_is_a_choice_with_its_options(image_job, tmp_path)
     assert not any(tmp_path.glob("[su].safetensors"))
 
 
+def test_a_strategy_option_that_train_has_already_is_a_one_line_error():
+    from elasticize.train import STRATEGIES, Pass, Strategy, StrategyOption, register_strategy
+
+    @register_strategy("test-seeded")
+    class Seeded(Strategy):
+        cli_options = (StrategyOption("--seed", "seed", "clashes with train's own --seed."),)
+
+        def passes(self, sampler):
+            return [Pass(sampler.largest(), "max")]
+
+    try:
+        res = CliRunner().invoke(main, ["train", "--help"], terminal_width=WIDE)
+        assert res.exit_code == 1 and "declares --seed, an option elasticize train has already" in res.output, res.output
+    finally:
+        del STRATEGIES["test-seeded"]
+    assert CliRunner().invoke(main, ["train", "--help"]).exit_code == 0
+
+
 def test_image_folder_shards(image_job):
     """Data-parallel shards of the training images: equal sizes, disjoint, within the training split."""
     from elasticize.train.data import image_folder_data
