@@ -143,6 +143,66 @@ def test_extract_best_measured_preset(image_job, tmp_path):
     assert not (tmp_path / "none.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_registered_strategy_is_a_choice_with_its_options(image_job, tmp_path):
+    """A strategy registered after the CLI was imported is a ``--strategy`` choice with its own
+    option in ``train --help``, trains from the command line with that option's value, and is
+    gone (option and all) once unregistered; another strategy's option is refused by the chosen one."""
+    from elasticize.train import STRATEGIES, Pass, Strategy, StrategyOption, register_strategy
+
+    @register_strategy("test-largest")
+    class Largest(Strategy):
+        cli_options = (StrategyOption("--test-passes", "k", "passes of the largest sub-network per step."),)
+
+        def __init__(self, *, k: int = 1) -> None:
+            self.k = k
+
+        def passes(self, sampler):
+            return [Pass(sampler.largest(), f"max{i}") for i in range(self.k)]
+
+        def options(self):
+            return {"k": self.k}
+
+    d, folder, model = image_job
+    args = ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "1", "--batch-size", "16"]
+    try:
+        res = CliRunner().invoke(main, ["train", "--help"], terminal_width=WIDE)
+        assert res.exit_code == 0, res.output
+        assert "[sortednet|subnetwork-to-go|sandwich|skip-aware|full|test-largest]" in res.output
+        assert "--test-passes INTEGER" in res.output and "test-largest: passes of the largest sub-network per step." in res.output
+        state = tmp_path / "state.safetensors"
+        res = CliRunner().invoke(main, [*args, "--strategy", "test-largest", "--test-passes", "2", "--state", str(state),
+                                        "-o", str(tmp_path / "t.safetensors")])
+        assert res.exit_code == 0, res.output
+        assert read_state_info(state)["strategy"] == {"name": "test-largest", "options": {"k": 2}}
+        res = CliRunner().invoke(main, [*args, "--test-passes", "2", "-o", str(tmp_path / "s.safetensors")])
+        assert res.exit_code == 1 and "strategy 'sortednet'" in res.output and "'k'" in res.output, res.output
+    finally:
+        del STRATEGIES["test-largest"]
+    res = CliRunner().invoke(main, ["train", "--help"], terminal_width=WIDE)
+    assert "test-largest" not in res.output and "--test-passes" not in res.output
+    res = CliRunner().invoke(main, [*args, "--strategy", "test-largest", "-o", str(tmp_path / "u.safetensors")])
+    assert res.exit_code == 2 and "'test-largest' is not one of" in res.output, res.output
+    assert not any(tmp_path.glob("[su].safetensors"))
+
+
+def test_a_strategy_option_that_train_has_already_is_a_one_line_error():
+    from elasticize.train import STRATEGIES, Pass, Strategy, StrategyOption, register_strategy
+
+    @register_strategy("test-seeded")
+    class Seeded(Strategy):
+        cli_options = (StrategyOption("--seed", "seed", "clashes with train's own --seed."),)
+
+        def passes(self, sampler):
+            return [Pass(sampler.largest(), "max")]
+
+    try:
+        res = CliRunner().invoke(main, ["train", "--help"], terminal_width=WIDE)
+        assert res.exit_code == 1 and "declares --seed, an option elasticize train has already" in res.output, res.output
+    finally:
+        del STRATEGIES["test-seeded"]
+    assert CliRunner().invoke(main, ["train", "--help"]).exit_code == 0
+
+
 def test_image_folder_shards(image_job):
     """Data-parallel shards of the training images: equal sizes, disjoint, within the training split."""
     from elasticize.train.data import image_folder_data

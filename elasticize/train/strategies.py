@@ -10,7 +10,17 @@ gradients of all passes accumulate, then the optimizer steps once. A pass's targ
 * ``"inplace"``: in-place distillation from the output of this step's largest sub-network,
   detached (Universally Slimmable Networks; Adaptive Depth's self-distillation).
 
-Strategies, by name (:func:`make_strategy`):
+Strategies are registered by name with :func:`register_strategy` (a duplicate name raises);
+:func:`make_strategy` and ``elasticize train --strategy`` (with each strategy's
+:attr:`Strategy.cli_options`) are built from that registry, :data:`STRATEGIES`. Adding one is
+one decorated class::
+
+    @register_strategy("largest-and-smallest")
+    class LargestAndSmallest(Strategy):
+        def passes(self, sampler):
+            return [Pass(sampler.largest(), "max"), Pass(sampler.smallest(), "min")]
+
+The built-in strategies:
 
 ``sortednet``
     SortedNet (arXiv 2309.00255, Eq. 1 and Section 1.2): each of ``accumulate`` micro-batches
@@ -38,14 +48,15 @@ Strategies, by name (:func:`make_strategy`):
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 from ..space import Config
 from .sampler import SubnetSampler
 
-__all__ = ["Pass", "Strategy", "SortedNet", "SubnetworkToGo", "Sandwich", "SkipAware", "FullOnly", "STRATEGIES",
-           "make_strategy"]
+__all__ = ["Pass", "Strategy", "StrategyOption", "SortedNet", "SubnetworkToGo", "Sandwich", "SkipAware", "FullOnly",
+           "STRATEGIES", "register_strategy", "make_strategy", "strategy_cli_options"]
 
 
 @dataclass(frozen=True)
@@ -69,11 +80,41 @@ class Pass:
     keep: bool = False
 
 
+@dataclass(frozen=True)
+class StrategyOption:
+    """A setting of a strategy that ``elasticize train`` offers as a command-line option.
+
+    The option is left out (the strategy's default applies) unless given; given with another
+    strategy, that strategy refuses it (see :func:`make_strategy`).
+
+    Attributes:
+        flag: the option, e.g. ``"--accumulate"``. Strategies that declare the same flag share
+            the option, so they must give it the same ``key``, ``type`` and ``choices``.
+        key: the keyword argument of the strategy's constructor it sets.
+        help: one line for ``elasticize train --help``, after the strategy's name.
+        type: the value's type: ``int``, ``float`` or ``str``.
+        choices: the values a ``str`` option allows (empty: any).
+    """
+
+    flag: str
+    key: str
+    help: str
+    type: type = int
+    choices: tuple[str, ...] = ()
+
+
 class Strategy:
-    """Base class: how many micro-batches one update consumes, and which passes it runs."""
+    """Base class: how many micro-batches one update consumes, and which passes it runs.
+
+    Attributes:
+        name: the name it is registered under (set by :func:`register_strategy`).
+        micro_batches: batches one optimizer update consumes.
+        cli_options: the constructor's settings that ``elasticize train`` offers as options.
+    """
 
     name: ClassVar[str] = ""
     micro_batches: int = 1
+    cli_options: ClassVar[tuple[StrategyOption, ...]] = ()
 
     def passes(self, sampler: SubnetSampler) -> list[Pass]:
         """The passes of one optimizer step, drawing from ``sampler``."""
@@ -84,6 +125,98 @@ class Strategy:
         return {}
 
 
+#: Registered strategy classes by name, in registration order (see :func:`register_strategy`).
+STRATEGIES: dict[str, type[Strategy]] = {}
+
+_S = TypeVar("_S", bound=type[Strategy])
+_FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*")
+
+
+def register_strategy(name: str) -> Callable[[_S], _S]:
+    """Class decorator: register a :class:`Strategy` subclass under ``name`` (and set its ``name``).
+
+    The class is then what :func:`make_strategy` builds for ``name``, a choice of ``elasticize
+    train --strategy``, and its :attr:`Strategy.cli_options` are options of that command.
+    The registry is loud: nothing is replaced silently.
+
+    Raises:
+        TypeError: the decorated object is not a subclass of :class:`Strategy`.
+        ValueError: ``name`` is empty or already registered, the class is already registered
+            under another name, or one of its ``cli_options`` has a malformed flag or key, or
+            a flag that another strategy declares with another key, type or choices.
+    """
+    def register(cls: _S) -> _S:
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise TypeError(f"registering strategy {name!r} needs a subclass of {Strategy.__module__}.Strategy, "
+                            f"got {cls!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"a strategy's name is a non-empty string, got {name!r}")
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} is already registered ({STRATEGIES[name].__qualname__}); "
+                             "pick another name")
+        taken = [n for n, c in STRATEGIES.items() if c is cls]
+        if taken:
+            raise ValueError(f"{cls.__qualname__} is already registered as strategy {taken[0]!r}; register a "
+                             "subclass under another name")
+        for opt in cls.cli_options:
+            _check_option(name, opt)
+        cls.name = name
+        STRATEGIES[name] = cls
+        return cls
+    return register
+
+
+def _check_option(name: str, opt: StrategyOption) -> None:
+    """Raise ValueError if ``opt`` is malformed or clashes with another strategy's option of the same flag."""
+    if not _FLAG.fullmatch(opt.flag) or not opt.key.isidentifier():
+        raise ValueError(f"strategy {name!r}: option {opt.flag!r} needs a flag like '--n-random' and a keyword "
+                         f"argument name as its key, got key {opt.key!r}")
+    if opt.type not in (int, float, str) or (opt.choices and opt.type is not str):
+        raise ValueError(f"strategy {name!r}: option {opt.flag} takes type int, float or str (choices only with "
+                         f"str), got {opt.type!r} with choices {opt.choices}")
+    for other, cls in STRATEGIES.items():
+        for o in cls.cli_options:
+            if o.flag == opt.flag and (o.key, o.type, o.choices) != (opt.key, opt.type, opt.choices):
+                raise ValueError(f"strategy {name!r}: option {opt.flag} is strategy {other!r}'s with key {o.key!r}, "
+                                 f"type {o.type.__name__} and choices {o.choices}; declare it alike or use another "
+                                 "flag")
+
+
+def strategy_cli_options() -> list[tuple[StrategyOption, tuple[str, ...]]]:
+    """Every registered strategy's command-line options, each flag once, with the strategies that declare it.
+
+    In registration order; an option's ``help`` is that of the first strategy that declares it.
+    """
+    out: dict[str, tuple[StrategyOption, tuple[str, ...]]] = {}
+    for name, cls in STRATEGIES.items():
+        for opt in cls.cli_options:
+            first, names = out.get(opt.flag, (opt, ()))
+            out[opt.flag] = (first, (*names, name))
+    return list(out.values())
+
+
+def make_strategy(name: str | Strategy, **options: Any) -> Strategy:
+    """A strategy by name with its options (``make_strategy("sortednet", accumulate=4)``).
+
+    Raises:
+        KeyError: no strategy is registered under ``name`` (the message lists the registered ones).
+        TypeError: an option the strategy does not take, or options with a :class:`Strategy` instance.
+        ValueError: an option value the strategy refuses (see each strategy).
+    """
+    if isinstance(name, Strategy):
+        if options:
+            raise TypeError("options are for a strategy given by name")
+        return name
+    if name not in STRATEGIES:
+        raise KeyError(f"no strategy {name!r} is registered; known strategies: {sorted(STRATEGIES)}. If it is your "
+                       "own, import the module that registers it with @register_strategy")
+    try:
+        return STRATEGIES[name](**options)
+    except TypeError as e:
+        raise TypeError(f"strategy {name!r}: {e}") from None
+
+
+@register_strategy("sortednet")
 class SortedNet(Strategy):
     """SortedNet (arXiv 2309.00255): Eq. 1 sampling, gradient accumulation, stochastic loss or summation.
 
@@ -95,12 +228,16 @@ class SortedNet(Strategy):
         ValueError: ``accumulate < 1`` or an unknown objective.
     """
 
-    name = "sortednet"
+    #: The objectives, the first the default.
+    OBJECTIVES: ClassVar[tuple[str, ...]] = ("stochastic-loss", "stochastic-summation")
+    cli_options = (StrategyOption("--accumulate", "accumulate", "sampled sub-networks per update (gradient "
+                                  "accumulation)."),
+                   StrategyOption("--objective", "objective", "objective (default stochastic-loss).", str, OBJECTIVES))
 
-    def __init__(self, *, accumulate: int = 1, objective: str = "stochastic-loss") -> None:
+    def __init__(self, *, accumulate: int = 1, objective: str = OBJECTIVES[0]) -> None:
         if accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {accumulate}")
-        if objective not in ("stochastic-loss", "stochastic-summation"):
+        if objective not in self.OBJECTIVES:
             raise ValueError(f"objective must be 'stochastic-loss' or 'stochastic-summation', not {objective!r}")
         self.micro_batches = int(accumulate)
         self.objective = objective
@@ -120,15 +257,15 @@ class SortedNet(Strategy):
         return {"accumulate": self.micro_batches, "objective": self.objective}
 
 
+@register_strategy("subnetwork-to-go")
 class SubnetworkToGo(Strategy):
     """Subnetwork-to-go (arXiv 2312.03464): the full network plus one random sub-network per step."""
-
-    name = "subnetwork-to-go"
 
     def passes(self, sampler: SubnetSampler) -> list[Pass]:
         return [Pass(sampler.largest(), "full"), Pass(sampler.sample(), "random")]
 
 
+@register_strategy("sandwich")
 class Sandwich(Strategy):
     """Sandwich rule + in-place distillation (Universally Slimmable Networks, Yu & Huang 2019).
 
@@ -139,7 +276,7 @@ class Sandwich(Strategy):
         ValueError: ``n < 0``.
     """
 
-    name = "sandwich"
+    cli_options = (StrategyOption("--n-random", "n", "random sub-networks between largest and smallest."),)
 
     def __init__(self, *, n: int = 2) -> None:
         if n < 0:
@@ -155,14 +292,13 @@ class Sandwich(Strategy):
         return {"n": self.n}
 
 
+@register_strategy("skip-aware")
 class SkipAware(Strategy):
     """Skip-aware self-distillation (Adaptive Depth Networks, arXiv 2312.16392): super-net and base-net only.
 
     Args:
         self_distill: False trains the base-net on the task loss instead of the KL term (the ablation).
     """
-
-    name = "skip-aware"
 
     def __init__(self, *, self_distill: bool = True) -> None:
         self.self_distill = bool(self_distill)
@@ -175,33 +311,9 @@ class SkipAware(Strategy):
         return {"self_distill": self.self_distill}
 
 
+@register_strategy("full")
 class FullOnly(Strategy):
     """Only the largest sub-network (plain training)."""
 
-    name = "full"
-
     def passes(self, sampler: SubnetSampler) -> list[Pass]:
         return [Pass(sampler.largest(), "full")]
-
-
-#: Strategy classes by name.
-STRATEGIES: dict[str, type[Strategy]] = {c.name: c for c in (SortedNet, SubnetworkToGo, Sandwich, SkipAware, FullOnly)}
-
-
-def make_strategy(name: str | Strategy, **options: Any) -> Strategy:
-    """A strategy by name with its options (``make_strategy("sortednet", accumulate=4)``).
-
-    Raises:
-        KeyError: unknown name (the message lists the known ones).
-        TypeError: an option the strategy does not take.
-    """
-    if isinstance(name, Strategy):
-        if options:
-            raise TypeError("options are for a strategy given by name")
-        return name
-    if name not in STRATEGIES:
-        raise KeyError(f"no strategy {name!r}; strategies: {sorted(STRATEGIES)}")
-    try:
-        return STRATEGIES[name](**options)
-    except TypeError as e:
-        raise TypeError(f"strategy {name!r}: {e}") from None

@@ -20,51 +20,24 @@ leave gradients of blocks used only by earlier passes unsynchronised. On CUDA (o
 
 from __future__ import annotations
 
-import copy
-import functools
-import json
-import statistics
+import contextlib
 import time
-import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from ..model import ElasticModel
 from ..space import Config
-from .bn import batchnorm_layers, recalibrate_bn
-from .losses import DISTILL_LOSSES, batch_size, default_output, forward_batch, split_batch, to_device
+from .distributed import rank_and_world
+from .evaluation import METRICS, _EvaluationMixin
+from .losses import DISTILL_LOSSES, batch_size, default_output, forward_batch, split_batch
+from .resume import _ResumeMixin
 from .sampler import SubnetSampler
-from .state import (check_state_info, data_generators, read_state, read_state_info, rng_state, set_rng_state,
-                    write_state)
 from .strategies import Pass, Strategy, make_strategy
 
 __all__ = ["train_step", "Trainer", "METRICS"]
-
-
-def _accuracy(student: torch.Tensor, target: Any, teacher: torch.Tensor | None) -> torch.Tensor:
-    if target is None:
-        raise ValueError("metric 'accuracy' needs batches with targets, (x, y) or a mapping with 'labels'")
-    return (student.argmax(-1) == target).float()
-
-
-def _cosine(student: torch.Tensor, target: Any, teacher: torch.Tensor | None) -> torch.Tensor:
-    if teacher is None:
-        raise ValueError("metric 'cosine' compares with the original model's output; the trainer has no teacher "
-                         "(pass distill=True)")
-    if student.dim() == 3:  # masked token states (batch, tokens, hidden): compare sentence embeddings
-        student, teacher = student.sum(1), teacher.sum(1)
-    return F.cosine_similarity(student.float(), teacher.float(), dim=-1)
-
-
-#: Metrics by name: ``(student output, target, teacher output or None) -> per-sample scores``; higher is better.
-METRICS: dict[str, Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]] = {
-    "accuracy": _accuracy,
-    "cosine": _cosine,
-}
 
 
 def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, sampler: SubnetSampler,
@@ -124,24 +97,11 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         _, _, target = split_batch(batch)
         em.set_subnet(p.config)
         if teacher is not None and p.target == "task" and p.micro not in teacher_out:
-            with torch.no_grad(), (autocast or _null()):
+            with torch.no_grad(), (autocast or contextlib.nullcontext()):
                 teacher_out[p.micro] = output_fn(forward_batch(teacher, batch), batch).detach()
-        with autocast or _null():
+        with autocast or contextlib.nullcontext():
             out = output_fn(forward_batch(runner, batch), batch)
-        if p.target == "inplace":
-            if p.micro not in kept:
-                raise ValueError(f"in-place pass {p.label!r} has no largest pass before it on its micro-batch")
-            loss = dl(out, kept[p.micro])
-        else:
-            parts = []
-            if p.micro in teacher_out:
-                parts.append(dl(out, teacher_out[p.micro]))
-            if loss_fn is not None and target is not None:
-                parts.append(loss_fn(out.float(), target))
-            if not parts:
-                raise ValueError("no loss to train with: the batch has no target (or no loss_fn was given) and there "
-                                 "is no teacher; give (x, y) batches and loss_fn, or distill=True")
-            loss = parts[0] if len(parts) == 1 else sum(parts)
+        loss = _pass_loss(p, out, target, distill_loss=dl, loss_fn=loss_fn, teacher_out=teacher_out, kept=kept)
         if not torch.isfinite(loss.detach()):
             raise ValueError(f"the loss of pass {p.label!r} is {loss.item()}; lower the learning rate")
         (loss * p.weight).backward()
@@ -155,36 +115,32 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
     return {k: sum(v) / len(v) for k, v in sums.items()}, [p.config for p in passes]
 
 
-class _null:
-    def __enter__(self) -> None:
-        return None
+def _pass_loss(p: Pass, out: torch.Tensor, target: Any, *,
+               distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None, teacher_out: Mapping[int, torch.Tensor],
+               kept: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    """The loss of pass ``p`` on its output ``out`` (see :func:`train_step`).
 
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-def _keeps_rng(method: Callable[..., Any]) -> Callable[..., Any]:
-    """A :class:`Trainer` method that leaves the random states and the training data's generators
-    as it found them: evaluating between steps changes neither training nor an exact resume
-    (iterating a ``DataLoader`` draws its base seed from them)."""
-    @functools.wraps(method)
-    def kept(self: "Trainer", *args: Any, **kwargs: Any) -> Any:
-        gens = data_generators(self.data)
-        saved = rng_state(gens)
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            set_rng_state(*saved, gens)
-    return kept
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    Raises:
+        ValueError: an in-place pass with no kept output on its micro-batch, or a task pass with
+            neither a target (and ``loss_fn``) nor a teacher output.
+    """
+    if p.target == "inplace":
+        if p.micro not in kept:
+            raise ValueError(f"in-place pass {p.label!r} has no largest pass before it on its micro-batch")
+        return distill_loss(out, kept[p.micro])
+    parts = []
+    if p.micro in teacher_out:
+        parts.append(distill_loss(out, teacher_out[p.micro]))
+    if loss_fn is not None and target is not None:
+        parts.append(loss_fn(out.float(), target))
+    if not parts:
+        raise ValueError("no loss to train with: the batch has no target (or no loss_fn was given) and there "
+                         "is no teacher; give (x, y) batches and loss_fn, or distill=True")
+    return parts[0] if len(parts) == 1 else sum(parts)
 
 
-class Trainer:
+class Trainer(_ResumeMixin, _EvaluationMixin):
     """The sorted trainer: strategies, distillation, BN recalibration, DDP, resume, measured presets.
 
     Args:
@@ -195,8 +151,8 @@ class Trainer:
             except with ``persistent_workers=True`` past the first epoch (:meth:`save_state` warns).
         optimizer: over ``em.parameters()``.
         loss_fn: task loss ``(output, target) -> scalar``; None for distillation only.
-        strategy: name (``sortednet``, ``subnetwork-to-go``, ``sandwich``, ``skip-aware``, ``full``)
-            or a :class:`Strategy`.
+        strategy: a registered name (``sortednet``, ``subnetwork-to-go``, ``sandwich``, ``skip-aware``,
+            ``full``, or your own: see :func:`~elasticize.train.register_strategy`) or a :class:`Strategy`.
         strategy_options: options of a strategy given by name (e.g. ``{"accumulate": 4}``).
         seed: the sampler's seed (rank 0's is used on every rank).
         distribution: SortedNet's ``P_{B_j}`` per dimension (see :class:`SubnetSampler`).
@@ -226,7 +182,8 @@ class Trainer:
 
     Raises:
         TypeError: ``em`` is not an :class:`ElasticModel`.
-        KeyError, ValueError: an unknown strategy or bad option (see :func:`make_strategy`);
+        KeyError, ValueError, TypeError: an unknown strategy or ``distill_loss`` name, a bad
+            strategy option value or an option the strategy does not take (see :func:`make_strategy`);
             ValueError also for a ``max_grad_norm`` that is not positive; KeyError, ValueError or
             TypeError for an ``always`` entry that ``em.resolve`` rejects (an unknown preset, a
             value outside the search space).
@@ -252,7 +209,7 @@ class Trainer:
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.strategy = make_strategy(strategy, **dict(strategy_options or {}))
-        self.rank, self.world = _world()
+        self.rank, self.world = rank_and_world()
         if self.world > 1:
             t = torch.tensor([int(seed)], dtype=torch.int64)
             dist.broadcast(t, 0)
@@ -294,60 +251,8 @@ class Trainer:
         self._resumed_rng: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # load_state's, till used
         self._calibrated = False
 
-    # ------------------------------------------------------------------ data
     def _autocast(self) -> torch.autocast | None:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if self.amp else None
-
-    def _start_epoch(self) -> None:
-        # the random states the iterator draws this epoch's order from (its base seed, a shuffle
-        # without a generator: the global RNG; with one: the loader's generator), for resume
-        self._epoch_rng = rng_state(data_generators(self.data))
-        sampler = getattr(self.data, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(self.epoch)
-        self._iter = iter(self.data)
-
-    def _resume_iterator(self) -> None:
-        """Make the data iterator: at the first step, or after :meth:`load_state` at the state's batch.
-
-        Making an iterator draws from the random generators (its base seed; a shuffle's order),
-        and so does every batch it gives (random transforms). So the iterator is made from the
-        random states the interrupted run made it from (saved at the epoch's start), the
-        epoch's first ``batch_in_epoch`` batches are drawn and dropped, and only then are the
-        random states set to the saved ones (as the Hugging Face Trainer does), so that the next
-        batch, dropout and everything after draw what the interrupted run drew.
-        """
-        now, self._resumed_rng = self._resumed_rng, None
-        gens = data_generators(self.data)
-        skip = self.batch_in_epoch
-        start = self._epoch_rng if skip and self._epoch_rng is not None else now
-        if start is not None:
-            set_rng_state(*start, gens)
-        self._start_epoch()
-        for i in range(skip):  # resumed: skip what this epoch already gave
-            try:
-                next(self._iter)
-            except StopIteration:
-                raise ValueError(f"the trainer state is at batch {skip} of epoch {self.epoch}, but this data gives "
-                                 f"{i} batches an epoch; resume with the data the state was saved with") from None
-        if skip and now is not None:
-            set_rng_state(*now, gens)
-
-    def _next_batch(self) -> Any:
-        if self._iter is None:
-            self._resume_iterator()
-        try:
-            b = next(self._iter)
-        except StopIteration:
-            self.epoch += 1
-            self.batch_in_epoch = 0
-            self._start_epoch()
-            try:
-                b = next(self._iter)
-            except StopIteration:
-                raise ValueError("the training data is empty") from None
-        self.batch_in_epoch += 1
-        return to_device(b, self.device)
 
     # ------------------------------------------------------------------ training
     def train_steps(self, steps: int, *, progress: bool | Callable[[dict[str, Any]], None] = False,
@@ -417,246 +322,3 @@ class Trainer:
             self.save_state(state_path)
         self.em.eval()
         return records
-
-    # ------------------------------------------------------------------ BN, evaluation, saving
-    @_keeps_rng
-    def recalibrate(self, data: Iterable[Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """BN recalibration of every preset on ``calibration_batches`` batches (default: the training data).
-
-        Leaves the random states as they were, so training after it draws what it would have drawn.
-        """
-        stats = recalibrate_bn(self.em, data if data is not None else self.data, num_batches=self.calibration_batches,
-                               device=self.device, forward=lambda m, b: forward_batch(m, b))
-        self._calibrated = True
-        return stats
-
-    def _ensure_calibrated(self) -> None:
-        stale = not self._calibrated or any(p not in self.em.bn_stats for p in self.em.presets)  # add_preset
-        if stale and batchnorm_layers(self.em.model):
-            self.recalibrate()
-        self._calibrated = True
-
-    @_keeps_rng
-    def measure(self, data: Iterable[Any], subnet: str | Mapping[str, Any] | None, *,
-                metric: str | Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor] = "accuracy") -> float:
-        """Mean per-sample ``metric`` of one sub-network over ``data`` (eval mode, no gradients).
-
-        Uses the calibrated BatchNorm statistics of a calibrated preset (run :meth:`recalibrate` or
-        :meth:`evaluate` first); other sub-networks use the trained statistics. Runs in the
-        model's own precision, without the training passes' autocast, so the figure describes
-        the weights as saved. Leaves the random states as they were.
-
-        Raises:
-            KeyError: unknown metric name. ValueError: a metric that needs a target or teacher it lacks.
-        """
-        fn = METRICS[metric] if isinstance(metric, str) and metric in METRICS else metric
-        if isinstance(fn, str):
-            raise KeyError(f"no metric {metric!r}; metrics: {sorted(METRICS)}")
-        self.em.eval()
-        total, count = 0.0, 0
-        previous = self.em.active
-        cache = self._teacher_cache(data) if self.teacher is not None else None
-        try:
-            self.em.set_subnet(subnet)
-            with torch.no_grad():
-                for i, b in enumerate(data):
-                    b = to_device(b, self.device)
-                    out = self.output_fn(forward_batch(self.em, b), b)
-                    t = cache[i] if cache is not None else None
-                    scores = fn(out.float(), split_batch(b)[2], t)
-                    total += float(scores.sum())
-                    count += scores.numel()
-        finally:
-            self.em.set_subnet(previous)
-        return total / max(count, 1)
-
-    def _teacher_cache(self, data: Iterable[Any]) -> list[torch.Tensor]:
-        key = id(data)
-        cached = getattr(self, "_tcache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        outs = []
-        with torch.no_grad():
-            for b in data:
-                b = to_device(b, self.device)
-                outs.append(self.output_fn(forward_batch(self.teacher, b), b).float())
-        self._tcache = (key, outs)
-        return outs
-
-    @_keeps_rng
-    def evaluate(self, data: Iterable[Any], *, metric: str | Callable[..., torch.Tensor] = "accuracy",
-                 presets: Sequence[str] | None = None, latency: bool = False,
-                 metric_name: str | None = None) -> dict[str, dict[str, float]]:
-        """Measure every preset and write the result into ``em.metrics`` (the manifest's measured presets).
-
-        BN recalibration runs first if the model has BatchNorm and was trained since the last one.
-        ``data`` should be a list (or a loader with a fixed order) so the original model's outputs are
-        computed once for all presets. Leaves the random states as they were, so evaluating
-        between steps does not change training.
-
-        Args:
-            data: held-out batches.
-            metric: ``"accuracy"``, ``"cosine"`` (to the original model's output) or a callable
-                ``(output, target, teacher_output) -> per-sample scores``; higher is better.
-            presets: preset names (default all).
-            latency: also record ``latency_s``, the median seconds of one forward on a batch of ``data``.
-            metric_name: the key written (default: the metric's name).
-
-        Returns:
-            preset -> {metric name: value, ...}.
-        """
-        self._ensure_calibrated()
-        name = metric_name or (metric if isinstance(metric, str) else getattr(metric, "__name__", "metric"))
-        out: dict[str, dict[str, float]] = {}
-        for p in (list(self.em.presets) if presets is None else presets):
-            value = self.measure(data, p, metric=metric)
-            entry = self.em.metrics.setdefault(p, {})
-            entry[name] = value
-            if latency:
-                entry["latency_s"] = self._latency(data, p)
-            out[p] = dict(entry)
-        return out
-
-    def _latency(self, data: Iterable[Any], preset: str, rounds: int = 5) -> float:
-        b = to_device(next(iter(data)), self.device)
-        times = []
-        with self.em.subnet(preset), torch.no_grad():
-            forward_batch(self.em, b)
-            for _ in range(rounds):
-                t0 = time.perf_counter()
-                forward_batch(self.em, b)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    def extract(self, subnet: str | Mapping[str, Any] | None = None) -> nn.Module:
-        """``em.extract(subnet)`` after BN recalibration (a preset gets its calibrated statistics)."""
-        self._ensure_calibrated()
-        return self.em.extract(subnet)
-
-    def save(self, path: str, *, overwrite: bool = False) -> Any:
-        """BN recalibration if needed, then :func:`elasticize.save` (rank 0 writes; returns the path or None).
-
-        Raises:
-            FileExistsError, FileNotFoundError, PermissionError, ValueError, OSError: see
-                :func:`elasticize.save` (``path`` exists, is a folder, its folder is missing or not
-                writable, it is the input file, or writing failed).
-        """
-        from ..checkpoint import save
-
-        self._ensure_calibrated()
-        if self.rank != 0:
-            return None
-        return save(self.em, path, overwrite=overwrite)
-
-    # ------------------------------------------------------------------ resume
-    def save_state(self, path: str) -> Any:
-        """Write the trainer state (weights, optimizer, step, data position, RNG) atomically; rank 0 only.
-
-        The random states (torch CPU and CUDA, Python ``random``, NumPy, the data's generators;
-        see :func:`~elasticize.train.state.rng_state`) are stored as they are now and as they
-        were when this epoch's data iterator was made, which :meth:`load_state` makes it from
-        again. Under DDP they are rank 0's, and every rank resumes with them.
-
-        Returns:
-            The path written (None on other ranks).
-
-        Warns:
-            UserWarning: a resume from this state cannot repeat this run bit for bit (a
-                ``DataLoader`` with ``persistent_workers=True`` past its first epoch).
-
-        Raises:
-            FileExistsError, FileNotFoundError, PermissionError, ValueError, OSError: see
-                :func:`elasticize.train.state.write_state`.
-            TypeError: a scheduler whose ``state_dict`` is not JSON-native.
-        """
-        if self.rank != 0:
-            return None
-        meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "strategy": {"name": self.strategy.name, "options": self.strategy.options()},
-                "always": [label for label, _ in self.always],
-                "sampler": {"seed": self.sampler.seed, "per": self.sampler.per}}
-        if self.scheduler is not None:
-            try:
-                meta["scheduler"] = json.loads(json.dumps(self.scheduler.state_dict()))
-            except TypeError as e:
-                raise TypeError(f"the scheduler's state_dict is not JSON-native ({e}); use a torch.optim.lr_scheduler "
-                                "class with plain-number settings") from e
-        gens = data_generators(self.data)
-        now, now_info = rng_state(gens)
-        rng = {"sampler": self.sampler.generator.get_state(), **now}
-        meta["rng"] = {"now": now_info}
-        if self.batch_in_epoch and self._epoch_rng is not None:
-            epoch, epoch_info = self._epoch_rng
-            rng.update({f"epoch.{k}": v for k, v in epoch.items()})
-            meta["rng"]["epoch"] = epoch_info
-        for reason in self._inexact_resume():
-            warnings.warn(f"{path}: resuming from this state will not repeat the interrupted run exactly: {reason}",
-                          stacklevel=2)
-        return write_state(path, self.em, self.optimizer, meta, rng, inputs=(self.em.source_path,))
-
-    def _inexact_resume(self) -> list[str]:
-        """Why a resume from a state saved now would not repeat this run bit for bit (empty: it would)."""
-        reasons = []
-        if getattr(self.data, "persistent_workers", False) and getattr(self.data, "num_workers", 0) > 0 \
-                and self.epoch > 0:
-            reasons.append("the DataLoader keeps its worker processes across epochs (persistent_workers=True), and "
-                           "they draw from random states seeded in the first epoch that a resumed run cannot make "
-                           "again; use persistent_workers=False for exact resume")
-        return reasons
-
-    def load_state(self, path: str) -> None:
-        """Resume from :meth:`save_state`: the next step continues exactly where that run stopped.
-
-        Weights, optimizer, scheduler, sampler and random states are restored now. At the next
-        step the data iterator is made again (``set_epoch`` first) from the random states saved
-        at the epoch's start, so it draws the interrupted run's order and base seed; the
-        epoch's batches before the state's position are drawn and dropped; then the random
-        states are set to those saved with the state (as the Hugging Face Trainer does), so
-        that dropout and the rest draw what the interrupted run drew.
-
-        Warns:
-            UserWarning: the state's data had other random generators than this trainer's
-                (e.g. a ``DataLoader`` with a ``generator`` and one without).
-
-        Raises:
-            FileNotFoundError, ValueError: see :func:`elasticize.train.state.read_state`; also a state
-                saved with another strategy, other ``always`` sub-networks, or with a learning-rate
-                scheduler when this trainer has none (or the reverse). Every check runs before the
-                weights are touched.
-        """
-        saved = read_state_info(path)
-        check_state_info(path, saved, self.em)
-        meta = saved.get("strategy")
-        if meta != {"name": self.strategy.name, "options": self.strategy.options()}:
-            raise ValueError(f"{path} was saved by strategy {meta}; this trainer runs "
-                             f"{self.strategy.name} {self.strategy.options()}")
-        always = [label for label, _ in self.always]
-        if saved.get("always", []) != always:
-            raise ValueError(f"{path} was saved training always={saved.get('always', [])}; this trainer has "
-                             f"always={always}")
-        if (self.scheduler is None) != ("scheduler" not in saved):
-            raise ValueError(f"{path} was saved {'without' if self.scheduler is not None else 'with'} a learning-rate "
-                             f"scheduler; resume {'without' if self.scheduler is not None else 'with the same'} "
-                             "scheduler=")
-        info, rng = read_state(path, self.em, self.optimizer)
-        self.step = int(info["step"])
-        self.epoch = int(info["epoch"])
-        self.batch_in_epoch = int(info["batch_in_epoch"])
-        self.sampler.load_state_dict({"per": info["sampler"]["per"], "generator": rng["sampler"]})
-        rng_info = info.get("rng") or {}
-        now = ({k: v for k, v in rng.items() if k != "sampler" and not k.startswith("epoch.")},
-               rng_info.get("now") or {})
-        epoch = {k[len("epoch."):]: v for k, v in rng.items() if k.startswith("epoch.")}
-        missing = set_rng_state(*now, data_generators(self.data))
-        if missing:
-            warnings.warn(f"{path} and this trainer's data have different random generators ({', '.join(missing)}): "
-                          "the resumed data order will not be the interrupted run's; resume with the same loader",
-                          stacklevel=2)
-        if self.scheduler is not None:
-            self.scheduler.load_state_dict(info["scheduler"])
-        self._iter = None
-        self._resumed_rng = now
-        self._epoch_rng = (epoch, rng_info.get("epoch") or {}) if epoch else None
-        self._calibrated = False

@@ -1,0 +1,81 @@
+"""``elasticize extract``: write one dense sub-network of a file.
+
+A thin call of :func:`elasticize.load`, :meth:`~elasticize.ElasticModel.select`,
+:func:`elasticize.checkpoint.save_subnet` and :meth:`~elasticize.ElasticModel.save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ._common import (_app_dir, _app_dir_option, _base_model_options, _budget, _build_base, _config_json, _fmt,
+                      _metrics, _run, console, err_console)
+
+
+@click.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--preset", help="Preset name (see `elasticize inspect FILE`).")
+@click.option("--config", "config_json", help='Sub-network as JSON, e.g. \'{"width": 0.5}\'.')
+@click.option("--max-macs", type=float, callback=_budget, help="Largest sub-network with at most this many MACs per sample.")
+@click.option("--max-params", type=float, callback=_budget, help="Largest sub-network with at most this many parameters.")
+@click.option("--max-latency-s", type=float, callback=_budget, help="Measured preset whose latency (seconds per batch, measured by "
+              "`elasticize train --latency`) is at most this.")
+@click.option("--best", metavar="METRIC", help="With --max-macs/--max-params/--max-latency-s: the measured preset with "
+              "the highest METRIC (e.g. accuracy, cosine) within them, instead of the largest sub-network.")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Dense sub-network .safetensors, or a folder "
+              "with --format hf.")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "hf"]), default="safetensors", show_default=True,
+              help="safetensors: one file for elasticize.load_subnet; hf: a Hugging Face folder (save_pretrained) "
+                   "that plain transformers loads.")
+@click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
+@_base_model_options
+@_app_dir_option
+def extract(file: str, preset: str | None, config_json: str | None, max_macs: float | None, max_params: float | None,
+            max_latency_s: float | None, best: str | None, output: str, fmt: str, force: bool,
+            model_spec: str | None, trust_remote_code: bool, app_dir: str | None) -> None:
+    """Write one dense sub-network of FILE to OUTPUT (a file for elasticize.load_subnet, or a HF folder).
+
+    A budget (--max-macs, --max-params, --max-latency-s) picks without search: the largest nested
+    sub-network within it, or with --best METRIC the measured preset scoring highest within it.
+    """
+    from .. import checkpoint
+    from .._files import check_output
+
+    budget = any(x is not None for x in (max_macs, max_params, max_latency_s))
+    if best is not None and not budget:
+        raise click.UsageError("--best picks within a budget: add --max-macs, --max-params and/or --max-latency-s")
+    if sum([preset is not None, config_json is not None, budget]) != 1:
+        raise click.UsageError("choose the sub-network with exactly one of --preset, --config, "
+                               "--max-macs/--max-params/--max-latency-s")
+    if Path(output).exists() and Path(file).exists() and Path(output).resolve() == Path(file).resolve():
+        raise click.ClickException("-o points at the input file; choose another output path")
+    subnet: Any = preset
+    if config_json is not None:
+        subnet = _config_json(config_json)
+    _run(lambda: check_output(output, kind="folder" if fmt == "hf" else "file", overwrite=force, inputs=(file,)))
+    with console.status(f"loading {file}"), _app_dir(app_dir):
+        base = _build_base(model_spec, file)
+        em = _run(lambda: checkpoint.load(file, model=base, trust_remote_code=trust_remote_code))
+    if budget:
+        subnet = _run(lambda: em.select(max_macs=None if max_macs is None else int(max_macs),
+                                        max_params=None if max_params is None else int(max_params),
+                                        max_latency_s=max_latency_s, metric=best))
+    cfg = _run(lambda: em.resolve(subnet))
+    name = next((n for n in em.presets if em.resolve(n) == cfg), None)
+    measured = _metrics(em.metrics.get(name, {})) if name else ""
+    with console.status(f"writing {output}"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if fmt == "hf":
+            _run(lambda: em.save_pretrained(output, cfg, overwrite=force))
+        else:
+            _run(lambda: checkpoint.save_subnet(em, cfg, output, overwrite=force))
+    for w in caught:  # e.g. an exported folder without a tokenizer: said, never silent
+        if issubclass(w.category, UserWarning):
+            err_console.print(f"[yellow]warning:[/yellow] {w.message}", soft_wrap=True)
+    console.print(f"[green]wrote[/green] {output}: {_fmt(em.macs(cfg))} MACs "
+                  f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params"
+                  + (f"; preset {name}" if name else "") + (f" ({measured})" if measured else ""))
