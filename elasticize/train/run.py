@@ -179,28 +179,37 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     """Train an elasticize super-network file on an image folder or a text file, and save it (see the module).
 
     Args:
-        path, output: the super-network file (from ``elasticize convert``); the trained one (never ``path``).
+        path: the super-network file (from ``elasticize convert``).
+        output: the trained super-network file (never ``path``).
         data: an image folder (one sub-folder per class) or a text file (one sample per line).
-        steps, batch_size, lr, seed: optimizer updates, batch size, AdamW (peak) learning rate, sampler/split seed.
-        strategy, strategy_options: see :func:`~elasticize.train.make_strategy`.
-        schedule, warmup: a :data:`~elasticize.train.schedules.SCHEDULES` name, the one-cycle warm-up share in (0, 1).
+        steps: optimizer updates.
+        batch_size: samples per batch.
+        lr: AdamW (peak) learning rate.
+        seed: sampler and data-split seed.
+        strategy: a registered strategy (see :func:`~elasticize.train.make_strategy`).
+        strategy_options: the strategy's options.
+        schedule: a :data:`~elasticize.train.schedules.SCHEDULES` name.
+        warmup: the one-cycle warm-up share of ``steps``, in (0, 1).
         distill: distil from the original (None: the module's default; text: always).
         distill_loss: one of :data:`TEXT_LOSSES` or :data:`IMAGE_LOSSES` for the data (None: the first).
         dropout: False sets every ``nn.Dropout`` to ``p = 0`` for this run (the saved file is the same).
         eval_fraction: share of the data held out for the measured presets.
-        eval_every, on_eval: also measure every preset every this many steps (0: only at the end);
-            ``on_eval(step, {preset: {metric: value}})`` receives each measurement (process 0 only).
+        eval_every: also measure every preset every this many steps (0: only at the end).
+        on_eval: ``on_eval(step, {preset: {metric: value}})`` receives each measurement (process 0 only).
         latency: also measure each preset's ``latency_s`` (median seconds of one forward on a
             held-out batch, on ``device``) into the manifest, for ``select(max_latency_s=...)``.
         max_length: tokens per text sample.
-        state, save_every: where to write the trainer state, every ``save_every`` steps (0: at the end).
+        state: where to write the trainer state (a resume file).
+        save_every: steps between ``state`` writes (0: at the end).
         resume: a state file to resume from (of this super-network; its ``schedule`` and, unless constant, ``steps``).
         calibration_batches: batches per preset for BN recalibration.
         overwrite: replace an existing ``output``.
         progress: passed to :meth:`Trainer.train_steps` (True: rich progress bar).
-        device, amp: ``"cpu"``, ``"cuda"``... (default: CUDA when available); bf16 autocast (None: CUDA only).
+        device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
+        amp: bf16 autocast for the training passes (None: on for CUDA only).
         always: presets trained at every step on top of the strategy's draws (see :class:`~elasticize.train.Trainer`).
-        model, trust_remote_code: the base model; allow an ``import`` recipe (see :func:`elasticize.load`).
+        model: the base model, for a file whose recipe cannot or may not rebuild it (see :func:`elasticize.load`).
+        trust_remote_code: allow the file's ``import`` recipe to run its builder (see :func:`elasticize.load`).
 
     Returns:
         ``{"output", "steps", "metrics" (per preset), "rank", "world" (this process and how many
