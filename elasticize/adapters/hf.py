@@ -44,6 +44,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..outputs import default_output
 from . import Adapter, register_adapter
 
 __all__ = ["HFAdapter", "plan_transformer", "is_hf_model", "save_hf", "folder_files", "write_files",
@@ -853,8 +854,6 @@ def _reload_problem(dense: nn.Module) -> str | None:
         x = torch.randn(1, ch, size, size, generator=torch.Generator().manual_seed(0))
     else:
         x = torch.arange(8).unsqueeze(0) % max(1, int(getattr(cfg, "vocab_size", 8) or 8))
-    from ..train.losses import default_output  # the trainer's reading of a model output (lazy: it imports the model)
-
     p = next(dense.parameters())
     try:
         ref = type(dense)._from_config(cfg).to(device=p.device, dtype=p.dtype).eval()
