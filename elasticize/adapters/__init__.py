@@ -15,18 +15,20 @@ Model specs understood by :func:`resolve_spec` (and by ``elasticize convert``):
   CLI ``--app-dir``);
 * ``hf:bert-base-uncased`` or a local folder with a ``config.json``: a Hugging Face transformers model
   (:mod:`elasticize.adapters.hf`).
+
+This module holds the :class:`Adapter` base, the registry, the recipe checks and building; one
+module per family registers its adapter: :mod:`~elasticize.adapters.timm`,
+:mod:`~elasticize.adapters.torchvision`, :mod:`~elasticize.adapters.importpath` (``import``) and
+the package :mod:`~elasticize.adapters.hf`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import difflib
-import importlib
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -36,7 +38,8 @@ from torch import nn
 from .. import _registry
 
 __all__ = ["Adapter", "register_adapter", "get_adapter", "resolve_spec", "build_from_recipe", "adapter_for_model",
-           "check_recipe", "runs_code", "RECIPE_KEYS", "app_dir"]
+           "check_recipe", "runs_code", "RECIPE_KEYS", "app_dir", "TimmAdapter", "TorchvisionAdapter", "ImportAdapter",
+           "HFAdapter"]
 
 #: The keys of a recipe; ``pretrained`` records whether conversion started from pretrained weights,
 #: ``origin`` (transformers) whether ``name`` was a local folder's name or a hub id (informational).
@@ -163,95 +166,6 @@ def _offline_error(what: str, err: Exception) -> RuntimeError:
         "(in Python: pretrained=False, or load your weights into the model first)")
 
 
-@register_adapter("timm")
-class TimmAdapter(Adapter):
-    """timm models, by name (``timm.create_model``)."""
-
-    allowed_kwargs = frozenset({
-        "num_classes", "in_chans", "img_size", "global_pool", "drop_rate", "drop_path_rate", "proj_drop_rate",
-        "attn_drop_rate", "pos_drop_rate", "patch_drop_rate", "drop_block_rate", "class_token", "no_embed_class",
-        "reg_tokens", "pre_norm", "fc_norm", "dynamic_img_size", "dynamic_img_pad", "output_stride", "patch_size",
-        "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "layer_scale_init_value",
-        "scriptable", "exportable", "no_jit", "features_only", "out_indices", "window_size"})
-
-    def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-        import timm
-
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=5)
-            raise KeyError(f"unknown timm model {name!r}" + (f"; did you mean {close}?" if close else
-                           "; see timm.list_models(), or use torchvision:NAME or package.module:builder"))
-        try:
-            return timm.create_model(name, pretrained=pretrained, **kwargs)
-        except (OSError, RuntimeError, ConnectionError) as e:
-            if pretrained:
-                raise _offline_error(f"timm model {name!r}", e) from e
-            raise
-
-    def owns(self, model: nn.Module) -> bool:
-        return type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg")
-
-    def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
-        """Batch 1 at the pretrained config's input size, or at the image size the model was built
-        for (an ``img_size`` kwarg reaches the patch embedding, not the config)."""
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = list(cfg.get("input_size", (3, 224, 224)))
-        img = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if isinstance(img, (tuple, list)) and len(img) == 2 and all(isinstance(n, int) for n in img):
-            size[1:] = img
-        return (torch.randn(1, *size),)
-
-    def after_extract(self, dense: nn.Module) -> None:
-        get = getattr(dense, "get_classifier", None)
-        head = get() if callable(get) else None
-        if isinstance(head, nn.Linear):
-            for attr in ("num_features", "head_hidden_size"):
-                if isinstance(getattr(dense, attr, None), int):
-                    setattr(dense, attr, head.in_features)
-            if isinstance(getattr(dense, "embed_dim", None), int) and hasattr(dense, "blocks"):
-                dense.embed_dim = head.in_features
-
-
-@register_adapter("torchvision")
-class TorchvisionAdapter(Adapter):
-    """torchvision models, by name (``torchvision.models.get_model``).
-
-    Without pretrained weights the builder is also told ``weights_backbone=None`` where it takes
-    one: torchvision's segmentation and detection builders otherwise fetch (and unpickle) an
-    ImageNet backbone checkpoint.
-    """
-
-    allowed_kwargs = frozenset({
-        "num_classes", "aux_logits", "transform_input", "init_weights", "dropout", "attention_dropout",
-        "stochastic_depth_prob", "width_mult", "zero_init_residual", "groups", "width_per_group",
-        "replace_stride_with_dilation", "image_size", "aux_loss", "num_segments", "progress"})
-
-    def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-        import torchvision
-
-        names = torchvision.models.list_models()
-        if name not in names:
-            close = difflib.get_close_matches(name, names, n=5)
-            raise KeyError(f"unknown torchvision model {name!r}" + (f"; did you mean {close}?" if close else ""))
-        import inspect
-
-        kwargs = dict(kwargs)
-        if not pretrained and "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters:
-            kwargs.setdefault("weights_backbone", None)
-        try:
-            return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
-        except (OSError, RuntimeError, ConnectionError) as e:
-            if pretrained:
-                raise _offline_error(f"torchvision model {name!r}", e) from e
-            raise
-
-    def owns(self, model: nn.Module) -> bool:
-        return type(model).__module__.startswith("torchvision.")
-
-    def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
-        return (torch.randn(1, 3, 224, 224),)
-
-
 @contextlib.contextmanager
 def app_dir(folder: str | os.PathLike | None) -> Iterator[None]:
     """Context manager: inside, ``package.module:builder`` imports look in ``folder`` first instead of
@@ -270,23 +184,6 @@ def app_dir(folder: str | os.PathLike | None) -> Iterator[None]:
         _APP_DIR.reset(token)
 
 
-@contextlib.contextmanager
-def _first_on_path(folder: str | None) -> Iterator[None]:
-    """``folder`` at the front of ``sys.path`` inside (for one import), as it was after."""
-    if folder is None:
-        yield
-        return
-    sys.path.insert(0, folder)
-    importlib.invalidate_caches()  # a module written since the folder was last listed
-    try:
-        yield
-    finally:
-        if sys.path and sys.path[0] == folder:
-            del sys.path[0]
-        elif folder in sys.path:
-            sys.path.remove(folder)
-
-
 def _import_folder() -> str | None:
     """The folder imports look in first: :func:`app_dir`'s, else the current folder."""
     folder = _APP_DIR.get()
@@ -296,66 +193,6 @@ def _import_folder() -> str | None:
         return os.getcwd()
     except OSError:  # the current folder was deleted
         return None
-
-
-@register_adapter("import")
-class ImportAdapter(Adapter):
-    """Your own model: ``package.module:builder``, a function or class called with ``kwargs``.
-
-    As uvicorn does for ``module:app``, the module is imported with the current folder (or the
-    :func:`app_dir` folder) first on ``sys.path``, for the import and the call only.
-
-    Building imports and calls code that is not elasticize's, so a file's ``import`` recipe is only
-    built with ``trust_remote_code=True``; its kwargs may then be any JSON values.
-    """
-
-    runs_user_code = True
-
-    def check_kwargs(self, name: str, kwargs: dict[str, Any]) -> None:
-        if not re.fullmatch(r"[\w.]{1,200}:[\w.]{1,200}", name):
-            raise ValueError(f"{name!r:.80} is not an import path; write package.module:builder")
-
-    def build(self, name: str, *, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
-        """Import ``package.module`` and call ``builder(**kwargs)``.
-
-        Raises:
-            KeyError: not an import path, a module that cannot be imported, or no such callable.
-            TypeError: the builder returned something other than an ``nn.Module``.
-        """
-        mod_name, _, attr = name.partition(":")
-        if not attr or not re.fullmatch(r"[\w.]+", mod_name) or not re.fullmatch(r"[\w.]+", attr):
-            raise KeyError(f"{name!r} is not an import path; write package.module:builder")
-        folder = _import_folder()
-        with _first_on_path(folder):
-            try:
-                mod = importlib.import_module(mod_name)
-            except ImportError as e:
-                where = f"in {folder} or on sys.path" if folder else "on sys.path"
-                raise KeyError(f"cannot import {mod_name!r} for {name!r} ({e}); looked {where}: run from the folder "
-                               "that holds it, or pass --app-dir DIR (Python: elasticize.adapters.app_dir)") from e
-            obj: Any = mod
-            for part in attr.split("."):
-                if not hasattr(obj, part):
-                    raise KeyError(f"{mod_name!r} has no {attr!r}")
-                obj = getattr(obj, part)
-            if not callable(obj):
-                raise KeyError(f"{name!r} is not callable")
-            model = obj(**kwargs)
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
-        return model
-
-    def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
-        ex = getattr(model, "example_inputs", None)
-        if callable(ex):
-            ex = ex()
-        if isinstance(ex, torch.Tensor):
-            return (ex,)
-        if isinstance(ex, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in ex):
-            return tuple(ex)
-        raise ValueError(f"pass example_inputs: elasticize cannot guess the input of {type(model).__name__} "
-                         "(e.g. example_inputs=torch.randn(1, 3, 224, 224)), or give --input-shape on the command line, "
-                         "or define model.example_inputs()")
 
 
 def resolve_spec(spec: str) -> tuple[str, str]:
@@ -448,4 +285,8 @@ def build_from_recipe(recipe: dict[str, Any], *, pretrained: bool = False, devic
     return model.eval()
 
 
-from . import hf as _hf  # noqa: E402,F401  (registers the "hf" adapter; transformers is imported lazily)
+# the families, registered in this order (adapter_for_model asks them in turn); each imports its library lazily
+from .timm import TimmAdapter  # noqa: E402,I001
+from .torchvision import TorchvisionAdapter  # noqa: E402
+from .importpath import ImportAdapter  # noqa: E402
+from .hf import HFAdapter  # noqa: E402

@@ -3,6 +3,8 @@
 * :mod:`~elasticize.plan.core`: the :class:`Plan` record and its constants;
 * :mod:`~elasticize.plan.parse`: bounded JSON and the typed field checks every file reader uses;
 * :mod:`~elasticize.plan.check`: the strict check of a plan read from a file;
+* :mod:`~elasticize.plan.builder`: :class:`PlanBuilder`, the one writer of a plan (choices, exclusions,
+  stages, switchable norms, MAC terms), used by both planners;
 * :mod:`~elasticize.plan.build`: ``Analysis -> Plan``;
 * :mod:`~elasticize.plan.apply`: the surgery (``apply_plan``) and its undoing;
 * :mod:`~elasticize.plan.ranges`: the prefix ranges a sub-network reads of each tensor.
@@ -10,8 +12,10 @@
 
 from .apply import ElasticState, apply_plan, remove_elastic
 from .build import build_plan
+from .builder import DEPTH_MODES, PlanBuilder
 from .core import DIMENSIONS, KIND_DIM, NORM_SITES, NORM_TENSORS, PLAN_VERSION, Plan, axis_entry, stage_ranks
 from .ranges import slice_ranges, tensor_ranges
 
-__all__ = ["Plan", "PLAN_VERSION", "build_plan", "apply_plan", "remove_elastic", "ElasticState", "DIMENSIONS",
-           "KIND_DIM", "NORM_TENSORS", "NORM_SITES", "axis_entry", "stage_ranks", "tensor_ranges", "slice_ranges"]
+__all__ = ["Plan", "PLAN_VERSION", "PlanBuilder", "DEPTH_MODES", "build_plan", "apply_plan", "remove_elastic",
+           "ElasticState", "DIMENSIONS", "KIND_DIM", "NORM_TENSORS", "NORM_SITES", "axis_entry", "stage_ranks",
+           "tensor_ranges", "slice_ranges"]

@@ -1,7 +1,8 @@
 """The plan: a JSON-native record of what is elastic, replayed to rebuild an elastic model.
 
-``Analysis -> Plan`` (:mod:`elasticize.plan.build`) chooses the dimensions and their nested
-choices; :func:`elasticize.plan.apply.apply_plan` performs the surgery on a model (the converted
+``Analysis -> Plan`` (:mod:`elasticize.plan.build`; every plan is written by
+:class:`elasticize.plan.builder.PlanBuilder`) chooses the dimensions and their nested choices;
+:func:`elasticize.plan.apply.apply_plan` performs the surgery on a model (the converted
 one, or a freshly built base model when a checkpoint is loaded), so conversion and loading share
 one code path. A plan read from a file is checked first (:mod:`elasticize.plan.check`).
 """

@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from ..outputs import default_output
+
 __all__ = ["split_batch", "forward_batch", "default_output", "mean_pooled", "masked_hidden", "kl_distillation",
            "cosine_distillation", "mse_distillation", "hidden_distillation", "DISTILL_LOSSES", "TARGET_KEYS",
            "batch_size", "to_device"]
@@ -75,23 +77,6 @@ def batch_size(batch: Any) -> int:
         if isinstance(v, torch.Tensor):
             return int(v.shape[0])
     return 1
-
-
-def default_output(output: Any, batch: Any = None) -> torch.Tensor:
-    """The tensor of a model output: itself, its ``logits``, its ``last_hidden_state``, or its first element.
-
-    Raises:
-        TypeError: an output with none of these.
-    """
-    if isinstance(output, torch.Tensor):
-        return output
-    for key in ("logits", "last_hidden_state"):
-        v = output.get(key) if isinstance(output, Mapping) else getattr(output, key, None)
-        if isinstance(v, torch.Tensor):
-            return v
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"cannot find the output tensor in a {type(output).__name__}; pass output_fn=")
 
 
 def mean_pooled(output: Any, batch: Any) -> torch.Tensor:
