@@ -172,7 +172,7 @@ class MultiheadAttentionRule(Rule):
         ctx.macs(n * (2 * l_q + 2 * l_k) * size * size, [e, e])  # q, k, v and output projections
         ctx.macs(2 * n * l_q * l_k * size, [e])  # q @ k^T and attention @ v over all heads
         meta = ctx.node.meta.get("tensor_meta", ctx.node.meta.get("val"))
-        weights = ctx._p._fresh_from(meta[1], None) if isinstance(meta, (list, tuple)) and len(meta) > 1 else None
+        weights = ctx._p.fresh_from(meta[1], None) if isinstance(meta, (list, tuple)) and len(meta) > 1 else None
         return [q[:-1] + (e,), weights]
 
     @staticmethod
