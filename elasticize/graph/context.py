@@ -27,14 +27,20 @@ class SiteContext:
 
     Slots are integers; a tensor value is a tuple with one slot per axis. A rule joins
     the slots of its inputs with the slots of its tensors and returns its output value.
+
+    Attributes:
+        path: the module's path in the model (``""`` for the model itself).
+        module: the module.
+        node: its call in the traced graph (``node.args`` / ``node.kwargs`` are the call's arguments).
     """
 
     def __init__(self, prop: Propagator, path: str, module: nn.Module, node: fx.Node) -> None:
         self._p = prop
+        self._c = prop.c
         self.path = path
         self.module = module
         self.node = node
-        self.c = prop.c
+        self.c = prop.c  # not part of the API: the groupnorm rule's last use goes in the next commit
 
     # shapes -------------------------------------------------------------
     @property
@@ -46,18 +52,43 @@ class SiteContext:
         """Shape of the module's ``i``-th positional input on the example inputs."""
         return self._p.shape(self.node.args[i])
 
+    def shape_of(self, arg: Any) -> tuple[int, ...]:
+        """Shape of an argument of the call (``ctx.node.kwargs["key"]``) on the example inputs; ``()`` for a non-tensor."""
+        return self._p.shape(arg)
+
     # slots --------------------------------------------------------------
     def tensor(self, name: str) -> tuple[int, ...] | None:
         """Slots of the module's own parameter or buffer ``name`` (a dotted path below it), or None."""
         return self._p.tensor_slots(f"{self.path}.{name}" if self.path else name)
 
+    def value(self, arg: fx.Node) -> Value:
+        """The slots of an argument of the call given as a graph node (one passed by keyword), or None."""
+        return self._p.env.get(arg)
+
+    def size(self, slot: int) -> int:
+        """Channels of ``slot`` (its full size)."""
+        return self._c.size[slot]
+
     def couple(self, a: int, b: int) -> int:
-        """Put two slots in one coupling group."""
-        return self.c.union(a, b)
+        """Put two slots in one coupling group; returns the group's root slot."""
+        return self._c.union(a, b)
 
     def new(self, size: int, fixed: str | None = None) -> int:
         """A fresh slot of ``size``; ``fixed`` gives the reason it may never be sliced."""
-        return self.c.new(size, fixed)
+        return self._c.new(size, fixed)
+
+    def fresh(self, reason: str | None = None, *, item: int | None = None) -> Value:
+        """New slots shaped like the module's output, fixed with ``reason`` unless it is None.
+
+        Args:
+            reason: why these slots may never be sliced, or None for free slots.
+            item: for an output that is a tuple, new slots for its ``item``-th element only
+                (None when the output has no such element).
+        """
+        if item is None:
+            return self._p.fresh(self.node, reason)
+        meta = self.node.meta.get("tensor_meta", self.node.meta.get("val"))
+        return self._p.fresh_from(meta[item], reason) if isinstance(meta, (list, tuple)) and len(meta) > item else None
 
     def fix(self, value: Value, reason: str) -> None:
         """Mark every slot of ``value`` as never sliced, with the reason."""
@@ -68,15 +99,23 @@ class SiteContext:
         for v in inputs:
             self.fix(v, reason)
         self._p.not_elastic.append((self.path, reason))
-        return self._p.fresh(self.node, reason)
+        return self.fresh(reason)
 
     def producer(self, slot: int, *, unit: int = 1, kind: str = "width") -> None:
         """Mark a slot as an elastic dimension's source (a layer's output channels or its heads)."""
-        self.c.producer.add(slot)
+        self._c.producer.add(slot)
         if unit > 1:
-            self.c.unit[slot] = math.lcm(self.c.unit.get(slot, 1), unit)
+            self._c.unit[slot] = math.lcm(self._c.unit.get(slot, 1), unit)
         if kind != "width":
-            self.c.kind[slot] = kind
+            self._c.kind[slot] = kind
+
+    def unit(self, slot: int, unit: int) -> None:
+        """Make ``slot``'s group move in multiples of ``unit`` channels (whole heads, whole norm groups).
+
+        Units add up as their least common multiple: a group that holds heads of 64
+        channels and norm groups of 48 moves in steps of 192.
+        """
+        self._c.require_unit(slot, unit)
 
     def attr(self, name: str, slot: int, *, kind: str = "int", mul: int = 1, div: int = 1,
              module: str | None = None) -> None:
@@ -85,7 +124,7 @@ class SiteContext:
         ``kind="int"`` gives ``active * mul // div``; ``kind="shape"`` gives ``(active * mul // div,)``.
         """
         path = self.path if module is None else (f"{self.path}.{module}" if self.path else module)
-        self.c.attrs.append((path, name, slot, kind, mul, div))
+        self._c.attrs.append((path, name, slot, kind, mul, div))
 
     def chunked(self, name: str, axis: int, chunks: int) -> None:
         """Declare that axis ``axis`` of tensor ``name`` is ``chunks`` equal parts sliced alike (fused q/k/v).
@@ -94,7 +133,7 @@ class SiteContext:
         ``size // chunks`` channels.
         """
         fqn = f"{self.path}.{name}" if self.path else name
-        self.c.chunks[(fqn, axis)] = chunks
+        self._c.chunks[(fqn, axis)] = chunks
 
     def per_unit(self, name: str, axis: int, slot: int, unit: int) -> None:
         """Declare axis ``axis`` of tensor ``name`` one entry per ``unit`` channels of ``slot``'s group.
@@ -108,9 +147,9 @@ class SiteContext:
         """
         fqn = f"{self.path}.{name}" if self.path else name
         n = self._p.state[fqn].shape[axis]
-        if n * unit != self.c.size[slot]:
-            raise ValueError(f"{fqn} axis {axis} has {n} entries, not {self.c.size[slot]} / {unit}")
-        self.c.per_unit[(fqn, axis)] = (slot, unit)
+        if n * unit != self._c.size[slot]:
+            raise ValueError(f"{fqn} axis {axis} has {n} entries, not {self._c.size[slot]} / {unit}")
+        self._c.per_unit[(fqn, axis)] = (slot, unit)
 
     def repeated(self, slot: int, chunks: int) -> int:
         """A fresh activation slot made of ``chunks`` side-by-side copies of ``slot``'s channels.
@@ -119,7 +158,7 @@ class SiteContext:
         returned slot (the next layer's input columns) is sliced as ``chunks`` chunks of
         ``slot``'s group.
         """
-        return self.c.repeated(slot, chunks)
+        return self._c.repeated(slot, chunks)
 
     def macs(self, macs: int, factors: Sequence[int], *, owner: str | None = None) -> None:
         """Record ``macs`` multiply-accumulates (whole example batch) scaled by the slots' active ratios.
