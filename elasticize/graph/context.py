@@ -40,7 +40,6 @@ class SiteContext:
         self.path = path
         self.module = module
         self.node = node
-        self.c = prop.c  # not part of the API: the groupnorm rule's last use goes in the next commit
 
     # shapes -------------------------------------------------------------
     @property

@@ -88,7 +88,7 @@ class GroupNormRule(Rule):
             return None
         per_group = m.num_channels // m.num_groups
         ctx.norm(x, 1, ("weight", "bias"))
-        ctx.c.unit[ctx.c.find(x[1])] = max(ctx.c.unit.get(ctx.c.find(x[1]), 1), per_group)
+        ctx.unit(x[1], per_group)
         ctx.attr("num_channels", x[1])
         ctx.attr("num_groups", x[1], div=per_group)
         return x
