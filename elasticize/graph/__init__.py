@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from .analysis import analyze
 from .context import SiteContext
-from .coupling import Coupling
-from .ops import canonical, registered_ops
+from .coupling import Coupling  # noqa: F401  (module-level names of the old graph.py, still importable)
+from .ops import canonical  # noqa: F401
 from .results import Analysis, GroupInfo, MacTerm, StageInfo, model_tensors
 
 __all__ = ["Analysis", "GroupInfo", "StageInfo", "MacTerm", "SiteContext", "analyze", "model_tensors"]

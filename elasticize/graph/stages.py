@@ -60,7 +60,6 @@ def _is_residual(node: Any, x_in: fx.Node, inner: set[fx.Node], depth: int = 0, 
     return False
 
 
-
 def find_stages(root: nn.Module, tracer: Tracer, prop: Propagator) -> list[StageInfo]:
     """The stages of residual blocks among the modules ``tracer`` saw called, with the leading
     non-residual blocks of a segment as its mandatory blocks."""
