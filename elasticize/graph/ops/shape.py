@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from ..propagator import Propagator, Value
 from .registry import as_tuple, canonical, op
-from .sizes import size_source
+from .sizes import SIZED_RESHAPE, size_source
 
 __all__ = ["RESHAPE", "broadcast"]
 
@@ -132,7 +132,7 @@ def _width_attr(p: Propagator, node: fx.Node, size: int) -> tuple[str, str] | No
 
 def _check_literal_sizes(p: Propagator, node: fx.Node, out: tuple) -> None:
     name = canonical(node)
-    if name not in ("view", "reshape", "_unsafe_view"):
+    if name not in SIZED_RESHAPE:
         return
     sizes = node.args[1:] if node.op == "call_method" else node.args[1:2]
     sizes = as_tuple(sizes)

@@ -15,10 +15,12 @@ import torch.fx as fx
 from ..propagator import Propagator
 from .registry import canonical
 
-__all__ = ["SIZE_ARITHMETIC", "NON_TENSOR", "size_source", "size_arithmetic"]
+__all__ = ["SIZE_ARITHMETIC", "SIZED_RESHAPE", "NON_TENSOR", "size_source", "size_arithmetic"]
 
 #: Python arithmetic on sizes read off axes (see :func:`size_arithmetic`)
 SIZE_ARITHMETIC = {"floordiv", "truediv", "mul", "add", "sub", "mod", "pow", "neg", "ceil", "floor", "sym_float"}
+#: reshapes given sizes, which check a computed size (:func:`elasticize.graph.ops.shape.reshape`)
+SIZED_RESHAPE = ("view", "reshape", "_unsafe_view")
 #: ops whose value is not a tensor, which the analysis passes by (``getattr`` of ``T``, ``mT`` or ``data`` excepted)
 NON_TENSOR = {"size", "dim", "numel", "getattr", "_assert", "sym_size", "_assert_async"}
 
@@ -58,7 +60,7 @@ def size_arithmetic(p: Propagator, node: fx.Node, name: str) -> None:
         return
     p.size_expr[node] = src
     for u in node.users:
-        if canonical(u) not in SIZE_ARITHMETIC and canonical(u) not in ("view", "reshape", "_unsafe_view"):
+        if canonical(u) not in SIZE_ARITHMETIC and canonical(u) not in SIZED_RESHAPE:
             for s in src:
                 p.c.fix(s, f"its size is read, computed with ({name}) at {node.name} and used by {u.name}")
 
