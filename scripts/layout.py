@@ -119,7 +119,8 @@ def main() -> int:
         rows = r[kind]
         over = [x for x in rows if x[0] > limit]
         bad |= bool(over)
-        print(f"{kind}{'es' if kind == 'class' else 's'}: {len(rows)}, largest {rows[0][0]} lines ({rows[0][1]}); over {limit}: {len(over)}")
+        plural = "classes" if kind == "class" else kind + "s"
+        print(f"{plural}: {len(rows)}, largest {rows[0][0]} lines ({rows[0][1]}); over {limit}: {len(over)}")
         for n, what in (over or rows)[: args.top]:
             print(f"  {n:5d}  {what}")
     print(f"import cycles: {len(r['cycles'])}")
