@@ -3,14 +3,19 @@
 ``ScaledLinear`` multiplies a linear layer's output by a learned per-feature scale. The
 rule tells the analysis that ``scale`` is sliced with the layer's output features; the
 elastic behaviour (sliced views of ``linear.weight``, ``linear.bias`` and ``scale``) is
-generic. Import this module before ``elasticize.load`` of a checkpoint that used it.
+generic; the rule uses only the public methods of the rule context
+(:class:`elasticize.graph.SiteContext`). Import this module before ``elasticize.load`` of a
+checkpoint that used it.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from elasticize.graph import SiteContext
 from elasticize.rules import Rule, register_rule
 
 
@@ -28,7 +33,7 @@ class ScaledLinear(nn.Module):
 class ScaledLinearRule(Rule):
     module_types = (ScaledLinear,)
 
-    def analyze(self, ctx, x):
+    def analyze(self, ctx: SiteContext, x: Any) -> Any:
         y = ctx.linear(x, weight="linear.weight", bias="linear.bias")  # couples x[-1] with the weight's columns
         ctx.couple(y[-1], ctx.tensor("scale")[0])  # the scale follows the output features
         ctx.attr("out_features", y[-1], module="linear")

@@ -72,6 +72,48 @@ def test_group_norm_width_moves_in_whole_groups():
         assert max_diff(em.extract({"width": 0.5})(x), em(x)) < 1e-6
 
 
+def test_group_norms_of_different_group_sizes_share_a_unit_that_fits_both():
+    class GN2(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 24, 3)
+            self.gn1 = torch.nn.GroupNorm(6, 24)  # 4 channels per group
+            self.gn2 = torch.nn.GroupNorm(4, 24)  # 6 channels per group
+            self.head = torch.nn.Linear(24, 2)
+
+        def forward(self, x):
+            return self.head(self.gn2(self.gn1(self.conv(x))).mean((2, 3)))
+
+    m = GN2().eval()
+    x = torch.randn(2, 3, 8, 8)
+    em = elasticize.elasticize(m, x)
+    g = em.plan.group("conv:out")
+    assert g["unit"] == 12 and g["choices"] == [24, 12]  # lcm(4, 6): 18 channels would split neither norm
+    for c in g["choices"]:
+        with torch.no_grad(), em.subnet({"width": c / 24}):
+            assert max_diff(em.extract({"width": c / 24})(x), em(x)) < 1e-6, c
+
+
+def test_op_table_lists_every_handled_op_with_how_it_couples_axes():
+    from elasticize.graph.ops import op, registered_ops
+
+    table = registered_ops()
+    assert {"add", "relu", "reshape", "permute", "cat", "getitem", "conv2d", "layer_norm", "matmul", "einsum",
+            "scaled_dot_product_attention"} <= set(table)
+    assert list(table) == sorted(table)
+    assert all(row.couples and row.handler.startswith("elasticize.graph.ops.") for row in table.values())
+    assert table["conv1d"].handler == table["conv3d"].handler == "elasticize.graph.ops.layers.conv"
+
+    def handler(p, node):
+        """Keeps the input's slots."""
+
+    with pytest.raises(ValueError, match="'add' already has a handler"):  # one handler per op
+        op("add")(handler)
+    with pytest.raises(TypeError, match="docstring"):
+        op("not_an_op")(lambda p, node: None)
+    assert registered_ops() == table
+
+
 def test_sizes_read_from_an_elastic_axis_fix_it():
     # D = x.shape[-1]; reshape(B, T, 3, heads, D // heads): slicing D would break the head split
     m = toys.TracedAttention().eval()

@@ -60,7 +60,8 @@ class Rule:
         """Join the module's axes with its inputs' and return its output's slots.
 
         Args:
-            ctx: the site (module path, the module, shapes, slot helpers).
+            ctx: the site: the module, its path, its shapes and the slot helpers (the public
+                methods of :class:`elasticize.graph.SiteContext` are the whole API a rule uses).
             *inputs: slots of each positional input: a tuple of ints per tensor.
 
         Returns:

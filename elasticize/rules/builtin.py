@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from typing import Any
 
@@ -89,7 +88,7 @@ class GroupNormRule(Rule):
             return None
         per_group = m.num_channels // m.num_groups
         ctx.norm(x, 1, ("weight", "bias"))
-        ctx.c.unit[ctx.c.find(x[1])] = max(ctx.c.unit.get(ctx.c.find(x[1]), 1), per_group)
+        ctx.unit(x[1], per_group)
         ctx.attr("num_channels", x[1])
         ctx.attr("num_groups", x[1], div=per_group)
         return x
@@ -143,9 +142,9 @@ class MultiheadAttentionRule(Rule):
             reason = "nn.MultiheadAttention called with its key or value by keyword; pass query, key, value by position"
         if reason is not None:
             for t in (*inputs, *ctx.node.kwargs.values()):
-                ctx.fix(ctx._p.env.get(t) if hasattr(t, "op") else t, reason)
+                ctx.fix(ctx.value(t) if hasattr(t, "op") else t, reason)
             ctx.macs(self.count_macs(ctx), [])
-            return ctx._p.fresh(ctx.node, reason)
+            return ctx.fresh(reason)
         ctx.chunked("in_proj_weight", 0, 3)
         if m.in_proj_bias is not None:
             ctx.chunked("in_proj_bias", 0, 3)
@@ -160,20 +159,17 @@ class MultiheadAttentionRule(Rule):
             t = ctx.tensor(name)
             if t is not None:
                 ctx.couple(e, t[-1])
-        root = ctx.c.find(e)
-        ctx.c.unit[root] = math.lcm(ctx.c.unit.get(root, 1), m.head_dim)
+        ctx.unit(e, m.head_dim)
         for attr in ("embed_dim", "kdim", "vdim"):
             ctx.attr(attr, e)
         ctx.attr("num_heads", e, div=m.head_dim)
         ctx.attr("in_features", e, module="out_proj")
         ctx.attr("out_features", e, module="out_proj")
         n, l_q, l_k = self._lengths(ctx)
-        size = ctx.c.size[e]
+        size = ctx.size(e)
         ctx.macs(n * (2 * l_q + 2 * l_k) * size * size, [e, e])  # q, k, v and output projections
         ctx.macs(2 * n * l_q * l_k * size, [e])  # q @ k^T and attention @ v over all heads
-        meta = ctx.node.meta.get("tensor_meta", ctx.node.meta.get("val"))
-        weights = ctx._p._fresh_from(meta[1], None) if isinstance(meta, (list, tuple)) and len(meta) > 1 else None
-        return [q[:-1] + (e,), weights]
+        return [q[:-1] + (e,), ctx.fresh(item=1)]  # the attention weights, if returned
 
     @staticmethod
     def _lengths(ctx: SiteContext) -> tuple[int, int, int]:
@@ -181,7 +177,7 @@ class MultiheadAttentionRule(Rule):
         m, node = ctx.module, ctx.node
         query = ctx.in_shape(0)
         key_node = node.args[1] if len(node.args) > 1 else node.kwargs.get("key", node.args[0])
-        key = ctx._p.shape(key_node) or query
+        key = ctx.shape_of(key_node) or query
         n_axis, t_axis = (0, 1) if m.batch_first else (1, 0)
         if len(query) == 2:  # unbatched (L, E)
             return 1, query[0], key[0]
@@ -253,8 +249,7 @@ def _qkv_heads(ctx: SiteContext, x: tuple, head_dim: int, *, seq: tuple[int, int
     if m.proj.bias is not None:
         ctx.couple(proj_w[0], ctx.tensor("proj.bias")[0])
     if stream:
-        root = ctx.couple(ctx.couple(heads, x[-1]), proj_w[0])
-        ctx.c.unit[root] = math.lcm(ctx.c.unit.get(root, 1), head_dim)
+        ctx.unit(ctx.couple(ctx.couple(heads, x[-1]), proj_w[0]), head_dim)
     else:
         ctx.producer(heads, unit=head_dim, kind="heads")
         ctx.producer(proj_w[0])
@@ -264,10 +259,10 @@ def _qkv_heads(ctx: SiteContext, x: tuple, head_dim: int, *, seq: tuple[int, int
         shape = ctx.in_shape(0)
         seq = (shape[0], shape[1])
     n_seq, length = seq
-    size = ctx.c.size
-    ctx.macs(n_seq * length * 3 * size[heads] * size[x[-1]], [heads, x[-1]])
-    ctx.macs(n_seq * length * size[heads] * size[proj_w[0]], [heads, proj_w[0]])
-    ctx.macs(2 * n_seq * length * length * size[heads], [heads])
+    size = ctx.size
+    ctx.macs(n_seq * length * 3 * size(heads) * size(x[-1]), [heads, x[-1]])
+    ctx.macs(n_seq * length * size(heads) * size(proj_w[0]), [heads, proj_w[0]])
+    ctx.macs(2 * n_seq * length * length * size(heads), [heads])
     return heads, proj_w[0]
 
 
@@ -296,7 +291,7 @@ def _timm_attention(ctx: SiteContext, x: tuple, *, stream: bool) -> int:
         ctx.attr("out_features", heads, module="gate")
         ctx.attr("in_features", x[-1], module="gate")
         shape = ctx.in_shape(0)
-        ctx.macs(shape[0] * shape[1] * ctx.c.size[heads] * ctx.c.size[x[-1]], [heads, x[-1]])
+        ctx.macs(shape[0] * shape[1] * ctx.size(heads) * ctx.size(x[-1]), [heads, x[-1]])
     if isinstance(m.norm, nn.LayerNorm):
         for n in ("norm.weight", "norm.bias"):
             t = ctx.tensor(n)
@@ -457,7 +452,7 @@ class TimmEvaAttentionRule(Rule):
         m = ctx.module
         if not isinstance(x, tuple):
             return None
-        if m.head_dim * m.num_heads != ctx.c.size[x[-1]]:
+        if m.head_dim * m.num_heads != ctx.size(x[-1]):
             heads, _ = _qkv_heads(ctx, x, m.head_dim)  # MACs counted
             return ctx.refuse("EVA attention whose heads' total width (attn_head_dim) is not its input width",
                               x, (heads,))

@@ -120,7 +120,7 @@ class RNNRule(Rule):
         hid = None
         shape = ctx.in_shape(0)
         positions = math.prod(shape[:-1]) if shape else 1
-        size = ctx.c.size
+        size = ctx.size
         names = [[f"{w}_l{layer}{sfx}" for sfx in ("", "_reverse")[:dirs]
                   for w in ("weight_ih", "weight_hh", *(("bias_ih", "bias_hh") if m.bias else ()))]
                  for layer in range(m.num_layers)]
@@ -142,11 +142,11 @@ class RNNRule(Rule):
                     ctx.couple(hid, ctx.tensor(n)[0])
                 if layer == 0:
                     ctx.couple(x[-1], w_ih[1])
-                    ctx.macs(positions * gates * size[hid] * size[x[-1]], [hid, x[-1]], owner=owner)
+                    ctx.macs(positions * gates * size(hid) * size(x[-1]), [hid, x[-1]], owner=owner)
                 else:
                     ctx.couple(hid, w_ih[1])
-                    ctx.macs(positions * gates * size[hid] * size[hid] * dirs, [hid, hid], owner=owner)
-                ctx.macs(positions * gates * size[hid] * size[hid], [hid, hid], owner=owner)
+                    ctx.macs(positions * gates * size(hid) * size(hid) * dirs, [hid, hid], owner=owner)
+                ctx.macs(positions * gates * size(hid) * size(hid), [hid, hid], owner=owner)
         ctx.producer(hid)
         ctx.attr("hidden_size", hid)
         ctx.attr("input_size", x[-1])

@@ -49,11 +49,11 @@ class TACRule(Rule):
         ctx.attr("in_features", out, module="transform")
         shape = ctx.in_shape(0)
         positions = math.prod(shape[:-1]) if shape else 1
-        size = ctx.c.size
+        size = ctx.size
         tac = m.transform.out_features
-        ctx.macs(positions * size[mods] * size[x[-1]] * size[out], [mods, x[-1], out])
+        ctx.macs(positions * size(mods) * size(x[-1]) * size(out), [mods, x[-1], out])
         if m.reweight == "tac":
-            ctx.macs(positions * size[mods] * size[out] * tac, [mods, out])
-            ctx.macs(positions * size[mods] * 2 * tac, [mods])
-            ctx.macs(positions * size[mods] * size[out], [mods, out])
+            ctx.macs(positions * size(mods) * size(out) * tac, [mods, out])
+            ctx.macs(positions * size(mods) * 2 * tac, [mods])
+            ctx.macs(positions * size(mods) * size(out), [mods, out])
         return x[:-1] + (out,)

@@ -1,0 +1,132 @@
+"""The union-find over tensor-axis *slots* that gives the coupling groups.
+
+Every axis of every tensor is a slot; an op that makes two axes share one channel index
+space joins their slots. A set of joined slots is one **coupling group**: a single width
+decision slices every member (the dependency-graph idea of Torch-Pruning, Fang et al.,
+CVPR 2023). A slot also carries facts that the group inherits: fixed (with the reason it
+may never be sliced), its unit (channels that move together), its kind (width, heads,
+parallel modules), whether it is an elastic dimension's source (a producer).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+__all__ = ["Coupling"]
+
+
+class Coupling:
+    """Union-find over axis slots, with the facts each slot carries."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.fixed: dict[int, str] = {}
+        self.unit: dict[int, int] = {}
+        self.kind: dict[int, str] = {}
+        self.producer: set[int] = set()
+        self.tensor_slot: dict[tuple[str, int], int] = {}
+        self.chunks: dict[tuple[str, int], int] = {}
+        self.attrs: list[tuple[str, str, int, str, int, int]] = []
+        self.derived: dict[int, tuple[int, int]] = {}  # slot -> (base slot, chunks): ``chunks`` copies of base
+        self.per_unit: dict[tuple[str, int], tuple[int, int]] = {}  # (fqn, axis) -> (slot, channels per entry)
+
+    def new(self, size: int, fixed: str | None = None) -> int:
+        s = len(self.parent)
+        self.parent.append(s)
+        self.size.append(int(size))
+        if fixed:
+            self.fixed[s] = fixed
+        return s
+
+    def find(self, s: int) -> int:
+        p = self.parent
+        while p[s] != s:
+            p[s] = p[p[s]]
+            s = p[s]
+        return s
+
+    def union(self, a: int, b: int) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        if self.size[ra] != self.size[rb]:
+            reason = f"axes of sizes {self.size[ra]} and {self.size[rb]} are joined"
+            self.fix(ra, reason)
+            self.fix(rb, reason)
+        self.parent[rb] = ra
+        for d in (self.fixed, self.unit, self.kind):
+            if rb in d:
+                if d is self.unit and ra in d:
+                    d[ra] = math.lcm(d[ra], d.pop(rb))
+                else:
+                    d.setdefault(ra, d.pop(rb))
+        if rb in self.producer:
+            self.producer.add(ra)
+        return ra
+
+    def fix(self, s: int, reason: str) -> None:
+        self.fixed.setdefault(self.find(s), reason)
+
+    def require_unit(self, s: int, unit: int) -> int:
+        """Make ``s``'s group move in multiples of ``unit`` channels (the lcm with the units it has).
+
+        Returns:
+            The group's root slot.
+        """
+        r = self.find(s)
+        self.unit[r] = math.lcm(self.unit.get(r, 1), unit)
+        return r
+
+    def repeated(self, base: int, chunks: int) -> int:
+        """A slot of ``chunks * size(base)`` channels laid out as ``chunks`` copies of ``base``'s index space.
+
+        A bidirectional RNN's output (forward and backward hidden states side by side) is
+        ``repeated(hidden, 2)``: a consumer's tensor axis joined to it becomes a member of
+        ``base``'s group with ``chunks`` chunks, sliced alike in each.
+        """
+        s = self.new(self.size[self.find(base)] * chunks)
+        self.derived[s] = (base, chunks)
+        return s
+
+    def resolver(self) -> Callable[[int], tuple[int, int]]:
+        """Once the analysis is done: slot -> (group root, chunks), looking through repeated slots.
+
+        Merges repeated slots that were joined (their bases join too) and passes a repeated
+        slot's fixed reason and producer mark on to its base.
+        """
+        first: dict[int, tuple[int, int]] = {}
+        for s, (b, k) in self.derived.items():
+            r = self.find(s)
+            if r not in first:
+                first[r] = (b, k)
+            elif first[r][1] == k:
+                self.union(first[r][0], b)
+            else:
+                reason = f"axis repeats hidden sizes {first[r][1]} and {k} times"
+                self.fix(first[r][0], reason)
+                self.fix(b, reason)
+        roots = {self.find(s): b_k for s, b_k in self.derived.items()}
+
+        def resolve(s: int) -> tuple[int, int]:
+            r, k = self.find(s), 1
+            for _ in range(16):
+                d = roots.get(r)
+                if d is None:
+                    break
+                r, k = self.find(d[0]), k * d[1]
+            return r, k
+
+        producers = {self.find(p) for p in self.producer}
+        for r in roots:
+            base = resolve(r)[0]
+            if r in self.fixed:
+                self.fixed.setdefault(base, self.fixed[r])
+            if r in producers:
+                self.producer.add(base)
+        return resolve
+
+    def reason(self, s: int) -> str | None:
+        return self.fixed.get(self.find(s))
+
