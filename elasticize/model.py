@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for_model, get_adapter
+from .batches import float_tensors
 from .export import extract_from
 from .graph import analyze, model_tensors
 from .importance import activation_importance, magnitude_importance, sort_by_importance
@@ -429,7 +430,7 @@ def elasticize(
             calibration = list(calibration)  # counted for the manifest, then read once
             order["calibration_batches"] = len(calibration)
         with torch.no_grad():
-            ref = _float_tensors(model(*inputs))
+            ref = float_tensors(model(*inputs))
         scores = (activation_importance(model, plan, calibration) if sort == "activation"
                   else magnitude_importance(model, plan))
         perms = sort_by_importance(model, plan, scores)
@@ -497,21 +498,10 @@ def _failing_dims(em: ElasticModel, inputs: tuple) -> dict[str, str]:
     return blamed or {"<all at their smallest>": first}
 
 
-def _float_tensors(out: Any) -> list[torch.Tensor]:
-    """The floating-point tensors of a model output (tensor, tuple, list, dict, ``ModelOutput``), in order."""
-    if isinstance(out, torch.Tensor):
-        return [out.detach()] if out.is_floating_point() else []
-    if isinstance(out, Mapping):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _float_tensors(o)]
-    return []
-
-
 def _same_function(model: nn.Module, inputs: tuple, ref: list[torch.Tensor], rtol: float = 1e-4) -> bool:
     """Whether ``model(*inputs)`` still gives ``ref``, within ``rtol`` of its largest magnitude."""
     with torch.no_grad():
-        got = _float_tensors(model(*inputs))
+        got = float_tensors(model(*inputs))
     return len(got) == len(ref) and all(
         a.shape == b.shape and bool((a - b).abs().max() <= rtol * max(1.0, b.abs().max().item())) for a, b in zip(got, ref))
 
@@ -565,7 +555,7 @@ def _keep_function(model: nn.Module, plan: Plan, inputs: tuple, ref: list[torch.
     kept = []
     with _in_double(model):
         with torch.no_grad():
-            ref64 = _float_tensors(model(*inputs64))
+            ref64 = float_tensors(model(*inputs64))
         for kind, names in kinds.items():
             permute({n: scores[n] for n in names})
             if not _same_function(model, inputs64, ref64, rtol=1e-9):

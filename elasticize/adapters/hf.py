@@ -853,7 +853,7 @@ def _reload_problem(dense: nn.Module) -> str | None:
         x = torch.randn(1, ch, size, size, generator=torch.Generator().manual_seed(0))
     else:
         x = torch.arange(8).unsqueeze(0) % max(1, int(getattr(cfg, "vocab_size", 8) or 8))
-    from ..train.losses import default_output  # the trainer's reading of a model output (lazy: it imports the model)
+    from ..batches import default_output  # the trainer's reading of a model output
 
     p = next(dense.parameters())
     try:
