@@ -39,10 +39,10 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from ._files import atomic_write, check_output
+from ._files import check_output
 from ._version import __version__
 from .adapters import build_from_recipe, get_adapter
 from .export import densify, dense_tensors, set_tensor
@@ -52,6 +52,7 @@ from .fileformat.manifest import FILE_PREFIX, bn_name, check_manifest, preset_ta
 from .plan.parse import ManifestError, loads
 from .plan import Plan, apply_plan, slice_ranges
 from .space import Config, SearchSpace
+from .tensorfile import aligned, dedupe, load_strict, load_weights_file, write_tensors
 
 __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
            "PRESETS_KEY", "load_weights_file", "read_files"]
@@ -60,23 +61,6 @@ FORMAT_VERSION = 3
 METADATA_KEY = "elasticize"
 #: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
 PRESETS_KEY = "elasticize.presets"
-
-
-def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Contiguous tensors for safetensors; tensors that share storage are stored once (aliases)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}
-    aliases: dict[str, str] = {}
-    for name, t in state.items():
-        t = t.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
-            if t.device.type != "meta" else (name,)
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        out[name] = t.contiguous().cpu()
-    return out, aliases
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, Plan, SearchSpace, Header]:
@@ -251,7 +235,7 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
         raise TypeError(f"save() takes an ElasticModel (from elasticize.elasticize), not {type(em).__name__}")
     check_output(path, overwrite=overwrite, inputs=(em.source_path,))  # before the work
     with em.trained_bn_stats():
-        tensors, aliases = _dedupe(em.model.state_dict())
+        tensors, aliases = dedupe(em.model.state_dict())
     for preset, table in em.bn_stats.items():
         for fqn, t in table.items():
             tensors[bn_name(preset, fqn)] = t.detach().contiguous().cpu()
@@ -261,8 +245,7 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     tables = {name: entry.pop("tensors") for name, entry in manifest["presets"].items()}
     meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
             PRESETS_KEY: json.dumps(tables, separators=(",", ":"))}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
-                        inputs=(em.source_path,))
+    return write_tensors(path, tensors, meta, overwrite=overwrite, inputs=(em.source_path,))
 
 
 def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -277,12 +260,11 @@ def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *
     check_output(path, overwrite=overwrite, inputs=(em.source_path,))  # before the extraction
     cfg = em.resolve(subnet)
     dense = em.extract(cfg)
-    tensors, aliases = _dedupe(dense.state_dict())
+    tensors, aliases = dedupe(dense.state_dict())
     stored, files = _file_tensors(em.files)
     tensors.update(stored)
     meta = {METADATA_KEY: json.dumps(_manifest(em, aliases, "sub-network", cfg, files=files), separators=(",", ":"))}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
-                        inputs=(em.source_path,))
+    return write_tensors(path, tensors, meta, overwrite=overwrite, inputs=(em.source_path,))
 
 
 # --------------------------------------------------------------------------- load
@@ -367,14 +349,14 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
     base, meta = _base_model(manifest, model, trust_remote_code)
     em = ElasticModel(base, plan, recipe=manifest.get("recipe"),
                       input_shapes=manifest.get("input_shapes", []), importance=manifest.get("importance"))
-    tensors = {k: _aligned(t) for k, t in load_file(str(path)).items()}
+    tensors = {k: aligned(t) for k, t in load_file(str(path)).items()}
     calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()}
                   for p, t in (manifest.get("bn_stats") or {}).items()}
     files = {name: _file_bytes(path, name, entry, tensors.pop(stored, None) if stored else None)
              for name, entry, stored in _listed_files(path, manifest)}
     for alias, target in (manifest.get("aliases") or {}).items():
         tensors[alias] = tensors[target]
-    _load_strict(em.model, tensors, assign=meta, what=f"{path}")
+    load_strict(em.model, tensors, assign=meta, what=f"{path}")
     if meta:
         _materialize(em.model, _RealBuffers(manifest, trust_remote_code))
     _named_presets(em.space, manifest)
@@ -391,16 +373,6 @@ def _named_presets(space: SearchSpace, manifest: dict[str, Any]) -> None:
     for name, entry in (manifest.get("presets") or {}).items():
         if space.presets.get(name) != entry.get("config"):
             space.add_preset(name, entry["config"], replace=name in space.presets)
-
-
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in memory aligned to 64 bytes (a copy only when it is not).
-
-    Tensors read from a file sit at the file's byte offsets; kernels pick other SIMD paths
-    for misaligned data and round differently (~1e-6), which would break the promise that
-    a loaded model computes bit for bit what was saved.
-    """
-    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def _read_ranges(sl: Any, ranges: list[list[tuple[int, int]]]) -> torch.Tensor:
@@ -471,10 +443,10 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
                 raise ManifestError(f"{path}: tensor {dense!r} is stored as {t.dtype} {list(t.shape)}, but the "
                                     f"sub-network needs {want[1]} {want[0]}; the file is corrupted")
             if meta:
-                set_tensor(base, dense, _aligned(t.contiguous()))
+                set_tensor(base, dense, aligned(t.contiguous()))
             else:
                 with torch.no_grad():
-                    set_tensor(base, dense, _aligned(t.contiguous()))
+                    set_tensor(base, dense, aligned(t.contiguous()))
     if meta:
         _materialize(base, real)
     recipe = manifest.get("recipe") or {}
@@ -495,37 +467,3 @@ def _dense_expected(dense: nn.Module, plan: Plan, spec: dict[str, Any]) -> dict[
             list(t.shape) if ranges is None else [sum(b - a for a, b in rs) for rs in ranges])
         out[name] = (shape, t.dtype)
     return out
-
-
-def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a plain ``.safetensors`` state dict into ``model`` (strict).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a safetensors file (pickled ``.pt``/``.pth`` files are refused: elasticize
-            never unpickles), or its tensors do not fit the model.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such weights file: {p}")
-    try:
-        tensors = load_file(str(p))
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{p} is not a safetensors file ({e}). elasticize never unpickles .pt/.pth files; convert "
-                         "them once (PyTorch's weights-only loader, then safetensors.torch.save_file)") from e
-    _load_strict(model, tensors, assign=False, what=str(p))
-
-
-def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, assign: bool, what: str) -> None:
-    """``load_state_dict`` that names the missing, unexpected and mis-shaped tensors in a ValueError."""
-    state = model.state_dict()
-    missing = [k for k in state if k not in tensors]
-    unexpected = [k for k in tensors if k not in state]
-    shapes = [f"{k} {tensors[k].dtype} {list(tensors[k].shape)} vs {state[k].dtype} {list(state[k].shape)}"
-              for k in state if k in tensors and (tensors[k].shape != state[k].shape or tensors[k].dtype != state[k].dtype)]
-    if missing or unexpected or shapes:
-        parts = [f"{label} {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
-                 for label, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped or of another dtype", shapes)) if v]
-        raise ValueError(f"{what} does not fit the model: {'; '.join(parts)}. Pass the architecture it was made "
-                         "from (same constructor arguments) as model=")
-    model.load_state_dict(tensors, strict=True, assign=assign)

@@ -19,6 +19,7 @@ from .modules import SWITCH_PREFIX
 from .plan import KIND_DIM, Plan, apply_plan, build_plan, remove_elastic, slice_ranges
 from .rules import find_rule
 from .space import Config, SearchSpace
+from .tensorfile import load_weights_file
 
 __all__ = ["ElasticModel", "elasticize"]
 
@@ -614,8 +615,6 @@ def convert(spec: str, *, pretrained: bool = True, kwargs: dict[str, Any] | None
     kw = dict(kwargs or {})
     model = adapter.build(name, pretrained=pretrained and weights is None, kwargs=kw)
     if weights is not None:
-        from .checkpoint import load_weights_file
-
         load_weights_file(model, weights)
     recipe = adapter.recipe(model, name, kw)
     recipe["pretrained"] = bool(pretrained or weights is not None)  # the trainer distills from the original then
