@@ -39,20 +39,20 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ._files import check_output
+from ._files import atomic_write, check_output
 from ._version import __version__
-from .adapters import build_from_recipe, get_adapter
-from .export import densify, dense_tensors, set_tensor
+from .adapters import build_from_recipe
+from .export import TensorSource, extract, set_tensor
 from .model import ElasticModel, SubnetLike
 from .fileformat.header import Header, read_header
 from .fileformat.manifest import FILE_PREFIX, bn_name, check_manifest, preset_table
 from .plan.parse import ManifestError, loads
 from .plan import Plan, apply_plan, slice_ranges
 from .space import Config, SearchSpace
-from .tensorfile import aligned, dedupe, load_strict, load_weights_file, write_tensors
+from .tensorfile import aligned, dedupe, load_strict, load_weights_file
 
 __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
            "PRESETS_KEY", "load_weights_file", "read_files"]
@@ -245,7 +245,8 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     tables = {name: entry.pop("tensors") for name, entry in manifest["presets"].items()}
     meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
             PRESETS_KEY: json.dumps(tables, separators=(",", ":"))}
-    return write_tensors(path, tensors, meta, overwrite=overwrite, inputs=(em.source_path,))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
+                        inputs=(em.source_path,))
 
 
 def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -264,7 +265,8 @@ def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *
     stored, files = _file_tensors(em.files)
     tensors.update(stored)
     meta = {METADATA_KEY: json.dumps(_manifest(em, aliases, "sub-network", cfg, files=files), separators=(",", ":"))}
-    return write_tensors(path, tensors, meta, overwrite=overwrite, inputs=(em.source_path,))
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
+                        inputs=(em.source_path,))
 
 
 # --------------------------------------------------------------------------- load
@@ -376,6 +378,8 @@ def _named_presets(space: SearchSpace, manifest: dict[str, Any]) -> None:
 
 
 def _read_ranges(sl: Any, ranges: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """The ranges (from :func:`elasticize.plan.tensor_ranges`) of a safetensors slice (``get_slice``),
+    reading only their bytes: one rectangular read per combination of ranges, concatenated."""
     multi = [i for i, rs in enumerate(ranges) if len(rs) > 1]
     if not multi:
         return sl[tuple(slice(rs[0][0], rs[0][1]) for rs in ranges)]
@@ -397,8 +401,9 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
         trust_remote_code: as for :func:`load`.
 
     Returns:
-        The dense module (ordinary layers), in eval mode; equal to
-        ``load(path).extract(subnet)``.
+        The dense module (ordinary layers), in eval mode; equal to ``load(path).extract(subnet)``,
+        non-tensor state included: both run :func:`elasticize.export.extract`, with the tensors of
+        the file instead of the live model's. ``model``, when given, becomes that module.
 
     Raises:
         FileNotFoundError, ValueError: see :func:`read_manifest` and :func:`load`; also a stored
@@ -416,54 +421,60 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
     else:
         cfg = space.resolve(subnet)
     space.apply(state, cfg)
-    spec = dense_tensors(plan, space, state, cfg)
     real = _RealBuffers(manifest, trust_remote_code)
-    built = _non_persistent(base, plan, real, meta)
-    calibrated: dict[str, str] = {}  # the preset's calibrated BatchNorm statistics, if the file has them
-    for preset, table in (manifest.get("bn_stats") or {}).items():
-        if manifest.get("kind") != "sub-network" and space.resolve(preset) == cfg:
-            calibrated = table
-            break
-    densify(base, plan, space, cfg)
-    expected = _dense_expected(base, plan, spec)
-    aliases = manifest.get("aliases") or {}
     with safe_open(str(path), framework="pt") as f:
-        for dense, (src, ranges) in spec.items():
-            if src in built:
-                t = slice_ranges(built[src], ranges)
-            elif manifest.get("kind") == "sub-network":
-                t = f.get_tensor(aliases.get(dense, dense))
-            elif src in calibrated:
-                t = f.get_tensor(calibrated[src])
-            else:
-                src = aliases.get(src, src)
-                t = f.get_tensor(src) if ranges is None or not ranges else _read_ranges(f.get_slice(src), ranges)
-            want = expected.get(dense)
-            if want is not None and (list(t.shape) != want[0] or t.dtype != want[1]):
-                raise ManifestError(f"{path}: tensor {dense!r} is stored as {t.dtype} {list(t.shape)}, but the "
-                                    f"sub-network needs {want[1]} {want[0]}; the file is corrupted")
-            if meta:
-                set_tensor(base, dense, aligned(t.contiguous()))
-            else:
-                with torch.no_grad():
-                    set_tensor(base, dense, aligned(t.contiguous()))
-    if meta:
-        _materialize(base, real)
-    recipe = manifest.get("recipe") or {}
-    if recipe.get("adapter"):
-        get_adapter(recipe["adapter"]).after_extract(base)
-    return base.eval()
+        source = _FileTensors(path, f, manifest, _calibrated_table(manifest, space, cfg),
+                              _non_persistent(base, plan, real, meta), real if meta else None)
+        dense = extract(base, plan, space, state, cfg, source, recipe=manifest.get("recipe") or {}, in_place=True)
+    return dense.eval()
 
 
-def _dense_expected(dense: nn.Module, plan: Plan, spec: dict[str, Any]) -> dict[str, tuple[list[int], torch.dtype]]:
-    """Dense tensor name -> (shape, dtype) the sub-network needs: the sliced shape, the model's dtype."""
-    own = {n: t for n, t in dense.state_dict(keep_vars=True).items()}
-    out = {}
-    for name, (src, ranges) in spec.items():
-        t = own.get(name)
-        if t is None:
-            continue
-        shape = list(plan.tensors[src]["shape"]) if ranges is None and src in plan.tensors else (
-            list(t.shape) if ranges is None else [sum(b - a for a, b in rs) for rs in ranges])
-        out[name] = (shape, t.dtype)
-    return out
+def _calibrated_table(manifest: dict[str, Any], space: SearchSpace, cfg: Config) -> dict[str, str]:
+    """The calibrated BatchNorm statistics of the preset that ``cfg`` is, if the file has them: buffer -> stored name."""
+    if manifest.get("kind") == "sub-network":
+        return {}
+    for preset, table in (manifest.get("bn_stats") or {}).items():
+        if space.resolve(preset) == cfg:
+            return table
+    return {}
+
+
+class _FileTensors(TensorSource):
+    """A sub-network's tensors read from an open safetensors file, only the slices it needs
+    (``get_slice``), each checked against the shape and dtype the sub-network needs.
+
+    Args:
+        path: the file (for messages).
+        f: the file, opened with ``safe_open``.
+        manifest: its checked manifest.
+        calibrated: buffer name -> stored name of the preset's calibrated BatchNorm statistics.
+        built: full values of the sliced non-persistent buffers, which the file does not hold.
+        real: the real build whose buffers fill those still on ``meta`` (a model built on
+            ``meta``), or None.
+    """
+
+    def __init__(self, path: Any, f: Any, manifest: dict[str, Any], calibrated: dict[str, str],
+                 built: dict[str, torch.Tensor], real: _RealBuffers | None) -> None:
+        self.path, self.f, self.calibrated, self.built, self.real = path, f, calibrated, built, real
+        self.dense_file = manifest.get("kind") == "sub-network"
+        self.aliases = manifest.get("aliases") or {}
+
+    def read(self, name: str, src: str, ranges: Any, want: Any) -> torch.Tensor:
+        f = self.f
+        if src in self.built:
+            t = slice_ranges(self.built[src], ranges)
+        elif self.dense_file:
+            t = f.get_tensor(self.aliases.get(name, name))
+        elif src in self.calibrated:
+            t = f.get_tensor(self.calibrated[src])
+        else:
+            src = self.aliases.get(src, src)
+            t = f.get_tensor(src) if ranges is None or not ranges else _read_ranges(f.get_slice(src), ranges)
+        if want is not None and (list(t.shape) != want[0] or t.dtype != want[1]):
+            raise ManifestError(f"{self.path}: tensor {name!r} is stored as {t.dtype} {list(t.shape)}, but the "
+                                f"sub-network needs {want[1]} {want[0]}; the file is corrupted")
+        return aligned(t.contiguous())
+
+    def complete(self, dense: nn.Module) -> None:
+        if self.real is not None:
+            _materialize(dense, self.real)

@@ -12,11 +12,11 @@ from torch import nn
 
 from .adapters import Adapter, adapter_for_model, get_adapter
 from .batches import float_tensors
-from .export import extract_from
-from .graph import analyze, model_tensors
+from .export import LiveTensors, extract
+from .graph import analyze
 from .importance import activation_importance, magnitude_importance, sort_by_importance
 from .modules import SWITCH_PREFIX
-from .plan import KIND_DIM, Plan, apply_plan, build_plan, remove_elastic, slice_ranges
+from .plan import KIND_DIM, Plan, apply_plan, build_plan, remove_elastic
 from .rules import find_rule
 from .space import Config, SearchSpace
 from .tensorfile import load_weights_file
@@ -248,19 +248,17 @@ class ElasticModel(nn.Module):
         """A plain dense module of ``subnet``, made of the original layer classes.
 
         Numerically equal to this model at ``subnet`` (fp32, max abs diff <= 1e-5); its
-        tensors are new (training it does not change this model).
+        tensors are new (training it does not change this model). Non-tensor state is the
+        family adapter's (timm ``num_features``, a Hugging Face ``config``), as for
+        :func:`elasticize.load_subnet`, which runs the same extraction (:func:`elasticize.export.extract`).
 
         Raises:
             KeyError, ValueError, TypeError: for a sub-network outside the search space.
         """
         cfg = self.resolve(subnet)
-        state = model_tensors(self.model)
         with self.subnet(cfg):
-            dense = extract_from(self.model, self.plan, self.space, self._state, cfg,
-                                 lambda src, ranges: slice_ranges(state[src], ranges))
-        adapter = get_adapter(self.recipe["adapter"]) if self.recipe.get("adapter") else adapter_for_model(self.model)
-        if adapter is not None:
-            adapter.after_extract(dense)
+            dense = extract(self.model, self.plan, self.space, self._state, cfg, LiveTensors(self.model),
+                            recipe=self.recipe)
         return dense.train(self.model.training)
 
     def save_pretrained(self, directory: str, subnet: SubnetLike = None, *, overwrite: bool = False) -> str:

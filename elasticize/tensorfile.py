@@ -1,9 +1,9 @@
-"""Plain safetensors files of tensors: writing them atomically, reading weights strictly.
+"""Tensors to and from plain safetensors files: tied tensors stored once, aligned reads, strict loading.
 
-Shared by the model files (:mod:`elasticize.checkpoint`), the trainer's resume state
-(:mod:`elasticize.train.state`) and conversion from a weights file (:func:`elasticize.convert`),
-so none of them imports another for it. Folder and file mechanics (umask modes, temporary names,
-refusing to overwrite an input) are :mod:`elasticize._files`'. No pickle anywhere.
+Shared by the model files (:mod:`elasticize.checkpoint`) and conversion from a weights file
+(:func:`elasticize.convert`), so conversion does not import the checkpoint layer above it. Writing
+a file atomically (temporary name, umask mode, never the input) is :mod:`elasticize._files`'
+:func:`~elasticize._files.atomic_write`. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -13,29 +13,10 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from ._files import atomic_write
-
-__all__ = ["write_tensors", "dedupe", "aligned", "load_strict", "load_weights_file"]
-
-
-def write_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *,
-                  overwrite: bool, inputs: tuple = ()) -> Path:
-    """Write ``tensors`` (contiguous, on the CPU, no two sharing storage) and the string ``metadata``
-    to a ``.safetensors`` file, atomically (see :func:`elasticize._files.atomic_write`).
-
-    Returns:
-        The path written.
-
-    Raises:
-        FileExistsError, FileNotFoundError, PermissionError, ValueError, OSError: as
-            :func:`elasticize._files.atomic_write` (an existing file without ``overwrite``, a
-            missing or read-only folder, ``path`` one of ``inputs``, a failed write).
-    """
-    return atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)),
-                        overwrite=overwrite, inputs=inputs)
+__all__ = ["dedupe", "aligned", "load_strict", "load_weights_file"]
 
 
 def dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

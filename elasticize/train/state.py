@@ -25,11 +25,10 @@ from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from .._files import check_output
+from .._files import atomic_write, check_output
 from ..model import ElasticModel
-from ..tensorfile import write_tensors
 
 __all__ = ["plan_fingerprint", "write_state", "read_state", "read_state_info", "check_state_info", "STATE_KEY",
            "rng_state", "set_rng_state", "data_generators"]
@@ -105,7 +104,7 @@ def write_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.opti
             tensors[k] = tensors[k].clone()
         seen[ptr] = k
     metadata = {STATE_KEY: json.dumps(info)}
-    return write_tensors(path, tensors, metadata, overwrite=True, inputs=inputs)
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=True, inputs=inputs)
 
 
 def check_state_info(path: str | os.PathLike, info: dict[str, Any], em: ElasticModel) -> None:
