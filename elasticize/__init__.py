@@ -12,11 +12,11 @@ and depth, cut at inference without retraining, and shipped as one safetensors f
 """
 
 from ._version import __version__
-from .model import ElasticModel, convert, elasticize
+from .model import ConvertOptions, ElasticModel, convert, elasticize
 from .rules import Rule, register_rule
 from .space import SearchSpace
 
-__all__ = ["__version__", "elasticize", "convert", "ElasticModel", "SearchSpace", "Rule", "register_rule",
+__all__ = ["__version__", "elasticize", "convert", "ConvertOptions", "ElasticModel", "SearchSpace", "Rule", "register_rule",
            "save", "load", "load_subnet", "read_manifest"]
 
 

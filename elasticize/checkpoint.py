@@ -45,8 +45,8 @@ from torch import nn
 from ._files import atomic_write, check_output
 from ._version import __version__
 from .adapters import build_from_recipe
+from .elastic import ElasticModel, SubnetLike
 from .export import TensorSource, extract, set_tensor
-from .model import ElasticModel, SubnetLike
 from .fileformat.header import Header, read_header
 from .fileformat.manifest import FILE_PREFIX, bn_name, check_manifest, preset_table
 from .plan.parse import ManifestError, loads
