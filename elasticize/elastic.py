@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .export import LiveTensors, extract
-from .plan import Plan, apply_plan
+from .plan import KIND_DIM, Plan, apply_plan
 from .space import Config, SearchSpace
 
 __all__ = ["ElasticModel", "SubnetLike"]
@@ -291,6 +291,31 @@ class ElasticModel(nn.Module):
             "conversion": self.conversion,
         }
 
+    # ------------------------------------------------------------ display
+    def active_name(self) -> str | None:
+        """The name of the preset that the active sub-network is, if any (``full`` for the largest)."""
+        return next((n for n in self.presets if self.resolve(n) == self._active), None)
+
+    def extra_repr(self) -> str:
+        """The active sub-network, its MACs and params; the modules below print their active sizes."""
+        name = self.active_name()
+        which = repr(name) if name is not None else f"custom {self._active}"
+        return (f"active={which}, macs={self.macs(self._active):,} of {self.macs('full'):,}, "
+                f"params={self.params(self._active):,} of {self.params('full'):,}")
+
+    def summary(self, subnet: SubnetLike = None) -> Any:
+        """A rich table of ``subnet`` (default: the active sub-network): every coupling group and
+        stage with its size there, its full size and its choices; MACs per sample (FLOPs = 2 x MACs)
+        and params in the caption. Print it with ``rich.print(em.summary())``.
+
+        Returns:
+            A :class:`rich.table.Table`.
+
+        Raises:
+            KeyError, ValueError, TypeError: for a sub-network outside the search space.
+        """
+        return _summary_table(self, self._active if subnet is None else self.resolve(subnet))
+
 
 def _checked_bn_stats(stats: Mapping[str, Mapping[str, torch.Tensor]], presets: Mapping[str, Any],
                       buffers: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -332,3 +357,22 @@ def _best_measured(em: ElasticModel, max_macs: int | None, max_params: int | Non
                          "(measure them with elasticize.train.Trainer.evaluate)")
     key = (lambda n: (em.metrics[n][metric], em.macs(n))) if metric else (lambda n: em.macs(n))
     return max(ok, key=key)
+
+
+def _summary_table(em: ElasticModel, cfg: Config) -> Any:
+    """The table of :meth:`ElasticModel.summary` for the resolved ``cfg``."""
+    from rich.table import Table
+
+    name = next((n for n in em.presets if em.resolve(n) == cfg), None)
+    full_macs, full_params = em.macs("full"), em.params("full")
+    macs, params = em.macs(cfg), em.params(cfg)
+    table = Table(title=f"ElasticModel({type(em.model).__name__}) at {repr(name) if name else 'a custom sub-network'}",
+                  caption=f"MACs per sample {macs:,} of {full_macs:,} ({100 * macs / max(full_macs, 1):.1f}%); "
+                          f"params {params:,} of {full_params:,} ({100 * params / max(full_params, 1):.1f}%)")
+    for col in ("group or stage", "kind", "active", "full", "choices"):
+        table.add_column(col, justify="right" if col in ("active", "full") else "left")
+    rows = [(g["name"], g["kind"], KIND_DIM.get(g["kind"], "width"), g["choices"]) for g in em.plan.groups]
+    rows += [(st["name"], "depth", "depth", st["choices"]) for st in em.plan.stages]
+    for name_, kind, dim, choices in rows:  # sizes in the units of the choices: channels, heads, blocks, modules
+        table.add_row(name_, kind, str(cfg[dim][name_]), str(choices[0]), ", ".join(map(str, choices)))
+    return table

@@ -165,6 +165,18 @@ class ElasticMixin:
             return None
         return prefix_view(t, spec)
 
+    def extra_repr(self) -> str:
+        """The module's own description at the active sub-network's sizes (``Conv2d(64, 96, ...)``
+        reads its sizes from ``__dict__``, which holds the full ones)."""
+        d = self.__dict__
+        full = {name: d[name] for name in d["_el_attrs"] if name in d}
+        try:
+            for name in full:
+                d[name] = getattr(self, name)
+            return super().extra_repr()  # type: ignore[misc]
+        finally:
+            d.update(full)
+
 
 class GateMixin:
     """Skips a residual block: returns its input unchanged when the block is off (as the first
@@ -177,6 +189,13 @@ class GateMixin:
             x = args[0] if args else next(iter(kwargs.values()))
             return (x,) + (None,) * (arity - 1) if arity else x
         return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        """One line for a block its stage skips at the active sub-network, else the module's own repr."""
+        stage, index, _ = self.__dict__["_el_gate"]
+        if index >= stage.depth:
+            return f"{self._get_name()}(skipped)"  # type: ignore[attr-defined]
+        return super().__repr__()
 
 
 def _attr_property(name: str) -> property:
