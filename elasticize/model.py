@@ -1,6 +1,6 @@
 """The public entry points of conversion: ``elasticize(model)`` and ``convert(name)``.
 
-They check and gather the options (:class:`~elasticize.ConvertOptions`) and run the passes of
+They check and gather the options (:class:`~elasticize.options.ConvertOptions`) and run the passes of
 :mod:`elasticize.conversion`; the :class:`ElasticModel` they return lives in
 :mod:`elasticize.elastic` (re-exported here).
 """
@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter, resolve_spec
-from .conversion import ConvertOptions, as_tuple, check_model, options_from, run
+from .conversion import as_tuple, check_model, run
 from .elastic import ElasticModel, SubnetLike
+from .options import ConvertOptions, options_from
 from .tensorfile import load_weights_file
 
 __all__ = ["ElasticModel", "ConvertOptions", "SubnetLike", "elasticize", "convert"]
