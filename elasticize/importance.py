@@ -53,7 +53,7 @@ def _members(plan: Plan) -> dict[str, list[tuple[str, int, int, int]]]:
     for fqn, info in plan.tensors.items():
         for ax, a in info["axes"].items():
             g, chunks, div = axis_entry(a)
-            if g in out:  # a plan narrowed to some groups (see elasticize.model._keep_function)
+            if g in out:  # a plan narrowed to some groups (see elasticize.conversion.check_function)
                 out[g].append((fqn, int(ax), chunks, div))
     return out
 
