@@ -12,16 +12,20 @@ and depth, cut at inference without retraining, and shipped as one safetensors f
 """
 
 from ._version import __version__
-from .model import ElasticModel, convert, elasticize
+from .adapters import Adapter, register_adapter
+from .model import ConvertOptions, ElasticModel, convert, elasticize
 from .rules import Rule, register_rule
 from .space import SearchSpace
 
-__all__ = ["__version__", "elasticize", "convert", "ElasticModel", "SearchSpace", "Rule", "register_rule",
-           "save", "load", "load_subnet", "read_manifest"]
+__all__ = ["__version__", "elasticize", "convert", "ConvertOptions", "ElasticModel", "SearchSpace", "Rule",
+           "register_rule", "Adapter", "register_adapter", "save", "save_subnet", "load", "load_subnet",
+           "read_manifest"]
+
+_CHECKPOINT = ("save", "save_subnet", "load", "load_subnet", "read_manifest")
 
 
 def __getattr__(name: str):  # checkpoint functions, imported on first use
-    if name in ("save", "load", "load_subnet", "read_manifest"):
+    if name in _CHECKPOINT:
         from . import checkpoint
 
         return getattr(checkpoint, name)

@@ -44,14 +44,15 @@ from torch import nn
 
 from ._files import atomic_write, check_output
 from ._version import __version__
-from .adapters import build_from_recipe, get_adapter
-from .export import densify, dense_tensors, set_tensor
-from .model import ElasticModel, SubnetLike
+from .adapters import build_from_recipe
+from .elastic import ElasticModel, SubnetLike
+from .export import TensorSource, extract, set_tensor
 from .fileformat.header import Header, read_header
 from .fileformat.manifest import FILE_PREFIX, bn_name, check_manifest, preset_table
 from .plan.parse import ManifestError, loads
 from .plan import Plan, apply_plan, slice_ranges
 from .space import Config, SearchSpace
+from .tensorfile import aligned, dedupe, load_strict, load_weights_file
 
 __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
            "PRESETS_KEY", "load_weights_file", "read_files"]
@@ -60,23 +61,6 @@ FORMAT_VERSION = 3
 METADATA_KEY = "elasticize"
 #: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
 PRESETS_KEY = "elasticize.presets"
-
-
-def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Contiguous tensors for safetensors; tensors that share storage are stored once (aliases)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}
-    aliases: dict[str, str] = {}
-    for name, t in state.items():
-        t = t.detach()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
-            if t.device.type != "meta" else (name,)
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        out[name] = t.contiguous().cpu()
-    return out, aliases
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, Plan, SearchSpace, Header]:
@@ -251,7 +235,7 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
         raise TypeError(f"save() takes an ElasticModel (from elasticize.elasticize), not {type(em).__name__}")
     check_output(path, overwrite=overwrite, inputs=(em.source_path,))  # before the work
     with em.trained_bn_stats():
-        tensors, aliases = _dedupe(em.model.state_dict())
+        tensors, aliases = dedupe(em.model.state_dict())
     for preset, table in em.bn_stats.items():
         for fqn, t in table.items():
             tensors[bn_name(preset, fqn)] = t.detach().contiguous().cpu()
@@ -277,7 +261,7 @@ def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *
     check_output(path, overwrite=overwrite, inputs=(em.source_path,))  # before the extraction
     cfg = em.resolve(subnet)
     dense = em.extract(cfg)
-    tensors, aliases = _dedupe(dense.state_dict())
+    tensors, aliases = dedupe(dense.state_dict())
     stored, files = _file_tensors(em.files)
     tensors.update(stored)
     meta = {METADATA_KEY: json.dumps(_manifest(em, aliases, "sub-network", cfg, files=files), separators=(",", ":"))}
@@ -367,14 +351,14 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
     base, meta = _base_model(manifest, model, trust_remote_code)
     em = ElasticModel(base, plan, recipe=manifest.get("recipe"),
                       input_shapes=manifest.get("input_shapes", []), importance=manifest.get("importance"))
-    tensors = {k: _aligned(t) for k, t in load_file(str(path)).items()}
+    tensors = {k: aligned(t) for k, t in load_file(str(path)).items()}
     calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()}
                   for p, t in (manifest.get("bn_stats") or {}).items()}
     files = {name: _file_bytes(path, name, entry, tensors.pop(stored, None) if stored else None)
              for name, entry, stored in _listed_files(path, manifest)}
     for alias, target in (manifest.get("aliases") or {}).items():
         tensors[alias] = tensors[target]
-    _load_strict(em.model, tensors, assign=meta, what=f"{path}")
+    load_strict(em.model, tensors, assign=meta, what=f"{path}")
     if meta:
         _materialize(em.model, _RealBuffers(manifest, trust_remote_code))
     _named_presets(em.space, manifest)
@@ -393,17 +377,9 @@ def _named_presets(space: SearchSpace, manifest: dict[str, Any]) -> None:
             space.add_preset(name, entry["config"], replace=name in space.presets)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in memory aligned to 64 bytes (a copy only when it is not).
-
-    Tensors read from a file sit at the file's byte offsets; kernels pick other SIMD paths
-    for misaligned data and round differently (~1e-6), which would break the promise that
-    a loaded model computes bit for bit what was saved.
-    """
-    return t if t.data_ptr() % 64 == 0 else t.clone()
-
-
 def _read_ranges(sl: Any, ranges: list[list[tuple[int, int]]]) -> torch.Tensor:
+    """The ranges (from :func:`elasticize.plan.tensor_ranges`) of a safetensors slice (``get_slice``),
+    reading only their bytes: one rectangular read per combination of ranges, concatenated."""
     multi = [i for i, rs in enumerate(ranges) if len(rs) > 1]
     if not multi:
         return sl[tuple(slice(rs[0][0], rs[0][1]) for rs in ranges)]
@@ -425,8 +401,9 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
         trust_remote_code: as for :func:`load`.
 
     Returns:
-        The dense module (ordinary layers), in eval mode; equal to
-        ``load(path).extract(subnet)``.
+        The dense module (ordinary layers), in eval mode; equal to ``load(path).extract(subnet)``,
+        non-tensor state included: both run :func:`elasticize.export.extract`, with the tensors of
+        the file instead of the live model's. ``model``, when given, becomes that module.
 
     Raises:
         FileNotFoundError, ValueError: see :func:`read_manifest` and :func:`load`; also a stored
@@ -444,88 +421,60 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
     else:
         cfg = space.resolve(subnet)
     space.apply(state, cfg)
-    spec = dense_tensors(plan, space, state, cfg)
     real = _RealBuffers(manifest, trust_remote_code)
-    built = _non_persistent(base, plan, real, meta)
-    calibrated: dict[str, str] = {}  # the preset's calibrated BatchNorm statistics, if the file has them
-    for preset, table in (manifest.get("bn_stats") or {}).items():
-        if manifest.get("kind") != "sub-network" and space.resolve(preset) == cfg:
-            calibrated = table
-            break
-    densify(base, plan, space, cfg)
-    expected = _dense_expected(base, plan, spec)
-    aliases = manifest.get("aliases") or {}
     with safe_open(str(path), framework="pt") as f:
-        for dense, (src, ranges) in spec.items():
-            if src in built:
-                t = slice_ranges(built[src], ranges)
-            elif manifest.get("kind") == "sub-network":
-                t = f.get_tensor(aliases.get(dense, dense))
-            elif src in calibrated:
-                t = f.get_tensor(calibrated[src])
-            else:
-                src = aliases.get(src, src)
-                t = f.get_tensor(src) if ranges is None or not ranges else _read_ranges(f.get_slice(src), ranges)
-            want = expected.get(dense)
-            if want is not None and (list(t.shape) != want[0] or t.dtype != want[1]):
-                raise ManifestError(f"{path}: tensor {dense!r} is stored as {t.dtype} {list(t.shape)}, but the "
-                                    f"sub-network needs {want[1]} {want[0]}; the file is corrupted")
-            if meta:
-                set_tensor(base, dense, _aligned(t.contiguous()))
-            else:
-                with torch.no_grad():
-                    set_tensor(base, dense, _aligned(t.contiguous()))
-    if meta:
-        _materialize(base, real)
-    recipe = manifest.get("recipe") or {}
-    if recipe.get("adapter"):
-        get_adapter(recipe["adapter"]).after_extract(base)
-    return base.eval()
+        source = _FileTensors(path, f, manifest, _calibrated_table(manifest, space, cfg),
+                              _non_persistent(base, plan, real, meta), real if meta else None)
+        dense = extract(base, plan, space, state, cfg, source, recipe=manifest.get("recipe") or {}, in_place=True)
+    return dense.eval()
 
 
-def _dense_expected(dense: nn.Module, plan: Plan, spec: dict[str, Any]) -> dict[str, tuple[list[int], torch.dtype]]:
-    """Dense tensor name -> (shape, dtype) the sub-network needs: the sliced shape, the model's dtype."""
-    own = {n: t for n, t in dense.state_dict(keep_vars=True).items()}
-    out = {}
-    for name, (src, ranges) in spec.items():
-        t = own.get(name)
-        if t is None:
-            continue
-        shape = list(plan.tensors[src]["shape"]) if ranges is None and src in plan.tensors else (
-            list(t.shape) if ranges is None else [sum(b - a for a, b in rs) for rs in ranges])
-        out[name] = (shape, t.dtype)
-    return out
+def _calibrated_table(manifest: dict[str, Any], space: SearchSpace, cfg: Config) -> dict[str, str]:
+    """The calibrated BatchNorm statistics of the preset that ``cfg`` is, if the file has them: buffer -> stored name."""
+    if manifest.get("kind") == "sub-network":
+        return {}
+    for preset, table in (manifest.get("bn_stats") or {}).items():
+        if space.resolve(preset) == cfg:
+            return table
+    return {}
 
 
-def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
-    """Load a plain ``.safetensors`` state dict into ``model`` (strict).
+class _FileTensors(TensorSource):
+    """A sub-network's tensors read from an open safetensors file, only the slices it needs
+    (``get_slice``), each checked against the shape and dtype the sub-network needs.
 
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a safetensors file (pickled ``.pt``/``.pth`` files are refused: elasticize
-            never unpickles), or its tensors do not fit the model.
+    Args:
+        path: the file (for messages).
+        f: the file, opened with ``safe_open``.
+        manifest: its checked manifest.
+        calibrated: buffer name -> stored name of the preset's calibrated BatchNorm statistics.
+        built: full values of the sliced non-persistent buffers, which the file does not hold.
+        real: the real build whose buffers fill those still on ``meta`` (a model built on
+            ``meta``), or None.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such weights file: {p}")
-    try:
-        tensors = load_file(str(p))
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f"{p} is not a safetensors file ({e}). elasticize never unpickles .pt/.pth files; convert "
-                         "them once (PyTorch's weights-only loader, then safetensors.torch.save_file)") from e
-    _load_strict(model, tensors, assign=False, what=str(p))
 
+    def __init__(self, path: Any, f: Any, manifest: dict[str, Any], calibrated: dict[str, str],
+                 built: dict[str, torch.Tensor], real: _RealBuffers | None) -> None:
+        self.path, self.f, self.calibrated, self.built, self.real = path, f, calibrated, built, real
+        self.dense_file = manifest.get("kind") == "sub-network"
+        self.aliases = manifest.get("aliases") or {}
 
-def _load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, assign: bool, what: str) -> None:
-    """``load_state_dict`` that names the missing, unexpected and mis-shaped tensors in a ValueError."""
-    state = model.state_dict()
-    missing = [k for k in state if k not in tensors]
-    unexpected = [k for k in tensors if k not in state]
-    shapes = [f"{k} {tensors[k].dtype} {list(tensors[k].shape)} vs {state[k].dtype} {list(state[k].shape)}"
-              for k in state if k in tensors and (tensors[k].shape != state[k].shape or tensors[k].dtype != state[k].dtype)]
-    if missing or unexpected or shapes:
-        parts = [f"{label} {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
-                 for label, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped or of another dtype", shapes)) if v]
-        raise ValueError(f"{what} does not fit the model: {'; '.join(parts)}. Pass the architecture it was made "
-                         "from (same constructor arguments) as model=")
-    model.load_state_dict(tensors, strict=True, assign=assign)
+    def read(self, name: str, src: str, ranges: Any, want: Any) -> torch.Tensor:
+        f = self.f
+        if src in self.built:
+            t = slice_ranges(self.built[src], ranges)
+        elif self.dense_file:
+            t = f.get_tensor(self.aliases.get(name, name))
+        elif src in self.calibrated:
+            t = f.get_tensor(self.calibrated[src])
+        else:
+            src = self.aliases.get(src, src)
+            t = f.get_tensor(src) if ranges is None or not ranges else _read_ranges(f.get_slice(src), ranges)
+        if want is not None and (list(t.shape) != want[0] or t.dtype != want[1]):
+            raise ManifestError(f"{self.path}: tensor {name!r} is stored as {t.dtype} {list(t.shape)}, but the "
+                                f"sub-network needs {want[1]} {want[0]}; the file is corrupted")
+        return aligned(t.contiguous())
+
+    def complete(self, dense: nn.Module) -> None:
+        if self.real is not None:
+            _materialize(dense, self.real)

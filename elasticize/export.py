@@ -1,27 +1,35 @@
 """Dense extraction: any sub-network as a plain module of ordinary layers.
 
 The dense module has the original classes (``nn.Conv2d``, timm ``Attention``...), smaller
-tensors, consistent attributes (``out_channels``, ``num_heads``...), and ``nn.Identity``
-in place of skipped blocks. Its tensors come from a *tensor source*: the live elastic
-model (:meth:`ElasticModel.extract`) or a safetensors file read slice by slice
-(:func:`elasticize.load_subnet`), through the same per-tensor ranges the manifest lists.
+tensors, consistent attributes (``out_channels``, ``num_heads``...), ``nn.Identity``
+in place of skipped blocks, and non-tensor state fixed by the model family's adapter
+(timm ``num_features``, a Hugging Face ``config``). There is one extraction path,
+:func:`extract`; only its *tensor source* differs: the live elastic model
+(:class:`LiveTensors`, for :meth:`ElasticModel.extract`) or a safetensors file read slice by
+slice (:func:`elasticize.load_subnet`), both through the per-tensor ranges of
+:func:`dense_tensors`, which the manifest lists too.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from .adapters import adapter_for_model, get_adapter
+from .graph import model_tensors
 from .modules import SWITCH_PREFIX
-from .plan import ElasticState, Plan, remove_elastic, stage_ranks, tensor_ranges
+from .plan import ElasticState, Plan, remove_elastic, slice_ranges, stage_ranks, tensor_ranges
 from .space import Config, SearchSpace
 
-__all__ = ["dense_tensors", "densify", "set_tensor"]
+__all__ = ["extract", "TensorSource", "LiveTensors", "dense_tensors", "densify", "set_tensor"]
 
+#: Per axis of a tensor, the ``[start, stop)`` ranges to read (:func:`elasticize.plan.tensor_ranges`).
 Ranges = list[list[tuple[int, int]]]
+#: The shape and dtype a dense tensor must have.
+Want = tuple[list[int], torch.dtype]
 
 
 def dense_tensors(plan: Plan, space: SearchSpace, state: ElasticState, cfg: Config) -> dict[str, tuple[str, Ranges | None]]:
@@ -167,15 +175,95 @@ def structural_copy(model: nn.Module) -> tuple[nn.Module, set[int]]:
     return copy.deepcopy(model, memo), {id(t) for t in tensors}
 
 
-def extract_from(model: nn.Module, plan: Plan, space: SearchSpace, state: ElasticState, cfg: Config,
-                 source: Callable[[str, Ranges | None], torch.Tensor]) -> nn.Module:
-    """The dense module of ``cfg`` (``state`` set to it), with tensors from ``source(name, ranges)``."""
+class TensorSource:
+    """Where :func:`extract` takes the dense sub-network's tensors from.
+
+    Subclass and override :meth:`read`; :meth:`complete` may fill what the source does not hold.
+    """
+
+    def read(self, name: str, src: str, ranges: Ranges | None, want: Want | None) -> torch.Tensor:
+        """The dense tensor ``name``: tensor ``src`` of the super-network cut to ``ranges`` (None: whole).
+
+        Args:
+            name: the tensor's name in the dense module.
+            src: the super-network tensor it comes from (a switchable norm's ``elastic_skip_*``
+                tensor while its stage is skipped).
+            ranges: per axis, the ``[start, stop)`` ranges to keep, or None for the whole tensor.
+            want: the ``(shape, dtype)`` the dense module needs, or None when it has no such tensor.
+
+        Returns:
+            A tensor that no other module shares.
+        """
+        raise NotImplementedError
+
+    def complete(self, dense: nn.Module) -> None:
+        """Called once every tensor is set, before the adapter's fix of non-tensor state."""
+
+
+class LiveTensors(TensorSource):
+    """The tensors of a live (elastic) model, cut and copied: training the dense module leaves it alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.tensors = model_tensors(model)
+
+    def read(self, name: str, src: str, ranges: Ranges | None, want: Want | None) -> torch.Tensor:
+        return slice_ranges(self.tensors[src], ranges)
+
+
+def expected_tensors(dense: nn.Module, plan: Plan, spec: Mapping[str, tuple[str, Ranges | None]]) -> dict[str, Want]:
+    """Dense tensor name -> (shape, dtype) the sub-network needs: the sliced shape, the model's dtype.
+
+    ``dense`` is the module after :func:`densify`, still holding the super-network's tensors (or
+    ``meta`` ones of their shape).
+    """
+    own = dict(dense.state_dict(keep_vars=True))
+    out = {}
+    for name, (src, ranges) in spec.items():
+        t = own.get(name)
+        if t is None:
+            continue
+        shape = list(plan.tensors[src]["shape"]) if ranges is None and src in plan.tensors else (
+            list(t.shape) if ranges is None else [sum(b - a for a, b in rs) for rs in ranges])
+        out[name] = (shape, t.dtype)
+    return out
+
+
+def extract(model: nn.Module, plan: Plan, space: SearchSpace, state: ElasticState, cfg: Config,
+            source: TensorSource, *, recipe: Mapping[str, Any] | None = None, in_place: bool = False) -> nn.Module:
+    """The dense module of sub-network ``cfg``: the one extraction path of elasticize.
+
+    Steps: the dense tensor table (:func:`dense_tensors`); a structural copy of ``model`` (or
+    ``model`` itself); :func:`densify`; every tensor from ``source``; tensors the copy still
+    shares with ``model`` cloned; :meth:`TensorSource.complete`; the family adapter's fix of
+    non-tensor state (:meth:`elasticize.adapters.Adapter.after_extract`: timm ``num_features``,
+    a Hugging Face ``config``), the adapter named by ``recipe`` or else the one that owns the model.
+
+    Args:
+        model: the elastic model (made so by :func:`elasticize.plan.apply_plan`), ``state`` set to ``cfg``.
+        plan, space, state: its plan, search space and live switches.
+        cfg: the resolved configuration.
+        source: where the tensors come from.
+        recipe: the model's recipe (``{"adapter", ...}``), or None / ``{}``.
+        in_place: turn ``model`` itself into the dense module (a model built for this, e.g. by
+            :func:`elasticize.load_subnet`) instead of a copy.
+
+    Returns:
+        The dense module (``model`` itself when ``in_place``).
+
+    Raises:
+        whatever ``source.read`` raises (e.g. a file's tensor of the wrong shape).
+    """
     spec = dense_tensors(plan, space, state, cfg)
-    dense, shared = structural_copy(model)
+    dense, shared = (model, set()) if in_place else structural_copy(model)
     densify(dense, plan, space, cfg)
+    expected = expected_tensors(dense, plan, spec)
     for fqn, (src, ranges) in spec.items():
-        set_tensor(dense, fqn, source(src, ranges))
+        set_tensor(dense, fqn, source.read(fqn, src, ranges, expected.get(fqn)))
     for name, t in [*dense.named_parameters(), *dense.named_buffers()]:
         if id(t) in shared:
             set_tensor(dense, name, t.detach().clone())
+    source.complete(dense)
+    adapter = get_adapter(recipe["adapter"]) if recipe and recipe.get("adapter") else adapter_for_model(dense)
+    if adapter is not None:
+        adapter.after_extract(dense)
     return dense

@@ -41,6 +41,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .batches import forward_batch, to_device
 from .graph import model_tensors
 from .plan import Plan, axis_entry
 
@@ -52,7 +53,7 @@ def _members(plan: Plan) -> dict[str, list[tuple[str, int, int, int]]]:
     for fqn, info in plan.tensors.items():
         for ax, a in info["axes"].items():
             g, chunks, div = axis_entry(a)
-            if g in out:  # a plan narrowed to some groups (see elasticize.model._keep_function)
+            if g in out:  # a plan narrowed to some groups (see elasticize.conversion.check_function)
                 out[g].append((fqn, int(ax), chunks, div))
     return out
 
@@ -126,8 +127,6 @@ def activation_importance(model: nn.Module, plan: Plan, data: Iterable[Any]) -> 
     Raises:
         ValueError: ``data`` yields no batch.
     """
-    from .train.losses import forward_batch, to_device  # the train package imports this module's users
-
     members = _members(plan)
     modules = dict(model.named_modules())
     consumers: dict[str, tuple[nn.Module, int]] = {}  # module name -> (module, input axis of its weight)

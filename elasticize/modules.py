@@ -22,6 +22,7 @@ is skipped (SortedNet depth; Adaptive Depth Networks, arXiv 2312.16392, Section 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -35,6 +36,9 @@ __all__ = [
     "restore",
     "is_elastic",
     "SWITCH_PREFIX",
+    "axis_ranges",
+    "cut_axis",
+    "prefix_view",
 ]
 
 #: Prefix of every tensor elasticize adds to a model (switchable norms).
@@ -94,15 +98,53 @@ class StageState:
 TensorSpec = tuple[tuple[int, GroupState, int, int], ...]
 
 
-def _slice(t: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+@functools.lru_cache(maxsize=4096)
+def axis_ranges(size: int, active: int, chunks: int = 1, div: int = 1) -> tuple[tuple[int, int], ...]:
+    """The ``[start, stop)`` ranges of one elastic axis that the active sub-network uses.
+
+    The one place this arithmetic lives: the forward's sliced views (:func:`prefix_view`), the
+    per-tensor ranges of extraction, of the manifest's per-preset tables and of
+    :func:`elasticize.load_subnet` (:func:`elasticize.plan.tensor_ranges`) all come from it.
+    The axis holds ``chunks`` equal chunks (e.g. the fused q/k/v rows of an attention
+    projection) of ``size // div`` entries each, of which each keeps its first ``active // div``.
+
+    Args:
+        size: the group's full size in channels.
+        active: its active size in channels.
+        chunks: chunks along the axis.
+        div: divisor of the group's size along this axis (grouped-query attention's key/value rows).
+
+    Returns:
+        One ``(start, stop)`` per chunk, in index order.
+    """
+    period, keep = size // div, active // div
+    return tuple((k * period, k * period + keep) for k in range(chunks))
+
+
+def cut_axis(t: torch.Tensor, axis: int, ranges: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> torch.Tensor:
+    """``t`` restricted to ``ranges`` along ``axis``: a view (``narrow``) for one range, else the
+    ranges concatenated in order (a copy)."""
+    if len(ranges) == 1:
+        a, b = ranges[0]
+        return t.narrow(axis, a, b - a)
+    return torch.cat([t.narrow(axis, a, b - a) for a, b in ranges], dim=axis)
+
+
+def prefix_view(t: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """``t`` as the active sub-network reads it: each elastic axis of ``spec`` cut to its
+    :func:`axis_ranges` (a view without copy, unless an axis has several chunks).
+
+    Runs on every read of an elastic tensor in a forward: a full-size axis costs one comparison,
+    a cut one a cached :func:`axis_ranges` lookup and a ``narrow``.
+    """
     for axis, g, chunks, div in spec:
-        if g.active == g.size:
-            continue
-        a, size = g.active // div, g.size // div
-        if chunks == 1:
-            t = t.narrow(axis, 0, a)
-        else:
-            t = t.unflatten(axis, (chunks, size)).narrow(axis + 1, 0, a).flatten(axis, axis + 1)
+        if g.active != g.size:
+            ranges = axis_ranges(g.size, g.active, chunks, div)
+            if chunks == 1:
+                start, stop = ranges[0]
+                t = t.narrow(axis, start, stop - start)
+            else:
+                t = cut_axis(t, axis, ranges)
     return t
 
 
@@ -121,7 +163,19 @@ class ElasticMixin:
             t = super().__getattr__(name)  # type: ignore[misc]
         if t is None:
             return None
-        return _slice(t, spec)
+        return prefix_view(t, spec)
+
+    def extra_repr(self) -> str:
+        """The module's own description at the active sub-network's sizes (``Conv2d(64, 96, ...)``
+        reads its sizes from ``__dict__``, which holds the full ones)."""
+        d = self.__dict__
+        full = {name: d[name] for name in d["_el_attrs"] if name in d}
+        try:
+            for name in full:
+                d[name] = getattr(self, name)
+            return super().extra_repr()  # type: ignore[misc]
+        finally:
+            d.update(full)
 
 
 class GateMixin:
@@ -135,6 +189,13 @@ class GateMixin:
             x = args[0] if args else next(iter(kwargs.values()))
             return (x,) + (None,) * (arity - 1) if arity else x
         return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        """One line for a block its stage skips at the active sub-network, else the module's own repr."""
+        stage, index, _ = self.__dict__["_el_gate"]
+        if index >= stage.depth:
+            return f"{self._get_name()}(skipped)"  # type: ignore[attr-defined]
+        return super().__repr__()
 
 
 def _attr_property(name: str) -> property:

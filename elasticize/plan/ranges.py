@@ -1,9 +1,13 @@
-"""Prefix ranges: which ``[start, stop)`` ranges of each tensor a sub-network uses, and cutting them."""
+"""Prefix ranges: which ``[start, stop)`` ranges of each tensor a sub-network uses, and cutting them.
+
+The arithmetic is :func:`elasticize.modules.axis_ranges`, which the forward's sliced views use too.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ..modules import axis_ranges, cut_axis
 from .apply import ElasticState
 from .core import Plan, axis_entry
 
@@ -26,8 +30,7 @@ def tensor_ranges(plan: Plan, state: ElasticState, fqn: str) -> list[list[tuple[
             continue
         name, chunks, div = axis_entry(a)
         g = state.groups[name]
-        size, active = g.size // div, g.active // div
-        out.append([(k * size, k * size + active) for k in range(chunks)])
+        out.append(list(axis_ranges(g.size, g.active, chunks, div)))
     return out
 
 
@@ -40,7 +43,5 @@ def slice_ranges(t: torch.Tensor, ranges: list[list[tuple[int, int]]] | None) ->
             a, b = rs[0]
             if a == 0 and b == t.shape[ax]:
                 continue
-            t = t.narrow(ax, a, b - a)
-        else:
-            t = torch.cat([t.narrow(ax, a, b - a) for a, b in rs], dim=ax)
+        t = cut_axis(t, ax, rs)
     return t.detach().clone().contiguous()

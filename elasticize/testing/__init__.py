@@ -29,8 +29,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ConformanceError", "ConformanceReport", "check_conformance", "check_rule", "math_attention",
-           "output_tensor"]
+from ..batches import default_output as output_tensor
+
+__all__ = ["ConformanceError", "ConformanceReport", "check_conformance", "check_rule", "math_attention"]
 
 
 class ConformanceError(AssertionError):
@@ -57,18 +58,6 @@ class ConformanceReport:
     sites: dict[str, str] = field(default_factory=dict)
     elastic: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
-
-
-def output_tensor(y: Any) -> torch.Tensor:
-    """The main tensor of a model's output: itself, the first of a tuple, or ``last_hidden_state``/``logits``."""
-    if isinstance(y, torch.Tensor):
-        return y
-    for name in ("last_hidden_state", "logits"):
-        if getattr(y, name, None) is not None:
-            return getattr(y, name)
-    if isinstance(y, (tuple, list)) and y:
-        return output_tensor(y[0])
-    raise TypeError(f"cannot find the output tensor in a {type(y).__name__}")
 
 
 def math_attention(module: nn.Module) -> nn.Module:

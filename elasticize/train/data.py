@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..model import ElasticModel
+from ..elastic import ElasticModel
 
 __all__ = ["image_folder_data", "text_file_data", "read_text_lines", "calibration_batches", "length_grouped_batches"]
 

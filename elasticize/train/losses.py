@@ -1,15 +1,11 @@
-"""Batches, model outputs and the losses of the sorted trainer.
+"""Output functions and the losses of the sorted trainer.
 
-Batches come in three shapes, and the trainer handles each the same way everywhere:
-
-* a tensor ``x``: ``model(x)``, no target (distillation only);
-* a tuple or list ``(x, y)`` (or ``(x1, ..., xn, y)``): ``model(x1, ..., xn)``, target ``y``;
-  a 1-tuple ``(x,)`` has no target;
-* a mapping (Hugging Face style): ``model(**inputs)`` with every key except the target keys
-  (``labels``, ``label``, ``targets``), whose value, if present, is the target.
+Batches (a tensor, ``(x, y)`` or a mapping of keyword inputs) are handled by
+:mod:`elasticize.batches`; its names (``split_batch``, ``forward_batch``, ``to_device``,
+``batch_size``, ``default_output``, ``TARGET_KEYS``) are re-exported here for the trainer.
 
 A model's output is reduced to one tensor by an *output function* ``(output, batch) ->
-tensor``: :func:`default_output` takes the tensor itself, or ``logits``, or
+tensor``: :func:`~elasticize.batches.default_output` takes the tensor itself, or ``logits``, or
 ``last_hidden_state`` of a Hugging Face ``ModelOutput``; :func:`mean_pooled` gives the
 sentence embedding of a text encoder (mask-weighted mean over tokens, as sentence-transformers'
 pooling layer does); :func:`masked_hidden` keeps every token, for :func:`hidden_distillation`.
@@ -17,66 +13,16 @@ pooling layer does); :func:`masked_hidden` keeps every token, for :func:`hidden_
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..outputs import default_output
+from ..batches import TARGET_KEYS, OutputFn, batch_size, default_output, forward_batch, split_batch, to_device
 
 __all__ = ["split_batch", "forward_batch", "default_output", "mean_pooled", "masked_hidden", "kl_distillation",
            "cosine_distillation", "mse_distillation", "hidden_distillation", "DISTILL_LOSSES", "TARGET_KEYS",
-           "batch_size", "to_device"]
-
-#: Mapping keys treated as the target, not passed to the model.
-TARGET_KEYS = ("labels", "label", "targets")
-
-OutputFn = Callable[[Any, Any], torch.Tensor]
-
-
-def split_batch(batch: Any) -> tuple[tuple, dict[str, Any], Any]:
-    """``(args, kwargs, target)`` of a batch (see the module docstring).
-
-    Raises:
-        TypeError: a batch that is not a tensor, a tuple/list or a mapping.
-    """
-    if isinstance(batch, torch.Tensor):
-        return (batch,), {}, None
-    if isinstance(batch, Mapping):
-        kwargs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
-        target = next((batch[k] for k in TARGET_KEYS if k in batch), None)
-        return (), kwargs, target
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 1:
-            return (batch[0],), {}, None
-        return tuple(batch[:-1]), {}, batch[-1]
-    raise TypeError(f"a batch must be a tensor, a tuple (x, y) or a mapping of model inputs, not {type(batch).__name__}")
-
-
-def forward_batch(model: Callable[..., Any], batch: Any) -> Any:
-    """Run ``model`` on a batch: ``model(x)``, ``model(*xs)`` or ``model(**inputs)``."""
-    args, kwargs, _ = split_batch(batch)
-    return model(*args, **kwargs)
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """The batch with every tensor moved to ``device`` (same structure)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
-
-
-def batch_size(batch: Any) -> int:
-    """Number of samples in a batch (first dimension of its first tensor)."""
-    args, kwargs, _ = split_batch(batch)
-    for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.Tensor):
-            return int(v.shape[0])
-    return 1
+           "batch_size", "to_device", "OutputFn"]
 
 
 def mean_pooled(output: Any, batch: Any) -> torch.Tensor:

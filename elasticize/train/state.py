@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .._files import atomic_write, check_output
-from ..model import ElasticModel
+from ..elastic import ElasticModel
 
 __all__ = ["plan_fingerprint", "write_state", "read_state", "read_state_info", "check_state_info", "STATE_KEY",
            "rng_state", "set_rng_state", "data_generators"]

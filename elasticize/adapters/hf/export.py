@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ...outputs import default_output
+from ...batches import default_output
 from .files import check_file_name, folder_files, has_tokenizer, write_files
 
 __all__ = ["export_problem", "save_hf"]

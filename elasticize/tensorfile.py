@@ -1,0 +1,89 @@
+"""Tensors to and from plain safetensors files: tied tensors stored once, aligned reads, strict loading.
+
+Shared by the model files (:mod:`elasticize.checkpoint`) and conversion from a weights file
+(:func:`elasticize.convert`), so conversion does not import the checkpoint layer above it. Writing
+a file atomically (temporary name, umask mode, never the input) is :mod:`elasticize._files`'
+:func:`~elasticize._files.atomic_write`. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+__all__ = ["dedupe", "aligned", "load_strict", "load_weights_file"]
+
+
+def dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous CPU tensors for safetensors; tensors that share storage (tied weights) are stored once.
+
+    Returns:
+        (name -> tensor to store, alias name -> the stored name it equals).
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for name, t in state.items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+            if t.device.type != "meta" else (name,)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t.contiguous().cpu()
+    return out, aliases
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in memory aligned to 64 bytes (a copy only when it is not).
+
+    Tensors read from a file sit at the file's byte offsets; kernels pick other SIMD paths
+    for misaligned data and round differently (~1e-6), which would break the promise that
+    a loaded model computes bit for bit what was saved.
+    """
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
+def load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, assign: bool, what: str) -> None:
+    """``model.load_state_dict(tensors, strict=True, assign=assign)``, naming what does not fit.
+
+    Raises:
+        ValueError: tensors missing, unexpected, or of another shape or dtype than the model's
+            (the first three of each are named, with ``what``, e.g. the file's path).
+    """
+    state = model.state_dict()
+    missing = [k for k in state if k not in tensors]
+    unexpected = [k for k in tensors if k not in state]
+    shapes = [f"{k} {tensors[k].dtype} {list(tensors[k].shape)} vs {state[k].dtype} {list(state[k].shape)}"
+              for k in state if k in tensors and (tensors[k].shape != state[k].shape or tensors[k].dtype != state[k].dtype)]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                 for label, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped or of another dtype", shapes)) if v]
+        raise ValueError(f"{what} does not fit the model: {'; '.join(parts)}. Pass the architecture it was made "
+                         "from (same constructor arguments) as model=")
+    model.load_state_dict(tensors, strict=True, assign=assign)
+
+
+def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a plain ``.safetensors`` state dict into ``model`` (strict).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a safetensors file (pickled ``.pt``/``.pth`` files are refused: elasticize
+            never unpickles), or its tensors do not fit the model.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such weights file: {p}")
+    try:
+        tensors = load_file(str(p))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{p} is not a safetensors file ({e}). elasticize never unpickles .pt/.pth files; convert "
+                         "them once (PyTorch's weights-only loader, then safetensors.torch.save_file)") from e
+    load_strict(model, tensors, assign=False, what=str(p))
