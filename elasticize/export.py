@@ -240,7 +240,9 @@ def extract(model: nn.Module, plan: Plan, space: SearchSpace, state: ElasticStat
 
     Args:
         model: the elastic model (made so by :func:`elasticize.plan.apply_plan`), ``state`` set to ``cfg``.
-        plan, space, state: its plan, search space and live switches.
+        plan: its plan.
+        space: its search space.
+        state: its live switches.
         cfg: the resolved configuration.
         source: where the tensors come from.
         recipe: the model's recipe (``{"adapter", ...}``), or None / ``{}``.
@@ -251,7 +253,8 @@ def extract(model: nn.Module, plan: Plan, space: SearchSpace, state: ElasticStat
         The dense module (``model`` itself when ``in_place``).
 
     Raises:
-        whatever ``source.read`` raises (e.g. a file's tensor of the wrong shape).
+        ValueError: what ``source.read`` raises for a tensor it cannot give (e.g. a file's tensor of
+            the wrong shape or dtype).
     """
     spec = dense_tensors(plan, space, state, cfg)
     dense, shared = (model, set()) if in_place else structural_copy(model)

@@ -127,8 +127,14 @@ def convert(
         kwargs: keyword arguments for the builder (JSON-native, stored in the recipe).
         weights: a ``.safetensors`` state dict to load into the model before conversion.
         example_inputs: as in :func:`elasticize`.
-        options, dims, depth_mode, width_ratios, heads_ratios, modules_ratios, exclude, sort: the
-            conversion options, as in :func:`elasticize`.
+        options: a :class:`~elasticize.options.ConvertOptions`, as in :func:`elasticize`.
+        dims: as in :func:`elasticize`.
+        depth_mode: as in :func:`elasticize`.
+        width_ratios: as in :func:`elasticize`.
+        heads_ratios: as in :func:`elasticize`.
+        modules_ratios: as in :func:`elasticize`.
+        exclude: as in :func:`elasticize`.
+        sort: as in :func:`elasticize`.
         calibration: as in :func:`elasticize`, or the path of an image folder or a text file (one
             sample per line), of which 8 batches of 32 rank the units.
 
