@@ -166,6 +166,20 @@ def _train(tr: Trainer, held: list, metric: str, *, steps: int, eval_every: int,
     return history
 
 
+def _trainer(em: Any, train: Any, dev: Any, *, loss_fn: Any, output_fn: Any, lr: float, steps: int, schedule: str,
+             warmup: float, resume: Any, **options: Any) -> Trainer:
+    """The job's :class:`Trainer`: the model on ``dev``, AdamW at ``lr`` and its learning-rate schedule,
+    resumed from the state file ``resume`` when one is given."""
+    em.to(dev)
+    opt = torch.optim.AdamW(em.parameters(), lr=lr)
+    tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, device=dev,
+                 scheduler=make_scheduler(schedule, opt, lr=lr, steps=steps, warmup=warmup), **options,
+                 **({} if output_fn is None else {"output_fn": output_fn}))
+    if resume is not None:
+        tr.load_state(str(resume))
+    return tr
+
+
 def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, output: str | os.PathLike,
                strategy: str = "sortednet", strategy_options: Mapping[str, Any] | None = None, batch_size: int = 32,
                lr: float = 1e-4, seed: int = 0, distill: bool | None = None, eval_fraction: float = 0.1,
@@ -196,8 +210,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         eval_fraction: share of the data held out for the measured presets.
         eval_every: also measure every preset every this many steps (0: only at the end).
         on_eval: ``on_eval(step, {preset: {metric: value}})`` receives each measurement (process 0 only).
-        latency: also measure each preset's ``latency_s`` (median seconds of one forward on a
-            held-out batch, on ``device``) into the manifest, for ``select(max_latency_s=...)``.
+        latency: also measure each preset's ``latency_s`` (median seconds per held-out batch) into the manifest.
         max_length: tokens per text sample.
         state: where to write the trainer state (a resume file).
         save_every: steps between ``state`` writes (0: at the end).
@@ -212,22 +225,19 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         trust_remote_code: allow the file's ``import`` recipe to run its builder (see :func:`elasticize.load`).
 
     Returns:
-        ``{"output", "steps", "metrics" (per preset), "rank", "world" (this process and how many
-        train), "history" (losses per step)}``.
+        ``{"output", "steps", "metrics" (per preset), "rank", "world", "history" (losses per step)}``.
 
     Raises:
         FileNotFoundError: a missing model file, data path, resume file or output folder.
         FileExistsError: ``output`` exists and ``overwrite`` is False, or ``output`` or ``state`` is a folder.
-        PermissionError: the folder of ``output`` or ``state`` cannot be written in (checked before training).
-        OSError: writing ``output`` or ``state`` failed.
-        ValueError: ``output`` (or ``state``) is the input, ``steps < 1``, ``eval_every < 0``, an
-            unknown ``schedule`` or a ``warmup`` outside (0, 1), a ``distill_loss`` that is not one
-            of the data's kind or (images) given for a run that does not distill, ``distill=False``
-            for text, empty data, a resume state from another super-network or with another
-            schedule or (a decaying schedule) another ``steps``, text data for a model without a
-            tokenizer, or a file :func:`elasticize.load` refuses.
-        KeyError: an ``always`` name that is not a preset, or an unknown ``strategy``.
-        TypeError: a ``strategy_options`` key the strategy does not take.
+        OSError: writing ``output`` or ``state`` failed, or their folder cannot be written in (PermissionError, before training).
+        ValueError: ``output`` (or ``state``) is the input; ``steps < 1``, ``eval_every < 0``, an unknown
+            ``schedule``, a ``warmup`` outside (0, 1); a ``distill_loss`` not of the data's kind (or, for images,
+            without distillation); ``distill=False`` for text; empty data; a resume state of another
+            super-network, schedule or (decaying) ``steps``; text for a model without a tokenizer; a file
+            :func:`elasticize.load` refuses.
+        KeyError, TypeError: an ``always`` name that is not a preset or an unknown ``strategy``; a
+            ``strategy_options`` key the strategy does not take.
     """
     src, out, d = Path(path), Path(output), Path(data)
     _check_job(src, out, d, steps=steps, eval_every=eval_every, schedule=schedule, warmup=warmup, state=state,
@@ -240,15 +250,10 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         train, held, loss_fn, output_fn, metric = _task(d, em, text=text, distill_loss=distill_loss,
                                                         batch_size=batch_size, eval_fraction=eval_fraction,
                                                         max_length=max_length, seed=seed, shard=(rank, world))
-        em.to(dev)
-        opt = torch.optim.AdamW(em.parameters(), lr=lr)
-        tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, strategy=strategy, strategy_options=strategy_options,
-                     seed=seed, distill=True if text else "auto" if distill is None else distill,
-                     distill_loss=distill_loss, device=dev, calibration_batches=calibration_batches, always=always,
-                     amp=amp, scheduler=make_scheduler(schedule, opt, lr=lr, steps=steps, warmup=warmup),
-                     **({} if output_fn is None else {"output_fn": output_fn}))
-        if resume is not None:
-            tr.load_state(str(resume))
+        tr = _trainer(em, train, dev, loss_fn=loss_fn, output_fn=output_fn, lr=lr, steps=steps, schedule=schedule,
+                      warmup=warmup, strategy=strategy, strategy_options=strategy_options, seed=seed,
+                      distill=True if text else "auto" if distill is None else distill, distill_loss=distill_loss,
+                      calibration_batches=calibration_batches, always=always, amp=amp, resume=resume)
         history = _train(tr, held, metric, steps=steps, eval_every=eval_every, on_eval=on_eval, progress=progress,
                          state=state, save_every=save_every)
         metrics = tr.evaluate(held, metric=metric, latency=latency) if held else {}
