@@ -19,12 +19,15 @@ one sample, the figure ``torch.utils.flop_counter.FlopCounterMode`` reports as F
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .modules import SWITCH_PREFIX
 from .plan import KIND_DIM, ElasticState, Plan, stage_ranks
 
-__all__ = ["SearchSpace", "PRESET_RATIOS", "Config"]
+__all__ = ["SearchSpace", "PRESET_RATIOS", "Config", "Budget", "parse_budget"]
 
 Config = dict[str, dict[str, int]]
 
@@ -299,3 +302,76 @@ class SearchSpace:
         smallest = cands[-1]
         raise ValueError(f"no sub-network meets max_macs={max_macs}, max_params={max_params}; the smallest has "
                          f"{self.macs(smallest):,} MACs and {self.params(smallest):,} params")
+
+
+# --------------------------------------------------------------------------- budgets
+_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_TIME = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
+_BUDGET = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(%|[A-Za-zµ]*)\s*")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A budget as the user wrote it: an absolute amount, or a share of the full network's.
+
+    Attributes:
+        amount: MACs per sample, parameters, or seconds per batch; or, when ``share``, the fraction
+            of the full network's (0.4 for ``40%``).
+        share: whether ``amount`` is a fraction of the full network's.
+        text: what the user wrote.
+    """
+
+    amount: float
+    share: bool
+    text: str
+
+    def resolve(self, full: float) -> float:
+        """The absolute budget, given the full network's amount (same unit)."""
+        return self.amount * full if self.share else self.amount
+
+    def describe(self, full: float, unit: str) -> str:
+        """One line saying what the budget came to, e.g. ``40% of 1.82G MACs = 729.6M MACs``."""
+        value = self.resolve(full)
+        return f"{self.text} of {_short(full)} {unit} = {_short(value)} {unit}" if self.share else \
+            f"{_short(value)} {unit}"
+
+
+def _short(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.4g}{unit}"
+    return f"{n:.4g}"
+
+
+def parse_budget(text: str | float, *, kind: str) -> Budget:
+    """Read a budget: ``50M``, ``1.2G``, ``2.5e9`` or ``40%`` (of the full network) for MACs and
+    parameters; ``5ms``, ``0.005s``, ``800us`` or a share for latency (seconds per batch).
+
+    Args:
+        text: the budget, or a plain number.
+        kind: ``"macs"``, ``"params"`` or ``"latency"``.
+
+    Returns:
+        The :class:`Budget`.
+
+    Raises:
+        ValueError: text that is not a budget of that kind, a share outside (0, 100]%, or an
+            amount that is not positive and finite; the message gives examples.
+    """
+    units = _TIME if kind == "latency" else _SCALE
+    example = "5ms, 0.005s or 50%" if kind == "latency" else "50M, 1.2G, 2.5e9 or 40%"
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        text = repr(float(text))
+    m = _BUDGET.fullmatch(str(text))
+    suffix = m.group(2).lower() if m else ""
+    if m is None or (suffix != "%" and suffix not in units):
+        raise ValueError(f"{str(text)[:40]!r} is not a {kind} budget; write e.g. {example}")
+    value = float(m.group(1))
+    if suffix == "%":
+        if not 0 < value <= 100:
+            raise ValueError(f"{text!r}: a share of the full network must be in (0, 100]%")
+        return Budget(value / 100, True, str(text).strip())
+    amount = value * units[suffix]
+    if not (math.isfinite(amount) and amount > 0):
+        raise ValueError(f"{str(text)[:40]!r} is not a positive, finite budget; write e.g. {example}")
+    return Budget(amount, False, str(text).strip())

@@ -128,9 +128,12 @@ def test_weights_file_must_be_safetensors(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-macs", "inf"], "not a positive, finite budget"),
-    (["--max-macs", "nan"], "not a positive, finite budget"),
-    (["--max-params", "-5"], "not a positive, finite budget"),
+    (["--max-macs", "inf"], "is not a macs budget"),
+    (["--max-macs", "nan"], "is not a macs budget"),
+    (["--max-params", "-5"], "is not a params budget"),
+    (["--max-macs", "0"], "not a positive, finite budget"),
+    (["--max-macs", "150%"], "must be in (0, 100]%"),
+    (["--max-macs", "5ms"], "is not a macs budget"),
     (["--config", '{"width": ' + "9" * 5000 + "}"], "not valid JSON"),
     (["--config", "[" * 100_000 + "]" * 100_000], "nests deeper"),
 ])
@@ -155,3 +158,19 @@ def test_torchvision_builds_without_fetching_a_backbone(monkeypatch, tmp_path):
     with torch.device("meta"):
         m = elasticize.adapters.get_adapter("torchvision").build("fcn_resnet50", pretrained=False, kwargs={})
     assert type(m).__name__ == "FCN" and list(tmp_path.iterdir()) == []
+
+
+def test_extract_budgets_in_the_grammar(converted, tmp_path):
+    """``--max-macs 50%`` and ``--max-macs 1.2G``-style budgets: the pick is the one the resolved budget gives,
+    and the CLI prints what the budget came to."""
+    _, out, _ = converted
+    em = elasticize.load(out)
+    full = em.macs(None)
+    for text, limit in (("50%", int(0.5 * full)), (f"{full * 0.3 / 1e6:.3f}M", int(round(full * 0.3 / 1e6, 3) * 1e6))):
+        sub = tmp_path / f"{len(text)}.safetensors"
+        res = CliRunner().invoke(main, ["extract", str(out), "--max-macs", text, "-o", str(sub)])
+        assert res.exit_code == 0, res.output
+        line = next(ln for ln in res.output.splitlines() if ln.startswith("budget: "))
+        assert (" of " in line) == text.endswith("%") and line.endswith(" MACs"), line
+        assert elasticize.read_manifest(sub)["config"] == em.select(max_macs=limit)
+        assert elasticize.read_manifest(sub)["macs"] <= limit

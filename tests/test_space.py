@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -64,3 +66,30 @@ def test_nested_subnetworks_share_prefixes(em):
         w_quarter = em.model.stage[0].conv1.weight.clone()
     assert torch.equal(w_half[: w_quarter.shape[0], : w_quarter.shape[1]], w_quarter)
     assert em(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("text, kind, amount, share", [
+    ("50M", "macs", 50e6, False), ("1.2G", "macs", 1.2e9, False), ("2.5e9", "macs", 2.5e9, False),
+    ("750k", "params", 750e3, False), ("40%", "macs", 0.4, True), (" 100 % ", "params", 1.0, True),
+    ("5ms", "latency", 5e-3, False), ("0.005s", "latency", 5e-3, False), ("800us", "latency", 800e-6, False),
+    ("0.01", "latency", 0.01, False), (3e8, "macs", 3e8, False),
+])
+def test_budget_grammar(text, kind, amount, share):
+    from elasticize.space import parse_budget
+
+    b = parse_budget(text, kind=kind)
+    assert b.share == share and b.amount == pytest.approx(amount, rel=1e-12)
+    assert b.resolve(200.0) == pytest.approx(amount * 200.0 if share else amount)
+
+
+@pytest.mark.parametrize("text, kind, message", [
+    ("inf", "macs", "is not a macs budget"), ("nan", "params", "is not a params budget"),
+    ("-5M", "macs", "is not a macs budget"), ("0", "macs", "positive, finite"), ("0%", "macs", "(0, 100]%"),
+    ("101%", "params", "(0, 100]%"), ("5ms", "macs", "is not a macs budget"), ("50M", "latency", "latency budget"),
+    ("9" * 5000, "macs", "positive, finite"), ("fifty", "macs", "write e.g. 50M"),
+])
+def test_budget_grammar_refuses_with_examples(text, kind, message):
+    from elasticize.space import parse_budget
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_budget(text, kind=kind)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from typing import Any, Callable
 
@@ -95,15 +94,21 @@ def _kwargs(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _budget(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    """click callback of a budget option.
+def _budget(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """click callback of a budget option: ``50M``, ``1.2G``, ``40%``, ``5ms`` (see :func:`elasticize.space.parse_budget`).
 
     Raises:
-        click.BadParameter: a budget that is not positive and finite.
+        click.BadParameter: text that is not a positive, finite budget of the option's kind.
     """
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise click.BadParameter(f"{value} is not a positive, finite budget", param=param)
-    return value
+    from ..space import parse_budget
+
+    if value is None:
+        return None
+    kind = "latency" if "latency" in (param.name or "") else "params" if "params" in (param.name or "") else "macs"
+    try:
+        return parse_budget(value, kind=kind)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param=param) from None
 
 
 def _config_json(text: str) -> Any:

@@ -20,10 +20,13 @@ from ._common import (_app_dir, _app_dir_option, _base_model_options, _budget, _
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--preset", help="Preset name (see `elasticize inspect FILE`).")
 @click.option("--config", "config_json", help='Sub-network as JSON, e.g. \'{"width": 0.5}\'.')
-@click.option("--max-macs", type=float, callback=_budget, help="Largest sub-network with at most this many MACs per sample.")
-@click.option("--max-params", type=float, callback=_budget, help="Largest sub-network with at most this many parameters.")
-@click.option("--max-latency-s", type=float, callback=_budget, help="Measured preset whose latency (seconds per batch, measured by "
-              "`elasticize train --latency`) is at most this.")
+@click.option("--max-macs", callback=_budget, metavar="BUDGET",
+              help="Largest sub-network with at most this many MACs per sample: 50M, 1.2G, 2.5e9, or 40% of full.")
+@click.option("--max-params", callback=_budget, metavar="BUDGET",
+              help="Largest sub-network with at most this many parameters: 5M, or 25% of full.")
+@click.option("--max-latency-s", "--max-latency", "max_latency_s", callback=_budget, metavar="BUDGET",
+              help="Measured preset whose latency (seconds per batch, measured by `elasticize train --latency`) "
+                   "is at most this: 5ms, 0.005, or 50% of full's.")
 @click.option("--best", metavar="METRIC", help="With --max-macs/--max-params/--max-latency-s: the measured preset with "
               "the highest METRIC (e.g. accuracy, cosine) within them, instead of the largest sub-network.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Dense sub-network .safetensors, or a folder "
@@ -34,8 +37,8 @@ from ._common import (_app_dir, _app_dir_option, _base_model_options, _budget, _
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 @_base_model_options
 @_app_dir_option
-def extract(file: str, preset: str | None, config_json: str | None, max_macs: float | None, max_params: float | None,
-            max_latency_s: float | None, best: str | None, output: str, fmt: str, force: bool,
+def extract(file: str, preset: str | None, config_json: str | None, max_macs: Any, max_params: Any,
+            max_latency_s: Any, best: str | None, output: str, fmt: str, force: bool,
             model_spec: str | None, trust_remote_code: bool, app_dir: str | None) -> None:
     """Write one dense sub-network of FILE to OUTPUT (a file for elasticize.load_subnet, or a HF folder).
 
@@ -61,9 +64,7 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
         base = _build_base(model_spec, file)
         em = _run(lambda: checkpoint.load(file, model=base, trust_remote_code=trust_remote_code))
     if budget:
-        subnet = _run(lambda: em.select(max_macs=None if max_macs is None else int(max_macs),
-                                        max_params=None if max_params is None else int(max_params),
-                                        max_latency_s=max_latency_s, metric=best))
+        subnet = _run(lambda: _select(em, max_macs, max_params, max_latency_s, best))
     cfg = _run(lambda: em.resolve(subnet))
     name = next((n for n in em.presets if em.resolve(n) == cfg), None)
     measured = _metrics(em.metrics.get(name, {})) if name else ""
@@ -79,3 +80,21 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: fl
     console.print(f"[green]wrote[/green] {output}: {_fmt(em.macs(cfg))} MACs "
                   f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params"
                   + (f"; preset {name}" if name else "") + (f" ({measured})" if measured else ""))
+
+
+def _select(em: Any, max_macs: Any, max_params: Any, max_latency: Any, metric: str | None) -> Any:
+    """``em.select`` with the budgets resolved against the full network; says what each came to."""
+    bounds: dict[str, Any] = {}
+    for key, budget, full, unit in (("max_macs", max_macs, em.macs(None), "MACs"),
+                                    ("max_params", max_params, em.params(None), "params")):
+        if budget is not None:
+            bounds[key] = int(budget.resolve(full))
+            console.print(f"budget: {budget.describe(full, unit)}", soft_wrap=True)
+    if max_latency is not None:
+        full = (em.metrics.get("full") or {}).get("latency_s")
+        if max_latency.share and full is None:
+            raise ValueError(f"--max-latency {max_latency.text} is a share of the full network's measured latency, "
+                             "which this file does not hold; measure it (elasticize train --latency) or give seconds")
+        bounds["max_latency_s"] = max_latency.resolve(full or 0.0)
+        console.print(f"budget: {max_latency.describe(full or 0.0, 's per batch')}", soft_wrap=True)
+    return em.select(metric=metric, **bounds)
