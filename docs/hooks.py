@@ -104,7 +104,27 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         _shown.add(name)
         return "\n\n".join(_run(r, with_title=not run_id and len(chosen) > 1) for r in chosen)
 
-    return PLACEHOLDER.sub(render, markdown)
+    return OP_TABLE.sub(lambda m: _op_table(), PLACEHOLDER.sub(render, markdown))
+
+
+OP_TABLE = re.compile(r"^<!-- op-table -->$", re.M)
+
+
+def _op_table() -> str:
+    """The analysis's op table, from its registry (``elasticize.graph.ops.registered_ops``): one row per
+    handler, the ops it handles and how it couples axes, so the page cannot drift from the code."""
+    from elasticize.graph.ops import registered_ops
+
+    by_handler: dict[str, list[str]] = {}
+    couples: dict[str, str] = {}
+    for name, h in sorted(registered_ops().items()):
+        by_handler.setdefault(h.handler, []).append(name)
+        couples[h.handler] = h.couples
+    rows = ["| handler | ops | how it couples axes |", "|---|---|---|"]
+    for handler, names in sorted(by_handler.items(), key=lambda kv: kv[0]):
+        short = handler.removeprefix("elasticize.graph.ops.")
+        rows.append(f"| `{short}` | {', '.join(f'`{n}`' for n in names)} | {_cell(couples[handler])} |")
+    return "\n".join(rows)
 
 
 def on_post_build(config: Any) -> None:
