@@ -174,3 +174,12 @@ def test_extract_budgets_in_the_grammar(converted, tmp_path):
         assert (" of " in line) == text.endswith("%") and line.endswith(" MACs"), line
         assert elasticize.read_manifest(sub)["config"] == em.select(max_macs=limit)
         assert elasticize.read_manifest(sub)["macs"] <= limit
+
+
+def test_extract_says_how_a_ratio_was_rounded(converted, tmp_path):
+    _, out, _ = converted
+    res = CliRunner().invoke(main, ["extract", str(out), "--config", '{"width": 0.3}', "-o", str(tmp_path / "a.safetensors")])
+    assert res.exit_code == 0, res.output
+    assert "--config width 0.3 was rounded to the nearest choices: 25% of full" in res.output
+    res = CliRunner().invoke(main, ["extract", str(out), "--config", '{"width": 0.5}', "-o", str(tmp_path / "b.safetensors")])
+    assert res.exit_code == 0 and "rounded" not in res.output, res.output

@@ -66,6 +66,8 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: An
     if budget:
         subnet = _run(lambda: _select(em, max_macs, max_params, max_latency_s, best))
     cfg = _run(lambda: em.resolve(subnet))
+    if isinstance(subnet, dict):
+        _say_rounding(em, subnet, cfg)
     name = next((n for n in em.presets if em.resolve(n) == cfg), None)
     measured = _metrics(em.metrics.get(name, {})) if name else ""
     with console.status(f"writing {output}"), warnings.catch_warnings(record=True) as caught:
@@ -98,3 +100,16 @@ def _select(em: Any, max_macs: Any, max_params: Any, max_latency: Any, metric: s
         bounds["max_latency_s"] = max_latency.resolve(full or 0.0)
         console.print(f"budget: {max_latency.describe(full or 0.0, 's per batch')}", soft_wrap=True)
     return em.select(metric=metric, **bounds)
+
+
+def _say_rounding(em: Any, asked: dict, cfg: dict) -> None:
+    """A ratio in ``--config`` becomes each group's or stage's nearest choice; say what it came to when
+    that differs from the ratio asked (``{"width": 0.3}`` is 25% where the choices are quarters)."""
+    full = em.space.full()
+    for dim, value in asked.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not full.get(dim):
+            continue
+        got = sorted({cfg[dim][k] / full[dim][k] for k in full[dim] if full[dim][k]})
+        if any(abs(r - value) > 1e-9 for r in got):
+            shown = ", ".join(f"{100 * r:.4g}%" for r in got)
+            console.print(f"--config {dim} {value:g} was rounded to the nearest choices: {shown} of full", soft_wrap=True)
