@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-__all__ = ["dedupe", "aligned", "load_strict", "load_weights_file"]
+__all__ = ["dedupe", "aligned", "load_strict", "load_weights_file", "name_summary"]
 
 
 def dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -50,6 +50,16 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
     return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
+def name_summary(groups: Iterable[tuple[str, Sequence[str]]], *, quote: bool = False) -> str:
+    """``"missing 2 (a, b); unexpected 1 (c)"``: each non-empty group's count and first three names,
+    for the one-line errors that list what does not fit."""
+    def show(x: str) -> str:
+        return repr(x)[:80] if quote else x
+
+    return "; ".join(f"{label} {len(v)} ({', '.join(show(x) for x in v[:3])}{', ...' if len(v) > 3 else ''})"
+                     for label, v in groups if v)
+
+
 def load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, assign: bool, what: str) -> None:
     """``model.load_state_dict(tensors, strict=True, assign=assign)``, naming what does not fit.
 
@@ -63,9 +73,9 @@ def load_strict(model: nn.Module, tensors: dict[str, torch.Tensor], *, assign: b
     shapes = [f"{k} {tensors[k].dtype} {list(tensors[k].shape)} vs {state[k].dtype} {list(state[k].shape)}"
               for k in state if k in tensors and (tensors[k].shape != state[k].shape or tensors[k].dtype != state[k].dtype)]
     if missing or unexpected or shapes:
-        parts = [f"{label} {len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
-                 for label, v in (("missing", missing), ("unexpected", unexpected), ("mis-shaped or of another dtype", shapes)) if v]
-        raise ValueError(f"{what} does not fit the model: {'; '.join(parts)}. Pass the architecture it was made "
+        summary = name_summary((("missing", missing), ("unexpected", unexpected),
+                                ("mis-shaped or of another dtype", shapes)))
+        raise ValueError(f"{what} does not fit the model: {summary}. Pass the architecture it was made "
                          "from (same constructor arguments) as model=")
     model.load_state_dict(tensors, strict=True, assign=assign)
 

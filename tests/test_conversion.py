@@ -10,7 +10,7 @@ import elasticize
 from elasticize import ConvertOptions
 from elasticize.rules import Rule, register_rule, unregister_rule
 
-from toy_models import ToyCNN
+from toy_models import FixedReshape, ToyCNN
 
 
 def _converted(**kw):
@@ -70,22 +70,10 @@ def test_the_report_names_the_passes_and_no_fallback():
     assert _converted(sort=None).conversion["passes"] == ["analyze", "plan", "apply", "check_smallest"]
 
 
-class _FixedReshape(torch.nn.Module):
-    """Reads its full width from an attribute in forward: narrower outputs cannot run."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(8, 16)
-        self.n = 16
-
-    def forward(self, x):
-        return self.lin(x).reshape(x.shape[0], self.n)
-
-
 def test_the_report_names_the_keep_whole_fallback():
     @register_rule("overclaiming_for_report")
     class Overclaiming(Rule):  # claims lin's outputs are elastic, but the forward reshapes to self.n
-        module_types = (_FixedReshape,)
+        module_types = (FixedReshape,)
 
         def analyze(self, ctx, x):
             y = ctx.linear(x, weight="lin.weight", bias="lin.bias")
@@ -93,7 +81,7 @@ def test_the_report_names_the_keep_whole_fallback():
             return y
 
     try:
-        model = torch.nn.Sequential(_FixedReshape(), torch.nn.ReLU(), torch.nn.Linear(16, 32), torch.nn.ReLU(),
+        model = torch.nn.Sequential(FixedReshape(), torch.nn.ReLU(), torch.nn.Linear(16, 32), torch.nn.ReLU(),
                                     torch.nn.Linear(32, 3)).eval()
         em = elasticize.elasticize(model, torch.randn(2, 8))
     finally:

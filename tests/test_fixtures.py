@@ -8,7 +8,6 @@ and never here). This test only reads them.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -19,6 +18,8 @@ import torch
 from safetensors import safe_open
 
 import elasticize
+
+from fixtures.make_fixtures import digest, outputs  # the writer's own output and digest functions
 
 FIXTURES = Path(__file__).parent / "fixtures"
 #: every fixture and the format version it was written in (a deleted or rewritten fixture fails here)
@@ -57,26 +58,9 @@ def _user_model(meta: dict[str, Any]) -> torch.nn.Module:
     return getattr(importlib.import_module(module), attr)(**meta["model"]["kwargs"])
 
 
-def _outputs(out: Any) -> dict[str, torch.Tensor]:  # as make_fixtures.outputs
-    if isinstance(out, torch.Tensor):
-        return {"out": out}
-    if isinstance(out, dict):
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
-    return {str(i): v for i, v in enumerate(out) if isinstance(v, torch.Tensor)}
-
-
-def _digest(state: dict[str, torch.Tensor]) -> str:  # as make_fixtures.digest
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _check(key: str, model: torch.nn.Module, inputs: tuple, expected: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
-        got = _outputs(model(*inputs))
+        got = outputs(model(*inputs))
     want = {k.removeprefix(key + "/"): v for k, v in expected.items() if k.startswith(key + "/")}
     assert want and set(got) == set(want), f"{key}: outputs {sorted(got)}, expected {sorted(want)}"
     for k, v in want.items():
@@ -110,7 +94,7 @@ SUPER = [(n, given) for n in WRITTEN_IN if n != "cnn_small_subnet" for given in 
 
 
 @pytest.mark.parametrize("name,given", SUPER, ids=[f"{n}-{'model=' if g else 'recipe'}" for n, g in SUPER])
-def test_load_load_subnet_and_extract_give_the_stored_outputs(name, given):
+def test_load_load_subnet_and_extract_give_the_storedoutputs(name, given):
     meta, expected = _expected(name)
     path = _path(name)
     fresh = (lambda: _user_model(meta)) if given else (lambda: None)
@@ -122,20 +106,20 @@ def test_load_load_subnet_and_extract_give_the_stored_outputs(name, given):
             elasticize.load(path)
     em = elasticize.load(path, model=fresh(), trust_remote_code=trust)
     assert list(em.presets.items()) == list(meta["presets"].items())  # names (named ones too), configs, order
-    assert _digest(em.model.state_dict()) == meta["digests"]["load"]
+    assert digest(em.model.state_dict()) == meta["digests"]["load"]
     for preset in meta["presets"]:
         with em.subnet(preset):
             _check(f"load/{preset}", em, inputs, expected)
         dense = em.extract(preset)
-        assert _digest(dense.state_dict()) == meta["digests"][f"extract/{preset}"], preset
+        assert digest(dense.state_dict()) == meta["digests"][f"extract/{preset}"], preset
         _check(f"extract/{preset}", dense, inputs, expected)
         sub = elasticize.load_subnet(path, preset, model=fresh(), trust_remote_code=trust)
-        assert _digest(sub.state_dict()) == meta["digests"][f"load_subnet/{preset}"], preset
+        assert digest(sub.state_dict()) == meta["digests"][f"load_subnet/{preset}"], preset
         _check(f"load_subnet/{preset}", sub, inputs, expected)
 
 
 @pytest.mark.parametrize("given", [False, True], ids=["recipe", "model="])
-def test_sub_network_file_gives_the_stored_outputs(given):
+def test_sub_network_file_gives_the_storedoutputs(given):
     meta, expected = _expected("cnn_small_subnet")
     path = _path("cnn_small_subnet")
     (preset, cfg), = meta["presets"].items()
@@ -143,7 +127,7 @@ def test_sub_network_file_gives_the_stored_outputs(given):
     for subnet in (None, cfg):
         sub = elasticize.load_subnet(path, subnet, model=_user_model(meta) if given else None,
                                      trust_remote_code=not given)
-        assert _digest(sub.state_dict()) == meta["digests"][f"load_subnet/{preset}"]
+        assert digest(sub.state_dict()) == meta["digests"][f"load_subnet/{preset}"]
         _check(f"load_subnet/{preset}", sub, inputs, expected)
     with pytest.raises(ValueError, match="load_subnet"):
         elasticize.load(path)

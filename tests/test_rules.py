@@ -11,6 +11,7 @@ import torch
 import elasticize
 from elasticize.rules import Rule, get_rule, register_rule, registered_rules, unregister_rule
 from conftest import max_diff
+from toy_models import FixedReshape
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.user_rule import ScaledLinear, TinyMLP  # noqa: E402  (registers "scaled_linear")
@@ -63,22 +64,10 @@ def test_without_the_rule_the_custom_layer_is_traced_through():
     assert any(a.tensors["fc1.scale"]["axes"].values())
 
 
-class _FixedReshape(torch.nn.Module):
-    """Reads its full width from an attribute in forward: narrower outputs cannot run."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(8, 16)
-        self.n = 16
-
-    def forward(self, x):
-        return self.lin(x).reshape(x.shape[0], self.n)
-
-
 def test_a_subnetwork_that_cannot_run_is_kept_whole_at_conversion():
     @register_rule("overclaiming")
     class Overclaiming(Rule):  # claims lin's outputs are elastic, but the module's forward reshapes to self.n
-        module_types = (_FixedReshape,)
+        module_types = (FixedReshape,)
 
         def analyze(self, ctx, x):
             y = ctx.linear(x, weight="lin.weight", bias="lin.bias")
@@ -86,7 +75,7 @@ def test_a_subnetwork_that_cannot_run_is_kept_whole_at_conversion():
             return y
 
     try:
-        model = torch.nn.Sequential(_FixedReshape(), torch.nn.ReLU(), torch.nn.Linear(16, 32), torch.nn.ReLU(),
+        model = torch.nn.Sequential(FixedReshape(), torch.nn.ReLU(), torch.nn.Linear(16, 32), torch.nn.ReLU(),
                                     torch.nn.Linear(32, 3)).eval()
         x = torch.randn(2, 8)
         em = elasticize.elasticize(model, x)
@@ -97,7 +86,7 @@ def test_a_subnetwork_that_cannot_run_is_kept_whole_at_conversion():
             with torch.no_grad(), em.subnet(p):
                 assert em(x).shape == (2, 3)
         assert not any(type(m).__name__.startswith("Elastic") for m in model[0].modules())  # surgery undone there
-        alone = torch.nn.Sequential(_FixedReshape(), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+        alone = torch.nn.Sequential(FixedReshape(), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
         with pytest.raises(ValueError, match="nothing in Sequential could be made elastic: every group and stage "
                                              "failed to run at its smallest"):
             elasticize.elasticize(alone, x)  # its only group fails: a clear error, not an inert elastic model

@@ -54,10 +54,6 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
 
     stem = Path(model).name if Path(model).is_dir() else model
     out = Path(output) if output else Path(re.sub(r"[^\w.-]+", "_", stem) + ".elastic.safetensors")
-    if weights and out.exists() and Path(weights).exists() and out.resolve() == Path(weights).resolve():
-        raise click.ClickException("-o points at the --weights input; choose another output path")
-    if out.exists() and out.is_file() and not force:
-        raise click.ClickException(f"{out} exists; pass --force to replace it or choose another -o")
     _run(lambda: check_output(out, overwrite=force, inputs=(weights,)))  # before the conversion
     if calibrate and no_sort:
         raise click.UsageError("--calibrate ranks units for sorting; it cannot go with --no-sort")

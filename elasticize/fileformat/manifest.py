@@ -16,6 +16,7 @@ from ..export import dense_tensors
 from ..modules import SWITCH_PREFIX, GroupState, StageState
 from ..plan import ElasticState, Plan
 from ..space import SearchSpace
+from ..tensorfile import name_summary
 from .header import Header
 
 __all__ = ["BN_PREFIX", "FILE_PREFIX", "bn_name", "live_state", "preset_table", "check_files", "check_manifest"]
@@ -324,6 +325,5 @@ def _counts(space: Any, cfg: dict, entry: dict, key: str) -> None:
 def _same_set(expected: set[str], stored: set[str], what: str) -> None:
     missing, extra = sorted(expected - stored), sorted(stored - expected)
     if missing or extra:
-        parts = [f"{label} {len(v)} ({', '.join(repr(x)[:80] for x in v[:3])}{', ...' if len(v) > 3 else ''})"
-                 for label, v in (("missing", missing), ("unexpected", extra)) if v]
-        raise ManifestError(f"{what} disagree with the plan: {'; '.join(parts)}; the file is corrupted")
+        summary = name_summary((("missing", missing), ("unexpected", extra)), quote=True)
+        raise ManifestError(f"{what} disagree with the plan: {summary}; the file is corrupted")

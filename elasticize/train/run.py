@@ -46,13 +46,6 @@ TEXT_LOSSES = {"cosine": mean_pooled, "hidden": masked_hidden}
 IMAGE_LOSSES = ("kl", "mse")
 
 
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _choice(loss: str | None, choices: tuple[str, ...], kind: str) -> str:
     """``loss`` checked against the distillation losses for ``kind`` of data (None: the first)."""
     if loss is None:
@@ -76,11 +69,7 @@ def _check_job(src: Path, out: Path, d: Path, *, steps: int, eval_every: int, sc
     if not 0 < warmup < 1:
         raise ValueError(f"--warmup {warmup}: the warm-up share of --steps must be in (0, 1), e.g. 0.06")
     read_manifest(src, presets=False)
-    if _same(out, src) or (out.resolve() == src.resolve()):
-        raise ValueError("-o points at the input file; choose another output path")
-    if out.exists() and out.is_file() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --force to replace it or choose another -o")
-    check_output(out, overwrite=overwrite, inputs=(src,))  # kind, folder and permissions: before any training
+    check_output(out, overwrite=overwrite, inputs=(src,))  # the input, kind, folder, permissions: before training
     if state is not None and Path(state).resolve() in (src.resolve(), out.resolve()):
         raise ValueError(f"--state {state} is the model or output file; give the trainer state its own path")
     if state is not None:
