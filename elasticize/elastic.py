@@ -188,6 +188,15 @@ class ElasticModel(CalibratedTensors, nn.Module):
             cfg = self.resolve(best_preset(self, max_macs, max_params, max_latency_s, metric))
         return (self.preset_name(cfg), cfg) if with_name else cfg
 
+    def evaluate(self, held: Sequence[Any], **options: Any) -> dict[str, Any]:
+        """Calibrate and measure every preset (and candidates, solver picks) without training; the record goes
+        into :attr:`measurements`. The options and errors are those of :func:`elasticize.measure.evaluate`
+        (``calibration``, ``metric``, ``output_fn``, ``candidates``, ``budgets``, ``device``, ``batch_size``...).
+        """
+        from .measure import evaluate
+
+        return evaluate(self, held, **options)
+
     # ------------------------------------------------------------ extraction
     def extract(self, subnet: SubnetLike = None) -> nn.Module:
         """A plain dense module of ``subnet``, made of the original layer classes.
