@@ -52,7 +52,7 @@ def calibrate(em: Any, batches: Sequence[Any], *, compensation: bool = True, bn_
 @contextlib.contextmanager
 def _extra_presets(em: Any, configs: Mapping[str, dict]) -> Iterator[None]:
     """Context manager: ``configs`` are presets inside (calibrated like the others), gone after."""
-    saved, bn, comp = dict(em.space.presets), dict(em.bn_stats), dict(em.compensation.presets)
+    saved = dict(em.space.presets)
     for name, cfg in configs.items():
         em.space.add_preset(name, cfg, replace=True)
     try:
@@ -62,8 +62,8 @@ def _extra_presets(em: Any, configs: Mapping[str, dict]) -> Iterator[None]:
         em.space.presets = saved
         for name in configs:
             em._resolved.pop(name, None)  # the resolve cache of ElasticModel: the names are gone
-        em.compensation.presets = comp
-        em.set_bn_stats({n: t for n, t in bn.items() if n in saved})
+        em.compensation.presets = {n: t for n, t in em.compensation.presets.items() if n in saved}
+        em.set_bn_stats({n: t for n, t in em.bn_stats.items() if n in saved})
 
 
 def _metric_fn(metric: str | Metric) -> tuple[str, Metric]:
@@ -106,7 +106,7 @@ def _cut(batch: Any, n: int) -> Any:
     return batch
 
 
-def _latency(dense: nn.Module, batch: Any, threads: int | None) -> float:
+def _latency(dense: nn.Module, batch: Any, threads: int | None, min_time: float) -> float:
     """Median seconds of one forward of ``dense`` on ``batch`` (``torch.utils.benchmark``)."""
     from torch.utils import benchmark
 
@@ -115,7 +115,7 @@ def _latency(dense: nn.Module, batch: Any, threads: int | None) -> float:
             forward_batch(dense, batch)
 
     timer = benchmark.Timer(stmt="run()", globals={"run": run}, num_threads=threads or torch.get_num_threads())
-    return float(timer.blocked_autorange(min_run_time=0.2).median)
+    return float(timer.blocked_autorange(min_run_time=min_time).median)
 
 
 def _peak_bytes(dense: nn.Module, batch: Any, device: torch.device) -> int:
@@ -160,7 +160,8 @@ def _score_with_compensation(em: Any, score: _Scorer, compensation: bool) -> Cal
 def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), metric: str | Metric = "accuracy",
              output_fn: Callable[[Any, Any], torch.Tensor] = default_output, candidates: int = 0,
              budgets: Sequence[Any] = (), device: str = "cpu", batch_size: int = 1, threads: int | None = None,
-             latency: bool = True, compensation: bool = True, source: str = "") -> dict[str, Any]:
+             latency: bool = True, min_time: float = 0.2, compensation: bool = True,
+             source: str = "") -> dict[str, Any]:
     """Calibrate and measure every preset, ``candidates`` uniform sub-networks and a solver pick per budget.
 
     Args:
@@ -178,6 +179,7 @@ def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), m
         batch_size: samples per timed batch (the record's key).
         threads: CPU threads for timing (default: torch's).
         latency: time each sub-network (and measure its peak memory).
+        min_time: seconds of timing per sub-network (``Timer.blocked_autorange(min_run_time)``).
         compensation: use bias compensation.
         source: what the data was, for the record.
 
@@ -217,7 +219,7 @@ def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), m
                                    "macs": em.macs(cfg), "params": em.params(cfg), name: held_scorer()}
             if latency:
                 dense = em.extract(cfg).eval()
-                row["latency_s"] = _latency(dense, timed, threads)
+                row["latency_s"] = _latency(dense, timed, threads, min_time)
                 row["peak_bytes"] = _peak_bytes(dense, timed, dev)
             rows.append(row)
             if preset not in extra:
