@@ -43,7 +43,8 @@ class ElasticModel(CalibratedTensors, nn.Module):
         compensation: bias compensation (FLAP, :mod:`elasticize.calibration`): the consumers' calibration
             means and each preset's compensated biases, installed with its BN statistics. Set with
             :meth:`set_compensation`.
-        measurements: what ``elasticize eval`` measured (:mod:`elasticize.measure`), keyed by device and batch size.
+        measurements: what ``elasticize eval`` / :func:`elasticize.evaluate` measured (:mod:`elasticize.measured`), keyed by
+            device and batch size.
         files: small files that travel with the model, file name -> contents: a Hugging Face model's
             tokenizer, generation and preprocessor files (:data:`elasticize.adapters.hf.TOKENIZER_FILES`),
             read from its folder by :func:`elasticize.convert`, kept inside the saved file and written into
@@ -187,15 +188,6 @@ class ElasticModel(CalibratedTensors, nn.Module):
         else:
             cfg = self.resolve(best_preset(self, max_macs, max_params, max_latency_s, metric))
         return (self.preset_name(cfg), cfg) if with_name else cfg
-
-    def evaluate(self, held: Sequence[Any], **options: Any) -> dict[str, Any]:
-        """Calibrate and measure every preset (and candidates, solver picks) without training; the record goes
-        into :attr:`measurements`. The options and errors are those of :func:`elasticize.measure.evaluate`
-        (``calibration``, ``metric``, ``output_fn``, ``candidates``, ``budgets``, ``device``, ``batch_size``...).
-        """
-        from .measure import evaluate
-
-        return evaluate(self, held, **options)
 
     # ------------------------------------------------------------ extraction
     def extract(self, subnet: SubnetLike = None) -> nn.Module:

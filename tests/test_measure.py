@@ -150,7 +150,7 @@ def test_compensation_file_round_trip_and_load_subnet(tmp_path):
     plain = elasticize.save(em, tmp_path / "plain.safetensors")
     manifest = elasticize.checkpoint.read_manifest(plain)
     assert manifest["format_version"] <= 3 and "bias_compensation" not in manifest  # data-free: as before
-    rec = em.evaluate(batches[2:], calibration=batches[:2], metric="cosine", output_fn=mean_pooled, latency=False)
+    rec = elasticize.evaluate(em, batches[2:], calibration=batches[:2], metric="cosine", output_fn=mean_pooled, latency=False)
     assert rec["calibration"].endswith("bias compensation") and em.compensation.presets
     path = elasticize.save(em, tmp_path / "comp.safetensors")
     x = batches[0]

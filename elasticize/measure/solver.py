@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 __all__ = ["sensitivities", "solve", "budget_name", "uniform_candidates"]
 
 
@@ -106,6 +104,7 @@ def solve(em: Any, sens: dict[str, Any], *, max_macs: float | None = None, max_p
 
 def _solve_widths(em: Any, sens: dict[str, Any], base: dict, bounds: list, rounds: int) -> tuple[dict, float] | None:
     """The width/heads choices at ``base``'s depths: ``(config, base metric - width drops)`` or None."""
+    import numpy as np
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     units = [(dim, name, ch) for dim, name, ch in _units(em) if dim != "depth" and f"{dim}/{name}" in sens["drops"]]
