@@ -48,6 +48,7 @@ from .adapters import build_from_recipe
 from .elastic import ElasticModel, SubnetLike
 from .export import TensorSource, extract, set_tensor
 from .fileformat.header import Header, read_header
+from .fileformat import measurements as extra
 from .fileformat.manifest import FILE_PREFIX, bn_name, check_manifest, preset_table
 from .plan.parse import ManifestError, loads
 from .plan import Plan, apply_plan, slice_ranges
@@ -57,7 +58,7 @@ from .tensorfile import aligned, dedupe, load_strict, load_weights_file
 __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
            "PRESETS_KEY", "load_weights_file", "read_files"]
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 METADATA_KEY = "elasticize"
 #: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
 PRESETS_KEY = "elasticize.presets"
@@ -111,9 +112,11 @@ def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str,
 # --------------------------------------------------------------------------- manifest
 def _preset_entry(em: ElasticModel, name: str, cfg: Config, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     stored = {n: (list(t.shape), t.element_size()) for n, t in state.items()}
-    calibrated = em.bn_stats.get(name, {})
+    calibrated: dict[str, Any] = dict(em.bn_stats.get(name, {}))
     for fqn, t in calibrated.items():
         stored[bn_name(name, fqn)] = (list(t.shape), t.element_size())
+    for fqn, (shape, item, s) in extra.preset_stored(em, name).items():
+        stored[s], calibrated[fqn] = (shape, item), s
     tensors, total = preset_table(em.plan, em.space, name, cfg, stored, calibrated)
     return {"config": cfg, "macs": em.macs(cfg), "params": em.params(cfg), "bytes": total,
             "metrics": dict(em.metrics.get(name, {})), "tensors": tensors}
@@ -181,9 +184,10 @@ def read_files(path: str | os.PathLike) -> dict[str, bytes]:
 def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Config | None = None,
               files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     calibrated = kind == "super-network" and bool(em.bn_stats)
+    added = extra.saved_keys(em) if kind == "super-network" else {}
     m: dict[str, Any] = {
         "format": "elasticize",
-        "format_version": 3 if files else 2 if calibrated else 1,
+        "format_version": extra.VERSION if added else 3 if files else 2 if calibrated else 1,
         "library_version": __version__,
         "kind": kind,
         "recipe": em.recipe,
@@ -198,6 +202,7 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
         m["presets"] = {n: _preset_entry(em, n, c, state) for n, c in em.presets.items()}
         if calibrated:
             m["bn_stats"] = {p: {fqn: bn_name(p, fqn) for fqn in t} for p, t in em.bn_stats.items()}
+        m.update(added)
     else:
         m["config"] = config
         m["macs"] = em.macs(config)
@@ -239,6 +244,7 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     for preset, table in em.bn_stats.items():
         for fqn, t in table.items():
             tensors[bn_name(preset, fqn)] = t.detach().contiguous().cpu()
+    tensors.update(extra.saved_tensors(em))
     stored, files = _file_tensors(em.files)
     tensors.update(stored)
     manifest = _manifest(em, aliases, "super-network", files=files)
@@ -356,6 +362,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
                   for p, t in (manifest.get("bn_stats") or {}).items()}
     files = {name: _file_bytes(path, name, entry, tensors.pop(stored, None) if stored else None)
              for name, entry, stored in _listed_files(path, manifest)}
+    compensation = extra.pop_tensors(manifest, tensors)
     for alias, target in (manifest.get("aliases") or {}).items():
         tensors[alias] = tensors[target]
     load_strict(em.model, tensors, assign=meta, what=f"{path}")
@@ -365,6 +372,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
     em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
     if calibrated:
         em.set_bn_stats(calibrated)
+    extra.restore(em, manifest, compensation)
     em.files = files
     em.source_path = str(path)
     return em.eval()
@@ -430,13 +438,12 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
 
 
 def _calibrated_table(manifest: dict[str, Any], space: SearchSpace, cfg: Config) -> dict[str, str]:
-    """The calibrated BatchNorm statistics of the preset that ``cfg`` is, if the file has them: buffer -> stored name."""
+    """The calibrated tensors (BatchNorm statistics, compensated biases) of the preset that ``cfg`` is, if the
+    file has them: tensor name -> stored name."""
     if manifest.get("kind") == "sub-network":
         return {}
-    for preset, table in (manifest.get("bn_stats") or {}).items():
-        if space.resolve(preset) == cfg:
-            return table
-    return {}
+    name = next((p for p in manifest.get("presets") or {} if space.resolve(p) == cfg), None)
+    return {**(manifest.get("bn_stats") or {}).get(name, {}), **extra.file_table(manifest, name)}
 
 
 class _FileTensors(TensorSource):
