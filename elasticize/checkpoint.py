@@ -54,7 +54,7 @@ from .fileformat.manifest import FILE_PREFIX, bn_name, check_manifest, preset_ta
 from .plan.parse import ManifestError, loads
 from .plan import Plan, apply_plan, slice_ranges
 from .space import Config, SearchSpace
-from .tensorfile import aligned, dedupe, load_strict, load_weights_file
+from .tensorfile import aligned, dedupe, load_strict, load_weights_file, write_ordered
 
 __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
            "PRESETS_KEY", "load_weights_file", "read_files"]
@@ -237,7 +237,7 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
 
 
 # --------------------------------------------------------------------------- save
-def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False, layout: str = "default") -> Path:
     """Write the super-network and its manifest to one ``.safetensors`` file, atomically.
 
     The model's stored files (:attr:`ElasticModel.files`, e.g. a Hugging Face tokenizer) go into
@@ -247,6 +247,10 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
         em: the elastic model.
         path: output file.
         overwrite: replace an existing file (never the one ``em`` was loaded from).
+        layout: ``"default"``, the tensors under their own names; or ``"nested"`` (format
+            version 4, :mod:`elasticize.fileformat.layout`): each tensor stored as shells, so that
+            every preset nested in the next larger ones is one byte prefix of the data (one HTTP
+            range request for :func:`load_subnet` from a URL).
 
     Returns:
         The path written.
@@ -254,14 +258,17 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     Raises:
         TypeError: if ``em`` is not an :class:`ElasticModel`.
         FileExistsError: ``path`` exists and ``overwrite`` is False, or is a folder.
-        ValueError: ``path`` is the file ``em`` was loaded from, or a name in ``em.files`` is not
-            an allowed file name (:func:`elasticize.adapters.hf.check_file_name`).
+        ValueError: ``path`` is the file ``em`` was loaded from, a name in ``em.files`` is not
+            an allowed file name (:func:`elasticize.adapters.hf.check_file_name`), an unknown
+            ``layout``, or a nested layout of a preset that reads one tensor in two ways.
         FileNotFoundError: the folder does not exist.
         PermissionError: the folder cannot be written in.
         OSError: writing failed (e.g. a full disk); the old file, if any, stays as it was.
     """
     if not isinstance(em, ElasticModel):
         raise TypeError(f"save() takes an ElasticModel (from elasticize.elasticize), not {type(em).__name__}")
+    if layout not in ("default", "nested"):
+        raise ValueError(f"layout must be 'default' or 'nested', not {layout!r}")
     check_output(path, overwrite=overwrite, inputs=(em.source_path,))  # before the work
     with em.trained_bn_stats():
         tensors, aliases = dedupe(em.model.state_dict())
@@ -272,10 +279,34 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     tensors.update(stored)
     manifest = _manifest(em, aliases, "super-network", files=files)
     tables = {name: entry.pop("tensors") for name, entry in manifest["presets"].items()}
+    ordered = _nested(manifest, tensors, tables, aliases) if layout == "nested" else None
     meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
             PRESETS_KEY: json.dumps(tables, separators=(",", ":"))}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
-                        inputs=(em.source_path,))
+    write = (lambda tmp: save_file(tensors, tmp, metadata=meta)) if ordered is None else \
+        (lambda tmp: write_ordered(ordered, tmp, meta))
+    return atomic_write(path, write, overwrite=overwrite, inputs=(em.source_path,))
+
+
+def _nested(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], tables: dict[str, Any],
+            aliases: dict[str, str]) -> list[tuple[str, torch.Tensor]]:
+    """The shells of ``tensors`` in nested-layout order; adds the ``layout`` key to ``manifest`` (format 4)."""
+    shapes = {n: list(t.shape) for n, t in tensors.items()}
+    shapes.update({a: shapes[t] for a, t in aliases.items()})
+    entry = nested_entry(list(tensors), shapes, tables, aliases, {n: t.element_size() for n, t in tensors.items()})
+    boxes = {p: regions(t, aliases, shapes) for p, t in tables.items()}
+    sections: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(len(entry["chain"]) + 1)]
+    for name, t in tensors.items():
+        ks = entry["tensors"][name]["shells"]
+        if len(ks) == 1:
+            sections[ks[0]].append((name, t))
+            continue
+        rs = [boxes[p].get(name) for p in entry["chain"]] + [[list(range(n)) for n in t.shape]]
+        for k, shell in enumerate(cut_shells(t, rs)):
+            if shell is not None:
+                sections[k].append((shell_name(name, k, False), shell))
+    manifest["layout"] = entry
+    manifest["format_version"] = 4
+    return [x for sec in sections for x in sec]
 
 
 def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -161,7 +161,7 @@ def logical_header(header: Header, entry: Any) -> Header:
     e = as_dict(entry, "layout", required=("kind", "chain", "prefix_bytes", "tensors"))
     if e["kind"] != "nested":
         fail("layout.kind", f"is {e['kind']!r:.40}; this elasticize reads 'nested'")
-    order = [as_str(p, "layout.chain", pattern=r"[\w.\-]{1,128}") for p in as_list(e["chain"], "layout.chain", 1 << 12)]
+    order = [as_str(p, "layout.chain", pattern=r"[\w.\-]{1,128}") for p in as_list(e["chain"], "layout.chain", max_len=1 << 12)]
     if not order or order[-1] != "full" or len(set(order)) != len(order):
         fail("layout.chain", "must list distinct presets, ending at 'full'")
     prefix = as_ints(e["prefix_bytes"], "layout.prefix_bytes", 0)
