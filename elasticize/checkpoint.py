@@ -46,12 +46,11 @@ from ._version import __version__
 from .adapters import build_from_recipe
 from .elastic import ElasticModel, SubnetLike
 from .export import TensorSource, dense_tensors, extract, set_tensor
-from .fileformat.header import Header, read_header
-from .fileformat.layout import check_layout, cut_shells, logical_header, nested_entry, regions, shell_name
-from .fileformat.reader import TensorReader
-from .fileformat.source import open_source
-from .fileformat.manifest import FILE_PREFIX, bn_name, check_manifest, preset_table
-from .plan.parse import ManifestError, loads
+from .fileformat.header import Header
+from .fileformat.layout import nested_shells
+from .fileformat.opened import FORMAT_VERSION, METADATA_KEY, PRESETS_KEY, OpenedFile as _Opened
+from .fileformat.manifest import FILE_PREFIX, bn_name, preset_table
+from .plan.parse import ManifestError
 from .plan import Plan, apply_plan, slice_ranges
 from .space import Config, SearchSpace
 from .tensorfile import aligned, dedupe, load_strict, load_weights_file, write_ordered
@@ -59,53 +58,6 @@ from .tensorfile import aligned, dedupe, load_strict, load_weights_file, write_o
 __all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
            "PRESETS_KEY", "load_weights_file", "read_files"]
 
-FORMAT_VERSION = 4
-METADATA_KEY = "elasticize"
-#: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
-PRESETS_KEY = "elasticize.presets"
-
-
-class _Opened:
-    """A checked file: its manifest, tables, plan, search space, header as read (shells in a nested
-    file), logical header (each tensor whole), nested layout or None, and open byte source."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = path
-        self.source = open_source(path)
-        try:
-            self._check()
-        except BaseException:
-            self.source.close()
-            raise
-
-    def _check(self) -> None:
-        path = self.path
-        self.header = header = read_header(path, self.source)
-        meta = header.metadata
-        raw = meta.get(METADATA_KEY)
-        if raw is None:
-            raise ManifestError(f"{path} is a safetensors file without an elasticize manifest; make one with "
-                                "`elasticize convert` or elasticize.save()")
-        try:
-            self.manifest = manifest = loads(raw, "the elasticize manifest")
-            self.tables = loads(meta[PRESETS_KEY], "the per-preset tables") if PRESETS_KEY in meta else None
-            nested = isinstance(manifest, dict) and "layout" in manifest
-            self.logical = logical_header(header, manifest["layout"]) if nested else header
-            self.plan, self.space = check_manifest(manifest, header=self.logical, tables=self.tables,
-                                                   format_version=FORMAT_VERSION)
-            self.layout = check_layout(manifest["layout"], self.logical, self.tables,
-                                       manifest.get("aliases") or {}) if nested else None
-        except ManifestError as e:
-            raise ManifestError(f"{path}: {e}") from None
-
-    def reader(self) -> TensorReader:
-        return TensorReader(self.source, self.header, self.layout)
-
-    def __enter__(self) -> "_Opened":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.source.close()
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, Plan, SearchSpace, Header]:
@@ -279,34 +231,12 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False, 
     tensors.update(stored)
     manifest = _manifest(em, aliases, "super-network", files=files)
     tables = {name: entry.pop("tensors") for name, entry in manifest["presets"].items()}
-    ordered = _nested(manifest, tensors, tables, aliases) if layout == "nested" else None
+    ordered = nested_shells(manifest, tensors, tables, aliases) if layout == "nested" else None
     meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
             PRESETS_KEY: json.dumps(tables, separators=(",", ":"))}
     write = (lambda tmp: save_file(tensors, tmp, metadata=meta)) if ordered is None else \
         (lambda tmp: write_ordered(ordered, tmp, meta))
     return atomic_write(path, write, overwrite=overwrite, inputs=(em.source_path,))
-
-
-def _nested(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], tables: dict[str, Any],
-            aliases: dict[str, str]) -> list[tuple[str, torch.Tensor]]:
-    """The shells of ``tensors`` in nested-layout order; adds the ``layout`` key to ``manifest`` (format 4)."""
-    shapes = {n: list(t.shape) for n, t in tensors.items()}
-    shapes.update({a: shapes[t] for a, t in aliases.items()})
-    entry = nested_entry(list(tensors), shapes, tables, aliases, {n: t.element_size() for n, t in tensors.items()})
-    boxes = {p: regions(t, aliases, shapes) for p, t in tables.items()}
-    sections: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(len(entry["chain"]) + 1)]
-    for name, t in tensors.items():
-        ks = entry["tensors"][name]["shells"]
-        if len(ks) == 1:
-            sections[ks[0]].append((name, t))
-            continue
-        rs = [boxes[p].get(name) for p in entry["chain"]] + [[list(range(n)) for n in t.shape]]
-        for k, shell in enumerate(cut_shells(t, rs)):
-            if shell is not None:
-                sections[k].append((shell_name(name, k, False), shell))
-    manifest["layout"] = entry
-    manifest["format_version"] = 4
-    return [x for sec in sections for x in sec]
 
 
 def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

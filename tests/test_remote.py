@@ -220,7 +220,7 @@ def _first_multi(m):
 
 @pytest.mark.parametrize("edit,words", [
     (lambda m, h: m["layout"]["tensors"][_first_multi(m)].update(shells=m["layout"]["tensors"][_first_multi(m)]["shells"][:-1]),
-     "does not list the stored tensor"),
+     "elements of shape"),
     (lambda m, h: m["layout"]["tensors"][_first_multi(m)].update(shape=[1]), "hold the"),
     (lambda m, h: m["layout"].update(chain=m["layout"]["chain"][1:], prefix_bytes=m["layout"]["prefix_bytes"][1:]),
      "layout"),

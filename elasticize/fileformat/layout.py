@@ -19,11 +19,11 @@ from typing import Any, Mapping
 
 import torch
 
-from ..plan.parse import ManifestError, as_dict, as_int, as_ints, as_list, as_str, fail
+from ..plan.parse import ManifestError, as_dict, as_ints, as_list, as_str, fail
 from .header import Header
 
 __all__ = ["SHELL_SEP", "Layout", "chain", "regions", "shell_name", "cut_shells", "nested_entry", "logical_header",
-           "check_layout", "reassemble"]
+           "check_layout", "reassemble", "nested_shells"]
 
 SHELL_SEP = "::shell"
 Box = list[list[int]] | None  # per axis the sorted indices, or None: empty
@@ -239,3 +239,30 @@ def reassemble(shells: Mapping[int, torch.Tensor], rs: list[Box], j: int) -> tor
         if k <= j:
             out[_mask(inner, rs[k], rs[k - 1] if k else None)] = shell
     return out
+
+
+def nested_shells(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], tables: dict[str, Any],
+            aliases: dict[str, str]) -> list[tuple[str, torch.Tensor]]:
+    """The stored tensors of a nested file, in data order (shells 0 of every tensor, then shells 1, ...);
+    adds the ``layout`` key to ``manifest`` (format version 4). For :func:`elasticize.save`.
+
+    Raises:
+        ValueError: a preset reads one stored tensor in two ways (see :func:`regions`).
+    """
+    shapes = {n: list(t.shape) for n, t in tensors.items()}
+    shapes.update({a: shapes[t] for a, t in aliases.items()})
+    entry = nested_entry(list(tensors), shapes, tables, aliases, {n: t.element_size() for n, t in tensors.items()})
+    boxes = {p: regions(t, aliases, shapes) for p, t in tables.items()}
+    sections: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(len(entry["chain"]) + 1)]
+    for name, t in tensors.items():
+        ks = entry["tensors"][name]["shells"]
+        if len(ks) == 1:
+            sections[ks[0]].append((name, t))
+            continue
+        rs = [boxes[p].get(name) for p in entry["chain"]] + [[list(range(n)) for n in t.shape]]
+        for k, shell in enumerate(cut_shells(t, rs)):
+            if shell is not None:
+                sections[k].append((shell_name(name, k, False), shell))
+    manifest["layout"] = entry
+    manifest["format_version"] = 4
+    return [x for sec in sections for x in sec]
