@@ -6,7 +6,8 @@ format version, library version, base-model recipe, the plan, and for each prese
 configuration, MACs, params, bytes and, per dense tensor, the source tensor and the
 ``[start, stop)`` ranges to read along each axis. A program in any language can cut a
 preset out with a plain safetensors reader; :func:`load_subnet` does so here, reading
-only the bytes that sub-network needs (``safe_open(...).get_slice``).
+only the bytes that sub-network needs, from a path or a URL (:mod:`elasticize.fileformat.source`).
+Format 4 adds the optional nested byte layout (:mod:`elasticize.fileformat.layout`).
 
 Writes are atomic (a temporary file in the same folder, then ``os.replace``; see
 ``elasticize._files``), give the file the mode ``open()`` would (``0666 & ~umask``, or the mode

@@ -42,7 +42,11 @@ def coalesce(ranges: Sequence[tuple[int, int]], *, slack: float = SLACK) -> list
     while the bytes read in gaps stay within ``slack`` of the bytes asked for.
 
     Merging the cheapest gaps first gives the fewest requests for that many extra bytes (each merge
-    saves one request). Args: ``ranges``: ``[start, stop)`` byte ranges, any order; ``slack``: the share.
+    saves one request).
+
+    Args:
+        ranges: ``[start, stop)`` byte ranges, any order.
+        slack: the extra bytes allowed, as a share of the bytes asked for.
 
     Returns:
         Sorted, disjoint ``[start, stop)`` ranges covering every input range.
