@@ -22,7 +22,8 @@ from .measurements import BIAS_PREFIX, check_compensation, check_measurements
 
 __all__ = ["BN_PREFIX", "FILE_PREFIX", "bn_name", "live_state", "preset_table", "check_files", "check_manifest"]
 
-_SUPER_KEYS = ("input_shapes", "importance", "aliases", "bn_stats", "files", "measurements", "bias_compensation")
+_SUPER_KEYS = ("input_shapes", "importance", "aliases", "bn_stats", "files", "measurements", "bias_compensation",
+               "layout")
 _SUB_KEYS = ("input_shapes", "importance", "aliases", "files")
 _COMMON = ("format", "format_version", "library_version", "kind", "recipe", "plan", "search_space")
 #: Prefix of the stored per-preset calibrated BatchNorm statistics (format version 2).
@@ -177,6 +178,8 @@ def _check_top(m: Any, format_version: int) -> int:
         as_dict(m, "(top level)", required=_COMMON + ("presets",), optional=_SUPER_KEYS)
     else:
         as_dict(m, "(top level)", required=_COMMON + ("config", "macs", "params"), optional=_SUB_KEYS)
+    if "layout" in m and version < 4:
+        fail("layout", "a nested byte layout needs format version 4")
     if "bn_stats" in m and version < 2:
         fail("bn_stats", "calibrated statistics need format version 2")
     as_str(m["library_version"], "library_version", max_len=64)
