@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -15,6 +17,36 @@ from .space import Config, SearchSpace
 __all__ = ["ElasticModel", "SubnetLike"]
 
 SubnetLike = str | Mapping[str, Any] | None
+
+
+class _WrappedSignature:
+    """Method descriptor: ``em.forward`` runs the method, and its signature is ``em.model.forward``'s."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, em: Any, owner: type | None = None) -> Any:
+        return self.fn if em is None else _BoundForward(self.fn, em)
+
+
+class _BoundForward:
+    """``em.forward`` bound to one model; ``__signature__`` is computed when asked for."""
+
+    __slots__ = ("_fn", "_em")
+
+    def __init__(self, fn: Any, em: Any) -> None:
+        self._fn, self._em = fn, em
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(self._em, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        try:
+            return inspect.signature(self._em.model.forward)
+        except (TypeError, ValueError):  # a builtin forward: the method's own (*args, **kwargs)
+            return inspect.signature(functools.partial(self._fn, self._em))
 
 
 class ElasticModel(nn.Module):
@@ -71,8 +103,14 @@ class ElasticModel(nn.Module):
         self._bn_live: str | None = None  # preset whose statistics are in the buffers now
         self._bn_trained: dict[str, torch.Tensor] = {}  # the trained values they replaced
 
+    @_WrappedSignature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the active sub-network; inputs and outputs are the original model's."""
+        """Run the active sub-network; inputs and outputs are the original model's.
+
+        ``inspect.signature(em.forward)`` is the wrapped model's ``forward`` signature, so tools that
+        pick a batch's columns by it (Hugging Face ``Trainer``'s ``remove_unused_columns``) see
+        the original model's inputs.
+        """
         return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------ sub-networks
