@@ -20,7 +20,9 @@ SubnetLike = str | Mapping[str, Any] | None
 
 
 class _WrappedSignature:
-    """Method descriptor: ``em.forward`` runs the method, and its signature is ``em.model.forward``'s."""
+    """Method descriptor: ``em.forward`` runs the method, and its signature is ``em.model.forward``'s, so
+    tools that pick a batch's columns by it (Hugging Face ``Trainer``'s ``remove_unused_columns``) see the
+    original model's inputs."""
 
     def __init__(self, fn: Any) -> None:
         self.fn = fn
@@ -105,12 +107,7 @@ class ElasticModel(nn.Module):
 
     @_WrappedSignature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the active sub-network; inputs and outputs are the original model's.
-
-        ``inspect.signature(em.forward)`` is the wrapped model's ``forward`` signature, so tools that
-        pick a batch's columns by it (Hugging Face ``Trainer``'s ``remove_unused_columns``) see
-        the original model's inputs.
-        """
+        """Run the active sub-network; inputs, outputs and ``inspect.signature`` are the original model's."""
         return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------ sub-networks
