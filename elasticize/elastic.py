@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -17,6 +19,38 @@ from .space import Config, SearchSpace
 __all__ = ["ElasticModel", "SubnetLike"]
 
 SubnetLike = str | Mapping[str, Any] | None
+
+
+class _WrappedSignature:
+    """Method descriptor: ``em.forward`` runs the method, and its signature is ``em.model.forward``'s, so
+    tools that pick a batch's columns by it (Hugging Face ``Trainer``'s ``remove_unused_columns``) see the
+    original model's inputs."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, em: Any, owner: type | None = None) -> Any:
+        return self.fn if em is None else _BoundForward(self.fn, em)
+
+
+class _BoundForward:
+    """``em.forward`` bound to one model; ``__signature__`` is computed when asked for."""
+
+    __slots__ = ("_fn", "_em")
+
+    def __init__(self, fn: Any, em: Any) -> None:
+        self._fn, self._em = fn, em
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(self._em, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        try:
+            return inspect.signature(self._em.model.forward)
+        except (TypeError, ValueError):  # a builtin forward: the method's own (*args, **kwargs)
+            return inspect.signature(functools.partial(self._fn, self._em))
 
 
 class ElasticModel(CalibratedTensors, nn.Module):
@@ -80,8 +114,9 @@ class ElasticModel(CalibratedTensors, nn.Module):
         self.compensation = Compensation()
         self.measurements: dict[str, Any] = {}
 
+    @_WrappedSignature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the active sub-network; inputs and outputs are the original model's."""
+        """Run the active sub-network; inputs, outputs and ``inspect.signature`` are the original model's."""
         return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------ sub-networks

@@ -41,12 +41,13 @@ __all__ = ["train_step", "Trainer", "METRICS"]
 
 
 def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, sampler: SubnetSampler,
-               optimizer: torch.optim.Optimizer, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+               optimizer: torch.optim.Optimizer | None, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
                teacher: nn.Module | None = None,
                distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str = "kl",
                output_fn: Callable[[Any, Any], torch.Tensor] = default_output, runner: nn.Module | None = None,
                autocast: torch.autocast | None = None, max_grad_norm: float | None = None,
-               always: Sequence[tuple[str, Config]] = ()) -> tuple[dict[str, float], list[Config]]:
+               always: Sequence[tuple[str, Config]] = (),
+               backward: Callable[[torch.Tensor], None] | None = None) -> tuple[dict[str, float], list[Config]]:
     """One optimizer update of ``strategy``, for users who keep their own loop.
 
     Runs the strategy's passes (forward, loss, backward, one sub-network each; gradients
@@ -60,7 +61,8 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         batches: ``strategy.micro_batches`` batches, already on the model's device.
         strategy: from :func:`~elasticize.train.make_strategy`.
         sampler: draws the sub-networks (same seed on every rank under DDP).
-        optimizer: over ``em``'s parameters.
+        optimizer: over ``em``'s parameters; None leaves zeroing, clipping and stepping to the caller
+            (a training loop that owns them: Hugging Face ``Trainer``, Lightning, gradient accumulation).
         loss_fn: task loss ``(output tensor, target) -> scalar``, e.g. ``nn.CrossEntropyLoss()``.
         teacher: frozen original model for distillation, or None.
         distill_loss: ``"kl"``, ``"cosine"``, ``"mse"``, ``"hidden"`` or ``(student, teacher) -> scalar``.
@@ -73,6 +75,8 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         always: ``(label, configuration)`` pairs trained on the first micro-batch at every step
             after the strategy's passes, like a ``"task"`` pass (see :class:`Trainer`'s ``always``);
             a label equal to one of the strategy's pass labels is logged as ``"<label> (always)"``.
+        backward: runs each pass's backward on its weighted loss, e.g. ``accelerator.backward``
+            (default ``loss.backward()``).
 
     Returns:
         (mean loss per pass label, the configurations trained, in order).
@@ -88,7 +92,8 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
     passes = strategy.passes(sampler)
     drawn = {p.label for p in passes}  # an always pass named like a strategy pass is logged apart from it
     passes += [Pass(cfg, f"{label} (always)" if label in drawn else label) for label, cfg in always]
-    optimizer.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     teacher_out: dict[int, torch.Tensor] = {}
     kept: dict[int, torch.Tensor] = {}
     sums: dict[str, list[float]] = {}
@@ -104,13 +109,14 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         loss = _pass_loss(p, out, target, distill_loss=dl, loss_fn=loss_fn, teacher_out=teacher_out, kept=kept)
         if not torch.isfinite(loss.detach()):
             raise ValueError(f"the loss of pass {p.label!r} is {loss.item()}; lower the learning rate")
-        (loss * p.weight).backward()
+        (backward or torch.Tensor.backward)(loss * p.weight)
         if p.keep:
             kept[p.micro] = out.detach()
         sums.setdefault(p.label, []).append(float(loss.detach()))
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], max_grad_norm)
-    optimizer.step()
+    if optimizer is not None:
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], max_grad_norm)
+        optimizer.step()
     em.set_subnet(None)
     return {k: sum(v) / len(v) for k, v in sums.items()}, [p.config for p in passes]
 
