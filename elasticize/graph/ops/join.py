@@ -1,8 +1,10 @@
 """Ops that join or split tensors: concatenation, stacking, splitting, chunking and indexing.
 
 A concatenation of copies of one index space is a *repeated* slot (sliced alike in each
-copy); any other concatenation fixes the axis. Equal chunks of an axis are repeated slots
-too; other splits and partial slices fix the axis.
+copy); a concatenation of different groups is a *segmented* slot (each input keeps its group,
+see :meth:`elasticize.graph.coupling.Coupling.segmented`). Equal chunks of an axis are repeated
+slots too; a split of a segmented axis at its segments' boundaries keeps the segments each
+piece holds; other splits and partial slices fix the axis.
 """
 
 from __future__ import annotations
@@ -19,17 +21,22 @@ __all__: list[str] = []
 
 @op("cat")
 def cat(p: Propagator, node: fx.Node) -> Value:
-    """The other axes join; the joined axis is a repeated slot for copies of one index space, else fixed."""
+    """The other axes join; the joined axis is a repeated slot for copies of one index space, else a segmented
+    slot: each input keeps its group, and a consumer reads the concatenation of each segment's active prefix."""
     tensors = node.args[0]
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     out_shape = p.shape(node)
     dim %= len(out_shape)
     vals = [p.env.get(t) for t in tensors]
+    if len(vals) == 1 and isinstance(vals[0], tuple):
+        return vals[0]
     if (len(vals) > 1 and all(isinstance(v, tuple) and len(v) == len(out_shape) for v in vals)
-            and len({p.c.find(v[dim]) for v in vals}) == 1):
+            and len({p.c.find(v[dim]) for v in vals}) == 1 and p.c.flat_segments(vals[0][dim]) is None):
         # copies of one index space side by side (torchvision's patch merging): sliced alike in each
         return _join(p, [v[:dim] + v[dim + 1:] for v in vals], out_shape, dim,
                      p.c.repeated(vals[0][dim], len(vals)))
+    if vals and all(isinstance(v, tuple) and len(v) == len(out_shape) for v in vals):
+        return _join(p, [v[:dim] + v[dim + 1:] for v in vals], out_shape, dim, p.c.segmented([v[dim] for v in vals]))
     out = []
     reason = f"concatenated along axis {dim} at {node.name}"
     for a in range(len(out_shape)):
@@ -88,6 +95,11 @@ def _split(p: Propagator, node: fx.Node, dim: int, removes_axis: bool) -> Value:
     dim %= len(x)
     in_shape = p.shape(node.args[0])
     sizes = {tuple(m.shape)[dim] for m in metas}
+    segs = None if removes_axis else p.c.flat_segments(x[dim])
+    if segs is not None:
+        pieces = _cut_segments(p, segs, [tuple(m.shape)[dim] for m in metas])
+        if pieces is not None:
+            return [x[:dim] + (piece,) + x[dim + 1:] for piece in pieces]
     if not removes_axis and len(metas) > 1 and len(sizes) == 1 and len(metas) * sizes.pop() == in_shape[dim]:
         # equal chunks (a gated MLP's x1, x2 = fc1(x).chunk(2, -1)): the axis is that many copies of one
         # index space, sliced alike in each chunk, as the fused q/k/v rows of an attention projection are
@@ -104,6 +116,22 @@ def _split(p: Propagator, node: fx.Node, dim: int, removes_axis: bool) -> Value:
         else:
             p.c.fix(x[dim], f"split along axis {dim} at {node.name}")
             out.append(x[:dim] + (p.c.new(shp[dim], "split"),) + x[dim + 1:])
+    return out
+
+
+def _cut_segments(p: Propagator, segs: list[int], lengths: list[int]) -> list[int] | None:
+    """The pieces of a segmented axis cut into ``lengths``: each a segment, or a segmented slot of the segments
+    it holds; None when a cut falls inside a segment."""
+    out, i = [], 0
+    for n in lengths:
+        held, total = [], 0
+        while total < n and i < len(segs):
+            held.append(segs[i])
+            total += p.c.size[segs[i]]
+            i += 1
+        if total != n:
+            return None
+        out.append(held[0] if len(held) == 1 else p.c.segmented(held))
     return out
 
 
