@@ -3,8 +3,8 @@
 A concatenation of copies of one index space is a *repeated* slot (sliced alike in each
 copy); a concatenation of different groups is a *segmented* slot (each input keeps its group,
 see :meth:`elasticize.graph.coupling.Coupling.segmented`). Equal chunks of an axis are repeated
-slots too; a split of a segmented axis at its segments' boundaries keeps the segments each
-piece holds; other splits and partial slices fix the axis.
+slots too; equal chunks of a segmented axis that each hold whole segments of one layout keep
+them; other splits and partial slices fix the axis.
 """
 
 from __future__ import annotations
@@ -89,16 +89,21 @@ def stack(p: Propagator, node: fx.Node) -> Value:
     return base[:dim] + (p.c.new(out_shape[dim]),) + base[dim:]
 
 
-def _split(p: Propagator, node: fx.Node, dim: int, removes_axis: bool) -> Value:
+def _split(p: Propagator, node: fx.Node, dim: int, removes_axis: bool, by_count: bool = False) -> Value:
     x = p.env.get(node.args[0])
     metas = node.meta.get("tensor_meta", node.meta.get("val"))
     dim %= len(x)
     in_shape = p.shape(node.args[0])
     sizes = {tuple(m.shape)[dim] for m in metas}
-    segs = None if removes_axis else p.c.flat_segments(x[dim])
+    segs = None if removes_axis or len(metas) < 2 else p.c.flat_segments(x[dim])
     if segs is not None:
-        pieces = _cut_segments(p, segs, [tuple(m.shape)[dim] for m in metas])
-        if pieces is not None:
+        pieces = _cut_segments(p, segs, [tuple(m.shape)[dim] for m in metas]) if by_count else None
+        if pieces is None:
+            reason = (f"a concatenation is split ({node.name}) " + ("inside a segment" if by_count else
+                      "in literal sizes, which a sub-network's segments would not follow"))
+            for sg in segs:
+                p.c.fix(sg, reason)
+        else:
             return [x[:dim] + (piece,) + x[dim + 1:] for piece in pieces]
     if not removes_axis and len(metas) > 1 and len(sizes) == 1 and len(metas) * sizes.pop() == in_shape[dim]:
         # equal chunks (a gated MLP's x1, x2 = fc1(x).chunk(2, -1)): the axis is that many copies of one
@@ -120,19 +125,26 @@ def _split(p: Propagator, node: fx.Node, dim: int, removes_axis: bool) -> Value:
 
 
 def _cut_segments(p: Propagator, segs: list[int], lengths: list[int]) -> list[int] | None:
-    """The pieces of a segmented axis cut into ``lengths``: each a segment, or a segmented slot of the segments
-    it holds; None when a cut falls inside a segment."""
-    out, i = [], 0
+    """The equal chunks of a segmented axis, when each holds whole segments of one layout: the chunks' segments
+    join position by position (each chunk is then one copy of the same layout, and shrinks alike); None when a cut
+    falls inside a segment or the chunks' layouts differ."""
+    held: list[list[int]] = []
+    i = 0
     for n in lengths:
-        held, total = [], 0
+        part, total = [], 0
         while total < n and i < len(segs):
-            held.append(segs[i])
+            part.append(segs[i])
             total += p.c.size[segs[i]]
             i += 1
         if total != n:
             return None
-        out.append(held[0] if len(held) == 1 else p.c.segmented(held))
-    return out
+        held.append(part)
+    if len({tuple(p.c.size[s] for s in part) for part in held}) != 1:
+        return None
+    for part in held[1:]:
+        for a, b in zip(held[0], part):
+            p.c.union(a, b)
+    return [part[0] if len(part) == 1 else p.c.segmented(part) for part in held]
 
 
 @op("unbind")
@@ -143,13 +155,16 @@ def unbind(p: Propagator, node: fx.Node) -> Value:
 
 @op("chunk")
 def chunk(p: Propagator, node: fx.Node) -> Value:
-    """Equal chunks make the axis a repeated slot, each chunk one copy; unequal parts fix it."""
-    return _split(p, node, node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0), False)
+    """Equal chunks make the axis a repeated slot, each chunk one copy; unequal parts fix it. Chunks of a
+    concatenation that each hold whole segments of one layout keep them (their segments join position by
+    position); any other chunking of a concatenation fixes its segments."""
+    return _split(p, node, node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0), False, True)
 
 
 @op("split", "split_with_sizes", "tensor_split")
 def split(p: Propagator, node: fx.Node) -> Value:
-    """As ``chunk``: equal parts make the axis a repeated slot; unequal parts fix it."""
+    """As ``chunk``: equal parts make the axis a repeated slot; unequal parts fix it; a split of a concatenation
+    in literal sizes fixes its segments (a sub-network's segments would not follow the sizes)."""
     return _split(p, node, node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0), False)
 
 
