@@ -14,6 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .macs import per_sample
+from .coupling import Coupling
 from .propagator import Propagator
 from .results import Analysis, GroupInfo, StageInfo
 from .stages import find_stages
@@ -60,12 +61,12 @@ def analyze(model: nn.Module, example_inputs: tuple, find_rule: Callable[[nn.Mod
     return _collect(prop, how, stages, not_elastic)
 
 
-def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: list[tuple[str, str]]) -> Analysis:
-    """The :class:`Analysis` of a finished propagation: a group per producer root, named after its first
-    producer and kept when it is not fixed, has a tensor to slice and at least 2 units; each tensor's axes
-    in those groups; the attributes that follow them; the MAC terms by group name, per sample."""
-    c = prop.c
-    resolve = c.resolver()
+def _axes_of(c: Coupling, resolve: Callable[[int], tuple[int, int]]) -> tuple[
+        dict[int, list[tuple[str, int, int]]], dict[tuple[str, int], tuple[int, int]], dict[tuple[str, int], int],
+        dict[tuple[str, int], list[int]]]:
+    """Where each tensor axis goes: group root -> its ``(fqn, axis, chunks)`` members; ``(fqn, axis)`` -> ``(group
+    root, chunks)``, -> its per-unit divisor, and -> the segments laid along it (an axis that reads a
+    concatenation; a concatenation read in chunks or per unit fixes its segments)."""
     members: dict[int, list[tuple[str, int, int]]] = {}
     axis_of: dict[tuple[str, int], tuple[int, int]] = {}  # (fqn, axis) -> (group root, chunks)
     seg_of: dict[tuple[str, int], list[int]] = {}  # (fqn, axis) -> the segments laid along it
@@ -90,6 +91,16 @@ def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: l
         r, k = resolve(s)
         axis_of[(fqn, ax)], div_of[(fqn, ax)] = (r, k), unit
         members.setdefault(r, []).append((fqn, ax, k))
+    return members, axis_of, div_of, seg_of
+
+
+def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: list[tuple[str, str]]) -> Analysis:
+    """The :class:`Analysis` of a finished propagation: a group per producer root, named after its first
+    producer and kept when it is not fixed, has a tensor to slice and at least 2 units; each tensor's axes
+    in those groups; the attributes that follow them; the MAC terms by group name, per sample."""
+    c = prop.c
+    resolve = c.resolver()
+    members, axis_of, div_of, seg_of = _axes_of(c, resolve)
     order = {fqn: i for i, fqn in enumerate(prop.state)}
     groups: list[GroupInfo] = []
     name_of: dict[int, str] = {}

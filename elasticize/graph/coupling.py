@@ -174,15 +174,20 @@ class Coupling:
         return resolve
 
     def _settle_segments(self, derived_roots: dict[int, tuple[int, int]]) -> None:
-        """Pass a segmented root's facts on to its segments: fixed, moving in units (a GroupNorm
-        over a concatenation), heads or repeated copies fix them, since a segment's prefix would
-        cut across them."""
+        """Pass a segmented root's facts on to its segments: its unit (a GroupNorm over a concatenation:
+        each segment moves in whole groups, if its size is a multiple); fixed, a unit that cuts across
+        a segment, heads or repeated copies fix them, since a segment's prefix would cut across them."""
         for r in list(self.segments):
             if self.find(r) != r:
                 continue
             why = self.fixed.get(r)
-            if why is None and self.unit.get(r, 1) > 1:
-                why = f"a concatenation moves in units of {self.unit[r]} channels"
+            unit = self.unit.get(r, 1)
+            if why is None and unit > 1:  # a GroupNorm over a concatenation: each segment moves in whole groups
+                if all(self.size[x] % unit == 0 for x in self.flat_segments(r) or []):
+                    for x in self.flat_segments(r) or []:
+                        self.require_unit(x, unit)
+                else:
+                    why = f"a concatenation moves in units of {unit} channels that cut across its segments"
             if why is None and self.kind.get(r, "width") != "width":
                 why = f"a concatenation is used as {self.kind[r]}"
             if why is None and r in derived_roots:
