@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .modules import SWITCH_PREFIX
-from .plan import KIND_DIM, ElasticState, Plan, stage_ranks
+from .plan import KIND_DIM, ElasticState, Plan, is_segmented, segment_entries, stage_ranks
 
 __all__ = ["SearchSpace", "PRESET_RATIOS", "Config", "Budget", "parse_budget"]
 
@@ -73,7 +73,8 @@ class SearchSpace:
         self._blocks = blocks
         self._layer_of = layer_of
         chain = self._chain
-        self._terms = [(int(macs), list(f), chain(owner)) for owner, macs, f in plan.mac_terms]
+        self._segs: dict[str, list[tuple[str | None, int]]] = {}  # key of a segmented factor -> (group, channels)
+        self._terms = [(int(macs), [self._factor(x) for x in f], chain(owner)) for owner, macs, f in plan.mac_terms]
         self._params = []
         for fqn, info in plan.tensors.items():
             if not info["param"] or fqn.rsplit(".", 1)[-1].startswith(SWITCH_PREFIX):
@@ -81,9 +82,20 @@ class SearchSpace:
             n = 1
             for d in info["shape"]:
                 n *= int(d)
-            groups = [a[0] for a in info["axes"].values()]
+            groups = [self._factor(a if is_segmented(a) else a[0]) for a in info["axes"].values()]
             self._params.append((n, groups, chain(layer_of.get(fqn, fqn.rsplit(".", 1)[0]))))
         self.presets = self._make_presets()
+
+    def _factor(self, f: Any) -> str:
+        """A MAC or parameter factor as a key of :meth:`_ratios`: a group name, or for a list of segments
+        (a concatenation of groups) a key whose ratio is their active channels over their full size."""
+        if not is_segmented(f):
+            return f
+        key = "\0segments:" + repr(f)
+        if key not in self._segs:
+            self._segs[key] = [(None, s) if isinstance(s, int) else (s[0], s[1] * (self._size[s[0]] // s[2]))
+                               for s in segment_entries(f)]
+        return key
 
     def block_of(self, path: str) -> tuple[str, int] | None:
         """(stage, rank) of the innermost depth block that contains module ``path``, or None.
@@ -200,6 +212,8 @@ class SearchSpace:
         r = {g: v / self._size[g] for g, v in cfg["width"].items()}
         r.update({g: v * self._unit[g] / self._size[g] for g, v in [*cfg["heads"].items(),
                                                                      *cfg.get("modules", {}).items()]})
+        for key, segs in self._segs.items():
+            r[key] = sum(n * (r.get(g, 1.0) if g else 1.0) for g, n in segs) / max(1, sum(n for _, n in segs))
         return r
 
     @staticmethod

@@ -8,11 +8,11 @@ from typing import Any
 from torch import nn
 
 from ..graph import model_tensors
-from ..modules import SWITCH_PREFIX, GroupState, StageState, make_elastic, restore
+from ..modules import SWITCH_PREFIX, GroupState, SegmentState, StageState, make_elastic, restore
 from ..rules import get_rule
-from .core import Plan, axis_entry, stage_ranks
+from .core import Plan, axis_entry, is_segmented, segment_entries, stage_ranks
 
-__all__ = ["ElasticState", "apply_plan", "remove_elastic"]
+__all__ = ["ElasticState", "apply_plan", "remove_elastic", "axis_state"]
 
 
 @dataclass
@@ -22,6 +22,16 @@ class ElasticState:
     groups: dict[str, GroupState]
     stages: dict[str, StageState]
     modules: list[str]
+
+
+def axis_state(entry: Any, groups: dict[str, GroupState]) -> tuple[GroupState | SegmentState, int, int]:
+    """The live state of a plan tensor-axis (or attribute) entry: ``(group state, chunks, div)``, or for a
+    list of segments ``(SegmentState, 1, 1)`` (see :data:`elasticize.modules.TensorSpec`)."""
+    if is_segmented(entry):
+        return SegmentState([s if isinstance(s, int) else (groups[s[0]], s[1], s[2])
+                             for s in segment_entries(entry)]), 1, 1
+    g, ch, div = axis_entry(entry)
+    return groups[g], ch, div
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
@@ -64,12 +74,12 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
             module, _, name = fqn.rpartition(".")
             spec = []
             for ax, a in info["axes"].items():
-                g, ch, div = axis_entry(a)
-                spec.append((int(ax), groups[g], ch, div))
+                spec.append((int(ax), *axis_state(a, groups)))
             spec.sort(key=lambda x: x[0])
             entry(module)["tensors"][name] = tuple(spec)
     for module, attrs in plan.attrs.items():
-        entry(module)["attrs"] = {k: (groups[g], kind, int(mul), int(div)) for k, (g, kind, mul, div) in attrs.items()}
+        entry(module)["attrs"] = {k: (axis_state(g if is_segmented(g) else [g, 1], groups)[0], kind, int(mul), int(div))
+                                  for k, (g, kind, mul, div) in attrs.items()}
     for st in plan.stages:
         if st.get("module") is not None:  # layers inside one module: an attribute follows the depth
             entry(st["module"])["attrs"][st["attr"]] = (stages[st["name"]], "depth", 1, 1)

@@ -16,7 +16,7 @@ import fnmatch
 import math
 from typing import Any, Mapping, Sequence
 
-from .core import DIMENSIONS, KIND_DIM, NORM_SITES, NORM_TENSORS, Plan
+from .core import DIMENSIONS, KIND_DIM, NORM_SITES, NORM_TENSORS, Plan, axis_entry, entry_groups, is_segmented
 
 __all__ = ["PlanBuilder", "DEPTH_MODES", "nested_choices", "spread_order"]
 
@@ -96,6 +96,7 @@ class PlanBuilder:
         self.exclude = tuple(exclude)
         self.plan = Plan(tracer=tracer, dims=list(dims), depth_mode=depth_mode)
         self._groups: dict[str, dict[str, Any]] = {}
+        self._sizes: dict[str, int] = {}  # every group offered, elastic or not (a fixed segment's channels)
 
     # ------------------------------------------------------------------ what stays fixed, and why
     def excluded(self, name: str) -> bool:
@@ -129,6 +130,7 @@ class PlanBuilder:
         modules for modules.
         """
         dim = dim or KIND_DIM.get(kind, "width")
+        self._sizes[name] = size
         if dim not in self.dims:
             self.note(name, f"{dim} not selected")
             return None
@@ -161,10 +163,30 @@ class PlanBuilder:
                 group is not elastic are dropped. More come from :meth:`axis`.
             persistent: False for a non-persistent buffer the plan slices (not in the file).
         """
-        kept = {ax: list(v) for ax, v in (axes or {}).items() if v[0] in self._groups}
+        kept = {}
+        for ax, v in (axes or {}).items():
+            e = self._segments(v) if is_segmented(v) else (list(v) if v[0] in self._groups else None)
+            if e is not None:
+                kept[ax] = e
         self.plan.tensors[fqn] = {"shape": list(shape), "param": param, "axes": kept}
         if not persistent:
             self.plan.tensors[fqn]["persistent"] = False
+
+    def _segments(self, entry: list[Any]) -> list[Any] | None:
+        """A segmented entry with the segments of groups that are not elastic turned into their channels
+        (kept whole); None when no segment is elastic.
+
+        Raises:
+            KeyError: a segment names a group that was never offered to :meth:`group`.
+        """
+        out: list[Any] = []
+        for seg in entry:
+            if isinstance(seg, int) or seg[0] in self._groups:
+                out.append(seg if isinstance(seg, int) else list(seg))
+            else:
+                g, chunks, div = axis_entry(seg)
+                out.append(chunks * (self._sizes[g] // div))
+        return out if any(isinstance(e, list) for e in out) else None
 
     def axis(self, fqn: str, axis: int, group: str | None, chunks: int = 1, div: int = 1) -> None:
         """Axis ``axis`` of tensor ``fqn`` follows ``group`` in ``chunks`` equal chunks, at ``1 / div`` of
@@ -176,13 +198,20 @@ class PlanBuilder:
 
     def axis_groups(self, fqns: Sequence[str]) -> list[str]:
         """The sorted names of the groups that any axis of the tensors ``fqns`` follows."""
-        return sorted({a[0] for f in fqns if f in self.plan.tensors for a in self.plan.tensors[f]["axes"].values()})
+        return sorted({g for f in fqns if f in self.plan.tensors for a in self.plan.tensors[f]["axes"].values()
+                       for g in entry_groups(a)})
 
-    def attr(self, path: str, name: str, group: str | None, kind: str = "int", mul: int = 1, div: int = 1) -> None:
+    def attr(self, path: str, name: str, group: str | list[Any] | None, kind: str = "int", mul: int = 1,
+             div: int = 1) -> None:
         """Attribute ``name`` of module ``path`` follows ``group``: its active size ``* mul // div``
         (``kind`` ``"int"``, or ``"shape"`` for a 1-tuple such as ``normalized_shape``). Ignored when
-        ``group`` is None or not elastic."""
-        if group is not None and group in self._groups:
+        ``group`` is None or not elastic. ``group`` may be a list of segments (a convolution's
+        ``in_channels`` over a concatenation): the attribute follows their active sum."""
+        if is_segmented(group):
+            seg = self._segments(group)  # type: ignore[arg-type]
+            if seg is not None:
+                self.plan.attrs.setdefault(path, {})[name] = [seg, kind, mul, div]
+        elif group is not None and group in self._groups:
             self.plan.attrs.setdefault(path, {})[name] = [group, kind, mul, div]
 
     def site(self, path: str, rule: str) -> None:
@@ -263,10 +292,16 @@ class PlanBuilder:
                     self.plan.switchable[module] = {"stage": st["name"], "tensors": list(names)}
 
     # ------------------------------------------------------------------ MACs
-    def mac_term(self, owner: str, macs: int, factors: Sequence[str]) -> None:
+    def mac_term(self, owner: str, macs: int, factors: Sequence[Any]) -> None:
         """``macs`` multiply-accumulates per sample of ``owner`` at full size, scaled at a sub-network
-        by the active fraction of each elastic group in ``factors`` (others are dropped)."""
-        self.plan.mac_terms.append([owner, macs, [f for f in factors if f in self._groups]])
+        by the active fraction of each elastic group in ``factors`` (others are dropped); a factor that
+        is a list of segments scales by their active channels over their full size."""
+        kept: list[Any] = []
+        for f in factors:
+            seg = self._segments(f) if is_segmented(f) else None
+            if seg is not None or (isinstance(f, str) and f in self._groups):
+                kept.append(seg if seg is not None else f)
+        self.plan.mac_terms.append([owner, macs, kept])
 
     def finish(self) -> Plan:
         """The plan, with its groups in the order they were added."""

@@ -14,7 +14,8 @@ from typing import Any
 
 from .check import check_plan
 
-__all__ = ["Plan", "PLAN_VERSION", "DIMENSIONS", "KIND_DIM", "NORM_TENSORS", "NORM_SITES", "axis_entry", "stage_ranks"]
+__all__ = ["Plan", "PLAN_VERSION", "DIMENSIONS", "KIND_DIM", "NORM_TENSORS", "NORM_SITES", "axis_entry", "is_segmented",
+           "segment_entries", "entry_groups", "stage_ranks"]
 
 PLAN_VERSION = 1
 #: The elastic dimensions elasticize knows. ``"hidden"`` (a transformer's residual-stream
@@ -29,6 +30,27 @@ NORM_SITES = ("batchnorm", "layernorm", "groupnorm", "rmsnorm")
 def axis_entry(entry: list[Any]) -> tuple[str, int, int]:
     """``(group, chunks, div)`` of a plan tensor-axis entry ``[group, chunks]`` or ``[group, chunks, div]``."""
     return entry[0], int(entry[1]), int(entry[2]) if len(entry) > 2 else 1
+
+
+def is_segmented(entry: Any) -> bool:
+    """Whether a plan tensor-axis (or attribute, or MAC factor) entry is a list of segments: the axis is a
+    concatenation of groups (``[[group, chunks], 24, [group, chunks, div], ...]``)."""
+    return isinstance(entry, list) and bool(entry) and not isinstance(entry[0], str)
+
+
+def segment_entries(entry: list[Any]) -> list[tuple[str, int, int] | int]:
+    """The segments of a segmented entry, in index order: ``(group, chunks, div)`` for a segment that
+    follows a group (:func:`axis_entry`), or an int: that many channels kept whole."""
+    return [s if isinstance(s, int) else axis_entry(s) for s in entry]
+
+
+def entry_groups(entry: Any) -> list[str]:
+    """The group names a tensor-axis entry (plain or segmented) or a MAC factor follows."""
+    if isinstance(entry, str):
+        return [entry]
+    if is_segmented(entry):
+        return [s[0] for s in segment_entries(entry) if not isinstance(s, int)]
+    return [entry[0]]
 
 
 def stage_ranks(stage: dict[str, Any]) -> list[int]:
@@ -56,10 +78,14 @@ class Plan:
         groups: one dict per coupling group: ``name, kind, size, unit, choices`` (choices in
             channels for width, in heads for heads, in parallel modules for modules, largest first).
         tensors: tensor fqn -> ``{"shape", "param", "axes": {axis: [group, chunks] or [group, chunks, div]}}``
-            (``div``: see :data:`elasticize.modules.TensorSpec`), plus ``"persistent": false`` for a
+            (``div``: see :data:`elasticize.modules.TensorSpec`); an axis that is a concatenation of
+            groups holds a list of segments instead (:func:`segment_entries`: each ``[group, chunks]``,
+            ``[group, chunks, div]`` or an int of channels kept whole), of which a sub-network reads
+            each segment's active prefix; plus ``"persistent": false`` for a
             non-persistent buffer that is sliced (timm BEiT's ``k_bias``): not in the file, the model
             builds it, a sub-network takes its slice of the built one.
-        attrs: module path -> attribute -> ``[group, kind, mul, div]``.
+        attrs: module path -> attribute -> ``[group, kind, mul, div]`` (the group may be a list of
+            segments, as a tensor axis: the attribute follows their active sum).
         sites: module path -> rule name, for every module a rule handled.
         stages: one dict per stage: ``name, blocks, n_mandatory, first_skippable, choices``, and
             optionally ``order`` (keep order of the blocks, see :func:`stage_ranks`) and
@@ -73,7 +99,8 @@ class Plan:
             ``<module>:l<k>``, and an extracted sub-network keeps the module with the dropped
             layers' tensors deleted (see :meth:`elasticize.rules.Rule.densify`).
         switchable: module path -> ``{"stage", "tensors"}`` for skip-aware norms.
-        mac_terms: ``[owner, macs per sample, [group, ...]]``.
+        mac_terms: ``[owner, macs per sample, [factor, ...]]``, each factor a group or a list of
+            segments (scaled by the active channels of the segments over their full size).
         not_elastic: ``[where, reason]`` for everything that stayed fixed.
     """
 
