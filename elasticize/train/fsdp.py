@@ -74,6 +74,11 @@ def shard(em: ElasticModel, optimizer: torch.optim.Optimizer, *, mixed_precision
     Returns:
         The names of the units sharded before the root (:func:`shard_units`).
 
+    FSDP2 reads its sharded parameters back from the modules (``getattr``) at its lazy
+    initialisation, after ``module.to(...)`` and after ``load_state_dict``; an elastic module
+    gives the active sub-network's slice there, so the initialisation runs here at the full
+    sub-network, and ``em.to(...)`` after sharding must run at the full sub-network too.
+
     Raises:
         ValueError: no process group (start under ``torchrun``), an optimizer that already has
             state (build the trainer before loading any), or one over parameters not in ``em``.
@@ -98,9 +103,16 @@ def shard(em: ElasticModel, optimizer: torch.optim.Optimizer, *, mixed_precision
     if mixed_precision:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     units = shard_units(em)
-    for name in units:
-        fully_shard(em.model.get_submodule(name), **kw)
-    fully_shard(em.model, **kw)
+    modules = [em.model.get_submodule(name) for name in units] + [em.model]
+    for m in modules:
+        fully_shard(m, **kw)
+    # FSDP2 takes its sharded parameters back with getattr(module, name) at its lazy init (and after
+    # _apply or load_state_dict), and an elastic module's getattr gives the active sub-network's
+    # slice: initialise now, at the full sub-network (unshard runs the lazy init; a collective)
+    with em.subnet(None):
+        for m in modules:
+            m.unshard()
+            m.reshard()
     params = dict(em.model.named_parameters())
     for g, names in zip(optimizer.param_groups, group_names):
         g["params"] = [params[n] for n in names]
@@ -121,41 +133,50 @@ def full_model_state(em: ElasticModel) -> dict[str, torch.Tensor]:
 def full_optimizer_state(em: ElasticModel, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The unsharded optimizer state in ``optimizer.state_dict()``'s form (parameters by index).
 
-    A collective (see :func:`full_model_state`); process 0 gets ``{"state", "param_groups"}``.
+    A collective (see :func:`full_model_state`): each sharded state tensor (Adam's moments) is
+    all-gathered (``DTensor.full_tensor``), in parameter order, which is the same on every
+    process because every process trained the same sub-networks (the same parameters have
+    state). ``get_optimizer_state_dict`` is not used: it refuses an optimizer in which some
+    parameters have no state yet (blocks no drawn sub-network has used). Process 0 gets
+    ``{"state", "param_groups"}`` on CPU, the others an empty dict.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    from torch.distributed.tensor import DTensor
 
-    full = get_optimizer_state_dict(em.model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not full:
-        return {}
-    index = {n: i for i, n in enumerate(n for g in full["param_groups"] for n in g["params"])}
-    groups, i = [], 0
-    for g in full["param_groups"]:
-        groups.append(dict(g, params=list(range(i, i + len(g["params"])))))
-        i += len(g["params"])
-    return {"state": {index[n]: st for n, st in full["state"].items()}, "param_groups": groups}
+    sd = optimizer.state_dict()
+    state = {}
+    for idx in sorted(sd["state"]):
+        state[idx] = {k: (v.full_tensor().cpu() if isinstance(v, DTensor) else v) for k, v in sd["state"][idx].items()}
+    return {"state": state, "param_groups": sd["param_groups"]} if dist.get_rank() == 0 else {}
 
 
 def load_full_state(em: ElasticModel, optimizer: torch.optim.Optimizer, model_state: Mapping[str, torch.Tensor],
                     optim_state: Mapping[str, Any]) -> None:
     """Put full (unsharded) states, as :func:`full_model_state` and :func:`full_optimizer_state`
-    give them, into the sharded ``em.model`` and ``optimizer``; every process passes them whole.
+    give them, into the sharded ``em.model`` and ``optimizer``; every process passes them whole
+    and keeps its own shard of each (no communication for the optimizer state).
 
     Raises:
-        RuntimeError: a state whose names or shapes are not the model's.
+        RuntimeError: a model state whose names or shapes are not the model's.
+        ValueError: an optimizer state of another parameter count (see ``Optimizer.load_state_dict``).
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(em.model, dict(model_state), options=opts)
-    name_of = {id(p): n for n, p in em.model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    by_name = {"state": {names[int(i)]: st for i, st in optim_state["state"].items()},
-               "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]])
-                                for g in optim_state["param_groups"]]}
-    set_optimizer_state_dict(em.model, optimizer, by_name, options=opts)
+    def shard_like(v: Any, p: torch.Tensor) -> Any:
+        if isinstance(p, DTensor) and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(p.shape):
+            return distribute_tensor(v.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+        return v
+
+    own = dict(em.model.state_dict())
+    if own.keys() != model_state.keys():
+        raise RuntimeError(f"the model state does not match the model: missing {sorted(own.keys() - model_state.keys())[:3]}, "
+                           f"unexpected {sorted(model_state.keys() - own.keys())[:3]}")
+    with torch.no_grad():
+        for k, t in own.items():
+            v = shard_like(model_state[k], t)
+            (t.to_local() if isinstance(t, DTensor) else t).copy_(v.to_local() if isinstance(v, DTensor) else v)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {int(i): {k: shard_like(v, params[int(i)]) for k, v in st.items()} for i, st in optim_state["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": optim_state["param_groups"]})
 
 
 @contextlib.contextmanager
