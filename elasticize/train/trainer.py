@@ -276,13 +276,18 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
 
     # ------------------------------------------------------------------ training
     def train_steps(self, steps: int, *, progress: bool | Callable[[dict[str, Any]], None] = False,
-                    state_path: str | None = None, save_every: int = 0) -> list[dict[str, Any]]:
+                    state_path: str | None = None, save_every: int = 0,
+                    on_step: Callable[[dict[str, Any]], None] | None = None,
+                    total: int | None = None) -> list[dict[str, Any]]:
         """Run ``steps`` optimizer updates (from the current step).
 
         Args:
             steps: number of updates.
             progress: True for a rich progress bar (step, loss per sampled sub-network,
                 samples/s; rank 0 only), or a callback receiving each step's record.
+            on_step: also called with each step's record (with or without the bar).
+            total: the bar counts global steps up to this one (default: ``step + steps``), so
+                runs cut into segments (evaluation between them) show one step count.
             state_path: where :meth:`save_state` writes (every ``save_every`` steps and at the end).
             save_every: steps between state saves (0: only at the end, if ``state_path``).
 
@@ -303,7 +308,7 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
 
             bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                            TextColumn("{task.fields[info]}"))
-            task = bar.add_task("train", total=steps, info="")
+            task = bar.add_task("train", total=total or self.step + steps, completed=self.step, info="")
             bar.start()
         seen, t_start = 0, time.perf_counter()
         try:
@@ -332,6 +337,8 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
                     bar.update(task, advance=1, info=info)
                 elif callable(progress):
                     progress(rec)
+                if on_step is not None:
+                    on_step(rec)
                 if state_path and save_every and self.step % save_every == 0:
                     self.save_state(state_path)
         finally:
