@@ -126,3 +126,25 @@ def test_sentence_transformers_folder_of_minilm(tmp_path):
         ref = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
         assert (got - ref).abs().max().item() <= 1e-5, preset
         assert model.get_embedding_dimension() == h.shape[-1]
+
+
+def test_sentence_files_are_checked_data(tmp_path):
+    import json
+
+    from elasticize.adapters.hf import check_file_name, sentence_files
+
+    assert check_file_name("1_Pooling/config.json") == "1_Pooling/config.json"
+    for bad in ("../1_Pooling/config.json", "1_Pooling/../config.json", "Pooling/config.json", "1_Pooling/x.json",
+                "1_Pooling\\config.json", "/1_Pooling/config.json"):
+        with pytest.raises(ValueError, match="not a file name elasticize stores"):
+            check_file_name(bad)
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 8}')
+    mods = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "modules.json").write_text(json.dumps(mods))
+    assert set(sentence_files(tmp_path)) == {"modules.json", "1_Pooling/config.json"}
+    mods.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    (tmp_path / "modules.json").write_text(json.dumps(mods))
+    with pytest.warns(UserWarning, match="'sentence_transformers.models.Dense' is not one elasticize carries"):
+        assert sentence_files(tmp_path) == {}
