@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import time
 from dataclasses import dataclass
@@ -69,8 +70,9 @@ class RunOptions:
     status: Callable[[str], None] | None = None
 
     def check(self, data: Path) -> None:
-        """Raise ValueError (a bad value), FileNotFoundError (a missing ``val_data``) or FileExistsError
-        (a ``log_dir`` that is a file) before anything is loaded."""
+        """Raise ValueError (a bad value), FileNotFoundError (a missing ``val_data``), FileExistsError
+        (a ``log_dir`` that is a file) or ImportError (``log_dir`` without tensorboard installed)
+        before anything is loaded."""
         if not self.weight_decay >= 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -83,6 +85,9 @@ class RunOptions:
             raise ValueError(f"--log-every must be >= 0 (0: no plain records), got {self.log_every}")
         if self.log_dir is not None and Path(self.log_dir).exists() and not Path(self.log_dir).is_dir():
             raise FileExistsError(f"--log-dir {self.log_dir} is a file; give a folder for metrics.csv and TensorBoard")
+        if self.log_dir is not None and importlib.util.find_spec("tensorboard") is None:
+            raise ImportError("--log-dir writes TensorBoard scalars, which need the tensorboard package: "
+                              "pip install 'elasticize[train]'")
         if self.val_data is not None:
             v = Path(self.val_data)
             if not v.exists():
