@@ -57,6 +57,8 @@ class RunOptions:
         log_dir: a folder for ``metrics.csv`` and TensorBoard scalars (:class:`~elasticize.train.records.TrainLog`).
         log_every: one plain progress line every this many steps (0: none).
         status: receives the plain lines (progress records and what each phase is doing); default ``print``.
+        augment: image folders: the training images are augmented (timm's training transform; see
+            :func:`~elasticize.train.data.image_transforms`); the held-out ones never are.
     """
 
     weight_decay: float = 0.01
@@ -68,6 +70,7 @@ class RunOptions:
     log_dir: str | os.PathLike | None = None
     log_every: int = 0
     status: Callable[[str], None] | None = None
+    augment: bool = False
 
     def check(self, data: Path) -> None:
         """Raise ValueError (a bad value), FileNotFoundError (a missing ``val_data``), FileExistsError
@@ -88,6 +91,8 @@ class RunOptions:
         if self.log_dir is not None and importlib.util.find_spec("tensorboard") is None:
             raise ImportError("--log-dir writes TensorBoard scalars, which need the tensorboard package: "
                               "pip install 'elasticize[train]'")
+        if self.augment and not data.is_dir():
+            raise ValueError(f"--augment applies to image folders, and --data {data} is a file; drop --augment")
         if self.val_data is not None:
             v = Path(self.val_data)
             if not v.exists():
@@ -211,8 +216,9 @@ def _task(d: Path, em: ElasticModel, *, text: bool, distill_loss: str, batch_siz
         read: Callable[..., tuple[Any, list]] = functools.partial(text_file_data, max_length=max_length)
     else:
         read = image_folder_data
-    train, held = read(d, em, batch_size=batch_size, eval_fraction=fraction, seed=seed, shard=shard,
-                       workers=run.workers)
+    train_read = read if text else functools.partial(read, augment=run.augment)
+    train, held = train_read(d, em, batch_size=batch_size, eval_fraction=fraction, seed=seed, shard=shard,
+                             workers=run.workers)
     if run.val_data is not None:
         held = list(read(run.val_data, em, batch_size=batch_size, eval_fraction=0.0, seed=seed)[0])
     if text:
