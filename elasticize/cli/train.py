@@ -106,7 +106,8 @@ def _distribution(values: tuple[str, ...]) -> dict[str, list[float]]:
 
 @click.command(cls=_StrategyCommand)
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, type=click.Path(), help="Image folder (one sub-folder per class) or text file (one sample per line).")
+@click.option("--data", required=True, type=click.Path(), help="Image folder (one sub-folder per class), labelled text (.jsonl or .csv with text and label "
+              "fields: sequence classification) or text file (one sample per line).")
 @click.option("--steps", required=True, type=int, help="Optimizer updates.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trained super-network .safetensors.")
 @click.option("--strategy", type=_Registered(_strategy_names), default="sortednet", show_default=True,

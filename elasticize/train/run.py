@@ -372,8 +372,8 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         tr = _trainer(em, train, dev, loss_fn=loss_fn, output_fn=output_fn, lr=lr, steps=steps, schedule=schedule,
                       warmup=warmup, strategy=strategy, strategy_options=strategy_options, seed=seed,
                       distill=True if text and not labelled else "auto" if distill is None else distill,
-                      distill_loss=distill_loss,
-                      calibration_batches=calibration_batches, always=always, amp=amp, resume=resume, run=run)
+                      distill_loss=distill_loss, calibration_batches=calibration_batches, always=always, amp=amp,
+                      resume=resume, run=run)
         history, metrics = _train_and_save(tr, held, metric, out, steps=steps, eval_every=eval_every, on_eval=on_eval,
                                            progress=progress, state=state, save_every=save_every, run=run,
                                            latency=latency, overwrite=overwrite)
