@@ -313,7 +313,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     Args:
         path: the super-network file (from ``elasticize convert``).
         output: the trained super-network file (never ``path``).
-        data: an image folder (one sub-folder per class) or a text file (one sample per line).
+        data: an image folder (one sub-folder per class), labelled text (``.jsonl`` / ``.csv``) or a text file.
         steps: optimizer updates.
         batch_size: samples per batch.
         lr: AdamW (peak) learning rate.
@@ -350,11 +350,10 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         FileNotFoundError: a missing model file, data path, resume file or output folder.
         FileExistsError: ``output`` exists and ``overwrite`` is False, or ``output`` or ``state`` is a folder.
         OSError: writing ``output`` or ``state`` failed, or their folder cannot be written in (PermissionError, before training).
-        ValueError: ``output`` (or ``state``) is the input; ``steps < 1``, ``eval_every < 0``, an unknown
-            ``schedule``, a ``warmup`` outside (0, 1); a ``distill_loss`` not of the data's kind (or, for images,
-            without distillation); ``distill=False`` for text; empty data; a resume state of another
-            super-network, schedule or (decaying) ``steps``; text for a model without a tokenizer; a file
-            :func:`elasticize.load` refuses.
+        ValueError: ``output`` (or ``state``) is the input; bad ``steps``, ``eval_every``, ``schedule`` or ``warmup``;
+            a ``distill_loss`` not of the data's kind (or, on logits, without distillation); ``distill=False`` for
+            lines of text; empty data or bad labelled text (:func:`~elasticize.train.labelled.labelled_text_data`); a
+            resume state of another run; text for a model without a tokenizer; a file :func:`elasticize.load` refuses.
         KeyError, TypeError: an ``always`` name that is not a preset or an unknown ``strategy``; a
             ``strategy_options`` key the strategy does not take. Also the errors of :meth:`RunOptions.check`.
     """
