@@ -83,8 +83,8 @@ def _axes_of(c: Coupling, resolve: Callable[[int], tuple[int, int]]) -> tuple[
             continue
         if (fqn, ax) in c.per_unit:
             continue
-        if c.find(s) in c.div_roots:  # one entry per unit of a group (pixel_shuffle's output channels)
-            c.per_unit[(fqn, ax)] = (c.div_roots[c.find(s)][0], c.div_roots[c.find(s)][1])
+        if c.div_roots and (div := c.divisor(s)) > 1:  # one entry per unit of a group (pixel_shuffle's output)
+            c.per_unit[(fqn, ax)] = (s, div)
             continue
         r, k = resolve(s)
         axis_of[(fqn, ax)] = (r, k * c.chunks.get((fqn, ax), 1))
@@ -171,7 +171,7 @@ def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: l
         r, k = resolve(slot)
         g = name_of.get(r)
         if g is not None:
-            per = c.div_roots.get(c.find(slot), (0, 1))[1]
+            per = c.divisor(slot) if c.div_roots else 1
             attrs.setdefault(module, {})[attr] = (g, kind, mul * k, div * per)
     per_sample(prop.mac_terms, resolve, name_of, prop.batch,
                lambda s: layout(s) if c.flat_segments(s) is not None else None)

@@ -193,6 +193,21 @@ class Coupling:
                 self.producer.add(base)
         return resolve
 
+    def divisor(self, s: int) -> int:
+        """After :meth:`resolver`: how many of its group's channels one entry of ``s`` stands for (1, or the
+        product of the units of the per-unit slots on its way to the group, see :meth:`per_entry`)."""
+        repeated = {self.find(x): b for x, (b, _) in self.derived.items()}
+        r, div = self.find(s), 1
+        for _ in range(16):
+            if r in repeated:
+                r = self.find(repeated[r])
+            elif r in self.div_roots:
+                div *= self.div_roots[r][1]
+                r = self.find(self.div_roots[r][0])
+            else:
+                break
+        return div
+
     def _settle_divided(self) -> None:
         """Per-unit slots (:meth:`per_entry`): joined ones of one unit join their bases; a root's fixed reason
         and producer mark pass to its base; one over a concatenation or a repeated slot fixes both."""
