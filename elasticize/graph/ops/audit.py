@@ -38,7 +38,8 @@ FIXED: dict[str, str] = {
                            "meshgrid", "linspace", "outer", "any", "all", "logical_not", "logical_and",
                            "logical_or", "bitwise_not", "and", "or", "invert", "xor", "isinf", "isnan", "isfinite",
                            "floor", "ceil", "round", "trunc", "frac", "long", "int", "bool", "item", "tolist",
-                           "flatten_indices", "diagonal", "diag", "eye", "unique", "repeat_interleave")},
+                           "flatten_indices", "diagonal", "diag", "eye", "unique", "repeat_interleave", "histc",
+                           "index_put")},
     "affine_grid": "builds sampling coordinates from an affine matrix: its last axis is (x, y), not channels",
     "max_pool1d_with_indices": "returns (values, indices): the indices are positions, fixed",
     "max_pool3d_with_indices": "returns (values, indices): the indices are positions, fixed",
@@ -61,6 +62,11 @@ UNSUPPORTED: dict[str, str] = {
     "max_unpool1d": "scatters values to positions given by indices: no handler yet",
     "max_unpool2d": "scatters values to positions given by indices: no handler yet",
     "max_unpool3d": "scatters values to positions given by indices: no handler yet",
+    "addmm": "torch.addmm(b, x, W) (GPT-2's Conv1D, export graphs): no handler yet; transformers models are "
+             "planned by their family adapter, not traced",
+    "baddbmm": "batched addmm (BLOOM's attention scores): no handler yet; planned by the transformers adapter",
+    "grouped_mm_fallback": "mixture-of-experts grouped matmul (transformers): no handler yet",
+    "numpy_T": "Tensor.T as export records it: no handler yet",
     "multi_head_attention_forward": "the functional form of nn.MultiheadAttention, whose module a rule handles "
                                     "(multihead_attention); the function alone has no handler",
 }

@@ -42,7 +42,7 @@ def broadcast(p: Propagator, out_shape: Sequence[int], ins: Sequence[tuple[Value
 
 @op("add", "iadd", "sub", "isub", "rsub", "mul", "imul", "div", "truediv", "itruediv", "floordiv", "pow",
     "maximum", "minimum", "where", "clamp", "clamp_min", "clamp_max", "clip", "lerp", "addcmul", "addcdiv",
-    "eq", "ne", "lt", "le", "gt", "ge", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal",
+    "floor_divide", "eq", "ne", "lt", "le", "gt", "ge", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal",
     "sin", "cos", "erf", "sign", "square", "nan_to_num", "masked_fill",
     "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
     "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "softmax", "log_softmax", "softmin", "logsigmoid",
@@ -61,7 +61,8 @@ def elementwise(p: Propagator, node: fx.Node) -> Value:
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
     "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "lp_pool3d", "interpolate", "upsample", "upsample_bilinear",
     "upsample_nearest", "fractional_max_pool2d", "fractional_max_pool3d", "pad",
-    "max_pool2d_with_indices", "_adaptive_avg_pool2d", "upsample_nearest2d", "upsample_bilinear2d", "constant_pad_nd")
+    "max_pool2d_with_indices", "_adaptive_avg_pool2d", "upsample_nearest2d", "upsample_bilinear2d",
+    "upsample_bicubic2d", "constant_pad_nd")
 def same_size(p: Propagator, node: fx.Node) -> Value:
     """Pooling, resizing, padding: an axis that keeps its size keeps its slot; a resized axis is new."""
     x = p.env.get(node.args[0])
