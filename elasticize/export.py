@@ -56,15 +56,16 @@ def dense_tensors(plan: Plan, space: SearchSpace, state: ElasticState, cfg: Conf
 
 
 def _removed_blocks(plan: Plan, cfg: Config) -> dict[str, list[int]]:
-    """Parent ``nn.ModuleList`` path -> indices of the blocks that ``cfg`` deletes from it (``drop: "remove"``)."""
+    """Parent ``nn.ModuleList`` path -> indices of the blocks that ``cfg`` deletes from it (``drop: "remove"``;
+    an ``nn.ModuleDict``'s blocks keep their names, so none are listed)."""
     out: dict[str, list[int]] = {}
     for st in plan.stages:
         if st.get("drop") != "remove" or st.get("module") is not None:
             continue
         depth = cfg["depth"].get(st["name"], len(st["blocks"]))
         for b, r in zip(st["blocks"], stage_ranks(st)):
-            if r >= depth:
-                parent, _, idx = b.rpartition(".")
+            parent, _, idx = b.rpartition(".")
+            if r >= depth and idx.isdigit():  # an nn.ModuleDict's blocks keep their names
                 out.setdefault(parent, []).append(int(idx))
     return out
 
@@ -151,13 +152,18 @@ def _drop_layers(model: nn.Module, plan: Plan, stage: dict, depth: int) -> None:
 
 
 def _remove_blocks(model: nn.Module, blocks: list[str]) -> None:
-    """Delete ``blocks`` (items of ``nn.ModuleList``s, by path) from their lists, keeping the order of the rest."""
+    """Delete ``blocks`` (items of ``nn.ModuleList``s or ``nn.ModuleDict``s, by path) from their containers,
+    keeping the order of the rest."""
     by_parent: dict[str, set[str]] = {}
     for b in blocks:
         parent, _, idx = b.rpartition(".")
         by_parent.setdefault(parent, set()).add(idx)
     for parent, gone in by_parent.items():
         lst = model.get_submodule(parent)
+        if isinstance(lst, nn.ModuleDict):  # torchvision's _DenseBlock iterates its items
+            for name in gone:
+                del lst[name]
+            continue
         if not isinstance(lst, nn.ModuleList):
             raise TypeError(f"{parent!r} is a {type(lst).__name__}, not an nn.ModuleList; its blocks cannot be removed")
         kept = [m for i, m in enumerate(lst) if str(i) not in gone]

@@ -55,15 +55,24 @@ class GroupState:
         size: full size in channels.
         unit: granularity in channels (1 for width, ``head_dim`` for heads).
         active: active size in channels, a multiple of ``unit``.
+        gate: ``(stage, rank)`` when the group is the output of a dense-stage block: read as a segment
+            of a concatenation it has 0 channels while the block is skipped (``rank >= stage.depth``).
     """
 
-    __slots__ = ("name", "size", "unit", "active")
+    __slots__ = ("name", "size", "unit", "active", "gate")
 
     def __init__(self, name: str, size: int, unit: int = 1) -> None:
         self.name = name
         self.size = size
         self.unit = unit
         self.active = size
+        self.gate: tuple[StageState, int] | None = None
+
+    @property
+    def segment_active(self) -> int:
+        """Active channels as a segment of a concatenation: 0 while its dense-stage block is skipped."""
+        gate = self.gate
+        return 0 if gate is not None and gate[1] >= gate[0].depth else self.active
 
     def __repr__(self) -> str:
         return f"GroupState({self.name!r}, active={self.active}/{self.size})"
@@ -91,11 +100,11 @@ class SegmentState:
     @property
     def active(self) -> int:
         """Active channels along the axis: each segment's active prefix, summed."""
-        return sum(p if isinstance(p, int) else p[1] * (p[0].active // p[2]) for p in self.parts)
+        return sum(p if isinstance(p, int) else p[1] * (p[0].segment_active // p[2]) for p in self.parts)
 
     def ranges(self) -> tuple[tuple[int, int], ...]:
         """The ``[start, stop)`` ranges the active sub-network uses (:func:`segment_ranges`)."""
-        return segment_ranges(tuple(p if isinstance(p, int) else (p[0].size, p[0].active, p[1], p[2])
+        return segment_ranges(tuple(p if isinstance(p, int) else (p[0].size, p[0].segment_active, p[1], p[2])
                                     for p in self.parts))
 
     def __repr__(self) -> str:
@@ -244,15 +253,26 @@ class ElasticMixin:
             d.update(full)
 
 
+def _first_tensor(x: Any) -> torch.Tensor:
+    """The first tensor of a block input that may be a list of tensors (a dense layer's ``[x0, x1, ...]``)."""
+    while isinstance(x, (list, tuple)):
+        x = x[0]
+    return x
+
+
 class GateMixin:
     """Skips a residual block: returns its input unchanged when the block is off (as the first
     of ``arity`` outputs, the rest None, for a block that returns a tuple such as
-    ``(hidden_states, attention_weights)``)."""
+    ``(hidden_states, attention_weights)``). A dense layer (``arity == -1``) returns its first input
+    tensor cut to 0 channels along axis 1 instead, so every concatenation that reads it loses its segment
+    (its segment's width is 0 too: :attr:`GroupState.segment_active`)."""
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         stage, index, arity = self.__dict__["_el_gate"]
         if index >= stage.depth:  # index is the block's rank in the stage's keep order
             x = args[0] if args else next(iter(kwargs.values()))
+            if arity < 0:
+                return _first_tensor(x).narrow(1, 0, 0)
             return (x,) + (None,) * (arity - 1) if arity else x
         return super().forward(*args, **kwargs)  # type: ignore[misc]
 
@@ -323,7 +343,8 @@ def make_elastic(
         gate: (stage, rank) for a residual block that the stage's depth may skip: the block runs
             while ``rank < stage.depth`` (rank = position in the stage's keep order); (stage,
             rank, arity) for a block that returns a tuple: a skipped one returns its input as the
-            first of ``arity`` outputs, the rest None.
+            first of ``arity`` outputs, the rest None; arity -1 for a dense layer, whose skip returns its
+            first input tensor cut to 0 channels along axis 1.
         switch: (stage, names) for switchable norms: when the stage's skippable
             sub-path is skipped, ``names`` are read from ``elastic_skip_<name>``
             (Adaptive Depth Networks, arXiv 2312.16392, skip-aware BatchNorm).

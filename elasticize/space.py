@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .modules import SWITCH_PREFIX
-from .plan import KIND_DIM, ElasticState, Plan, is_segmented, segment_entries, stage_ranks
+from .plan import KIND_DIM, ElasticState, Plan, is_segmented, segment_entries, stage_outputs, stage_ranks
 
 __all__ = ["SearchSpace", "PRESET_RATIOS", "Config", "Budget", "parse_budget"]
 
@@ -74,6 +74,7 @@ class SearchSpace:
         self._layer_of = layer_of
         chain = self._chain
         self._segs: dict[str, list[tuple[str | None, int]]] = {}  # key of a segmented factor -> (group, channels)
+        self._gate = stage_outputs(plan.stages)  # group -> (stage, rank) of the dense-stage block it is the output of
         self._terms = [(int(macs), [self._factor(x) for x in f], chain(owner)) for owner, macs, f in plan.mac_terms]
         self._params = []
         for fqn, info in plan.tensors.items():
@@ -212,8 +213,10 @@ class SearchSpace:
         r = {g: v / self._size[g] for g, v in cfg["width"].items()}
         r.update({g: v * self._unit[g] / self._size[g] for g, v in [*cfg["heads"].items(),
                                                                      *cfg.get("modules", {}).items()]})
-        for key, segs in self._segs.items():
-            r[key] = sum(n * (r.get(g, 1.0) if g else 1.0) for g, n in segs) / max(1, sum(n for _, n in segs))
+        depth, gate = cfg["depth"], self._gate
+        for key, segs in self._segs.items():  # a skipped dense layer's segment has 0 channels
+            r[key] = sum(n * (0.0 if g in gate and gate[g][1] >= depth.get(gate[g][0], 1 << 30) else r.get(g, 1.0))
+                         if g else n for g, n in segs) / max(1, sum(n for _, n in segs))
         return r
 
     @staticmethod

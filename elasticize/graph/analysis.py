@@ -17,6 +17,7 @@ from .macs import per_sample
 from .coupling import Coupling
 from .propagator import Propagator
 from .results import Analysis, GroupInfo, StageInfo
+from .dense import find_dense_stages
 from .stages import find_stages
 from .tracing import stand_in_attrs, trace
 from .visit import propagate
@@ -54,11 +55,12 @@ def analyze(model: nn.Module, example_inputs: tuple, find_rule: Callable[[nn.Mod
     propagate(prop, find_rule if how == "fx" else (lambda m: None), dict(tracer.forced_leaves) if tracer else {})
     stand_in_attrs(model, prop.c)
     stages = (find_stages(model, tracer, prop) if tracer is not None else []) + prop.layer_stages
+    dense = find_dense_stages(model, tracer, prop) if tracer is not None else []
     not_elastic = list(prop.not_elastic)
     if how == "export":
         not_elastic.append(("<model>", f"torch.fx failed ({t.fx_error}); traced with torch.export, which finds no "
                                        "residual blocks or attention heads"))
-    return _collect(prop, how, stages, not_elastic)
+    return _collect(prop, how, stages, not_elastic, dense)
 
 
 def _axes_of(c: Coupling, resolve: Callable[[int], tuple[int, int]]) -> tuple[
@@ -97,7 +99,41 @@ def _axes_of(c: Coupling, resolve: Callable[[int], tuple[int, int]]) -> tuple[
     return members, axis_of, div_of, seg_of
 
 
-def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: list[tuple[str, str]]) -> Analysis:
+def _dense_outputs(prop: Propagator, resolve: Callable[[int], tuple[int, int]], name_of: dict[int, str],
+                   members: dict[int, list[tuple[str, int, int]]], seg_of: dict[tuple[str, int], list[int]],
+                   dense: list[tuple[StageInfo, list[Any]]], not_elastic: list[tuple[str, str]]) -> list[StageInfo]:
+    """The dense stages whose blocks' skips can remove their segments: per block, the groups of the channels
+    of its removed node; each must be elastic and, outside the block, be read only as a segment."""
+    c = prop.c
+    out: list[StageInfo] = []
+    for st, nodes in dense:
+        outputs: list[list[str]] = []
+        why = None
+        for block, node in zip(st.blocks, nodes):
+            v = prop.env.get(node)
+            slot = v[1] if isinstance(v, tuple) and len(v) > 1 else None
+            roots = [resolve(x)[0] for x in (c.flat_segments(slot) or [slot])] if slot is not None else []
+            if not roots or any(r not in name_of for r in roots):
+                why = f"the output channels of {block} are not elastic, so its segment cannot be removed"
+                break
+            plain = [f for r in roots for f, ax, _ in members.get(r, []) if not f.startswith(block + ".")
+                     and (f, ax) not in seg_of]
+            plain += [m for m, _, s, *_ in c.attrs if not m.startswith(block + ".") and c.flat_segments(s) is None
+                      and resolve(s)[0] in roots]
+            if plain:
+                why = f"the output channels of {block} are read outside it by {plain[0]}, not only concatenated"
+                break
+            outputs.append([name_of[r] for r in roots])
+        if why is not None:
+            not_elastic.append((st.name, why))
+            continue
+        st.outputs = outputs
+        out.append(st)
+    return out
+
+
+def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: list[tuple[str, str]],
+             dense: list[tuple[StageInfo, list[Any]]] = ()) -> Analysis:  # type: ignore[assignment]
     """The :class:`Analysis` of a finished propagation: a group per producer root, named after its first
     producer and kept when it is not fixed, has a tensor to slice and at least 2 units; each tensor's axes
     in those groups; the attributes that follow them; the MAC terms by group name, per sample."""
@@ -175,4 +211,5 @@ def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: l
             attrs.setdefault(module, {})[attr] = (g, kind, mul * k, div * per)
     per_sample(prop.mac_terms, resolve, name_of, prop.batch,
                lambda s: layout(s) if c.flat_segments(s) is not None else None)
+    stages = stages + _dense_outputs(prop, resolve, name_of, members, seg_of, list(dense), not_elastic)
     return Analysis(how, groups, tensors, attrs, dict(prop.sites), stages, prop.mac_terms, not_elastic, prop.batch)

@@ -50,7 +50,12 @@ class StageInfo:
         tensors: per block, the fqns of the module's tensors that belong to that layer.
         drop: how an extracted sub-network drops a block: ``"identity"`` (``nn.Identity`` in its
             place) or ``"remove"`` (deleted from its ``nn.ModuleList``; for blocks called with more
-            than one input, such as ``nn.TransformerEncoderLayer(src, src_mask=...)``).
+            than one input, such as ``nn.TransformerEncoderLayer(src, src_mask=...)``; for dense layers,
+            deleted from their ``nn.ModuleDict`` / ``nn.ModuleList``).
+        outputs: for a dense stage (:mod:`elasticize.graph.dense`), per block the groups of the segments its
+            skip removes from every concatenation that reads them; empty for any other stage.
+        skip_empty: a skipped block returns its first input cut to 0 channels along axis 1 (a dense layer,
+            whose output is only concatenated), not its input.
     """
 
     name: str
@@ -60,6 +65,8 @@ class StageInfo:
     attr: str | None = None
     tensors: list[list[str]] = field(default_factory=list)
     drop: str = "identity"
+    outputs: list[list[str]] = field(default_factory=list)
+    skip_empty: bool = False
 
 
 @dataclass

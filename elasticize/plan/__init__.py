@@ -14,10 +14,10 @@ from .apply import ElasticState, apply_plan, remove_elastic
 from .build import build_plan
 from .builder import DEPTH_MODES, PlanBuilder
 from .core import (DIMENSIONS, KIND_DIM, NORM_SITES, NORM_TENSORS, PLAN_VERSION, Plan, axis_entry, entry_groups,
-                   is_segmented, segment_entries, stage_ranks)
+                   is_segmented, segment_entries, stage_outputs, stage_ranks)
 from .ranges import slice_ranges, tensor_ranges
 
 __all__ = ["Plan", "PLAN_VERSION", "PlanBuilder", "DEPTH_MODES", "build_plan", "apply_plan", "remove_elastic",
-           "ElasticState", "DIMENSIONS", "KIND_DIM", "NORM_TENSORS", "NORM_SITES", "axis_entry", "stage_ranks",
+           "ElasticState", "DIMENSIONS", "KIND_DIM", "NORM_TENSORS", "NORM_SITES", "axis_entry", "stage_ranks", "stage_outputs",
            "is_segmented", "segment_entries", "entry_groups",
            "tensor_ranges", "slice_ranges"]

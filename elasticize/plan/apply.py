@@ -10,7 +10,7 @@ from torch import nn
 from ..graph import model_tensors
 from ..modules import SWITCH_PREFIX, GroupState, SegmentState, StageState, make_elastic, restore
 from ..rules import get_rule
-from .core import Plan, axis_entry, is_segmented, segment_entries, stage_ranks
+from .core import Plan, axis_entry, is_segmented, segment_entries, stage_outputs, stage_ranks
 
 __all__ = ["ElasticState", "apply_plan", "remove_elastic", "axis_state"]
 
@@ -64,6 +64,8 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
                              "checkpoint was made from another configuration of this model")
     groups = {g["name"]: GroupState(g["name"], g["size"], g["unit"]) for g in plan.groups}
     stages = {s["name"]: StageState(s["name"], len(s["blocks"]), s["first_skippable"]) for s in plan.stages}
+    for g, (st_name, rank) in stage_outputs(plan.stages).items():
+        groups[g].gate = (stages[st_name], rank)
     per_module: dict[str, dict[str, Any]] = {}
 
     def entry(path: str) -> dict[str, Any]:
@@ -85,7 +87,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
             entry(st["module"])["attrs"][st["attr"]] = (stages[st["name"]], "depth", 1, 1)
             continue
         for b, r in zip(st["blocks"], stage_ranks(st)):
-            entry(b)["gate"] = (stages[st["name"]], r, int(st.get("skip_tuple", 0)))
+            entry(b)["gate"] = (stages[st["name"]], r, -1 if st.get("skip_empty") else int(st.get("skip_tuple", 0)))
     for module, sw in plan.switchable.items():
         m = _module(model, module)
         for name in sw["tensors"]:

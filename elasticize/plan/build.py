@@ -60,6 +60,6 @@ def build_plan(
         b.mac_term(t.owner, t.macs, t.factors)
     for st in analysis.stages:
         b.stage(st.name, st.blocks, n_mandatory=st.n_mandatory, drop=st.drop, module=st.module, attr=st.attr,
-                tensors=st.tensors)
+                tensors=st.tensors, outputs=st.outputs, skip_empty=st.skip_empty)
     b.switchable(b.site_norms())
     return b.finish()

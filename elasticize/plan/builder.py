@@ -221,7 +221,8 @@ class PlanBuilder:
     # ------------------------------------------------------------------ depth
     def stage(self, name: str, blocks: Sequence[str], *, n_mandatory: int = 1, drop: str = "identity",
               skip_tuple: int | None = None, module: str | None = None, attr: str | None = None,
-              tensors: Sequence[Sequence[str]] = ()) -> dict[str, Any] | None:
+              tensors: Sequence[Sequence[str]] = (), outputs: Sequence[Sequence[str]] = (),
+              skip_empty: bool = False) -> dict[str, Any] | None:
         """Add a depth stage over ``blocks`` (nothing when ``"depth"`` is not selected).
 
         ``"prefix"`` and ``"spaced"`` offer every depth from all blocks down to
@@ -238,9 +239,13 @@ class PlanBuilder:
             module: for layers inside one module, its path; ``attr`` and ``tensors`` go with it.
             attr: that module's attribute that reads the active depth.
             tensors: per block, the fqns of that layer's tensors.
+            outputs: for a dense stage, per block the groups of the segments its skip removes from every
+                concatenation that reads them (:mod:`elasticize.graph.dense`).
+            skip_empty: a skipped block returns its first input cut to 0 channels (a dense layer).
 
         Returns:
-            The stage's entry, or None when it stays fixed (excluded, or no block can be skipped; noted).
+            The stage's entry, or None when it stays fixed (excluded, no block can be skipped, or a dense
+            stage whose blocks' output groups are not all elastic; noted).
         """
         if "depth" not in self.dims:
             return None
@@ -248,6 +253,10 @@ class PlanBuilder:
             self.note(name, "excluded by the user")
             return None
         n = len(blocks)
+        missing = sorted({g for gs in outputs for g in gs if g not in self._groups})
+        if missing:
+            self.note(name, f"group {missing[0]} is not elastic, so a skipped block could not remove its segment")
+            return None
         if self.plan.depth_mode == "skippable":
             first = max(n_mandatory, math.ceil(n / 2))
             choices = [n, first] if first < n else [n]
@@ -267,6 +276,10 @@ class PlanBuilder:
             entry["skip_tuple"] = skip_tuple
         if drop != "identity":
             entry["drop"] = drop
+        if outputs:
+            entry["outputs"] = [list(gs) for gs in outputs]
+        if skip_empty:
+            entry["skip_empty"] = 1
         self.plan.stages.append(entry)
         return entry
 

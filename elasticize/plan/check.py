@@ -12,7 +12,7 @@ __all__ = ["check_plan"]
 _PLAN_KEYS = ("version", "tracer", "dims", "depth_mode", "groups", "tensors", "attrs", "sites", "stages",
               "switchable", "mac_terms", "not_elastic")
 _GROUP_KEYS = ("step", "constraint", "sort")
-_STAGE_KEYS = ("order", "drop", "skip_tuple", "module", "attr", "tensors")
+_STAGE_KEYS = ("order", "drop", "skip_tuple", "module", "attr", "tensors", "outputs", "skip_empty")
 _ATTR_KINDS = ("int", "shape")
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _FQN = r"[\w.\-:]*"
@@ -180,6 +180,10 @@ def _stages(p: dict) -> dict[str, dict[str, Any]]:
             as_str(s["drop"], f"{key}.drop", pattern=r"identity|remove")
         if "skip_tuple" in s:
             as_int(s["skip_tuple"], f"{key}.skip_tuple", 0, 64)
+        if "skip_empty" in s:
+            as_int(s["skip_empty"], f"{key}.skip_empty", 0, 1)
+        if "outputs" in s:
+            _stage_outputs(p, s["outputs"], f"{key}.outputs", n)
         if "module" in s or "attr" in s or "tensors" in s:
             as_str(s.get("module"), f"{key}.module", pattern=_FQN)
             as_str(s.get("attr"), f"{key}.attr", pattern=_IDENT)
@@ -194,6 +198,23 @@ def _stages(p: dict) -> dict[str, dict[str, Any]]:
                         fail(f"{key}.tensors[{j}]", f"{name!r:.80} is not a tensor of the plan")
         stages[name] = s
     return stages
+
+
+def _stage_outputs(p: dict, outputs: Any, key: str, n: int) -> None:
+    """A dense stage's ``outputs``: per block, a list of the groups its skip removes (each a group of the plan,
+    each group the output of one block only)."""
+    per = as_list(outputs, key)
+    if len(per) != n:
+        fail(key, f"must list the output groups of each of the {n} blocks")
+    names = {g.get("name") for g in p.get("groups", []) if isinstance(g, dict)}
+    seen: set[str] = set()
+    for j, gs in enumerate(per):
+        for g in as_list(gs, f"{key}[{j}]"):
+            if as_str(g, f"{key}[{j}]") not in names:
+                fail(f"{key}[{j}]", f"{g!r:.80} is not a group of the plan")
+            if g in seen:
+                fail(f"{key}[{j}]", f"{g!r:.80} is the output of two blocks")
+            seen.add(g)
 
 
 def _switchable(p: dict, stages: dict[str, dict[str, Any]], norm_tensors: tuple[str, ...]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from .check import check_plan
 
 __all__ = ["Plan", "PLAN_VERSION", "DIMENSIONS", "KIND_DIM", "NORM_TENSORS", "NORM_SITES", "axis_entry", "is_segmented",
-           "segment_entries", "entry_groups", "stage_ranks"]
+           "segment_entries", "entry_groups", "stage_ranks", "stage_outputs"]
 
 PLAN_VERSION = 1
 #: The elastic dimensions elasticize knows. ``"hidden"`` (a transformer's residual-stream
@@ -66,6 +66,17 @@ def stage_ranks(stage: dict[str, Any]) -> list[int]:
     return rank
 
 
+def stage_outputs(stages: list[dict[str, Any]]) -> dict[str, tuple[str, int]]:
+    """Group -> ``(stage, rank)`` of the dense-stage block whose output it is: at stage depth ``d`` the group's
+    segments are read at its active width while ``rank < d`` and at 0 channels otherwise (a skipped dense
+    layer's segment leaves every concatenation; see :mod:`elasticize.graph.dense`)."""
+    out: dict[str, tuple[str, int]] = {}
+    for st in stages:
+        for gs, r in zip(st.get("outputs") or (), stage_ranks(st)):
+            out.update(dict.fromkeys(gs, (st["name"], r)))
+    return out
+
+
 @dataclass
 class Plan:
     """Everything needed to make a base model elastic again, as JSON-native values.
@@ -92,7 +103,10 @@ class Plan:
             ``drop`` (``"identity"``, the default: an extracted sub-network has ``nn.Identity`` for a
             dropped block; ``"remove"``: the block is deleted from its ``nn.ModuleList``), and
             ``skip_tuple`` (blocks that return ``(hidden_states, None, ...)`` of that many items: a
-            skipped one returns its input in that shape, see :class:`elasticize.modules.GateMixin`). A stage of
+            skipped one returns its input in that shape, see :class:`elasticize.modules.GateMixin`). A dense
+            stage (:mod:`elasticize.graph.dense`) has ``outputs`` (per block, the groups whose segments its skip
+            removes from every concatenation, :func:`stage_outputs`) and, for dense layers, ``skip_empty: 1``
+            (a skipped layer returns its first input cut to 0 channels). A stage of
             the stacked layers inside one module (an ``nn.LSTM``'s ``num_layers``, prefix depth) has
             ``module`` (its path), ``attr`` (its attribute that reads the active depth) and
             ``tensors`` (per block, the fqns of that layer's tensors); its blocks are the names
