@@ -45,8 +45,9 @@ def build_plan(
                     depth_modes=("prefix", "skippable"), hidden=False)
     for where, why in analysis.not_elastic:
         b.note(where, why)
+    dense_outputs = {g for st in analysis.stages for gs in st.outputs for g in gs}
     for g in analysis.groups:
-        if b.group(g.name, g.kind, g.size, g.unit) is not None and g.ordered:
+        if b.group(g.name, g.kind, g.size, g.unit, segment_of_stage=g.name in dense_outputs) is not None and g.ordered:
             b.keep_order(g.name, g.ordered)
     for fqn, info in analysis.tensors.items():
         b.tensor(fqn, shape=info["shape"], param=info["param"], axes=info["axes"],

@@ -109,7 +109,7 @@ class PlanBuilder:
 
     # ------------------------------------------------------------------ groups and their choices
     def group(self, name: str, kind: str, size: int, unit: int, *, dim: str | None = None, step: int = 1,
-              constraint: str = "") -> str | None:
+              constraint: str = "", segment_of_stage: bool = False) -> str | None:
         """Add a coupling group with its nested choices, or note why it stays fixed.
 
         Args:
@@ -121,6 +121,9 @@ class PlanBuilder:
                 (:data:`~elasticize.plan.core.KIND_DIM`).
             step: units kept together (grouped-query attention: query heads per key/value head).
             constraint: why ``step`` is more than 1, for error messages.
+            segment_of_stage: the group is a dense-stage block's output (:mod:`elasticize.graph.dense`):
+                when its dimension is not selected or it is excluded it is still offered, at its full size
+                only (one choice), so a skip of its block can remove its segment.
 
         Returns:
             ``name``, or None when the group stays fixed (its dimension not selected, or excluded).
@@ -131,13 +134,12 @@ class PlanBuilder:
         """
         dim = dim or KIND_DIM.get(kind, "width")
         self._sizes[name] = size
-        if dim not in self.dims:
-            self.note(name, f"{dim} not selected")
+        why = f"{dim} not selected" if dim not in self.dims else "excluded by the user" if self.excluded(name) else None
+        if why is not None and not (segment_of_stage and "depth" in self.dims):
+            self.note(name, why)
             return None
-        if self.excluded(name):
-            self.note(name, "excluded by the user")
-            return None
-        counts = nested_choices(size // (unit * step), self.ratios.get(dim, self.ratios["width"]))
+        counts = [size // (unit * step)] if why is not None else nested_choices(
+            size // (unit * step), self.ratios.get(dim, self.ratios["width"]))
         per = step if dim in ("heads", "modules") else unit * step
         g = {"name": name, "kind": kind, "size": size, "unit": unit, "choices": [c * per for c in counts]}
         if step > 1:
