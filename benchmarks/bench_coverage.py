@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import _results
 import elasticize
+from elasticize.testing import output_tensor
 
 MODELS = [
     "torchvision:resnext50_32x4d", "torchvision:wide_resnet50_2", "torchvision:convnext_tiny",
@@ -49,7 +50,19 @@ MODELS = [
     "timm:visformer_tiny", "timm:pit_ti_224", "timm:convit_tiny", "timm:swinv2_tiny_window8_256",
     "timm:vit_relpos_small_patch16_224", "timm:coatnet_nano_rw_224", "timm:nextvit_small", "timm:starnet_s1",
     "timm:mambaout_femto", "timm:rdnet_tiny", "timm:vit_small_patch16_rope_224", "timm:fastvit_sa12",
+    # issue 19's wider sweep: segmentation (ASPP concatenation), quantizable (quantize=False), video
+    "torchvision:fcn_resnet50", "torchvision:deeplabv3_resnet50", "torchvision:lraspp_mobilenet_v3_large",
+    "torchvision:quantized_resnet18", "torchvision:quantized_mobilenet_v2", "torchvision:quantized_mobilenet_v3_large",
+    "torchvision:quantized_shufflenet_v2_x0_5", "torchvision:quantized_googlenet", "torchvision:quantized_inception_v3",
+    "torchvision:r3d_18", "torchvision:mc3_18", "torchvision:r2plus1d_18", "torchvision:s3d",
 ]
+#: input shape (without the batch) of the models that do not take the adapter's default (small, to keep the run short)
+INPUTS = {
+    **dict.fromkeys(["torchvision:fcn_resnet50", "torchvision:deeplabv3_resnet50",
+                     "torchvision:lraspp_mobilenet_v3_large"], (3, 128, 128)),
+    **dict.fromkeys(["torchvision:r3d_18", "torchvision:mc3_18", "torchvision:r2plus1d_18"], (3, 4, 64, 64)),
+    "torchvision:s3d": (3, 16, 112, 112),
+}
 
 
 def measured_macs(module: torch.nn.Module, x: torch.Tensor) -> float:
@@ -76,13 +89,15 @@ def row(spec: str) -> list[str]:
     t0 = time.perf_counter()
     try:
         torch.manual_seed(0)
-        em = elasticize.convert(spec, pretrained=False).eval()
+        shape = INPUTS.get(spec)
+        em = elasticize.convert(spec, pretrained=False,
+                                example_inputs=None if shape is None else (torch.randn(1, *shape),)).eval()
         x = torch.randn(2, *em.input_shapes[0][1:])
         cells = []
         for p in (next(iter(em.presets)), list(em.presets)[-1]):
             sub = em.extract(p).eval()
-            with torch.no_grad(), em.subnet(p):
-                diff = (sub(x) - em(x)).abs().max().item()
+            with torch.no_grad(), em.subnet(p):  # a segmentation model's output is a dict: its "out" tensor
+                diff = (output_tensor(sub(x)) - output_tensor(em(x))).abs().max().item()
             cells += [f"{em.macs(p) / 1e9:.3f} / {measured_macs(sub, x[:1]) / 1e9:.3f}", f"{diff:.0e}"]
         kinds = [g["kind"] for g in em.plan.groups]
         return [spec, str(kinds.count("width")), str(kinds.count("heads")), str(len(em.plan.stages)),
