@@ -77,14 +77,15 @@ def batch_size(batch: Any) -> int:
 
 
 def default_output(output: Any, batch: Any = None) -> torch.Tensor:
-    """The tensor of a model output: itself, its ``logits``, its ``last_hidden_state``, or its first element.
+    """The tensor of a model output: itself, its ``logits``, its ``last_hidden_state``, its ``out`` (torchvision's
+    segmentation models return ``{"out": ..., "aux": ...}``), or its first element.
 
     Raises:
         TypeError: an output with none of these.
     """
     if isinstance(output, torch.Tensor):
         return output
-    for key in ("logits", "last_hidden_state"):
+    for key in ("logits", "last_hidden_state", "out"):
         v = output.get(key) if isinstance(output, Mapping) else getattr(output, key, None)
         if isinstance(v, torch.Tensor):
             return v

@@ -133,7 +133,7 @@ def _dense_outputs(prop: Propagator, resolve: Callable[[int], tuple[int, int]], 
 
 
 def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: list[tuple[str, str]],
-             dense: list[tuple[StageInfo, list[Any]]] = ()) -> Analysis:  # type: ignore[assignment]
+             dense: list[tuple[StageInfo, list[Any]]]) -> Analysis:
     """The :class:`Analysis` of a finished propagation: a group per producer root, named after its first
     producer and kept when it is not fixed, has a tensor to slice and at least 2 units; each tensor's axes
     in those groups; the attributes that follow them; the MAC terms by group name, per sample."""
@@ -205,11 +205,9 @@ def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: l
                 attrs.setdefault(module, {})[attr] = (e, kind, mul, div)
             continue
         r, k = resolve(slot)
-        g = name_of.get(r)
-        if g is not None:
-            per = c.divisor(slot) if c.div_roots else 1
-            attrs.setdefault(module, {})[attr] = (g, kind, mul * k, div * per)
+        if (g := name_of.get(r)) is not None:
+            attrs.setdefault(module, {})[attr] = (g, kind, mul * k, div * (c.divisor(slot) if c.div_roots else 1))
     per_sample(prop.mac_terms, resolve, name_of, prop.batch,
                lambda s: layout(s) if c.flat_segments(s) is not None else None)
-    stages = stages + _dense_outputs(prop, resolve, name_of, members, seg_of, list(dense), not_elastic)
+    stages = stages + _dense_outputs(prop, resolve, name_of, members, seg_of, dense, not_elastic)
     return Analysis(how, groups, tensors, attrs, dict(prop.sites), stages, prop.mac_terms, not_elastic, prop.batch)
