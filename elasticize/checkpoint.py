@@ -302,7 +302,7 @@ class _RealBuffers:
 def _non_persistent(base: nn.Module, plan: Plan, real: _RealBuffers, meta: bool) -> dict[str, torch.Tensor]:
     """The full values of the sliced non-persistent buffers, which the file does not hold: the
     given model's own, or a real build's when ``base`` was built on ``meta``."""
-    names = [fqn for fqn, info in plan.tensors.items() if info.get("persistent") is False]
+    names = [fqn for fqn, info in plan.tensors.items() if not info.persistent]
     if not names:
         return {}
     own = real.get() if meta else dict(base.named_buffers())

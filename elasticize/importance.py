@@ -43,28 +43,27 @@ from torch import nn
 
 from .batches import forward_batch, to_device
 from .graph import model_tensors
-from .plan import Plan, axis_entry
+from .plan import Group, Plan
 
 __all__ = ["magnitude_importance", "activation_importance", "sort_by_importance", "sort_unit"]
 
 
 def _members(plan: Plan) -> dict[str, list[tuple[str, int, int, int]]]:
-    out: dict[str, list[tuple[str, int, int, int]]] = {g["name"]: [] for g in plan.groups}
+    out: dict[str, list[tuple[str, int, int, int]]] = {g.name: [] for g in plan.groups}
     for fqn, info in plan.tensors.items():
-        for ax, a in info["axes"].items():
-            g, chunks, div = axis_entry(a)
-            if g in out:  # a plan narrowed to some groups (see elasticize.conversion.check_function)
-                out[g].append((fqn, int(ax), chunks, div))
+        for ax, a in info.axes.items():
+            if a.group in out:  # a plan narrowed to some groups (see elasticize.conversion.check_function)
+                out[a.group].append((fqn, ax, a.chunks, a.div))
     return out
 
 
-def sort_unit(group: dict[str, Any]) -> int:
+def sort_unit(group: Group) -> int:
     """Channels that move together when a group is sorted: ``unit * step``.
 
     ``step`` (default 1) is the number of units that must be kept together, e.g. the query
     heads that share one key/value head in grouped-query attention.
     """
-    return int(group["unit"]) * int(group.get("step", 1))
+    return group.unit * group.step
 
 
 @torch.no_grad()
@@ -79,13 +78,13 @@ def magnitude_importance(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor
     scores: dict[str, torch.Tensor] = {}
     members = _members(plan)
     for g in plan.groups:
-        n = g["size"] // sort_unit(g)
-        use = [m for m in members[g["name"]] if state[m[0]].dim() >= 2] or members[g["name"]]
+        n = g.size // sort_unit(g)
+        use = [m for m in members[g.name] if state[m[0]].dim() >= 2] or members[g.name]
         score = torch.zeros(n, dtype=torch.float64)
         for fqn, ax, chunks, div in use:
             t = state[fqn].detach().float().movedim(ax, 0).reshape(chunks, n, -1)
             score += torch.linalg.vector_norm(t, dim=(0, 2)).double()
-        scores[g["name"]] = score
+        scores[g.name] = score
     return scores
 
 
@@ -130,15 +129,15 @@ def activation_importance(model: nn.Module, plan: Plan, data: Iterable[Any]) -> 
     members = _members(plan)
     modules = dict(model.named_modules())
     consumers: dict[str, tuple[nn.Module, int]] = {}  # module name -> (module, input axis of its weight)
-    reads: dict[str, list[tuple[str, int]]] = {g["name"]: [] for g in plan.groups}  # group -> (module, chunks)
+    reads: dict[str, list[tuple[str, int]]] = {g.name: [] for g in plan.groups}  # group -> (module, chunks)
     for g in plan.groups:
-        for fqn, ax, chunks, div in members[g["name"]]:
+        for fqn, ax, chunks, div in members[g.name]:
             name, _, leaf = fqn.rpartition(".")
             mod = modules.get(name)
             if leaf != "weight" or mod is None or _input_axis(mod) != ax:
                 continue
             consumers[name] = (mod, ax)
-            reads[g["name"]].append((name, chunks))
+            reads[g.name].append((name, chunks))
     energy: dict[str, torch.Tensor] = {}
 
     def hook(name: str, mod: nn.Module, args: tuple) -> None:
@@ -167,8 +166,8 @@ def activation_importance(model: nn.Module, plan: Plan, data: Iterable[Any]) -> 
                          "batches of real inputs, or sort='magnitude'")
     scores = magnitude_importance(model, plan)
     for g in plan.groups:
-        n = g["size"] // sort_unit(g)
-        got = [(name, chunks) for name, chunks in reads[g["name"]] if name in energy]
+        n = g.size // sort_unit(g)
+        got = [(name, chunks) for name, chunks in reads[g.name] if name in energy]
         if not got:
             continue
         score = torch.zeros(n, dtype=torch.float64)
@@ -179,7 +178,7 @@ def activation_importance(model: nn.Module, plan: Plan, data: Iterable[Any]) -> 
             spread = (sq - s1 * s1 / count).clamp_min(0).sqrt()  # ‖X_j - mean(X_j)‖ over the calibration tokens
             col = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1) * spread
             score += col.reshape(chunks, n, -1).pow(2).sum(dim=(0, 2)).sqrt()
-        scores[g["name"]] = score
+        scores[g.name] = score
     return scores
 
 
@@ -202,17 +201,17 @@ def sort_by_importance(model: nn.Module, plan: Plan, scores: dict[str, torch.Ten
     members = _members(plan)
     done: set[tuple[int, int]] = set()  # tied tensors appear under several names: permute once
     for g in plan.groups:
-        if not g.get("sort", True):  # e.g. a residual stream that is the model's output
+        if not g.sort:  # e.g. a residual stream that is the model's output
             continue
         unit = sort_unit(g)
-        perm = torch.argsort(scores[g["name"]], descending=True, stable=True)
-        perms[g["name"]] = perm.tolist()
-        for fqn, ax, chunks, div in members[g["name"]]:
+        perm = torch.argsort(scores[g.name], descending=True, stable=True)
+        perms[g.name] = perm.tolist()
+        for fqn, ax, chunks, div in members[g.name]:
             t = state[fqn]
             if (id(t), ax) in done:
                 continue
             done.add((id(t), ax))
-            u, size = unit // div, g["size"] // div
+            u, size = unit // div, g.size // div
             idx = (perm[:, None] * u + torch.arange(u)).reshape(-1)
             full = torch.cat([idx + k * size for k in range(chunks)]).to(t.device)
             t.data.copy_(t.data.index_select(ax, full))

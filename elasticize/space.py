@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .modules import SWITCH_PREFIX
-from .plan import KIND_DIM, ElasticState, Plan, stage_ranks
+from .plan import KIND_DIM, ElasticState, Plan
 
 __all__ = ["SearchSpace", "PRESET_RATIOS", "Config", "Budget", "parse_budget"]
 
@@ -56,39 +56,39 @@ class SearchSpace:
         self.plan = plan
         by_dim: dict[str, dict[str, list[int]]] = {"width": {}, "heads": {}, "modules": {}}
         for g in plan.groups:
-            by_dim[KIND_DIM.get(g["kind"], "width")][g["name"]] = list(g["choices"])
+            by_dim[KIND_DIM.get(g.kind, "width")][g.name] = list(g.choices)
         self.width, self.heads, self.modules = by_dim["width"], by_dim["heads"], by_dim["modules"]
-        self.depth = {s["name"]: list(s["choices"]) for s in plan.stages}
-        self._size = {g["name"]: g["size"] for g in plan.groups}
-        self._unit = {g["name"]: g["unit"] for g in plan.groups}
-        self._constraint = {g["name"]: (int(g.get("step", 1)), g.get("constraint", "")) for g in plan.groups}
+        self.depth = {s.name: list(s.choices) for s in plan.stages}
+        self._size = {g.name: g.size for g in plan.groups}
+        self._unit = {g.name: g.unit for g in plan.groups}
+        self._constraint = {g.name: (g.step, g.constraint or "") for g in plan.groups}
         blocks: dict[str, tuple[str, int]] = {}
         layer_of: dict[str, str] = {}  # tensor fqn -> its layer block, for layers inside one module
         for s in plan.stages:
-            for b, r in zip(s["blocks"], stage_ranks(s)):
-                blocks[b] = (s["name"], r)
-            for b, names in zip(s["blocks"], s.get("tensors") or ()):
+            for b, r in zip(s.blocks, s.ranks()):
+                blocks[b] = (s.name, r)
+            for b, names in zip(s.blocks, s.tensors or ()):
                 layer_of.update(dict.fromkeys(names, b))
 
         self._blocks = blocks
         self._layer_of = layer_of
         chain = self._chain
-        self._terms = [(int(macs), list(f), chain(owner)) for owner, macs, f in plan.mac_terms]
+        self._terms = [(int(t.macs), list(t.factors), chain(t.owner)) for t in plan.mac_terms]
         self._params = []
         for fqn, info in plan.tensors.items():
-            if not info["param"] or fqn.rsplit(".", 1)[-1].startswith(SWITCH_PREFIX):
+            if not info.param or fqn.rsplit(".", 1)[-1].startswith(SWITCH_PREFIX):
                 continue
             n = 1
-            for d in info["shape"]:
+            for d in info.shape:
                 n *= int(d)
-            groups = [a[0] for a in info["axes"].values()]
+            groups = [a.group for a in info.axes.values()]
             self._params.append((n, groups, chain(layer_of.get(fqn, fqn.rsplit(".", 1)[0]))))
         self.presets = self._make_presets()
 
     def block_of(self, path: str) -> tuple[str, int] | None:
         """(stage, rank) of the innermost depth block that contains module ``path``, or None.
 
-        The block runs at stage depth ``d`` iff ``rank < d`` (see :func:`elasticize.plan.stage_ranks`).
+        The block runs at stage depth ``d`` iff ``rank < d`` (see :meth:`elasticize.plan.Stage.ranks`).
         """
         chain = self._chain(path)
         return chain[0] if chain else None

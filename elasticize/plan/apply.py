@@ -10,7 +10,7 @@ from torch import nn
 from ..graph import model_tensors
 from ..modules import SWITCH_PREFIX, GroupState, StageState, make_elastic, restore
 from ..rules import get_rule
-from .core import Plan, axis_entry, stage_ranks
+from .core import Plan
 
 __all__ = ["ElasticState", "apply_plan", "remove_elastic"]
 
@@ -43,42 +43,38 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
     """
     state = model_tensors(model)
     for fqn, info in plan.tensors.items():
-        if not info["axes"]:
+        if not info.axes:
             continue
         t = state.get(fqn)
         if t is None:
             raise ValueError(f"the model has no tensor {fqn!r} that the plan makes elastic; the checkpoint was made "
                              "from another architecture")
-        if list(t.shape) != list(info["shape"]):
-            raise ValueError(f"tensor {fqn!r} has shape {list(t.shape)} but the plan expects {info['shape']}; the "
+        if list(t.shape) != list(info.shape):
+            raise ValueError(f"tensor {fqn!r} has shape {list(t.shape)} but the plan expects {list(info.shape)}; the "
                              "checkpoint was made from another configuration of this model")
-    groups = {g["name"]: GroupState(g["name"], g["size"], g["unit"]) for g in plan.groups}
-    stages = {s["name"]: StageState(s["name"], len(s["blocks"]), s["first_skippable"]) for s in plan.stages}
+    groups = {g.name: GroupState(g.name, g.size, g.unit) for g in plan.groups}
+    stages = {s.name: StageState(s.name, len(s.blocks), s.first_skippable) for s in plan.stages}
     per_module: dict[str, dict[str, Any]] = {}
 
     def entry(path: str) -> dict[str, Any]:
         return per_module.setdefault(path, {"tensors": {}, "attrs": {}, "gate": None, "switch": None, "mixins": ()})
 
     for fqn, info in plan.tensors.items():
-        if info["axes"]:
+        if info.axes:
             module, _, name = fqn.rpartition(".")
-            spec = []
-            for ax, a in info["axes"].items():
-                g, ch, div = axis_entry(a)
-                spec.append((int(ax), groups[g], ch, div))
-            spec.sort(key=lambda x: x[0])
+            spec = sorted(((ax, groups[a.group], a.chunks, a.div) for ax, a in info.axes.items()), key=lambda x: x[0])
             entry(module)["tensors"][name] = tuple(spec)
     for module, attrs in plan.attrs.items():
-        entry(module)["attrs"] = {k: (groups[g], kind, int(mul), int(div)) for k, (g, kind, mul, div) in attrs.items()}
+        entry(module)["attrs"] = {k: (groups[a.group], a.kind, a.mul, a.div) for k, a in attrs.items()}
     for st in plan.stages:
-        if st.get("module") is not None:  # layers inside one module: an attribute follows the depth
-            entry(st["module"])["attrs"][st["attr"]] = (stages[st["name"]], "depth", 1, 1)
+        if st.module is not None:  # layers inside one module: an attribute follows the depth
+            entry(st.module)["attrs"][st.attr] = (stages[st.name], "depth", 1, 1)
             continue
-        for b, r in zip(st["blocks"], stage_ranks(st)):
-            entry(b)["gate"] = (stages[st["name"]], r, int(st.get("skip_tuple", 0)))
+        for b, r in zip(st.blocks, st.ranks()):
+            entry(b)["gate"] = (stages[st.name], r, st.skip_tuple or 0)
     for module, sw in plan.switchable.items():
         m = _module(model, module)
-        for name in sw["tensors"]:
+        for name in sw.tensors:
             t = getattr(m, name)
             if t is None or hasattr(m, SWITCH_PREFIX + name):
                 continue
@@ -88,7 +84,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
             else:
                 m.register_buffer(SWITCH_PREFIX + name, copy)
             entry(module)["tensors"].setdefault(name, ())
-        entry(module)["switch"] = (stages[sw["stage"]], tuple(sw["tensors"]))
+        entry(module)["switch"] = (stages[sw.stage], sw.tensors)
     for module, rule_name in plan.sites.items():
         rule = get_rule(rule_name)
         if rule.mixin is not None:

@@ -9,7 +9,7 @@ import torch
 
 from ..modules import axis_ranges, cut_axis
 from .apply import ElasticState
-from .core import Plan, axis_entry
+from .core import Plan
 
 __all__ = ["tensor_ranges", "slice_ranges"]
 
@@ -20,17 +20,16 @@ def tensor_ranges(plan: Plan, state: ElasticState, fqn: str) -> list[list[tuple[
     Returns None when the tensor is not elastic (the whole tensor is used).
     """
     info = plan.tensors.get(fqn)
-    if info is None or not info["axes"]:
+    if info is None or not info.axes:
         return None
     out: list[list[tuple[int, int]]] = []
-    for ax, n in enumerate(info["shape"]):
-        a = info["axes"].get(str(ax))
+    for ax, n in enumerate(info.shape):
+        a = info.axes.get(ax)
         if a is None:
             out.append([(0, n)])
             continue
-        name, chunks, div = axis_entry(a)
-        g = state.groups[name]
-        out.append(list(axis_ranges(g.size, g.active, chunks, div)))
+        g = state.groups[a.group]
+        out.append(list(axis_ranges(g.size, g.active, a.chunks, a.div)))
     return out
 
 
