@@ -245,6 +245,10 @@ class NotElastic:
     where: str
     why: str
 
+    def __iter__(self):
+        """``where, why``: a pair, so ``dict(plan.not_elastic)`` maps each place to its reason."""
+        return iter((self.where, self.why))
+
     def to_json(self) -> list[str]:
         """``[where, why]``."""
         return [self.where, self.why]
