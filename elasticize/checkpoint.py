@@ -50,21 +50,23 @@ from .export import TensorSource, extract, set_tensor
 from .fileformat.header import Header, read_header
 from .fileformat.manifest import FILE_PREFIX, bn_name, check_manifest, preset_table
 from .plan.parse import ManifestError, loads
-from .plan import Plan, apply_plan, slice_ranges
+from .plan import MANIFEST_FORMAT, Plan, apply_plan, slice_ranges
+from .plan.manifest import Manifest, StoredFile, thaw
 from .space import Config, SearchSpace
 from .tensorfile import aligned, dedupe, load_strict, load_weights_file
 
-__all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
+__all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "load_manifest", "FORMAT_VERSION", "METADATA_KEY",
            "PRESETS_KEY", "load_weights_file", "read_files"]
 
-FORMAT_VERSION = 3
+#: The newest file format version this elasticize reads and writes (older ones migrate on read).
+FORMAT_VERSION = MANIFEST_FORMAT.current
 METADATA_KEY = "elasticize"
 #: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
 PRESETS_KEY = "elasticize.presets"
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, Plan, SearchSpace, Header]:
-    """Header, manifest, per-preset tables, plan and search space of a file, all checked."""
+def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, Manifest, SearchSpace]:
+    """The manifest's JSON, the per-preset tables, the typed manifest and the search space of a file, all checked."""
     path = Path(path)
     header = read_header(path)
     meta = header.metadata
@@ -75,10 +77,10 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | Non
     try:
         manifest = loads(raw, "the elasticize manifest")
         tables = loads(meta[PRESETS_KEY], "the per-preset tables") if PRESETS_KEY in meta else None
-        plan, space = check_manifest(manifest, header=header, tables=tables, format_version=FORMAT_VERSION)
+        typed, space = check_manifest(manifest, header=header, tables=tables, format_version=FORMAT_VERSION)
     except ManifestError as e:
         raise ManifestError(f"{path}: {e}") from None
-    return manifest, tables, plan, space, header
+    return manifest, tables, typed, space
 
 
 def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str, Any]:
@@ -101,11 +103,21 @@ def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str,
             format version than this elasticize reads (the message says to upgrade), or any key
             that is missing, unknown, mistyped or disagrees with the tensors or the plan (named).
     """
-    manifest, tables, *_ = _read(path)
+    manifest, tables, _, _ = _read(path)
     if presets and tables:
         for name, entry in manifest.get("presets", {}).items():
             entry["tensors"] = tables.get(name, {})
     return manifest
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """The typed, frozen :class:`~elasticize.plan.manifest.Manifest` of an elasticize file, checked as by
+    :func:`read_manifest` and migrated from its format version to the current one.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_manifest`.
+    """
+    return _read(path)[2]
 
 
 # --------------------------------------------------------------------------- manifest
@@ -141,21 +153,21 @@ def _file_bytes(path: Any, name: str, entry: Any, tensor: torch.Tensor | None) -
         check_file_name(name)
     except ValueError as e:
         raise ValueError(f"{path}: the manifest lists a stored file {name!r}: {e}") from None
-    if not isinstance(entry, dict) or entry.get("tensor") != FILE_PREFIX + name:
+    if not isinstance(entry, StoredFile) or entry.tensor != FILE_PREFIX + name:
         raise ValueError(f"{path}: the manifest entry of the stored file {name!r} is malformed; the file is corrupted")
     if tensor is None or tensor.dtype != torch.uint8 or tensor.dim() != 1:
-        raise ValueError(f"{path}: the stored file {name!r} (tensor {entry['tensor']}) is missing or not bytes; "
+        raise ValueError(f"{path}: the stored file {name!r} (tensor {entry.tensor}) is missing or not bytes; "
                          "the file is corrupted")
     data = tensor.numpy().tobytes()
-    if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+    if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
         raise ValueError(f"{path}: the stored file {name!r} does not match its sha256; the file is corrupted")
     return data
 
 
-def _listed_files(path: Any, manifest: dict[str, Any]) -> list[tuple[str, Any, str]]:
+def _listed_files(manifest: Manifest) -> list[tuple[str, StoredFile, str]]:
     """``(name, manifest entry, stored tensor name)`` of each file the manifest lists (checked by
     :func:`elasticize.fileformat.manifest.check_files` when the manifest was read)."""
-    return [(name, entry, entry["tensor"]) for name, entry in (manifest.get("files") or {}).items()]
+    return [(name, entry, entry.tensor) for name, entry in manifest.files.items()]
 
 
 def read_files(path: str | os.PathLike) -> dict[str, bytes]:
@@ -168,8 +180,7 @@ def read_files(path: str | os.PathLike) -> dict[str, bytes]:
         FileNotFoundError, ValueError: see :func:`read_manifest`; also a stored file whose name is
             not an allowed file name or whose contents do not match the manifest's sha256.
     """
-    manifest = read_manifest(path, presets=False)
-    listed = _listed_files(path, manifest)
+    listed = _listed_files(_read(path)[2])
     if not listed:
         return {}
     with safe_open(str(path), framework="pt") as f:
@@ -183,7 +194,7 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
     calibrated = kind == "super-network" and bool(em.bn_stats)
     m: dict[str, Any] = {
         "format": "elasticize",
-        "format_version": 3 if files else 2 if calibrated else 1,
+        "format_version": 0,  # set below: the oldest version that has every key written
         "library_version": __version__,
         "kind": kind,
         "recipe": em.recipe,
@@ -204,6 +215,7 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
         m["params"] = em.params(config)
     if files:
         m["files"] = files
+    m["format_version"] = MANIFEST_FORMAT.oldest_for(m)  # older readers keep reading what has no newer key
     return m
 
 
@@ -270,14 +282,14 @@ def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *
 
 
 # --------------------------------------------------------------------------- load
-def _base_model(manifest: dict[str, Any], model: nn.Module | None, trust_remote_code: bool) -> tuple[nn.Module, bool]:
+def _base_model(manifest: Manifest, model: nn.Module | None, trust_remote_code: bool) -> tuple[nn.Module, bool]:
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
         if any(hasattr(m, "_el_tensors") for m in model.modules()):
             raise TypeError("pass the plain base model (not an elastic one) as model=")
         return model.eval(), False
-    return build_from_recipe(manifest.get("recipe") or {}, device="meta", trust_remote_code=trust_remote_code), True
+    return build_from_recipe(thaw(manifest.recipe), device="meta", trust_remote_code=trust_remote_code), True
 
 
 class _RealBuffers:
@@ -287,14 +299,14 @@ class _RealBuffers:
     whole (:func:`_materialize`) or cut to a sub-network (:func:`_non_persistent`), from one build.
     """
 
-    def __init__(self, manifest: dict[str, Any], trust_remote_code: bool) -> None:
+    def __init__(self, manifest: Manifest, trust_remote_code: bool) -> None:
         self.manifest = manifest
         self.trust_remote_code = trust_remote_code
         self._buffers: dict[str, torch.Tensor] | None = None
 
     def get(self) -> dict[str, torch.Tensor]:
         if self._buffers is None:
-            built = build_from_recipe(self.manifest.get("recipe") or {}, trust_remote_code=self.trust_remote_code)
+            built = build_from_recipe(thaw(self.manifest.recipe), trust_remote_code=self.trust_remote_code)
             self._buffers = dict(built.named_buffers())
         return self._buffers
 
@@ -345,24 +357,23 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
             or a stored file with a name outside the allow-list or contents that do not match its sha256.
         KeyError: the plan names a rule that is not registered (import the module that registers it).
     """
-    manifest, _, plan, _, _ = _read(path)
-    if manifest["kind"] != "super-network":
+    manifest = _read(path)[2]
+    if manifest.is_sub_network:
         raise ValueError(f"{path} holds one dense sub-network; load it with elasticize.load_subnet(path)")
     base, meta = _base_model(manifest, model, trust_remote_code)
-    em = ElasticModel(base, plan, recipe=manifest.get("recipe"),
-                      input_shapes=manifest.get("input_shapes", []), importance=manifest.get("importance"))
+    em = ElasticModel(base, manifest.plan, recipe=thaw(manifest.recipe),
+                      input_shapes=thaw(manifest.input_shapes), importance=thaw(manifest.importance))
     tensors = {k: aligned(t) for k, t in load_file(str(path)).items()}
-    calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()}
-                  for p, t in (manifest.get("bn_stats") or {}).items()}
+    calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()} for p, t in manifest.bn_stats.items()}
     files = {name: _file_bytes(path, name, entry, tensors.pop(stored, None) if stored else None)
-             for name, entry, stored in _listed_files(path, manifest)}
-    for alias, target in (manifest.get("aliases") or {}).items():
+             for name, entry, stored in _listed_files(manifest)}
+    for alias, target in manifest.aliases.items():
         tensors[alias] = tensors[target]
     load_strict(em.model, tensors, assign=meta, what=f"{path}")
     if meta:
         _materialize(em.model, _RealBuffers(manifest, trust_remote_code))
     _named_presets(em.space, manifest)
-    em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
+    em.metrics = {n: dict(p.metrics) for n, p in manifest.presets.items()}
     if calibrated:
         em.set_bn_stats(calibrated)
     em.files = files
@@ -370,11 +381,12 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
     return em.eval()
 
 
-def _named_presets(space: SearchSpace, manifest: dict[str, Any]) -> None:
+def _named_presets(space: SearchSpace, manifest: Manifest) -> None:
     """Restore the presets a user named (:meth:`ElasticModel.add_preset`) from a manifest."""
-    for name, entry in (manifest.get("presets") or {}).items():
-        if space.presets.get(name) != entry.get("config"):
-            space.add_preset(name, entry["config"], replace=name in space.presets)
+    for name, entry in manifest.presets.items():
+        cfg = thaw(entry.config)
+        if space.presets.get(name) != cfg:
+            space.add_preset(name, cfg, replace=name in space.presets)
 
 
 def _read_ranges(sl: Any, ranges: list[list[tuple[int, int]]]) -> torch.Tensor:
@@ -410,12 +422,13 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
             tensor whose shape or dtype is not the one the sub-network needs.
         KeyError, ValueError, TypeError: a sub-network outside the search space.
     """
-    manifest, _, plan, space, _ = _read(path)
+    _, _, manifest, space = _read(path)
+    plan = manifest.plan
     _named_presets(space, manifest)
     base, meta = _base_model(manifest, model, trust_remote_code)
     state = apply_plan(base, plan)
-    if manifest.get("kind") == "sub-network":
-        cfg = manifest["config"]
+    if manifest.is_sub_network:
+        cfg = thaw(manifest.config)
         if subnet is not None and space.resolve(subnet) != space.resolve(cfg):
             raise ValueError(f"{path} holds only the sub-network {cfg}; it cannot give {subnet!r}")
     else:
@@ -425,17 +438,17 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
     with safe_open(str(path), framework="pt") as f:
         source = _FileTensors(path, f, manifest, _calibrated_table(manifest, space, cfg),
                               _non_persistent(base, plan, real, meta), real if meta else None)
-        dense = extract(base, plan, space, state, cfg, source, recipe=manifest.get("recipe") or {}, in_place=True)
+        dense = extract(base, plan, space, state, cfg, source, recipe=thaw(manifest.recipe), in_place=True)
     return dense.eval()
 
 
-def _calibrated_table(manifest: dict[str, Any], space: SearchSpace, cfg: Config) -> dict[str, str]:
+def _calibrated_table(manifest: Manifest, space: SearchSpace, cfg: Config) -> dict[str, str]:
     """The calibrated BatchNorm statistics of the preset that ``cfg`` is, if the file has them: buffer -> stored name."""
-    if manifest.get("kind") == "sub-network":
+    if manifest.is_sub_network:
         return {}
-    for preset, table in (manifest.get("bn_stats") or {}).items():
+    for preset, table in manifest.bn_stats.items():
         if space.resolve(preset) == cfg:
-            return table
+            return dict(table)
     return {}
 
 
@@ -453,11 +466,11 @@ class _FileTensors(TensorSource):
             ``meta``), or None.
     """
 
-    def __init__(self, path: Any, f: Any, manifest: dict[str, Any], calibrated: dict[str, str],
+    def __init__(self, path: Any, f: Any, manifest: Manifest, calibrated: dict[str, str],
                  built: dict[str, torch.Tensor], real: _RealBuffers | None) -> None:
         self.path, self.f, self.calibrated, self.built, self.real = path, f, calibrated, built, real
-        self.dense_file = manifest.get("kind") == "sub-network"
-        self.aliases = manifest.get("aliases") or {}
+        self.dense_file = manifest.is_sub_network
+        self.aliases = manifest.aliases
 
     def read(self, name: str, src: str, ranges: Any, want: Any) -> torch.Tensor:
         f = self.f

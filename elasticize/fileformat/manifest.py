@@ -14,7 +14,8 @@ from ..plan.parse import (DTYPE_BYTES, FLOAT_DTYPES, ManifestError, as_dict, as_
                           as_str_map, fail)
 from ..export import dense_tensors
 from ..modules import SWITCH_PREFIX, GroupState, StageState
-from ..plan import ElasticState, Plan
+from ..plan import MANIFEST_FORMAT, ElasticState, Plan
+from ..plan.manifest import Manifest
 from ..space import SearchSpace
 from ..tensorfile import name_summary
 from .header import Header
@@ -123,8 +124,13 @@ class _File:
         return self.header.shape(self.aliases.get(name, name))
 
 
-def check_manifest(m: Any, *, header: Header, tables: Any, format_version: int) -> tuple[Plan, SearchSpace]:
-    """Check a whole manifest against the file's header; return ``(plan, search space)``.
+def check_manifest(m: Any, *, header: Header, tables: Any,
+                   format_version: int = MANIFEST_FORMAT.current) -> tuple[Manifest, SearchSpace]:
+    """Check a whole manifest against the file's header, migrate it from its format version to the current
+    one (:data:`elasticize.plan.migrate.MANIFEST_FORMAT`, one registered step per old version) and type it.
+
+    Returns:
+        ``(the typed manifest, the plan's search space)``; the manifest keeps the version it was written in.
 
     Raises:
         ManifestError: naming the key: missing ``kind`` or ``plan``, unknown keys, a version this
@@ -144,14 +150,13 @@ def check_manifest(m: Any, *, header: Header, tables: Any, format_version: int) 
             fail(f"aliases[{alias!r:.120}]", f"must name a tensor the file does not store and one it stores "
                  f"({target!r:.120})")
     check_files(m.get("files", {}), header)
-    if m.get("files") and version < 3:
-        fail("files", "stored files need format version 3")
     f = _File(header, aliases, plan, space)
     if m["kind"] == "sub-network":
         _check_sub_network(m, f)
     else:
         _check_super_network(m, tables, f)
-    return plan, space
+    migrated = MANIFEST_FORMAT.migrate(m, version)
+    return Manifest.from_json({**migrated, "format_version": version}, plan), space
 
 
 def _check_top(m: Any, format_version: int) -> int:
@@ -173,8 +178,7 @@ def _check_top(m: Any, format_version: int) -> int:
         as_dict(m, "(top level)", required=_COMMON + ("presets",), optional=_SUPER_KEYS)
     else:
         as_dict(m, "(top level)", required=_COMMON + ("config", "macs", "params"), optional=_SUB_KEYS)
-    if "bn_stats" in m and version < 2:
-        fail("bn_stats", "calibrated statistics need format version 2")
+    MANIFEST_FORMAT.check_keys(m, version)  # e.g. bn_stats in a format-1 file
     as_str(m["library_version"], "library_version", max_len=64)
     try:
         check_recipe(m["recipe"])

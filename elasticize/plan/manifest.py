@@ -1,0 +1,126 @@
+"""The manifest of an elasticize file (metadata key ``elasticize``), as a frozen, typed record.
+
+:func:`elasticize.fileformat.manifest.check_manifest` builds a :class:`Manifest` only from a
+manifest it checked in full and migrated to the current format
+(:data:`elasticize.plan.migrate.MANIFEST_FORMAT`); the readers (``load``, ``load_subnet``,
+``elasticize inspect``) use its attributes, never the raw keys. The free-form JSON values (the
+recipe, a preset's configuration, metrics) are frozen too (:func:`freeze`: read-only mappings and
+tuples); :func:`thaw` gives a plain copy where a value is handed on to code that may change it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .core import Plan
+from .types import frozen_map
+
+__all__ = ["Manifest", "Preset", "StoredFile", "freeze", "thaw"]
+
+
+def freeze(v: Any) -> Any:
+    """A JSON value made immutable: objects as read-only mappings, lists as tuples (deeply)."""
+    if isinstance(v, Mapping):
+        return MappingProxyType({k: freeze(x) for k, x in v.items()})
+    if isinstance(v, (list, tuple)):
+        return tuple(freeze(x) for x in v)
+    return v
+
+
+def thaw(v: Any) -> Any:
+    """A plain, mutable copy of a (frozen) JSON value: dicts and lists."""
+    if isinstance(v, Mapping):
+        return {k: thaw(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [thaw(x) for x in v]
+    return v
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named sub-network of a super-network file: its configuration, MACs per sample, parameters,
+    the bytes its tensors hold (None: not written) and its measured metrics."""
+
+    config: Mapping[str, Any]
+    macs: int
+    params: int
+    bytes: int | None = None
+    metrics: Mapping[str, float] = frozen_map({})
+
+    def to_json(self) -> dict[str, Any]:
+        """The preset's manifest entry (without its tensor table, which is stored apart)."""
+        d: dict[str, Any] = {"config": thaw(self.config), "macs": self.macs, "params": self.params}
+        if self.bytes is not None:
+            d["bytes"] = self.bytes
+        d["metrics"] = dict(self.metrics)
+        return d
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A small file (a tokenizer's) carried as the uint8 tensor ``tensor`` of ``bytes`` bytes."""
+
+    tensor: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A checked manifest, migrated to the current format version.
+
+    Attributes:
+        format_version: the version the file was written in (1, 2 or 3; see the file format page).
+        library_version: the elasticize that wrote it.
+        kind: ``"super-network"`` or ``"sub-network"``.
+        recipe: how to build the base model (adapter, name, kwargs), frozen.
+        plan: the typed :class:`~elasticize.plan.core.Plan`.
+        search_space: the plan's choices per dimension, as written.
+        input_shapes: the example inputs' shapes.
+        importance: how the units were sorted (``order``, ``calibration_batches``), or None.
+        aliases: tensor name -> the stored tensor it shares.
+        presets: name -> :class:`Preset` (a super-network file).
+        bn_stats: preset -> BatchNorm buffer fqn -> stored name of its calibrated statistic.
+        files: file name -> :class:`StoredFile`.
+        config: the sub-network's configuration (a sub-network file), else None.
+        macs: its MACs per sample (a sub-network file), else None.
+        params: its parameters (a sub-network file), else None.
+    """
+
+    format_version: int
+    library_version: str
+    kind: str
+    recipe: Mapping[str, Any]
+    plan: Plan
+    search_space: Mapping[str, Any]
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    importance: Mapping[str, Any] | None = None
+    aliases: Mapping[str, str] = frozen_map({})
+    presets: Mapping[str, Preset] = frozen_map({})
+    bn_stats: Mapping[str, Mapping[str, str]] = frozen_map({})
+    files: Mapping[str, StoredFile] = frozen_map({})
+    config: Mapping[str, Any] | None = None
+    macs: int | None = None
+    params: int | None = None
+
+    @property
+    def is_sub_network(self) -> bool:
+        """Whether the file holds one dense sub-network (not a super-network)."""
+        return self.kind == "sub-network"
+
+    @classmethod
+    def from_json(cls, m: Mapping[str, Any], plan: Plan) -> "Manifest":
+        """The manifest of checked, migrated JSON ``m`` whose plan is ``plan``."""
+        return cls(
+            format_version=m["format_version"], library_version=m["library_version"], kind=m["kind"],
+            recipe=freeze(m["recipe"] or {}), plan=plan, search_space=freeze(m["search_space"]),
+            input_shapes=tuple(tuple(s) for s in m.get("input_shapes", [])), importance=freeze(m.get("importance")),
+            aliases=frozen_map(m.get("aliases", {})),
+            presets=frozen_map((n, Preset(freeze(p["config"]), p["macs"], p["params"], p.get("bytes"),
+                                          frozen_map(p.get("metrics", {}))))
+                               for n, p in m.get("presets", {}).items()),
+            bn_stats=frozen_map((p, frozen_map(t)) for p, t in m.get("bn_stats", {}).items()),
+            files=frozen_map((n, StoredFile(e["tensor"], e["bytes"], e["sha256"])) for n, e in m.get("files", {}).items()),
+            config=freeze(m.get("config")), macs=m.get("macs"), params=m.get("params"))
