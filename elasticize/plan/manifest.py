@@ -10,7 +10,7 @@ tuples); :func:`thaw` gives a plain copy where a value is handed on to code that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -18,6 +18,10 @@ from .core import Plan
 from .types import frozen_map
 
 __all__ = ["Manifest", "Preset", "StoredFile", "freeze", "thaw"]
+
+
+def _empty() -> Mapping[str, Any]:
+    return frozen_map({})
 
 
 def freeze(v: Any) -> Any:
@@ -47,7 +51,7 @@ class Preset:
     macs: int
     params: int
     bytes: int | None = None
-    metrics: Mapping[str, float] = frozen_map({})
+    metrics: Mapping[str, float] = field(default_factory=_empty)
 
     def to_json(self) -> dict[str, Any]:
         """The preset's manifest entry (without its tensor table, which is stored apart)."""
@@ -97,10 +101,10 @@ class Manifest:
     search_space: Mapping[str, Any]
     input_shapes: tuple[tuple[int, ...], ...] = ()
     importance: Mapping[str, Any] | None = None
-    aliases: Mapping[str, str] = frozen_map({})
-    presets: Mapping[str, Preset] = frozen_map({})
-    bn_stats: Mapping[str, Mapping[str, str]] = frozen_map({})
-    files: Mapping[str, StoredFile] = frozen_map({})
+    aliases: Mapping[str, str] = field(default_factory=_empty)
+    presets: Mapping[str, Preset] = field(default_factory=_empty)
+    bn_stats: Mapping[str, Mapping[str, str]] = field(default_factory=_empty)
+    files: Mapping[str, StoredFile] = field(default_factory=_empty)
     config: Mapping[str, Any] | None = None
     macs: int | None = None
     params: int | None = None
