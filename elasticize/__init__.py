@@ -19,7 +19,7 @@ from .space import SearchSpace
 
 __all__ = ["__version__", "elasticize", "convert", "ConvertOptions", "ElasticModel", "SearchSpace", "Rule",
            "register_rule", "Adapter", "register_adapter", "save", "save_subnet", "load", "load_subnet",
-           "read_manifest"]
+           "read_manifest", "evaluate"]
 
 _CHECKPOINT = ("save", "save_subnet", "load", "load_subnet", "read_manifest")
 
@@ -29,4 +29,8 @@ def __getattr__(name: str):  # checkpoint functions, imported on first use
         from . import checkpoint
 
         return getattr(checkpoint, name)
+    if name == "evaluate":  # elasticize eval in Python (elasticize.measure.evaluate)
+        from .measure import evaluate
+
+        return evaluate
     raise AttributeError(f"module 'elasticize' has no attribute {name!r}")

@@ -6,25 +6,18 @@ format version, library version, base-model recipe, the plan, and for each prese
 configuration, MACs, params, bytes and, per dense tensor, the source tensor and the
 ``[start, stop)`` ranges to read along each axis. A program in any language can cut a
 preset out with a plain safetensors reader; :func:`load_subnet` does so here, reading
-only the bytes that sub-network needs (``safe_open(...).get_slice``).
+only the bytes that sub-network needs, from a path or a URL (:mod:`elasticize.fileformat.source`).
+Format 4 adds the optional nested byte layout (:mod:`elasticize.fileformat.layout`).
 
 Writes are atomic (a temporary file in the same folder, then ``os.replace``; see
 ``elasticize._files``), give the file the mode ``open()`` would (``0666 & ~umask``, or the mode
 of the file replaced), and never replace the file a model was loaded from. No pickle anywhere.
 
-Format versions: 1 is the plain super-network; 2 adds calibrated BatchNorm statistics per
-preset (BN recalibration): tensors ``elastic_bn.<preset>.<buffer>`` holding each preset's dense
-running statistics, listed in the manifest's ``bn_stats`` (``{preset: {buffer: stored name}}``),
-and that preset's tensor table points its running statistics at them (``source``, no slices),
-so a reader that follows the table gets the calibrated values. A file without calibrated
-statistics is still written as version 1, so older readers keep reading it. 3 adds small files
-that travel with the model (a Hugging Face model's tokenizer, generation and preprocessor files,
-:data:`elasticize.adapters.hf.TOKENIZER_FILES`): each is a 1-D ``uint8`` tensor
-``elastic_file.<file name>`` holding its bytes, listed in the manifest's ``files``
-(``{file name: {"tensor", "bytes", "sha256"}}``); readers check the name against the allow-list and
-the contents against the hash. Format 2 readers load strictly and would refuse the extra tensors
-as not fitting the model (a wrong diagnosis), so a file holding such files is version 3, one
-without them keeps the lowest version that describes it. Manifests hold no absolute path of the
+Format versions (1 plain; 2 calibrated BatchNorm statistics, ``elastic_bn.<preset>.<buffer>``; 3 small
+stored files such as a tokenizer's, ``elastic_file.<name>``; 4 measurements, bias compensation and the
+nested layout): one registered migration step each (:data:`elasticize.plan.migrate.MANIFEST_FORMAT`), and a
+file is written in the oldest version that holds its keys, so older readers keep reading it (the file
+format page, *Versions and migration*, has the details). Manifests hold no absolute path of the
 writing machine: a Hugging Face recipe names the folder by its own name (``origin: "folder"``) or
 the hub id (``origin: "hub"``), for information only, and its stored config has ``_name_or_path`` blank.
 """
@@ -38,49 +31,32 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ._files import atomic_write, check_output
 from ._version import __version__
 from .adapters import build_from_recipe
 from .elastic import ElasticModel, SubnetLike
-from .export import TensorSource, extract, set_tensor
-from .fileformat.header import Header, read_header
-from .fileformat.manifest import FILE_PREFIX, bn_name, check_manifest, preset_table
-from .plan.parse import ManifestError, loads
+from .export import TensorSource, dense_tensors, extract, set_tensor
+from .fileformat import measurements as extra
+from .fileformat.layout import nested_shells
+from .fileformat.opened import FORMAT_VERSION, METADATA_KEY, PRESETS_KEY, OpenedFile as _Opened
+from .fileformat.manifest import FILE_PREFIX, bn_name, preset_table
 from .plan import MANIFEST_FORMAT, Plan, apply_plan, slice_ranges
+from .plan.parse import ManifestError
 from .plan.manifest import Manifest, StoredFile, thaw
 from .space import Config, SearchSpace
-from .tensorfile import aligned, dedupe, load_strict, load_weights_file
+from .tensorfile import aligned, dedupe, load_strict, load_weights_file, write_ordered
 
-__all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "load_manifest", "FORMAT_VERSION", "METADATA_KEY",
-           "PRESETS_KEY", "load_weights_file", "read_files"]
-
-#: The newest file format version this elasticize reads and writes (older ones migrate on read).
-FORMAT_VERSION = MANIFEST_FORMAT.current
-METADATA_KEY = "elasticize"
-#: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
-PRESETS_KEY = "elasticize.presets"
+__all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "load_manifest", "FORMAT_VERSION",
+           "METADATA_KEY", "PRESETS_KEY", "load_weights_file", "read_files"]
 
 
 def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, Manifest, SearchSpace]:
     """The manifest's JSON, the per-preset tables, the typed manifest and the search space of a file, all checked."""
-    path = Path(path)
-    header = read_header(path)
-    meta = header.metadata
-    raw = meta.get(METADATA_KEY)
-    if raw is None:
-        raise ManifestError(f"{path} is a safetensors file without an elasticize manifest; make one with "
-                            "`elasticize convert` or elasticize.save()")
-    try:
-        manifest = loads(raw, "the elasticize manifest")
-        tables = loads(meta[PRESETS_KEY], "the per-preset tables") if PRESETS_KEY in meta else None
-        typed, space = check_manifest(manifest, header=header, tables=tables, format_version=FORMAT_VERSION)
-    except ManifestError as e:
-        raise ManifestError(f"{path}: {e}") from None
-    return manifest, tables, typed, space
+    with _Opened(path) as f:
+        return f.raw, f.tables, f.manifest, f.space
 
 
 def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str, Any]:
@@ -123,9 +99,11 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
 # --------------------------------------------------------------------------- manifest
 def _preset_entry(em: ElasticModel, name: str, cfg: Config, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     stored = {n: (list(t.shape), t.element_size()) for n, t in state.items()}
-    calibrated = em.bn_stats.get(name, {})
+    calibrated: dict[str, Any] = dict(em.bn_stats.get(name, {}))
     for fqn, t in calibrated.items():
         stored[bn_name(name, fqn)] = (list(t.shape), t.element_size())
+    for fqn, (shape, item, s) in extra.preset_stored(em, name).items():
+        stored[s], calibrated[fqn] = (shape, item), s
     tensors, total = preset_table(em.plan, em.space, name, cfg, stored, calibrated)
     return {"config": cfg, "macs": em.macs(cfg), "params": em.params(cfg), "bytes": total,
             "metrics": dict(em.metrics.get(name, {})), "tensors": tensors}
@@ -180,18 +158,16 @@ def read_files(path: str | os.PathLike) -> dict[str, bytes]:
         FileNotFoundError, ValueError: see :func:`read_manifest`; also a stored file whose name is
             not an allowed file name or whose contents do not match the manifest's sha256.
     """
-    listed = _listed_files(_read(path)[2])
-    if not listed:
-        return {}
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        return {name: _file_bytes(path, name, entry, f.get_tensor(stored) if stored in keys else None)
-                for name, entry, stored in listed}
+    with _Opened(path) as f:
+        listed = _listed_files(f.manifest)
+        got = f.reader().fetch({stored: (stored, None) for _, _, stored in listed if stored in f.logical.tensors})
+    return {name: _file_bytes(path, name, entry, got.get(stored)) for name, entry, stored in listed}
 
 
 def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Config | None = None,
               files: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     calibrated = kind == "super-network" and bool(em.bn_stats)
+    added = extra.saved_keys(em) if kind == "super-network" else {}
     m: dict[str, Any] = {
         "format": "elasticize",
         "format_version": 0,  # set below: the oldest version that has every key written
@@ -209,6 +185,7 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
         m["presets"] = {n: _preset_entry(em, n, c, state) for n, c in em.presets.items()}
         if calibrated:
             m["bn_stats"] = {p: {fqn: bn_name(p, fqn) for fqn in t} for p, t in em.bn_stats.items()}
+        m.update(added)
     else:
         m["config"] = config
         m["macs"] = em.macs(config)
@@ -220,7 +197,7 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
 
 
 # --------------------------------------------------------------------------- save
-def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False, layout: str = "default") -> Path:
     """Write the super-network and its manifest to one ``.safetensors`` file, atomically.
 
     The model's stored files (:attr:`ElasticModel.files`, e.g. a Hugging Face tokenizer) go into
@@ -230,6 +207,10 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
         em: the elastic model.
         path: output file.
         overwrite: replace an existing file (never the one ``em`` was loaded from).
+        layout: ``"default"``, the tensors under their own names; or ``"nested"`` (format
+            version 4, :mod:`elasticize.fileformat.layout`): each tensor stored as shells, so that
+            every preset nested in the next larger ones is one byte prefix of the data (one HTTP
+            range request for :func:`load_subnet` from a URL).
 
     Returns:
         The path written.
@@ -237,28 +218,34 @@ def save(em: ElasticModel, path: str | os.PathLike, *, overwrite: bool = False) 
     Raises:
         TypeError: if ``em`` is not an :class:`ElasticModel`.
         FileExistsError: ``path`` exists and ``overwrite`` is False, or is a folder.
-        ValueError: ``path`` is the file ``em`` was loaded from, or a name in ``em.files`` is not
-            an allowed file name (:func:`elasticize.adapters.hf.check_file_name`).
+        ValueError: ``path`` is the file ``em`` was loaded from, a name in ``em.files`` is not
+            an allowed file name (:func:`elasticize.adapters.hf.check_file_name`), an unknown
+            ``layout``, or a nested layout of a preset that reads one tensor in two ways.
         FileNotFoundError: the folder does not exist.
         PermissionError: the folder cannot be written in.
         OSError: writing failed (e.g. a full disk); the old file, if any, stays as it was.
     """
     if not isinstance(em, ElasticModel):
         raise TypeError(f"save() takes an ElasticModel (from elasticize.elasticize), not {type(em).__name__}")
+    if layout not in ("default", "nested"):
+        raise ValueError(f"layout must be 'default' or 'nested', not {layout!r}")
     check_output(path, overwrite=overwrite, inputs=(em.source_path,))  # before the work
     with em.trained_bn_stats():
         tensors, aliases = dedupe(em.model.state_dict())
     for preset, table in em.bn_stats.items():
         for fqn, t in table.items():
             tensors[bn_name(preset, fqn)] = t.detach().contiguous().cpu()
+    tensors.update(extra.saved_tensors(em))
     stored, files = _file_tensors(em.files)
     tensors.update(stored)
     manifest = _manifest(em, aliases, "super-network", files=files)
     tables = {name: entry.pop("tensors") for name, entry in manifest["presets"].items()}
+    ordered = nested_shells(manifest, tensors, tables, aliases) if layout == "nested" else None
     meta = {METADATA_KEY: json.dumps(manifest, separators=(",", ":")),
             PRESETS_KEY: json.dumps(tables, separators=(",", ":"))}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=overwrite,
-                        inputs=(em.source_path,))
+    write = (lambda tmp: save_file(tensors, tmp, metadata=meta)) if ordered is None else \
+        (lambda tmp: write_ordered(ordered, tmp, meta))
+    return atomic_write(path, write, overwrite=overwrite, inputs=(em.source_path,))
 
 
 def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -357,16 +344,18 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
             or a stored file with a name outside the allow-list or contents that do not match its sha256.
         KeyError: the plan names a rule that is not registered (import the module that registers it).
     """
-    manifest = _read(path)[2]
-    if manifest.is_sub_network:
-        raise ValueError(f"{path} holds one dense sub-network; load it with elasticize.load_subnet(path)")
-    base, meta = _base_model(manifest, model, trust_remote_code)
-    em = ElasticModel(base, manifest.plan, recipe=thaw(manifest.recipe),
+    with _Opened(path) as f:
+        manifest, plan = f.manifest, f.plan
+        if manifest.is_sub_network:
+            raise ValueError(f"{path} holds one dense sub-network; load it with elasticize.load_subnet(path)")
+        base, meta = _base_model(manifest, model, trust_remote_code)
+        tensors = {k: aligned(t) for k, t in f.reader().fetch({n: (n, None) for n in f.logical.tensors}).items()}
+    em = ElasticModel(base, plan, recipe=thaw(manifest.recipe),
                       input_shapes=thaw(manifest.input_shapes), importance=thaw(manifest.importance))
-    tensors = {k: aligned(t) for k, t in load_file(str(path)).items()}
     calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()} for p, t in manifest.bn_stats.items()}
     files = {name: _file_bytes(path, name, entry, tensors.pop(stored, None) if stored else None)
              for name, entry, stored in _listed_files(manifest)}
+    compensation = extra.pop_tensors(manifest, tensors)
     for alias, target in manifest.aliases.items():
         tensors[alias] = tensors[target]
     load_strict(em.model, tensors, assign=meta, what=f"{path}")
@@ -376,6 +365,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
     em.metrics = {n: dict(p.metrics) for n, p in manifest.presets.items()}
     if calibrated:
         em.set_bn_stats(calibrated)
+    extra.restore(em, manifest, compensation)
     em.files = files
     em.source_path = str(path)
     return em.eval()
@@ -387,17 +377,6 @@ def _named_presets(space: SearchSpace, manifest: Manifest) -> None:
         cfg = thaw(entry.config)
         if space.presets.get(name) != cfg:
             space.add_preset(name, cfg, replace=name in space.presets)
-
-
-def _read_ranges(sl: Any, ranges: list[list[tuple[int, int]]]) -> torch.Tensor:
-    """The ranges (from :func:`elasticize.plan.tensor_ranges`) of a safetensors slice (``get_slice``),
-    reading only their bytes: one rectangular read per combination of ranges, concatenated."""
-    multi = [i for i, rs in enumerate(ranges) if len(rs) > 1]
-    if not multi:
-        return sl[tuple(slice(rs[0][0], rs[0][1]) for rs in ranges)]
-    ax = multi[0]
-    parts = [_read_ranges(sl, ranges[:ax] + [[r]] + ranges[ax + 1:]) for r in ranges[ax]]
-    return torch.cat(parts, dim=ax)
 
 
 def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn.Module | None = None,
@@ -422,8 +401,12 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
             tensor whose shape or dtype is not the one the sub-network needs.
         KeyError, ValueError, TypeError: a sub-network outside the search space.
     """
-    _, _, manifest, space = _read(path)
-    plan = manifest.plan
+    with _Opened(path) as f:
+        return _load_subnet(f, subnet, model, trust_remote_code)
+
+
+def _load_subnet(f: _Opened, subnet: SubnetLike, model: nn.Module | None, trust_remote_code: bool) -> nn.Module:
+    path, manifest, plan, space = f.path, f.manifest, f.plan, f.space
     _named_presets(space, manifest)
     base, meta = _base_model(manifest, model, trust_remote_code)
     state = apply_plan(base, plan)
@@ -435,30 +418,39 @@ def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn
         cfg = space.resolve(subnet)
     space.apply(state, cfg)
     real = _RealBuffers(manifest, trust_remote_code)
-    with safe_open(str(path), framework="pt") as f:
-        source = _FileTensors(path, f, manifest, _calibrated_table(manifest, space, cfg),
-                              _non_persistent(base, plan, real, meta), real if meta else None)
-        dense = extract(base, plan, space, state, cfg, source, recipe=thaw(manifest.recipe), in_place=True)
+    source = _FileTensors(path, manifest, _calibrated_table(manifest, space, cfg),
+                          _non_persistent(base, plan, real, meta), real if meta else None)
+    source.prefetch(f, dense_tensors(plan, space, state, cfg), _prefix(f, space, cfg))
+    dense = extract(base, plan, space, state, cfg, source, recipe=thaw(manifest.recipe), in_place=True)
     return dense.eval()
 
 
+def _prefix(f: _Opened, space: SearchSpace, cfg: Config) -> tuple[int, int] | None:
+    """In a nested file, the data prefix of the chain preset that ``cfg`` is (read as one range), else None."""
+    if f.layout is None:
+        return None
+    for k, p in enumerate(f.layout.chain):
+        if space.resolve(p) == cfg:
+            return 0, f.layout.prefix_bytes[k]
+    return None
+
+
 def _calibrated_table(manifest: Manifest, space: SearchSpace, cfg: Config) -> dict[str, str]:
-    """The calibrated BatchNorm statistics of the preset that ``cfg`` is, if the file has them: buffer -> stored name."""
+    """The calibrated tensors (BatchNorm statistics, compensated biases) of the preset that ``cfg`` is, if the
+    file has them: tensor name -> stored name."""
     if manifest.is_sub_network:
         return {}
-    for preset, table in manifest.bn_stats.items():
-        if space.resolve(preset) == cfg:
-            return dict(table)
-    return {}
+    name = next((p for p in manifest.presets if space.resolve(p) == cfg), None)
+    return {**manifest.bn_stats.get(name, {}), **extra.file_table(manifest, name)}
 
 
 class _FileTensors(TensorSource):
-    """A sub-network's tensors read from an open safetensors file, only the slices it needs
-    (``get_slice``), each checked against the shape and dtype the sub-network needs.
+    """A sub-network's tensors read from a checked file, only the bytes they need, all in one batch
+    of coalesced ranges (:meth:`prefetch`), each checked against the shape and dtype the
+    sub-network needs.
 
     Args:
         path: the file (for messages).
-        f: the file, opened with ``safe_open``.
         manifest: its checked manifest.
         calibrated: buffer name -> stored name of the preset's calibrated BatchNorm statistics.
         built: full values of the sliced non-persistent buffers, which the file does not hold.
@@ -466,23 +458,35 @@ class _FileTensors(TensorSource):
             ``meta``), or None.
     """
 
-    def __init__(self, path: Any, f: Any, manifest: Manifest, calibrated: dict[str, str],
+    def __init__(self, path: Any, manifest: Manifest, calibrated: dict[str, str],
                  built: dict[str, torch.Tensor], real: _RealBuffers | None) -> None:
-        self.path, self.f, self.calibrated, self.built, self.real = path, f, calibrated, built, real
+        self.path, self.calibrated, self.built, self.real = path, calibrated, built, real
         self.dense_file = manifest.is_sub_network
         self.aliases = manifest.aliases
+        self.got: dict[str, torch.Tensor] = {}
+
+    def _stored(self, name: str, src: str, ranges: Any) -> tuple[str, Any]:
+        """The stored tensor and ranges that the dense tensor ``name`` is read from."""
+        if self.dense_file:
+            return self.aliases.get(name, name), None
+        if src in self.calibrated:
+            return self.calibrated[src], None
+        return self.aliases.get(src, src), ranges or None
+
+    def prefetch(self, f: _Opened, spec: Mapping[str, tuple[str, Any]], cover: tuple[int, int] | None) -> None:
+        """Read every tensor of ``spec`` (:func:`elasticize.export.dense_tensors`) from ``f``."""
+        want = {n: self._stored(n, src, r) for n, (src, r) in spec.items() if src not in self.built}
+        want = {n: w for n, w in want.items() if w[0] in f.logical.tensors}  # a missing one: the check below
+        self.got = f.reader().fetch(want, cover)
 
     def read(self, name: str, src: str, ranges: Any, want: Any) -> torch.Tensor:
-        f = self.f
         if src in self.built:
             t = slice_ranges(self.built[src], ranges)
-        elif self.dense_file:
-            t = f.get_tensor(self.aliases.get(name, name))
-        elif src in self.calibrated:
-            t = f.get_tensor(self.calibrated[src])
+        elif name in self.got:
+            t = self.got.pop(name)
         else:
-            src = self.aliases.get(src, src)
-            t = f.get_tensor(src) if ranges is None or not ranges else _read_ranges(f.get_slice(src), ranges)
+            raise ManifestError(f"{self.path}: the sub-network needs tensor {name!r}, which the file does not "
+                                "store; the file is corrupted")
         if want is not None and (list(t.shape) != want[0] or t.dtype != want[1]):
             raise ManifestError(f"{self.path}: tensor {name!r} is stored as {t.dtype} {list(t.shape)}, but the "
                                 f"sub-network needs {want[1]} {want[0]}; the file is corrupted")

@@ -107,12 +107,18 @@ def check_model(model: Any) -> None:
     """Refuse what cannot be converted.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or is already elastic.
+        TypeError: ``model`` is not an ``nn.Module``, is already elastic, or holds PEFT adapter
+            layers (a ``PeftModel``: its LoRA layers hide the base layers from the analysis).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"elasticize() takes an nn.Module, not {type(model).__name__}")
     if isinstance(model, ElasticModel) or any(hasattr(m, "_el_tensors") for m in model.modules()):
         raise TypeError("this model is already elastic; elasticize the original model once")
+    peft = [type(m).__name__ for m in model.modules() if type(m).__module__.split(".")[0] == "peft"]
+    if peft:
+        raise TypeError(f"this model holds PEFT adapter layers ({peft[0]}); convert first: merge them "
+                        "(model = model.merge_and_unload()), elasticize the merged model, then add LoRA to the "
+                        "elastic model with elasticize.integrations.peft.add_lora(em, config)")
 
 
 def _resolve_sort(sort: str | None, calibration: Any) -> str | None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .calibrated import CalibratedTensors
+from .calibration import Compensation
 from .export import LiveTensors, extract
 from .plan import KIND_DIM, Plan, apply_plan
 from .space import Config, SearchSpace
@@ -17,7 +21,39 @@ __all__ = ["ElasticModel", "SubnetLike"]
 SubnetLike = str | Mapping[str, Any] | None
 
 
-class ElasticModel(nn.Module):
+class _WrappedSignature:
+    """Method descriptor: ``em.forward`` runs the method, and its signature is ``em.model.forward``'s, so
+    tools that pick a batch's columns by it (Hugging Face ``Trainer``'s ``remove_unused_columns``) see the
+    original model's inputs."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, em: Any, owner: type | None = None) -> Any:
+        return self.fn if em is None else _BoundForward(self.fn, em)
+
+
+class _BoundForward:
+    """``em.forward`` bound to one model; ``__signature__`` is computed when asked for."""
+
+    __slots__ = ("_fn", "_em")
+
+    def __init__(self, fn: Any, em: Any) -> None:
+        self._fn, self._em = fn, em
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(self._em, *args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        try:
+            return inspect.signature(self._em.model.forward)
+        except (TypeError, ValueError):  # a builtin forward: the method's own (*args, **kwargs)
+            return inspect.signature(functools.partial(self._fn, self._em))
+
+
+class ElasticModel(CalibratedTensors, nn.Module):
     """A super-network: the original model with elastic modules swapped in place.
 
     ``model`` is the original module object (its parameters are reused, not copied);
@@ -38,6 +74,11 @@ class ElasticModel(nn.Module):
             (as in ``model.state_dict()``, the tensor that preset reads) -> its dense values ``(channels,)``.
             Setting a calibrated preset installs its statistics; any other sub-network runs with the
             trained statistics. Set with :meth:`set_bn_stats`.
+        compensation: bias compensation (FLAP, :mod:`elasticize.calibration`): the consumers' calibration
+            means and each preset's compensated biases, installed with its BN statistics. Set with
+            :meth:`set_compensation`.
+        measurements: what ``elasticize eval`` / :func:`elasticize.evaluate` measured (:mod:`elasticize.measured`), keyed by
+            device and batch size.
         files: small files that travel with the model, file name -> contents: a Hugging Face model's
             tokenizer, generation and preprocessor files (:data:`elasticize.adapters.hf.TOKENIZER_FILES`),
             read from its folder by :func:`elasticize.convert`, kept inside the saved file and written into
@@ -70,9 +111,12 @@ class ElasticModel(nn.Module):
         self.bn_stats: dict[str, dict[str, torch.Tensor]] = {}
         self._bn_live: str | None = None  # preset whose statistics are in the buffers now
         self._bn_trained: dict[str, torch.Tensor] = {}  # the trained values they replaced
+        self.compensation = Compensation()
+        self.measurements: dict[str, Any] = {}
 
+    @_WrappedSignature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the active sub-network; inputs and outputs are the original model's."""
+        """Run the active sub-network; inputs, outputs and ``inspect.signature`` are the original model's."""
         return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------ sub-networks
@@ -112,6 +156,8 @@ class ElasticModel(nn.Module):
         self.metrics.pop(name, None)
         if name in self.bn_stats:  # calibrated for the sub-network the name meant before
             self.set_bn_stats({n: t for n, t in self.bn_stats.items() if n != name})
+        if self.compensation.means or name in self.compensation.presets:  # recomputed for the new sub-network
+            self.set_compensation(self.compensation.means)
         return cfg
 
     def set_subnet(self, subnet: SubnetLike) -> Config:
@@ -125,56 +171,10 @@ class ElasticModel(nn.Module):
         cfg = self.resolve(subnet)
         self.space.apply(self._state, cfg)
         self._active = cfg
-        if self.bn_stats or self._bn_live is not None:
-            name = subnet if isinstance(subnet, str) and subnet in self.bn_stats else self._calibrated_name(cfg)
+        if self.bn_stats or self.compensation.presets or self._bn_live is not None:
+            name = subnet if isinstance(subnet, str) and subnet in self.presets else self._calibrated_name(cfg)
             self._install_bn(name)
         return cfg
-
-    # ------------------------------------------------------------ BN recalibration
-    def set_bn_stats(self, stats: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Use per-preset calibrated BatchNorm statistics (BN recalibration; see :attr:`bn_stats`).
-
-        Args:
-            stats: preset name -> buffer name -> dense tensor ``(channels,)``, the leading
-                channels of that buffer at the preset; an empty mapping goes back to the trained statistics.
-
-        Raises:
-            KeyError: an unknown preset or buffer name.
-            ValueError: a tensor longer than its buffer or not 1-D.
-        """
-        self._install_bn(None)
-        self.bn_stats = _checked_bn_stats(stats, self.presets, dict(self.model.named_buffers()))
-        self._install_bn(self._calibrated_name(self._active))
-
-    @contextlib.contextmanager
-    def trained_bn_stats(self) -> Iterator["ElasticModel"]:
-        """Context manager: the buffers hold the trained BatchNorm statistics inside (for saving, training)."""
-        live = self._bn_live
-        self._install_bn(None)
-        try:
-            yield self
-        finally:
-            self._install_bn(live)
-
-    def _calibrated_name(self, cfg: Config) -> str | None:
-        for name in self.bn_stats:
-            if self.resolve(name) == cfg:
-                return name
-        return None
-
-    def _install_bn(self, name: str | None) -> None:
-        if name == self._bn_live:
-            return
-        buffers = dict(self.model.named_buffers())
-        with torch.no_grad():
-            for fqn, t in self._bn_trained.items():
-                buffers[fqn].copy_(t)
-            self._bn_trained = {}
-            if name is not None:
-                for fqn, t in self.bn_stats[name].items():
-                    self._bn_trained[fqn] = buffers[fqn].clone()
-                    buffers[fqn][: t.shape[0]].copy_(t)
-        self._bn_live = name
 
     @contextlib.contextmanager
     def subnet(self, subnet: SubnetLike) -> Iterator["ElasticModel"]:
@@ -195,23 +195,34 @@ class ElasticModel(nn.Module):
         return self.space.params(self.resolve(subnet))
 
     def select(self, *, max_macs: int | None = None, max_params: int | None = None,
-               max_latency_s: float | None = None, metric: str | None = None) -> Config:
-        """A sub-network within the budget, without search.
+               max_latency_s: float | None = None, metric: str | None = None, measurement: str | None = None,
+               with_name: bool = False) -> Any:
+        """A sub-network within the budget: the best measured one when there are measurements.
 
-        Without ``metric`` and ``max_latency_s``: the largest nested sub-network within the
+        With :attr:`measurements` (``elasticize eval``): the measured sub-network (preset, candidate or
+        solver pick) with the best metric within every bound, latency from the same measurement
+        (:func:`elasticize.measured.best_measured`; ``measurement`` picks a device/batch-size key, default
+        the first). Without: with ``metric`` or ``max_latency_s``, the measured preset with the best
+        value in :attr:`metrics` (ties: more MACs); else the largest nested sub-network within the
         MACs/params budget (:meth:`SearchSpace.select`, SortedNet's search-free extraction).
-        With ``metric`` (a key of :attr:`metrics`, higher is better, e.g. ``"accuracy"``): the
-        measured preset with the best value among those within every bound (ties: more MACs).
-        ``max_latency_s`` bounds the measured ``"latency_s"`` metric (seconds per batch, as
-        measured by :meth:`elasticize.train.Trainer.evaluate`).
+
+        Returns:
+            The configuration, or ``(preset name or None, configuration)`` with ``with_name``.
 
         Raises:
             ValueError: no bound given, or no (measured) sub-network meets them; the message
-                says which presets were measured.
+                says what was measured.
         """
-        if metric is None and max_latency_s is None:
-            return self.space.select(max_macs=max_macs, max_params=max_params)
-        return self.resolve(_best_measured(self, max_macs, max_params, max_latency_s, metric))
+        from .measured import best_measured, best_preset
+
+        if self.measurements:
+            cfg = best_measured(self, max_macs=max_macs, max_params=max_params, max_latency_s=max_latency_s,
+                                metric=metric, key=measurement)
+        elif metric is None and max_latency_s is None:
+            cfg = self.space.select(max_macs=max_macs, max_params=max_params)
+        else:
+            cfg = self.resolve(best_preset(self, max_macs, max_params, max_latency_s, metric))
+        return (self.preset_name(cfg), cfg) if with_name else cfg
 
     # ------------------------------------------------------------ extraction
     def extract(self, subnet: SubnetLike = None) -> nn.Module:
@@ -294,7 +305,11 @@ class ElasticModel(nn.Module):
     # ------------------------------------------------------------ display
     def active_name(self) -> str | None:
         """The name of the preset that the active sub-network is, if any (``full`` for the largest)."""
-        return next((n for n in self.presets if self.resolve(n) == self._active), None)
+        return self.preset_name(self._active)
+
+    def preset_name(self, cfg: Config) -> str | None:
+        """The name of the preset that the resolved ``cfg`` is, if any."""
+        return next((n for n in self.presets if self.resolve(n) == cfg), None)
 
     def extra_repr(self) -> str:
         """The active sub-network, its MACs and params; the modules below print their active sizes."""
@@ -315,48 +330,6 @@ class ElasticModel(nn.Module):
             KeyError, ValueError, TypeError: for a sub-network outside the search space.
         """
         return _summary_table(self, self._active if subnet is None else self.resolve(subnet))
-
-
-def _checked_bn_stats(stats: Mapping[str, Mapping[str, torch.Tensor]], presets: Mapping[str, Any],
-                      buffers: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-preset BatchNorm statistics checked against the presets and buffers, each copied to its buffer's
-    device and dtype.
-
-    Raises:
-        KeyError: an unknown preset or buffer name.
-        ValueError: a tensor longer than its buffer or not 1-D.
-    """
-    clean: dict[str, dict[str, torch.Tensor]] = {}
-    for name, table in stats.items():
-        if name not in presets:
-            raise KeyError(f"BN statistics for unknown preset {name!r}; presets: {list(presets)}")
-        clean[name] = {}
-        for fqn, t in table.items():
-            if fqn not in buffers:
-                raise KeyError(f"BN statistics of preset {name!r} name {fqn!r}, which is not a buffer of the model")
-            if t.dim() != 1 or t.shape[0] > buffers[fqn].shape[0]:
-                raise ValueError(f"BN statistics {fqn!r} of preset {name!r} have shape {list(t.shape)}; expected "
-                                 f"(n,) with n <= {buffers[fqn].shape[0]}")
-            clean[name][fqn] = t.detach().to(buffers[fqn].device, buffers[fqn].dtype).clone()
-    return clean
-
-
-def _best_measured(em: ElasticModel, max_macs: int | None, max_params: int | None, max_latency_s: float | None,
-                   metric: str | None) -> str:
-    """The measured preset that :meth:`ElasticModel.select` picks with a ``metric`` or a latency bound."""
-    if max_macs is None and max_params is None and max_latency_s is None:
-        raise ValueError("give max_macs, max_params and/or max_latency_s")
-    need = [k for k in (metric, "latency_s" if max_latency_s is not None else None) if k]
-    measured = [n for n in em.presets if all(k in em.metrics.get(n, {}) for k in need)]
-    ok = [n for n in measured
-          if (max_macs is None or em.macs(n) <= max_macs) and (max_params is None or em.params(n) <= max_params)
-          and (max_latency_s is None or em.metrics[n]["latency_s"] <= max_latency_s)]
-    if not ok:
-        raise ValueError(f"no measured preset meets max_macs={max_macs}, max_params={max_params}, "
-                         f"max_latency_s={max_latency_s}; presets measured for {need}: {measured or 'none'} "
-                         "(measure them with elasticize.train.Trainer.evaluate)")
-    key = (lambda n: (em.metrics[n][metric], em.macs(n))) if metric else (lambda n: em.macs(n))
-    return max(ok, key=key)
 
 
 def _summary_table(em: ElasticModel, cfg: Config) -> Any:

@@ -30,6 +30,7 @@ from torch import nn
 
 __all__ = [
     "GroupState",
+    "SegmentState",
     "StageState",
     "TensorSpec",
     "make_elastic",
@@ -37,6 +38,7 @@ __all__ = [
     "is_elastic",
     "SWITCH_PREFIX",
     "axis_ranges",
+    "segment_ranges",
     "cut_axis",
     "prefix_view",
 ]
@@ -67,6 +69,39 @@ class GroupState:
         return f"GroupState({self.name!r}, active={self.active}/{self.size})"
 
 
+class SegmentState:
+    """Active size of an axis that is a concatenation of segments (the input channels of a layer that
+    reads ``torch.cat([a, b, ...], 1)`` of different groups, DenseNet's and Inception's joins).
+
+    Each segment is ``(group, chunks, div)`` (the group's active prefix in each chunk, as
+    :func:`axis_ranges`) or an int: that many channels kept whole. It stands in for a
+    :class:`GroupState` in a :data:`TensorSpec` (with ``chunks = div = 1``) and in an attribute
+    that follows the axis (a convolution's ``in_channels``: the sum of the active segments).
+
+    Attributes:
+        parts: the segments, in index order.
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: list[tuple[GroupState, int, int] | int]) -> None:
+        self.parts = tuple(parts)
+        self.size = sum(p if isinstance(p, int) else p[1] * (p[0].size // p[2]) for p in self.parts)
+
+    @property
+    def active(self) -> int:
+        """Active channels along the axis: each segment's active prefix, summed."""
+        return sum(p if isinstance(p, int) else p[1] * (p[0].active // p[2]) for p in self.parts)
+
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """The ``[start, stop)`` ranges the active sub-network uses (:func:`segment_ranges`)."""
+        return segment_ranges(tuple(p if isinstance(p, int) else (p[0].size, p[0].active, p[1], p[2])
+                                    for p in self.parts))
+
+    def __repr__(self) -> str:
+        return f"SegmentState(active={self.active}/{self.size}, {len(self.parts)} segments)"
+
+
 class StageState:
     """Active depth of one stage of residual blocks.
 
@@ -94,8 +129,9 @@ class StageState:
 #: One elastic axis of a tensor: (axis, group state, number of chunks along it, divisor).
 #: Each chunk holds ``group.size // div`` entries of which the first ``group.active // div``
 #: are used; ``div > 1`` serves the key/value projections of grouped-query attention,
-#: whose rows are ``1 / (query heads per key/value head)`` of the query rows.
-TensorSpec = tuple[tuple[int, GroupState, int, int], ...]
+#: whose rows are ``1 / (query heads per key/value head)`` of the query rows. A segmented axis
+#: (a concatenation of groups) has a :class:`SegmentState` in place of the group, ``chunks = div = 1``.
+TensorSpec = tuple[tuple[int, "GroupState | SegmentState", int, int], ...]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -121,6 +157,36 @@ def axis_ranges(size: int, active: int, chunks: int = 1, div: int = 1) -> tuple[
     return tuple((k * period, k * period + keep) for k in range(chunks))
 
 
+@functools.lru_cache(maxsize=4096)
+def segment_ranges(parts: tuple[tuple[int, int, int, int] | int, ...]) -> tuple[tuple[int, int], ...]:
+    """The ``[start, stop)`` ranges of a segmented axis that the active sub-network uses.
+
+    Args:
+        parts: per segment, ``(size, active, chunks, div)`` of its group (its ranges are
+            :func:`axis_ranges` of them, offset by the segments before it), or an int: a
+            segment of that many channels, used whole.
+
+    Returns:
+        The ranges in index order, adjacent ones merged.
+    """
+    out: list[tuple[int, int]] = []
+    offset = 0
+    for p in parts:
+        if isinstance(p, int):
+            rs, span = ((0, p),), p
+        else:
+            rs, span = axis_ranges(*p), p[2] * (p[0] // p[3])
+        for a, b in rs:
+            if b <= a:
+                continue
+            if out and out[-1][1] == offset + a:
+                out[-1] = (out[-1][0], offset + b)
+            else:
+                out.append((offset + a, offset + b))
+        offset += span
+    return tuple(out) or ((0, 0),)
+
+
 def cut_axis(t: torch.Tensor, axis: int, ranges: tuple[tuple[int, int], ...] | list[tuple[int, int]]) -> torch.Tensor:
     """``t`` restricted to ``ranges`` along ``axis``: a view (``narrow``) for one range, else the
     ranges concatenated in order (a copy)."""
@@ -139,8 +205,8 @@ def prefix_view(t: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
     """
     for axis, g, chunks, div in spec:
         if g.active != g.size:
-            ranges = axis_ranges(g.size, g.active, chunks, div)
-            if chunks == 1:
+            ranges = g.ranges() if type(g) is SegmentState else axis_ranges(g.size, g.active, chunks, div)
+            if len(ranges) == 1:
                 start, stop = ranges[0]
                 t = t.narrow(axis, start, stop - start)
             else:

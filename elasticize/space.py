@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .modules import SWITCH_PREFIX
-from .plan import KIND_DIM, ElasticState, Plan
+from .plan import KIND_DIM, Axis, ElasticState, Plan, Segments
 
 __all__ = ["SearchSpace", "PRESET_RATIOS", "Config", "Budget", "parse_budget"]
 
@@ -73,7 +73,8 @@ class SearchSpace:
         self._blocks = blocks
         self._layer_of = layer_of
         chain = self._chain
-        self._terms = [(int(t.macs), list(t.factors), chain(t.owner)) for t in plan.mac_terms]
+        self._segs: dict[str, list[tuple[str | None, int]]] = {}  # key of a segmented factor -> (group, channels)
+        self._terms = [(int(t.macs), [self._factor(x) for x in t.factors], chain(t.owner)) for t in plan.mac_terms]
         self._params = []
         for fqn, info in plan.tensors.items():
             if not info.param or fqn.rsplit(".", 1)[-1].startswith(SWITCH_PREFIX):
@@ -81,9 +82,23 @@ class SearchSpace:
             n = 1
             for d in info.shape:
                 n *= int(d)
-            groups = [a.group for a in info.axes.values()]
+            groups = [self._factor(a) for a in info.axes.values()]
             self._params.append((n, groups, chain(layer_of.get(fqn, fqn.rsplit(".", 1)[0]))))
         self.presets = self._make_presets()
+
+    def _factor(self, f: "str | Axis | Segments") -> str:
+        """A MAC or parameter factor (a group name, a tensor's :class:`~elasticize.plan.types.Axis`) as a key of
+        :meth:`_ratios`: a group name, or for :class:`~elasticize.plan.types.Segments` (a concatenation of
+        groups) a key whose ratio is their active channels over their full size."""
+        if isinstance(f, str):
+            return f
+        if not isinstance(f, Segments):
+            return f.group
+        key = "\0segments:" + repr(f.to_json())
+        if key not in self._segs:
+            self._segs[key] = [(None, p) if isinstance(p, int) else (p.group, p.chunks * (self._size[p.group] // p.div))
+                               for p in f.parts]
+        return key
 
     def block_of(self, path: str) -> tuple[str, int] | None:
         """(stage, rank) of the innermost depth block that contains module ``path``, or None.
@@ -200,6 +215,8 @@ class SearchSpace:
         r = {g: v / self._size[g] for g, v in cfg["width"].items()}
         r.update({g: v * self._unit[g] / self._size[g] for g, v in [*cfg["heads"].items(),
                                                                      *cfg.get("modules", {}).items()]})
+        for key, segs in self._segs.items():
+            r[key] = sum(n * (r.get(g, 1.0) if g else 1.0) for g, n in segs) / max(1, sum(n for _, n in segs))
         return r
 
     @staticmethod

@@ -8,6 +8,7 @@ a file atomically (temporary name, umask mode, never the input) is :mod:`elastic
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -16,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-__all__ = ["dedupe", "aligned", "load_strict", "load_weights_file", "name_summary"]
+__all__ = ["dedupe", "aligned", "load_strict", "load_weights_file", "name_summary", "TORCH_DTYPES", "tensor_bytes",
+           "write_ordered"]
 
 
 def dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -97,3 +99,47 @@ def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError(f"{p} is not a safetensors file ({e}). elasticize never unpickles .pt/.pth files; convert "
                          "them once (PyTorch's weights-only loader, then safetensors.torch.save_file)") from e
     load_strict(model, tensors, assign=False, what=str(p))
+
+
+#: safetensors dtype name -> torch dtype (the dtypes torch has).
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "C64": torch.complex64}
+_ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The little-endian bytes of ``t`` in row-major order, as safetensors stores them."""
+    t = t.detach().contiguous().cpu().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def write_ordered(tensors: Sequence[tuple[str, torch.Tensor]], path: str | os.PathLike,
+                  metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file whose data holds ``tensors`` in the given order.
+
+    ``safetensors.torch.save_file`` orders the data by dtype, then name; the nested layout
+    (:mod:`elasticize.fileformat.layout`) needs its own order (each preset a byte prefix), so this
+    writes the same format (8-byte little-endian header length, JSON header padded with spaces to
+    8 bytes, then the data) in that order. safetensors' own reader accepts any order.
+
+    Raises:
+        TypeError: a tensor of a dtype safetensors has no name for.
+    """
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    end = 0
+    for name, t in tensors:
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [end, end + n]}
+        end += n
+
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for _, t in tensors:
+            fh.write(tensor_bytes(t))

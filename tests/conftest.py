@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,8 @@ import torch
 
 from elasticize.testing import math_attention  # noqa: F401  (re-exported for the tests)
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# under pytest-xdist each worker process gets one core's worth of threads (CI has 2 cores, 2 workers)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

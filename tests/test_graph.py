@@ -41,11 +41,14 @@ def test_residual_chain_may_pass_through_reshapes():
     assert max_diff(y, m.head(m.blocks[0](m.stem(x)).mean((1, 2)))) < 1e-6
 
 
-def test_concat_grouped_conv_and_output_are_fixed_with_reasons():
+def test_grouped_conv_and_output_are_fixed_with_reasons():
     em = elasticize.elasticize(toys.ToyCNN())
     r = _reasons(em)
     assert "grouped convolution" in r["grouped:out"] and "grouped convolution" in r["expand:out"]
-    assert "concatenated" in r["branch_a:out"] and "concatenated" in r["branch_b:out"]
+    # the concatenation's branches stay elastic, in whole groups of the GroupNorm that reads them (issue 19)
+    assert {g["name"]: g["unit"] for g in em.plan.groups if g["name"].startswith("branch")} == {
+        "branch_a:out": 8, "branch_b:out": 8}
+    assert em.plan.attrs["gn"]["num_groups"] == [[["branch_a:out", 1], ["branch_b:out", 1]], "int", 1, 8]
     assert r["fc:out"] == "model output"
     assert em.plan.tensors["grouped.weight"].axes == {}
 

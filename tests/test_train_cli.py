@@ -348,3 +348,85 @@ def test_text_file_shards(text_job):
     assert len(parts[0]) == len(parts[1]) == len(whole) // 2
     assert parts[0] + parts[1] != [] and all(b in whole for b in parts[0] + parts[1])
     assert not {tuple(b) for b in parts[0]} & {tuple(b) for b in parts[1]}
+
+
+@pytest.fixture(scope="module")
+def val_folder(image_job):
+    """40 other real digits as a validation image folder."""
+    from PIL import Image
+
+    d, _, _ = image_job
+    x, y, _, _ = digits()
+    folder = d / "val"
+    for i in range(120, 160):
+        cls = folder / str(int(y[i]))
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[i, 0].numpy() * 255).astype("uint8"), mode="L").save(cls / f"{i}.png")
+    return folder
+
+
+def test_train_options_log_dir_and_plain_records(image_job, val_folder, tmp_path):
+    """--val-data, --workers, --weight-decay, --max-grad-norm, --log-dir and --log-every on piped output:
+    a record every step with one global step count across --eval-every segments, a status line per
+    phase, a CSV whose last rows are the manifest's metrics, TensorBoard event files."""
+    import csv
+
+    d, folder, model = image_job
+    out, state, logs = tmp_path / "t.safetensors", tmp_path / "s.safetensors", tmp_path / "logs"
+    res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "4",
+                                    "-o", str(out), "--batch-size", "16", "--val-data", str(val_folder),
+                                    "--workers", "1", "--weight-decay", "0.25", "--max-grad-norm", "1.0",
+                                    "--eval-every", "2", "--log-every", "1", "--log-dir", str(logs),
+                                    "--state", str(state)])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert [ln.split()[1] for ln in lines if ln.startswith("step ") and "/4 " in ln] == ["1/4", "2/4", "3/4", "4/4"]
+    n = len(elasticize.read_manifest(out)["presets"])
+    for phase in (f"BN recalibration of {n} presets...", f"measuring {n} presets on 3 held-out batches: done in",
+                  f"saving {out}: done in"):
+        assert phase in res.output, res.output
+    assert read_state_info(state)["optimizer"]["param_groups"][0]["weight_decay"] == 0.25
+    presets = elasticize.read_manifest(out)["presets"]
+    assert all(p["metrics"]["accuracy"] * 40 == round(p["metrics"]["accuracy"] * 40) for p in presets.values())  # 40 val images
+    rows = list(csv.DictReader((logs / "metrics.csv").open()))
+    final = {r["name"]: float(r["value"]) for r in rows if r["kind"] == "eval" and r["step"] == "4"}
+    assert final == {n: p["metrics"]["accuracy"] for n, p in presets.items()}
+    assert {r["step"] for r in rows if r["kind"] == "eval"} == {"2", "4"}
+    assert sum(r["kind"] == "train" for r in rows) >= 4 and list(logs.glob("events.out.tfevents.*"))
+
+
+def test_distribution_draws_only_the_chosen_width(image_job):
+    from elasticize.train.run import RunOptions, train_file
+
+    d, folder, model = image_job
+    em = elasticize.load(model, trust_remote_code=True)
+    groups = em.space.dimensions["width"]
+    n = len(next(iter(groups.values())))
+    r = train_file(model, data=folder, steps=2, output=d / "dist.safetensors", batch_size=16, trust_remote_code=True,
+                   overwrite=True, run=RunOptions(distribution={"width": [0.0] * (n - 1) + [1.0]}))
+    configs = [c for rec in r["history"] for c in rec["configs"]]
+    assert len(configs) >= 2 and all(c["width"] == {g: ch[-1] for g, ch in groups.items()} for c in configs)
+
+
+def test_new_train_options_refuse_bad_values(image_job, val_folder, tmp_path):
+    d, folder, model = image_job
+    text = tmp_path / "lines.txt"
+    text.write_text("one line\n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cases = [(["--workers", "-1"], 1, "--workers must be >= 0"),
+             (["--weight-decay", "-0.1"], 1, "--weight-decay must be >= 0"),
+             (["--max-grad-norm", "0"], 1, "--max-grad-norm must be > 0"),
+             (["--distribution", "width"], 2, "give DIM=P,P,..."),
+             (["--distribution", "width=1,2"], 1, "distribution['width'] must be"),
+             (["--val-data", str(tmp_path / "missing")], 1, "--val-data"),
+             (["--val-data", str(text)], 1, "held-out data of the same kind"),
+             (["--log-dir", str(a_file)], 2, "is a file"),
+             (["--log-every", "-1"], 1, "--log-every must be >= 0"),
+             (["--fsdp"], 1, "start the script under torchrun")]
+    before = _snapshot(tmp_path)
+    for extra, code, message in cases:
+        res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "1",
+                                        "--batch-size", "16", "-o", str(tmp_path / "out.safetensors"), *extra])
+        assert res.exit_code == code and message in res.output and "Traceback" not in res.output, (extra, res.output)
+    assert _snapshot(tmp_path) == before

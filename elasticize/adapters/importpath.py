@@ -34,6 +34,34 @@ def _first_on_path(folder: str | None) -> Iterator[None]:
             sys.path.remove(folder)
 
 
+def import_callable(name: str) -> Any:
+    """The callable ``package.module:attr`` names, imported with the :func:`app_dir` folder (or the current
+    folder) first on ``sys.path``. Only for a name the user gave (a model builder, an ``eval --data`` function).
+
+    Raises:
+        KeyError: not an import path, a module that cannot be imported, or no such callable.
+    """
+    mod_name, _, attr = name.partition(":")
+    if not attr or not re.fullmatch(r"[\w.]+", mod_name) or not re.fullmatch(r"[\w.]+", attr):
+        raise KeyError(f"{name!r} is not an import path; write package.module:builder")
+    folder = _import_folder()
+    with _first_on_path(folder):
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            where = f"in {folder} or on sys.path" if folder else "on sys.path"
+            raise KeyError(f"cannot import {mod_name!r} for {name!r} ({e}); looked {where}: run from the folder "
+                           "that holds it, or pass --app-dir DIR (Python: elasticize.adapters.app_dir)") from e
+        obj: Any = mod
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise KeyError(f"{mod_name!r} has no {attr!r}")
+            obj = getattr(obj, part)
+    if not callable(obj):
+        raise KeyError(f"{name!r} is not callable")
+    return obj
+
+
 @register_adapter("import")
 class ImportAdapter(Adapter):
     """Your own model: ``package.module:builder``, a function or class called with ``kwargs``.
@@ -58,24 +86,9 @@ class ImportAdapter(Adapter):
             KeyError: not an import path, a module that cannot be imported, or no such callable.
             TypeError: the builder returned something other than an ``nn.Module``.
         """
-        mod_name, _, attr = name.partition(":")
-        if not attr or not re.fullmatch(r"[\w.]+", mod_name) or not re.fullmatch(r"[\w.]+", attr):
-            raise KeyError(f"{name!r} is not an import path; write package.module:builder")
         folder = _import_folder()
         with _first_on_path(folder):
-            try:
-                mod = importlib.import_module(mod_name)
-            except ImportError as e:
-                where = f"in {folder} or on sys.path" if folder else "on sys.path"
-                raise KeyError(f"cannot import {mod_name!r} for {name!r} ({e}); looked {where}: run from the folder "
-                               "that holds it, or pass --app-dir DIR (Python: elasticize.adapters.app_dir)") from e
-            obj: Any = mod
-            for part in attr.split("."):
-                if not hasattr(obj, part):
-                    raise KeyError(f"{mod_name!r} has no {attr!r}")
-                obj = getattr(obj, part)
-            if not callable(obj):
-                raise KeyError(f"{name!r} is not callable")
+            obj = import_callable(name)
             model = obj(**kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"{name!r} returned {type(model).__name__}, not an nn.Module")

@@ -1,6 +1,6 @@
 """``elasticize`` command line: thin click commands over the Python API, with rich output.
 
-One module per command (:mod:`.convert`, :mod:`.inspect`, :mod:`.extract`, :mod:`.train`);
+One module per command (:mod:`.convert`, :mod:`.inspect`, :mod:`.extract`, :mod:`.train`, :mod:`.eval`);
 :mod:`._common` holds what they share (the consoles, the one-line error runner, option parsers,
 the base-model options).
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from . import convert, extract, inspect, train
+from . import convert, eval, extract, inspect, train
 from ._common import _fmt, console, err_console  # noqa: F401 (_fmt: examples/minilm.py imports it from here)
 from .inspect import report_tables
 
@@ -26,3 +26,4 @@ main.add_command(convert.convert)
 main.add_command(inspect.inspect)
 main.add_command(extract.extract)
 main.add_command(train.train)
+main.add_command(eval.eval_)

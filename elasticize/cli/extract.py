@@ -29,6 +29,8 @@ from ._common import (_app_dir, _app_dir_option, _base_model_options, _budget, _
                    "is at most this: 5ms, 0.005, or 50% of full's.")
 @click.option("--best", metavar="METRIC", help="With --max-macs/--max-params/--max-latency-s: the measured preset with "
               "the highest METRIC (e.g. accuracy, cosine) within them, instead of the largest sub-network.")
+@click.option("--data", help="Without measurements in FILE: calibrate the budget's pick on this data (BN "
+              "recalibration, bias compensation), as `elasticize eval --data` reads it.")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Dense sub-network .safetensors, or a folder "
               "with --format hf.")
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "hf"]), default="safetensors", show_default=True,
@@ -38,7 +40,7 @@ from ._common import (_app_dir, _app_dir_option, _base_model_options, _budget, _
 @_base_model_options
 @_app_dir_option
 def extract(file: str, preset: str | None, config_json: str | None, max_macs: Any, max_params: Any,
-            max_latency_s: Any, best: str | None, output: str, fmt: str, force: bool,
+            max_latency_s: Any, best: str | None, data: str | None, output: str, fmt: str, force: bool,
             model_spec: str | None, trust_remote_code: bool, app_dir: str | None) -> None:
     """Write one dense sub-network of FILE to OUTPUT (a file for elasticize.load_subnet, or a HF folder).
 
@@ -65,6 +67,8 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: An
         em = _run(lambda: checkpoint.load(file, model=base, trust_remote_code=trust_remote_code))
     if budget:
         subnet = _run(lambda: _select(em, max_macs, max_params, max_latency_s, best))
+        if not em.measurements:
+            _unmeasured(em, file, subnet, data)
     cfg = _run(lambda: em.resolve(subnet))
     if isinstance(subnet, dict):
         _say_rounding(em, subnet, cfg)
@@ -113,3 +117,21 @@ def _say_rounding(em: Any, asked: dict, cfg: dict) -> None:
         if any(abs(r - value) > 1e-9 for r in got):
             shown = ", ".join(f"{100 * r:.4g}%" for r in got)
             console.print(f"--config {dim} {value:g} was rounded to the nearest choices: {shown} of full", soft_wrap=True)
+
+
+def _unmeasured(em: Any, file: str, cfg: Any, data: str | None) -> None:
+    """A budget's pick in a file without measurements: calibrated on ``data``, or a warning naming ``elasticize eval``."""
+    if data is None:
+        err_console.print(f"[yellow]warning:[/yellow] {file} holds no measurements, so this is the largest sub-network "
+                          "within the budget, unmeasured and uncalibrated; measure the file first: elasticize eval "
+                          f"{file} --data DATA -o MEASURED.safetensors (or pass --data to calibrate this pick)",
+                          soft_wrap=True)
+        return
+    from ..measure import calibrate, eval_data
+
+    name = em.preset_name(em.resolve(cfg))
+    if name is None:
+        em.add_preset("selected", cfg, replace=True)
+    ds = _run(lambda: eval_data(data, em))
+    with console.status("calibrating the pick (BN recalibration, bias compensation)"):
+        _run(lambda: calibrate(em, ds.calibration))

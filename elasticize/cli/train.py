@@ -82,6 +82,28 @@ class _StrategyCommand(click.Command):
         return [*params[:at], *extra, *params[at:]]
 
 
+def _distribution(values: tuple[str, ...]) -> dict[str, list[float]]:
+    """``--distribution`` values ``DIM=P,P,...`` as ``{dim: [p, ...]}`` (checked by the sampler).
+
+    Raises:
+        click.BadParameter: a value that is not ``DIM=`` and numbers, or a dimension given twice.
+    """
+    out: dict[str, list[float]] = {}
+    for v in values:
+        dim, sep, probs = v.partition("=")
+        try:
+            ps = [float(p) for p in probs.split(",")]
+        except ValueError:
+            ps = []
+        if not sep or not dim or not ps:
+            raise click.BadParameter(f"{v!r}: give DIM=P,P,... with one probability per choice, largest first, "
+                                     "e.g. width=0.4,0.3,0.2,0.1", param_hint="--distribution")
+        if dim in out:
+            raise click.BadParameter(f"{dim} is given twice", param_hint="--distribution")
+        out[dim] = ps
+    return out
+
+
 @click.command(cls=_StrategyCommand)
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--data", required=True, type=click.Path(), help="Image folder (one sub-folder per class) or text file (one sample per line).")
@@ -118,17 +140,32 @@ class _StrategyCommand(click.Command):
 @click.option("--amp/--no-amp", default=None,
               help="bf16 autocast for the training passes (default: on for CUDA only; --amp speeds up "
                    "CPUs with AVX512-BF16).")
+@click.option("--val-data", type=click.Path(), help="Held-out data of the kind of --data to measure the presets on "
+              "(then all of --data trains).")
+@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
+@click.option("--weight-decay", type=float, default=0.01, show_default=True, help="AdamW weight decay.")
+@click.option("--max-grad-norm", type=float, default=None, help="Clip each update's gradients to this L2 norm.")
+@click.option("--distribution", multiple=True, metavar="DIM=P,P,...", callback=lambda c, p, v: _distribution(v),
+              help="SortedNet sampling probabilities of a dimension's choices, largest first (repeatable), "
+                   "e.g. width=0.4,0.3,0.2,0.1.")
+@click.option("--fsdp", is_flag=True, help="Under torchrun: shard parameters, gradients and optimizer state with "
+              "FSDP2 (each process holds 1/N) instead of DDP.")
+@click.option("--log-dir", type=click.Path(file_okay=False), help="Write metrics.csv and TensorBoard scalars here.")
+@click.option("--log-every", type=int, default=10, show_default=True,
+              help="A plain progress line every N steps when the output is not a terminal (0: none).")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 @_base_model_options
 @_app_dir_option
 def train(file: str, data: str, steps: int, output: str, strategy: str, batch_size: int, lr: float, schedule: str,
           warmup: float, seed: int, distill: bool | None, distill_loss: str | None, dropout: bool, latency: bool,
           eval_every: int, eval_fraction: float, max_length: int, state: str | None, save_every: int,
-          resume: str | None, device: str | None, always: tuple[str, ...], amp: bool | None, force: bool,
-          model_spec: str | None, trust_remote_code: bool, app_dir: str | None) -> None:
+          resume: str | None, device: str | None, always: tuple[str, ...], amp: bool | None, val_data: str | None,
+          workers: int, weight_decay: float, max_grad_norm: float | None, distribution: dict[str, list[float]],
+          fsdp: bool, log_dir: str | None, log_every: int, force: bool, model_spec: str | None,
+          trust_remote_code: bool, app_dir: str | None) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .._files import check_output
-    from ..train.run import train_file
+    from ..train.run import RunOptions, train_file
 
     _run(lambda: check_output(output, overwrite=force, inputs=(file,)))  # before any training
     if state is not None:
@@ -141,14 +178,18 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, batch_si
     options = dict(ctx.meta.get(_OPTIONS_KEY, {}))
     ctx.with_resource(_app_dir(app_dir))  # for this command, as uvicorn's --app-dir
     base = _build_base(model_spec, file)
+    tty = console.is_terminal
+    run = RunOptions(weight_decay=weight_decay, max_grad_norm=max_grad_norm, workers=workers,
+                     distribution=distribution or None, parallel="fsdp" if fsdp else "ddp", val_data=val_data,
+                     log_dir=log_dir, log_every=0 if tty else log_every, status=lambda line: console.print(line))
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
                                      strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,
                                      warmup=warmup, seed=seed, distill=distill, distill_loss=distill_loss,
                                      dropout=dropout, latency=latency, eval_every=eval_every, on_eval=_report,
                                      eval_fraction=eval_fraction, max_length=max_length, state=state,
-                                     resume=resume, save_every=save_every, overwrite=force, progress=True,
+                                     resume=resume, save_every=save_every, overwrite=force, progress=tty,
                                      device=device, always=always, amp=amp, model=base,
-                                     trust_remote_code=trust_remote_code))
+                                     trust_remote_code=trust_remote_code, run=run))
     if result["rank"] != 0:  # under torchrun, rank 0 reports
         return
     if result["metrics"]:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .source import ByteSource, open_source
 from ..plan.parse import (DTYPE_BYTES, MAX_HEADER_BYTES, ManifestError, as_dict, as_int, as_ints, as_list, as_str,
                           as_str_map, fail, loads)
 
@@ -23,7 +24,7 @@ class Header:
         metadata: the ``__metadata__`` strings.
     """
 
-    def __init__(self, path: Path, size: int, data_start: int, tensors: dict[str, dict[str, Any]],
+    def __init__(self, path: Any, size: int, data_start: int, tensors: dict[str, dict[str, Any]],
                  metadata: dict[str, str]) -> None:
         self.path, self.size, self.data_start = path, size, data_start
         self.tensors, self.metadata = tensors, metadata
@@ -34,32 +35,41 @@ class Header:
         return None if t is None else list(t["shape"])
 
 
-def read_header(path: str | Path) -> Header:
+def read_header(path: str | Path, source: ByteSource | None = None) -> Header:
     """Read and check a safetensors header, as strictly as safetensors' own reader.
+
+    The 8-byte length is checked against the limit and the file's size before the header's
+    bytes are read, so a hostile length costs nothing (a remote file: no large download).
+
+    Args:
+        path: the file (a local path, or a URL when ``source`` reads it).
+        source: where the bytes come from (:func:`elasticize.fileformat.source.open_source`);
+            None opens ``path`` as a local file.
 
     Raises:
         FileNotFoundError: no such file.
         ManifestError: a header over :data:`MAX_HEADER_BYTES`, longer than the file, not JSON,
             or with a tensor entry whose dtype, shape or ``data_offsets`` are invalid, overlap,
             leave gaps, or run past the end of the file (a truncated download).
+        ValueError, OSError: a remote source's errors (see :class:`~elasticize.fileformat.source.ByteSource`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ManifestError(f"{path} is not a safetensors file: it has {size} bytes, fewer than its 8-byte "
-                                "header length")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER_BYTES:
-            raise ManifestError(f"{path}: its header claims {n} bytes, over safetensors' limit of "
-                                f"{MAX_HEADER_BYTES}; the file is corrupted or hostile")
-        if n > size - 8:
-            raise ManifestError(f"{path} is not a readable safetensors file (truncated?): its header claims {n} bytes but "
-                                f"the file has {size}; copy or download it again")
-        raw = fh.read(n)
+    if source is None:
+        path = Path(path)
+        with open_source(path) as src:
+            return read_header(path, src)
+    size = source.size
+    (head,) = source.read([(0, min(8, size))])
+    if len(head) < 8:
+        raise ManifestError(f"{path} is not a safetensors file: it has {size} bytes, fewer than its 8-byte "
+                            "header length")
+    n = int.from_bytes(head, "little")
+    if n > MAX_HEADER_BYTES:
+        raise ManifestError(f"{path}: its header claims {n} bytes, over safetensors' limit of "
+                            f"{MAX_HEADER_BYTES}; the file is corrupted or hostile")
+    if n > size - 8:
+        raise ManifestError(f"{path} is not a readable safetensors file (truncated?): its header claims {n} bytes but "
+                            f"the file has {size}; copy or download it again")
+    (raw,) = source.read([(8, 8 + n)])
     header = loads(raw, f"{path} is not a readable safetensors file: its header")
     if not isinstance(header, dict):
         raise ManifestError(f"{path}: the safetensors header is not a JSON object")

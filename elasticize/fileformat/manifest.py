@@ -19,10 +19,12 @@ from ..plan.manifest import Manifest
 from ..space import SearchSpace
 from ..tensorfile import name_summary
 from .header import Header
+from .measurements import BIAS_PREFIX, check_compensation, check_measurements
 
 __all__ = ["BN_PREFIX", "FILE_PREFIX", "bn_name", "live_state", "preset_table", "check_files", "check_manifest"]
 
-_SUPER_KEYS = ("input_shapes", "importance", "aliases", "bn_stats", "files")
+_SUPER_KEYS = ("input_shapes", "importance", "aliases", "bn_stats", "files", "measurements", "bias_compensation",
+               "layout")
 _SUB_KEYS = ("input_shapes", "importance", "aliases", "files")
 _COMMON = ("format", "format_version", "library_version", "kind", "recipe", "plan", "search_space")
 #: Prefix of the stored per-preset calibrated BatchNorm statistics (format version 2).
@@ -58,8 +60,9 @@ def preset_table(plan: Any, space: Any, preset: str, cfg: dict, stored: Mapping[
         preset: the preset's name.
         cfg: its resolved configuration.
         stored: tensor name -> (shape, bytes per element) of the super-network's stored tensors.
-        calibrated: the preset's calibrated BatchNorm buffers (fqn -> anything), stored under
-            :func:`bn_name`.
+        calibrated: the preset's calibrated tensors: BatchNorm buffers (fqn -> anything, stored under
+            :func:`bn_name`) and compensated biases (fqn -> stored name, see
+            :mod:`elasticize.fileformat.measurements`).
 
     Returns:
         ``({dense name: {"source", "shape", "slices"}}, total bytes)``.
@@ -75,7 +78,8 @@ def preset_table(plan: Any, space: Any, preset: str, cfg: dict, stored: Mapping[
         shape = list(shape0) if ranges is None else [sum(b - a for a, b in rs) for rs in ranges]
         total += math.prod(shape) * item
         if src in calibrated:
-            tensors[dense] = {"source": bn_name(preset, src), "shape": shape, "slices": None}
+            name = calibrated[src] if isinstance(calibrated[src], str) else bn_name(preset, src)
+            tensors[dense] = {"source": name, "shape": shape, "slices": None}
         else:
             tensors[dense] = {"source": src, "shape": shape,
                               "slices": None if ranges is None else [[list(r) for r in rs] for rs in ranges]}
@@ -240,14 +244,17 @@ def _check_super_network(m: dict, tables: Any, f: _File) -> None:
     switch = {f"{mod}.{SWITCH_PREFIX}{t}" if mod else f"{SWITCH_PREFIX}{t}"
               for mod, sw in plan.switchable.items() for t in sw.tensors}
     stored_bn = _check_bn_stats(bn, presets, switch, f)
+    check_measurements(m.get("measurements", {}), f.space)  # their format version: _check_top
+    stored_comp, comp = check_compensation(m.get("bias_compensation", {}), presets, plan, header)
     items = {n: (header.shape(n), DTYPE_BYTES[t["dtype"]]) for n, t in header.tensors.items()}
     items.update({a: items[t] for a, t in f.aliases.items()})
     for fqn, info in plan.tensors.items():  # non-persistent tensors: the plan's shape, 4 bytes (never stored)
         items.setdefault(fqn, (list(info.shape), 4))
     for name, entry in presets.items():
-        _check_preset(name, entry, None if tables is None else tables[name], bn.get(name, {}), items, f)
+        _check_preset(name, entry, None if tables is None else tables[name],
+                      {**bn.get(name, {}), **comp.get(name, {})}, items, f)
     expected = ({n for n, info in plan.tensors.items() if info.persistent} | switch
-                | stored_bn) - set(f.aliases)
+                | stored_bn | stored_comp) - set(f.aliases)
     _same_set(expected, f.stored, "the stored tensors")
 
 
@@ -285,7 +292,7 @@ def _check_preset(name: str, entry: Any, table_read: Any, calibrated: dict, item
     except KeyError as e:
         raise ManifestError(f"manifest key {key}: the file does not store tensor {e.args[0]!r:.120}") from None
     for dense, e in table.items():
-        if e["source"].startswith(BN_PREFIX) and f.header.shape(e["source"]) != e["shape"]:
+        if e["source"].startswith((BN_PREFIX, BIAS_PREFIX)) and f.header.shape(e["source"]) != e["shape"]:
             fail(f"bn_stats[{name!r:.80}]", f"{e['source']!r:.120} is stored with shape "
                  f"{f.header.shape(e['source'])}; the preset's {dense!r:.80} has {e['shape']}")
     if "bytes" in entry and as_int(entry["bytes"], f"{key}.bytes") != total:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from torch import nn
 
 from .macs import per_sample
+from .coupling import Coupling
 from .propagator import Propagator
 from .results import Analysis, GroupInfo, StageInfo
 from .stages import find_stages
@@ -60,15 +61,26 @@ def analyze(model: nn.Module, example_inputs: tuple, find_rule: Callable[[nn.Mod
     return _collect(prop, how, stages, not_elastic)
 
 
-def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: list[tuple[str, str]]) -> Analysis:
-    """The :class:`Analysis` of a finished propagation: a group per producer root, named after its first
-    producer and kept when it is not fixed, has a tensor to slice and at least 2 units; each tensor's axes
-    in those groups; the attributes that follow them; the MAC terms by group name, per sample."""
-    c = prop.c
-    resolve = c.resolver()
+def _axes_of(c: Coupling, resolve: Callable[[int], tuple[int, int]]) -> tuple[
+        dict[int, list[tuple[str, int, int]]], dict[tuple[str, int], tuple[int, int]], dict[tuple[str, int], int],
+        dict[tuple[str, int], list[int]]]:
+    """Where each tensor axis goes: group root -> its ``(fqn, axis, chunks)`` members; ``(fqn, axis)`` -> ``(group
+    root, chunks)``, -> its per-unit divisor, and -> the segments laid along it (an axis that reads a
+    concatenation; a concatenation read in chunks or per unit fixes its segments)."""
     members: dict[int, list[tuple[str, int, int]]] = {}
     axis_of: dict[tuple[str, int], tuple[int, int]] = {}  # (fqn, axis) -> (group root, chunks)
+    seg_of: dict[tuple[str, int], list[int]] = {}  # (fqn, axis) -> the segments laid along it
     for (fqn, ax), s in c.tensor_slot.items():
+        segs = c.flat_segments(s)
+        if segs is not None:
+            if (fqn, ax) in c.per_unit or c.chunks.get((fqn, ax), 1) > 1:
+                for x in segs:
+                    c.fix(resolve(x)[0], f"a concatenation is read in chunks by {fqn}")
+            seg_of[(fqn, ax)] = segs
+            for x in segs:
+                r, k = resolve(x)
+                members.setdefault(r, []).append((fqn, ax, k))
+            continue
         if (fqn, ax) in c.per_unit:
             continue
         r, k = resolve(s)
@@ -79,10 +91,20 @@ def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: l
         r, k = resolve(s)
         axis_of[(fqn, ax)], div_of[(fqn, ax)] = (r, k), unit
         members.setdefault(r, []).append((fqn, ax, k))
+    return members, axis_of, div_of, seg_of
+
+
+def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: list[tuple[str, str]]) -> Analysis:
+    """The :class:`Analysis` of a finished propagation: a group per producer root, named after its first
+    producer and kept when it is not fixed, has a tensor to slice and at least 2 units; each tensor's axes
+    in those groups; the attributes that follow them; the MAC terms by group name, per sample."""
+    c = prop.c
+    resolve = c.resolver()
+    members, axis_of, div_of, seg_of = _axes_of(c, resolve)
     order = {fqn: i for i, fqn in enumerate(prop.state)}
     groups: list[GroupInfo] = []
     name_of: dict[int, str] = {}
-    roots = sorted({resolve(s)[0] for s in c.producer}, key=lambda r: min(
+    roots = sorted({resolve(s)[0] for s in c.producer if c.flat_segments(s) is None}, key=lambda r: min(
         (order.get(f, 1 << 30), ax) for f, ax, _ in members.get(r, [("", 0, 1)])))
     used_names: set[str] = set()
     for r in roots:
@@ -107,11 +129,26 @@ def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: l
             continue
         groups.append(GroupInfo(name, kind, size, unit, mem))
         name_of[r] = name
+
+    def layout(s: int) -> list[Any] | None:
+        """A segmented slot's plan entry: per segment ``[group, chunks]``, or its channels when not elastic;
+        None when no segment is elastic."""
+        out: list[Any] = []
+        for x in c.flat_segments(s) or []:
+            r, k = resolve(x)
+            out.append([name_of[r], k] if r in name_of else c.size[x])
+        return out if any(isinstance(e, list) for e in out) else None
+
     tensors: dict[str, dict[str, Any]] = {}
     params = {n for n, _ in prop.root.named_parameters()}
     for fqn, t in prop.state.items():
         axes = {}
         for ax in range(t.dim()):
+            if (fqn, ax) in seg_of:
+                e = layout(c.tensor_slot[(fqn, ax)])
+                if e is not None:
+                    axes[str(ax)] = e
+                continue
             r, k = axis_of.get((fqn, ax), (-1, 1))
             g = name_of.get(r)
             if g is not None:
@@ -122,9 +159,15 @@ def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: l
             tensors[fqn] = {"shape": list(t.shape), "param": False, "axes": axes, "persistent": False}
     attrs: dict[str, dict[str, tuple[str, str, int, int]]] = {}
     for module, attr, slot, kind, mul, div in c.attrs:
+        if c.flat_segments(slot) is not None:
+            e = layout(slot)
+            if e is not None:
+                attrs.setdefault(module, {})[attr] = (e, kind, mul, div)
+            continue
         r, k = resolve(slot)
         g = name_of.get(r)
         if g is not None:
             attrs.setdefault(module, {})[attr] = (g, kind, mul * k, div)
-    per_sample(prop.mac_terms, resolve, name_of, prop.batch)
+    per_sample(prop.mac_terms, resolve, name_of, prop.batch,
+               lambda s: layout(s) if c.flat_segments(s) is not None else None)
     return Analysis(how, groups, tensors, attrs, dict(prop.sites), stages, prop.mac_terms, not_elastic, prop.batch)

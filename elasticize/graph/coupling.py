@@ -6,6 +6,10 @@ decision slices every member (the dependency-graph idea of Torch-Pruning, Fang e
 CVPR 2023). A slot also carries facts that the group inherits: fixed (with the reason it
 may never be sliced), its unit (channels that move together), its kind (width, heads,
 parallel modules), whether it is an elastic dimension's source (a producer).
+
+A concatenation of different groups along an axis is a *segmented* slot (:meth:`Coupling.segmented`):
+its index space is its segments' index spaces side by side, each sliced to its own group's
+active prefix; a consumer joined to it reads the concatenation of those prefixes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Coupling:
         self.attrs: list[tuple[str, str, int, str, int, int]] = []
         self.derived: dict[int, tuple[int, int]] = {}  # slot -> (base slot, chunks): ``chunks`` copies of base
         self.per_unit: dict[tuple[str, int], tuple[int, int]] = {}  # (fqn, axis) -> (slot, channels per entry)
+        self.segments: dict[int, list[int]] = {}  # root -> the slots laid side by side along it
 
     def new(self, size: int, fixed: str | None = None) -> int:
         s = len(self.parent)
@@ -56,6 +61,8 @@ class Coupling:
             self.fix(ra, reason)
             self.fix(rb, reason)
         self.parent[rb] = ra
+        if rb in self.segments:
+            self._join_segments(ra, self.segments.pop(rb))
         for d in (self.fixed, self.unit, self.kind):
             if rb in d:
                 if d is self.unit and ra in d:
@@ -65,6 +72,44 @@ class Coupling:
         if rb in self.producer:
             self.producer.add(ra)
         return ra
+
+    def _join_segments(self, ra: int, segs: list[int]) -> None:
+        """Root ``ra`` takes over the segment list ``segs``; two lists of one layout join segment by segment."""
+        mine = self.segments.get(ra)
+        if mine is None:
+            self.segments[ra] = segs
+        elif [self.size[s] for s in mine] == [self.size[s] for s in segs]:
+            for a, b in zip(mine, segs):
+                self.union(a, b)
+        else:
+            reason = "concatenations of different layouts are joined"
+            for s in (*mine, *segs):
+                self.fix(s, reason)
+
+    def segmented(self, parts: list[int]) -> int:
+        """A slot whose index space is ``parts`` side by side (a concatenation of different groups).
+
+        A part that is itself segmented contributes its segments (a concatenation of a
+        concatenation, DenseNet's running feature map, is flat).
+        """
+        flat: list[int] = []
+        for s in parts:
+            flat.extend(self.segments.get(self.find(s), [s]))
+        out = self.new(sum(self.size[s] for s in flat))
+        self.segments[out] = flat
+        return out
+
+    def flat_segments(self, s: int, depth: int = 0) -> list[int] | None:
+        """The slots laid side by side along ``s``, flattened (None when ``s`` is not segmented)."""
+        segs = self.segments.get(self.find(s))
+        if segs is None:
+            return None
+        if depth > 32:
+            raise ValueError("segments nest too deep")
+        out: list[int] = []
+        for x in segs:
+            out.extend(self.flat_segments(x, depth + 1) or [x])
+        return out
 
     def fix(self, s: int, reason: str) -> None:
         self.fixed.setdefault(self.find(s), reason)
@@ -118,6 +163,7 @@ class Coupling:
                 r, k = self.find(d[0]), k * d[1]
             return r, k
 
+        self._settle_segments(roots)
         producers = {self.find(p) for p in self.producer}
         for r in roots:
             base = resolve(r)[0]
@@ -126,6 +172,29 @@ class Coupling:
             if r in producers:
                 self.producer.add(base)
         return resolve
+
+    def _settle_segments(self, derived_roots: dict[int, tuple[int, int]]) -> None:
+        """Pass a segmented root's facts on to its segments: its unit (a GroupNorm over a concatenation:
+        each segment moves in whole groups, if its size is a multiple); fixed, a unit that cuts across
+        a segment, heads or repeated copies fix them, since a segment's prefix would cut across them."""
+        for r in list(self.segments):
+            if self.find(r) != r:
+                continue
+            why = self.fixed.get(r)
+            unit = self.unit.get(r, 1)
+            if why is None and unit > 1:  # a GroupNorm over a concatenation: each segment moves in whole groups
+                if all(self.size[x] % unit == 0 for x in self.flat_segments(r) or []):
+                    for x in self.flat_segments(r) or []:
+                        self.require_unit(x, unit)
+                else:
+                    why = f"a concatenation moves in units of {unit} channels that cut across its segments"
+            if why is None and self.kind.get(r, "width") != "width":
+                why = f"a concatenation is used as {self.kind[r]}"
+            if why is None and r in derived_roots:
+                why = "a concatenation is repeated"
+            if why is not None:
+                for x in self.flat_segments(r) or []:
+                    self.fix(x, why)
 
     def reason(self, s: int) -> str | None:
         return self.fixed.get(self.find(s))

@@ -46,9 +46,20 @@ def measure_macs(run: Callable[[], Any]) -> tuple[Any, int]:
 
 
 def per_sample(terms: Sequence[MacTerm], resolve: Callable[[int], tuple[int, int]], name_of: dict[int, str],
-               batch: int) -> None:
+               batch: int, layout: Callable[[int], Any] = lambda s: None) -> None:
     """Turn each term's factor slots into the names of the elastic groups they belong to (slots of a
-    group that is not elastic drop out) and its MACs into MACs per sample of the example batch, in place."""
+    group that is not elastic drop out) and its MACs into MACs per sample of the example batch, in place.
+
+    A segmented slot (a concatenation of groups) becomes its ``layout``: the list of its segments'
+    entries, whose active fraction is the sum of the segments' active channels over the full size.
+    """
     for t in terms:
-        t.factors = [name_of[r] for r in (resolve(s)[0] for s in t.factors) if r in name_of]
+        out: list[Any] = []
+        for s in t.factors:
+            seg = layout(s)
+            if seg is not None:
+                out.append(seg)
+            elif resolve(s)[0] in name_of:
+                out.append(name_of[resolve(s)[0]])
+        t.factors = out
         t.macs = t.macs // max(batch, 1)

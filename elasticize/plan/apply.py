@@ -8,11 +8,12 @@ from typing import Any
 from torch import nn
 
 from ..graph import model_tensors
-from ..modules import SWITCH_PREFIX, GroupState, StageState, make_elastic, restore
+from ..modules import SWITCH_PREFIX, GroupState, SegmentState, StageState, make_elastic, restore
 from ..rules import get_rule
 from .core import Plan
+from .types import Axis, AxisEntry, Segments
 
-__all__ = ["ElasticState", "apply_plan", "remove_elastic"]
+__all__ = ["ElasticState", "apply_plan", "remove_elastic", "axis_state"]
 
 
 @dataclass
@@ -22,6 +23,14 @@ class ElasticState:
     groups: dict[str, GroupState]
     stages: dict[str, StageState]
     modules: list[str]
+
+
+def axis_state(entry: AxisEntry, groups: dict[str, GroupState]) -> tuple[GroupState | SegmentState, int, int]:
+    """The live state of a plan tensor-axis entry: ``(group state, chunks, div)`` of an :class:`Axis`, or
+    ``(SegmentState, 1, 1)`` of :class:`Segments` (see :data:`elasticize.modules.TensorSpec`)."""
+    if isinstance(entry, Segments):
+        return SegmentState([p if isinstance(p, int) else (groups[p.group], p.chunks, p.div) for p in entry.parts]), 1, 1
+    return groups[entry.group], entry.chunks, entry.div
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
@@ -62,10 +71,11 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
     for fqn, info in plan.tensors.items():
         if info.axes:
             module, _, name = fqn.rpartition(".")
-            spec = sorted(((ax, groups[a.group], a.chunks, a.div) for ax, a in info.axes.items()), key=lambda x: x[0])
+            spec = sorted(((ax, *axis_state(a, groups)) for ax, a in info.axes.items()), key=lambda x: x[0])
             entry(module)["tensors"][name] = tuple(spec)
     for module, attrs in plan.attrs.items():
-        entry(module)["attrs"] = {k: (groups[a.group], a.kind, a.mul, a.div) for k, a in attrs.items()}
+        entry(module)["attrs"] = {k: (axis_state(a.group if isinstance(a.group, Segments) else Axis(a.group), groups)[0],
+                                      a.kind, a.mul, a.div) for k, a in attrs.items()}
     for st in plan.stages:
         if st.module is not None:  # layers inside one module: an attribute follows the depth
             entry(st.module)["attrs"][st.attr] = (stages[st.name], "depth", 1, 1)

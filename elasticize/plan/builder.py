@@ -16,8 +16,8 @@ import fnmatch
 import math
 from typing import Any, Mapping, Sequence
 
-from .core import DIMENSIONS, KIND_DIM, NORM_SITES, NORM_TENSORS, Plan
-from .types import Attr, Axis, Group, MacTerm, NotElastic, Stage, SwitchableNorm, Tensor, frozen_map
+from .core import DIMENSIONS, KIND_DIM, NORM_SITES, NORM_TENSORS, Plan, axis_entry, is_segmented
+from .types import Attr, Axis, Group, MacTerm, NotElastic, Segments, Stage, SwitchableNorm, Tensor, frozen_map
 
 __all__ = ["PlanBuilder", "DEPTH_MODES", "nested_choices", "spread_order"]
 
@@ -105,6 +105,7 @@ class PlanBuilder:
         self._switchable: dict[str, SwitchableNorm] = {}
         self._mac_terms: list[MacTerm] = []
         self._notes: list[NotElastic] = []
+        self._sizes: dict[str, int] = {}  # every group offered, elastic or not (a fixed segment's channels)
 
     # ------------------------------------------------------------------ what stays fixed, and why
     def excluded(self, name: str) -> bool:
@@ -138,6 +139,7 @@ class PlanBuilder:
         modules for modules.
         """
         dim = dim or KIND_DIM.get(kind, "width")
+        self._sizes[name] = size
         if dim not in self.dims:
             self.note(name, f"{dim} not selected")
             return None
@@ -171,9 +173,31 @@ class PlanBuilder:
                 group is not elastic are dropped. More come from :meth:`axis`.
             persistent: False for a non-persistent buffer the plan slices (not in the file).
         """
-        kept = {int(ax): Axis(v[0], int(v[1]), int(v[2]) if len(v) > 2 else 1) for ax, v in (axes or {}).items()
-                if v[0] in self._groups}
+        kept: dict[int, Axis | Segments] = {}
+        for ax, v in (axes or {}).items():
+            if is_segmented(v):
+                seg = self._segments(v)
+                if seg is not None:
+                    kept[int(ax)] = seg
+            elif v[0] in self._groups:
+                kept[int(ax)] = Axis(*axis_entry(v))
         self._tensors[fqn] = {"shape": tuple(shape), "param": param, "axes": kept, "persistent": persistent}
+
+    def _segments(self, entry: list[Any]) -> Segments | None:
+        """The :class:`Segments` of a raw segmented entry, with the segments of groups that are not elastic
+        turned into their channels (kept whole); None when no segment is elastic.
+
+        Raises:
+            KeyError: a segment names a group that was never offered to :meth:`group`.
+        """
+        out: list[Axis | int] = []
+        for seg in entry:
+            if isinstance(seg, int):
+                out.append(seg)
+            else:
+                g, chunks, div = axis_entry(seg)
+                out.append(Axis(g, chunks, div) if g in self._groups else chunks * (self._sizes[g] // div))
+        return Segments(tuple(out)) if any(isinstance(e, Axis) for e in out) else None
 
     def axis(self, fqn: str, axis: int, group: str | None, chunks: int = 1, div: int = 1) -> None:
         """Axis ``axis`` of tensor ``fqn`` follows ``group`` in ``chunks`` equal chunks, at ``1 / div`` of
@@ -185,13 +209,20 @@ class PlanBuilder:
 
     def axis_groups(self, fqns: Sequence[str]) -> list[str]:
         """The sorted names of the groups that any axis of the tensors ``fqns`` follows."""
-        return sorted({a.group for f in fqns if f in self._tensors for a in self._tensors[f]["axes"].values()})
+        return sorted({g for f in fqns if f in self._tensors for a in self._tensors[f]["axes"].values()
+                       for g in a.groups})
 
-    def attr(self, path: str, name: str, group: str | None, kind: str = "int", mul: int = 1, div: int = 1) -> None:
+    def attr(self, path: str, name: str, group: str | list[Any] | None, kind: str = "int", mul: int = 1,
+             div: int = 1) -> None:
         """Attribute ``name`` of module ``path`` follows ``group``: its active size ``* mul // div``
         (``kind`` ``"int"``, or ``"shape"`` for a 1-tuple such as ``normalized_shape``). Ignored when
-        ``group`` is None or not elastic."""
-        if group is not None and group in self._groups:
+        ``group`` is None or not elastic. ``group`` may be a list of segments (a convolution's
+        ``in_channels`` over a concatenation): the attribute follows their active sum."""
+        if is_segmented(group):
+            seg = self._segments(group)  # type: ignore[arg-type]
+            if seg is not None:
+                self._attrs.setdefault(path, {})[name] = Attr(seg, kind, mul, div)
+        elif group is not None and group in self._groups:
             self._attrs.setdefault(path, {})[name] = Attr(group, kind, mul, div)
 
     def site(self, path: str, rule: str) -> None:
@@ -266,10 +297,16 @@ class PlanBuilder:
                     self._switchable[module] = SwitchableNorm(st.name, tuple(names))
 
     # ------------------------------------------------------------------ MACs
-    def mac_term(self, owner: str, macs: int, factors: Sequence[str]) -> None:
+    def mac_term(self, owner: str, macs: int, factors: Sequence[Any]) -> None:
         """``macs`` multiply-accumulates per sample of ``owner`` at full size, scaled at a sub-network
-        by the active fraction of each elastic group in ``factors`` (others are dropped)."""
-        self._mac_terms.append(MacTerm(owner, macs, tuple(f for f in factors if f in self._groups)))
+        by the active fraction of each elastic group in ``factors`` (others are dropped); a factor that
+        is a list of segments scales by their active channels over their full size."""
+        kept: list[str | Segments] = []
+        for f in factors:
+            seg = self._segments(f) if is_segmented(f) else None
+            if seg is not None or (isinstance(f, str) and f in self._groups):
+                kept.append(seg if seg is not None else f)
+        self._mac_terms.append(MacTerm(owner, macs, tuple(kept)))
 
     def finish(self) -> Plan:
         """The frozen plan, with its groups in the order they were added."""

@@ -97,6 +97,11 @@ def _tensors(p: dict, groups: dict[str, dict[str, Any]]) -> None:
             akey = f"{key}.axes[{ax!r:.20}]"
             if not re.fullmatch(r"\d{1,2}", ax) or int(ax) >= len(shape):
                 fail(akey, f"the tensor has {len(shape)} axes")
+            if isinstance(entry, list) and entry and not isinstance(entry[0], str):
+                n = _segments(entry, akey, groups)
+                if n != shape[int(ax)]:
+                    fail(akey, f"the axis has {shape[int(ax)]} entries but its segments hold {n}")
+                continue
             e = as_list(entry, akey, max_len=3)
             if len(e) < 2 or e[0] not in groups:
                 fail(akey, f"must be [group, chunks] or [group, chunks, div] with a group of the plan, got {e!r:.120}")
@@ -105,6 +110,28 @@ def _tensors(p: dict, groups: dict[str, dict[str, Any]]) -> None:
             if gsize % div or shape[int(ax)] != chunks * (gsize // div):
                 fail(akey, f"the axis has {shape[int(ax)]} entries but group {e[0]!r:.80} of size {gsize} in {chunks} "
                       f"chunk(s), divided by {div}, needs {chunks * (gsize // max(div, 1))}")
+
+
+def _segments(entry: list, key: str, groups: dict[str, dict[str, Any]]) -> int:
+    """Check a segmented entry (a concatenation of groups: each segment ``[group, chunks(, div)]`` of a group
+    of the plan, or an int of channels kept whole, at least one a group); returns the channels it spans."""
+    total, named = 0, False
+    for j, seg in enumerate(as_list(entry, key, max_len=1 << 16)):
+        skey = f"{key}[{j}]"
+        if isinstance(seg, int) and not isinstance(seg, bool):
+            total += as_int(seg, skey, 1)
+            continue
+        e = as_list(seg, skey, max_len=3)
+        if len(e) < 2 or e[0] not in groups:
+            fail(skey, f"a segment must be [group, chunks], [group, chunks, div] with a group of the plan, or a "
+                       f"number of channels; got {e!r:.120}")
+        chunks, div = as_int(e[1], f"{skey}[1]", 1, 1 << 16), as_int(e[2], f"{skey}[2]", 1) if len(e) > 2 else 1
+        if groups[e[0]]["size"] % div:
+            fail(f"{skey}[2]", f"{div} does not divide the size of group {e[0]!r:.80}")
+        total, named = total + chunks * (groups[e[0]]["size"] // div), True
+    if not named:
+        fail(key, "a segmented entry names no group; an axis kept whole has no entry")
+    return total
 
 
 def _attrs_and_sites(p: dict, groups: dict[str, dict[str, Any]]) -> None:
@@ -116,7 +143,9 @@ def _attrs_and_sites(p: dict, groups: dict[str, dict[str, Any]]) -> None:
             if name.startswith("_"):
                 fail(key, "a private attribute cannot be elastic")
             e = as_list(e, key, max_len=4)
-            if len(e) != 4 or e[0] not in groups or e[1] not in _ATTR_KINDS:
+            if len(e) == 4 and isinstance(e[0], list):
+                _segments(e[0], f"{key}[0]", groups)
+            if len(e) != 4 or (not isinstance(e[0], list) and e[0] not in groups) or e[1] not in _ATTR_KINDS:
                 fail(key, f"must be [group, kind ({'/'.join(_ATTR_KINDS)}), mul, div], got {e!r:.120}")
             as_int(e[2], f"{key}[2]", 1, 1 << 20), as_int(e[3], f"{key}[3]", 1, 1 << 20)
     for module, rule in as_dict(p.get("sites", {}), "plan.sites", optional=None).items():
@@ -193,8 +222,10 @@ def _mac_terms(p: dict, groups: dict[str, dict[str, Any]]) -> None:
         as_num(e[1], f"{key}[1]")
         if e[1] < 0:
             fail(f"{key}[1]", "MACs cannot be negative")
-        for f in as_list(e[2], f"{key}[2]"):
-            if f not in groups:
+        for j, f in enumerate(as_list(e[2], f"{key}[2]")):
+            if isinstance(f, list):
+                _segments(f, f"{key}[2][{j}]", groups)
+            elif f not in groups:
                 fail(f"{key}[2]", f"{f!r:.80} is not a group of the plan")
     for i, ne in enumerate(as_list(p.get("not_elastic", []), "plan.not_elastic")):
         e = as_list(ne, f"plan.not_elastic[{i}]", max_len=2)

@@ -15,9 +15,10 @@ from typing import Any, Mapping
 
 from .check import check_plan
 from .migrate import PLAN_FORMAT
-from .types import Attr, Group, MacTerm, NotElastic, Stage, SwitchableNorm, Tensor, frozen_map
+from .types import Attr, Axis, Group, MacTerm, NotElastic, Segments, Stage, SwitchableNorm, Tensor, frozen_map
 
-__all__ = ["Plan", "PLAN_VERSION", "DIMENSIONS", "KIND_DIM", "NORM_TENSORS", "NORM_SITES", "axis_entry", "stage_ranks"]
+__all__ = ["Plan", "PLAN_VERSION", "DIMENSIONS", "KIND_DIM", "NORM_TENSORS", "NORM_SITES", "axis_entry", "is_segmented",
+           "segment_entries", "entry_groups", "stage_ranks"]
 
 #: The plan format version this elasticize writes (older ones migrate on read, see
 #: :data:`elasticize.plan.migrate.PLAN_FORMAT`).
@@ -37,6 +38,32 @@ def axis_entry(entry: list[Any]) -> tuple[str, int, int]:
     return entry[0], int(entry[1]), int(entry[2]) if len(entry) > 2 else 1
 
 
+def is_segmented(entry: Any) -> bool:
+    """Whether a tensor-axis (or attribute, or MAC factor) entry is a list of segments: the axis is a
+    concatenation of groups (typed: :class:`~elasticize.plan.types.Segments`; raw JSON:
+    ``[[group, chunks], 24, [group, chunks, div], ...]``)."""
+    return isinstance(entry, Segments) or (isinstance(entry, list) and bool(entry) and not isinstance(entry[0], str))
+
+
+def segment_entries(entry: list[Any]) -> list[tuple[str, int, int] | int]:
+    """The segments of a raw segmented JSON entry, in index order: ``(group, chunks, div)`` for a segment that
+    follows a group (:func:`axis_entry`), or an int: that many channels kept whole (a typed plan has
+    :attr:`Segments.parts <elasticize.plan.types.Segments.parts>`)."""
+    return [s if isinstance(s, int) else axis_entry(s) for s in entry]
+
+
+def entry_groups(entry: Any) -> list[str]:
+    """The group names a tensor-axis entry (an :class:`~elasticize.plan.types.Axis` or
+    :class:`~elasticize.plan.types.Segments`, or their raw JSON) or a MAC factor follows."""
+    if isinstance(entry, str):
+        return [entry]
+    if isinstance(entry, (Axis, Segments)):
+        return list(entry.groups)
+    if is_segmented(entry):
+        return [s[0] for s in segment_entries(entry) if not isinstance(s, int)]
+    return [entry[0]]
+
+
 def stage_ranks(stage: Stage) -> list[int]:
     """Rank of each block of a plan stage in its keep order (:meth:`elasticize.plan.types.Stage.ranks`)."""
     return stage.ranks()
@@ -54,12 +81,15 @@ class Plan:
         depth_mode: ``"prefix"`` (SortedNet), ``"spaced"`` or ``"skippable"`` (Adaptive Depth Networks).
         groups: the coupling groups (:class:`~elasticize.plan.types.Group`), in the order they were added;
             :meth:`group` finds one by name.
-        tensors: tensor fqn -> :class:`~elasticize.plan.types.Tensor` (its shape and elastic axes).
-        attrs: module path -> attribute -> :class:`~elasticize.plan.types.Attr`.
+        tensors: tensor fqn -> :class:`~elasticize.plan.types.Tensor` (its shape and elastic axes; an axis
+            that is a concatenation of groups has :class:`~elasticize.plan.types.Segments`).
+        attrs: module path -> attribute -> :class:`~elasticize.plan.types.Attr` (its group may be
+            :class:`~elasticize.plan.types.Segments`: the attribute follows their active sum).
         sites: module path -> rule name, for every module a rule handled.
         stages: the depth stages (:class:`~elasticize.plan.types.Stage`); :meth:`stage` finds one by name.
         switchable: module path -> :class:`~elasticize.plan.types.SwitchableNorm` for skip-aware norms.
-        mac_terms: the MAC terms (:class:`~elasticize.plan.types.MacTerm`).
+        mac_terms: the MAC terms (:class:`~elasticize.plan.types.MacTerm`; a factor may be
+            :class:`~elasticize.plan.types.Segments`).
         not_elastic: everything that stayed fixed, and why (:class:`~elasticize.plan.types.NotElastic`).
     """
 

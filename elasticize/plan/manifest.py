@@ -17,7 +17,7 @@ from typing import Any, Mapping
 from .core import Plan
 from .types import frozen_map
 
-__all__ = ["Manifest", "Preset", "StoredFile", "freeze", "thaw"]
+__all__ = ["Manifest", "Preset", "StoredFile", "BiasCompensation", "freeze", "thaw"]
 
 
 def _empty() -> Mapping[str, Any]:
@@ -72,11 +72,33 @@ class StoredFile:
 
 
 @dataclass(frozen=True)
+class BiasCompensation:
+    """The stored tensors of bias compensation (:mod:`elasticize.calibration`; format 4), checked by
+    :func:`elasticize.fileformat.measurements.check_compensation`.
+
+    Attributes:
+        means: consumer weight fqn -> stored name of its float32 ``(in,)`` calibration means.
+        presets: preset -> bias fqn -> stored name of that preset's compensated bias.
+    """
+
+    means: Mapping[str, str] = field(default_factory=_empty)
+    presets: Mapping[str, Mapping[str, str]] = field(default_factory=_empty)
+
+    def __bool__(self) -> bool:
+        return bool(self.means or self.presets)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "BiasCompensation":
+        """The compensation of a checked ``bias_compensation`` object."""
+        return cls(frozen_map(d.get("means", {})), frozen_map((p, frozen_map(t)) for p, t in d.get("presets", {}).items()))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A checked manifest, migrated to the current format version.
 
     Attributes:
-        format_version: the version the file was written in (1, 2 or 3; see the file format page).
+        format_version: the version the file was written in (1 to 4; see the file format page).
         library_version: the elasticize that wrote it.
         kind: ``"super-network"`` or ``"sub-network"``.
         recipe: how to build the base model (adapter, name, kwargs), frozen.
@@ -91,6 +113,11 @@ class Manifest:
         config: the sub-network's configuration (a sub-network file), else None.
         macs: its MACs per sample (a sub-network file), else None.
         params: its parameters (a sub-network file), else None.
+        measurements: what ``elasticize eval`` measured, per device and batch size (format 4; checked by
+            :func:`elasticize.fileformat.measurements.check_measurements`), frozen.
+        bias_compensation: the stored tensors of bias compensation (:class:`BiasCompensation`; format 4).
+        layout: the nested byte layout (format 4; checked by :func:`elasticize.fileformat.layout.check_layout`,
+            which gives the reader's :class:`~elasticize.fileformat.layout.Layout`), frozen, or None.
     """
 
     format_version: int
@@ -108,6 +135,9 @@ class Manifest:
     config: Mapping[str, Any] | None = None
     macs: int | None = None
     params: int | None = None
+    measurements: Mapping[str, Any] = field(default_factory=_empty)
+    bias_compensation: BiasCompensation = field(default_factory=BiasCompensation)
+    layout: Mapping[str, Any] | None = None
 
     @property
     def is_sub_network(self) -> bool:
@@ -127,4 +157,6 @@ class Manifest:
                                for n, p in m.get("presets", {}).items()),
             bn_stats=frozen_map((p, frozen_map(t)) for p, t in m.get("bn_stats", {}).items()),
             files=frozen_map((n, StoredFile(e["tensor"], e["bytes"], e["sha256"])) for n, e in m.get("files", {}).items()),
-            config=freeze(m.get("config")), macs=m.get("macs"), params=m.get("params"))
+            config=freeze(m.get("config")), macs=m.get("macs"), params=m.get("params"),
+            measurements=freeze(m.get("measurements", {})),
+            bias_compensation=BiasCompensation.from_json(m.get("bias_compensation", {})), layout=freeze(m.get("layout")))

@@ -26,7 +26,8 @@ class Step:
 
     Attributes:
         source: the version it reads.
-        adds: top-level key -> what it holds, a plural noun (for errors), for the keys version ``source + 1`` introduces.
+        adds: for the keys version ``source + 1`` introduces, top-level key -> the start of the error that
+            refuses it in an older file, up to "format version N" (e.g. ``"calibrated statistics need"``).
         apply: JSON of version ``source`` -> JSON of version ``source + 1`` (a new object).
     """
 
@@ -86,7 +87,7 @@ class Format:
             if s.source >= version:
                 for k, what in s.adds.items():
                     if k in data:
-                        fail(k, f"{what} need format version {s.source + 1}")
+                        fail(k, f"{what} format version {s.source + 1}")
 
     def migrate(self, data: dict[str, Any], version: int) -> dict[str, Any]:
         """``data`` of version ``version`` (checked), brought to :attr:`current` by each step in turn."""
@@ -97,19 +98,28 @@ class Format:
 
 
 #: The manifest (metadata key ``elasticize``): format 1; 2 adds per-preset calibrated BatchNorm
-#: statistics; 3 adds small stored files (a tokenizer's).
+#: statistics; 3 adds small stored files (a tokenizer's); 4 adds measurements, bias compensation and the
+#: nested byte layout.
 MANIFEST_FORMAT = Format("the elasticize file format", "format_version")
 #: The plan (manifest key ``plan``): one version so far.
 PLAN_FORMAT = Format("the plan format", "version")
 
 
-@MANIFEST_FORMAT.step(1, adds={"bn_stats": "calibrated statistics"})
+@MANIFEST_FORMAT.step(1, adds={"bn_stats": "calibrated statistics need"})
 def _manifest_1_to_2(m: dict[str, Any]) -> dict[str, Any]:
     """Format 2 only adds the optional ``bn_stats``: a format-1 manifest is one without calibrated statistics."""
     return {**m, "format_version": 2}
 
 
-@MANIFEST_FORMAT.step(2, adds={"files": "stored files"})
+@MANIFEST_FORMAT.step(2, adds={"files": "stored files need"})
 def _manifest_2_to_3(m: dict[str, Any]) -> dict[str, Any]:
     """Format 3 only adds the optional ``files``: a format-2 manifest is one without stored files."""
     return {**m, "format_version": 3}
+
+
+@MANIFEST_FORMAT.step(3, adds={"measurements": "need", "bias_compensation": "needs",
+                               "layout": "a nested byte layout needs"})
+def _manifest_3_to_4(m: dict[str, Any]) -> dict[str, Any]:
+    """Format 4 only adds the optional ``measurements`` (``elasticize eval``), ``bias_compensation`` and
+    ``layout`` (the nested byte layout): a format-3 manifest is one without them."""
+    return {**m, "format_version": 4}

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ..modules import axis_ranges, cut_axis
-from .apply import ElasticState
+from ..modules import SegmentState, axis_ranges, cut_axis
+from .apply import ElasticState, axis_state
 from .core import Plan
 
 __all__ = ["tensor_ranges", "slice_ranges"]
@@ -28,8 +28,8 @@ def tensor_ranges(plan: Plan, state: ElasticState, fqn: str) -> list[list[tuple[
         if a is None:
             out.append([(0, n)])
             continue
-        g = state.groups[a.group]
-        out.append(list(axis_ranges(g.size, g.active, a.chunks, a.div)))
+        g, chunks, div = axis_state(a, state.groups)
+        out.append(list(g.ranges() if isinstance(g, SegmentState) else axis_ranges(g.size, g.active, chunks, div)))
     return out
 
 

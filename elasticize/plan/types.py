@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
-__all__ = ["Group", "Axis", "Tensor", "Attr", "Stage", "SwitchableNorm", "MacTerm", "NotElastic", "frozen_map"]
+__all__ = ["Group", "Axis", "Segments", "AxisEntry", "axis_from_json", "Tensor", "Attr", "Stage", "SwitchableNorm",
+           "MacTerm", "NotElastic", "frozen_map"]
 
 
 def frozen_map(items: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> Mapping[Any, Any]:
@@ -74,6 +75,11 @@ class Axis:
     chunks: int = 1
     div: int = 1
 
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """``(group,)``: the groups the axis follows (as :attr:`Segments.groups`)."""
+        return (self.group,)
+
     def to_json(self) -> list[Any]:
         """``[group, chunks]``, or ``[group, chunks, div]`` when ``div`` is not 1."""
         return [self.group, self.chunks] if self.div == 1 else [self.group, self.chunks, self.div]
@@ -85,20 +91,67 @@ class Axis:
 
 
 @dataclass(frozen=True)
+class Segments:
+    """A tensor axis (or attribute, or MAC factor) that is a concatenation of segments (the input channels
+    of a layer that reads ``torch.cat([a, b, ...], 1)`` of different groups, DenseNet's and Inception's
+    joins): a sub-network reads each segment's active prefix (:class:`elasticize.modules.SegmentState`).
+
+    Attributes:
+        parts: the segments in index order: an :class:`Axis` of a group, or an int: that many channels
+            kept whole. At least one is an :class:`Axis`.
+    """
+
+    parts: tuple[Axis | int, ...]
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The names of the groups the segments follow, in index order."""
+        return tuple(p.group for p in self.parts if isinstance(p, Axis))
+
+    def to_json(self) -> list[Any]:
+        """``[[group, chunks(, div)] or channels, ...]``."""
+        return [p if isinstance(p, int) else p.to_json() for p in self.parts]
+
+    @classmethod
+    def from_json(cls, e: list[Any]) -> "Segments":
+        """The segments of a checked segmented entry."""
+        return cls(tuple(s if isinstance(s, int) else Axis.from_json(s) for s in e))
+
+
+#: A tensor axis entry: one group's :class:`Axis`, or :class:`Segments` of a concatenation.
+AxisEntry = Axis | Segments
+
+
+def axis_from_json(e: list[Any]) -> AxisEntry:
+    """The :class:`Axis` of a checked ``[group, chunks(, div)]`` entry, or the :class:`Segments` of a
+    checked segmented entry (a list whose first item is not a group name)."""
+    return Axis.from_json(e) if isinstance(e[0], str) else Segments.from_json(e)
+
+
+def _factor_json(f: "str | Segments") -> Any:
+    return f if isinstance(f, str) else f.to_json()
+
+
+def _factor_from_json(f: Any) -> "str | Segments":
+    return f if isinstance(f, str) else Segments.from_json(f)
+
+
+@dataclass(frozen=True)
 class Tensor:
     """A tensor of the model.
 
     Attributes:
         shape: its full shape.
         param: whether it is a parameter.
-        axes: axis index -> :class:`Axis`, for its elastic axes (empty: not elastic).
+        axes: axis index -> :class:`Axis` (or :class:`Segments` for a concatenation), for its elastic
+            axes (empty: not elastic).
         persistent: False for a non-persistent buffer that is sliced (timm BEiT's ``k_bias``): not
             in the file, the model builds it, a sub-network takes its slice of the built one.
     """
 
     shape: tuple[int, ...]
     param: bool
-    axes: Mapping[int, Axis]
+    axes: Mapping[int, AxisEntry]
     persistent: bool = True
 
     def to_json(self) -> dict[str, Any]:
@@ -112,28 +165,29 @@ class Tensor:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Tensor":
         """The tensor of a checked JSON object."""
-        return cls(tuple(d["shape"]), d["param"], frozen_map((int(ax), Axis.from_json(e)) for ax, e in d["axes"].items()),
+        return cls(tuple(d["shape"]), d["param"], frozen_map((int(ax), axis_from_json(e)) for ax, e in d["axes"].items()),
                    d.get("persistent", True) is not False)
 
 
 @dataclass(frozen=True)
 class Attr:
     """A module attribute that follows a group: its active size ``* mul // div`` (``kind`` ``"int"``,
-    or ``"shape"`` for a 1-tuple such as ``normalized_shape``)."""
+    or ``"shape"`` for a 1-tuple such as ``normalized_shape``). ``group`` may be :class:`Segments`
+    (a convolution's ``in_channels`` over a concatenation): the attribute follows their active sum."""
 
-    group: str
+    group: str | Segments
     kind: str = "int"
     mul: int = 1
     div: int = 1
 
     def to_json(self) -> list[Any]:
         """``[group, kind, mul, div]``."""
-        return [self.group, self.kind, self.mul, self.div]
+        return [_factor_json(self.group), self.kind, self.mul, self.div]
 
     @classmethod
     def from_json(cls, e: list[Any]) -> "Attr":
         """The attribute of a checked ``[group, kind, mul, div]`` entry."""
-        return cls(e[0], e[1], int(e[2]), int(e[3]))
+        return cls(_factor_from_json(e[0]), e[1], int(e[2]), int(e[3]))
 
 
 @dataclass(frozen=True)
@@ -222,20 +276,21 @@ class SwitchableNorm:
 @dataclass(frozen=True)
 class MacTerm:
     """``macs`` multiply-accumulates per sample of ``owner`` at full size, scaled at a sub-network by
-    the active fraction of each group in ``factors``."""
+    the active fraction of each factor in ``factors``: a group's name, or :class:`Segments` (their active
+    channels over their full size)."""
 
     owner: str
     macs: int | float
-    factors: tuple[str, ...]
+    factors: tuple[str | Segments, ...]
 
     def to_json(self) -> list[Any]:
-        """``[owner, macs, [group, ...]]``."""
-        return [self.owner, self.macs, list(self.factors)]
+        """``[owner, macs, [factor, ...]]``."""
+        return [self.owner, self.macs, [_factor_json(f) for f in self.factors]]
 
     @classmethod
     def from_json(cls, e: list[Any]) -> "MacTerm":
-        """The term of a checked ``[owner, macs, [group, ...]]`` entry."""
-        return cls(e[0], e[1], tuple(e[2]))
+        """The term of a checked ``[owner, macs, [factor, ...]]`` entry."""
+        return cls(e[0], e[1], tuple(_factor_from_json(f) for f in e[2]))
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import _registry
 
-__all__ = ["zoo_model", "build", "registered", "CHECK_OPTIONS"]
+__all__ = ["zoo_model", "build", "registered", "CHECK_OPTIONS", "TinyYOLO", "tiny_yolo"]
 
 Entry = Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]
 _ZOO: dict[str, Entry] = {}
@@ -217,3 +217,96 @@ def _timm_eva() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     from timm.models.eva import Eva
 
     return Eva(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5), (_x(2, 3, 32, 32),)
+
+
+# -- a YOLO-style detector (YOLOv8's blocks: Conv-BN-SiLU, C2f, SPPF, an FPN/PAN neck), not a rule's model --
+class _ConvBNSiLU(nn.Sequential):
+    """``Conv2d(k, stride s, bias off) -> BatchNorm2d -> SiLU``: ``(batch, c1, h, w) -> (batch, c2, h / s, w / s)``."""
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1) -> None:
+        super().__init__(nn.Conv2d(c1, c2, k, s, k // 2, bias=False), nn.BatchNorm2d(c2), nn.SiLU())
+
+
+class _Bottleneck(nn.Module):
+    """Two 3x3 convolutions with a residual add (``shortcut``): ``(batch, c, h, w) -> (batch, c, h, w)``."""
+
+    def __init__(self, c: int, shortcut: bool) -> None:
+        super().__init__()
+        self.cv1, self.cv2, self.add = _ConvBNSiLU(c, c, 3), _ConvBNSiLU(c, c, 3), shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return x + y if self.add else y
+
+
+class _C2f(nn.Module):
+    """YOLOv8's C2f: a 1x1 convolution split in two halves, ``n`` bottlenecks on the second, every piece
+    concatenated: ``(batch, c1, h, w) -> (batch, c2, h, w)``.
+
+    Ultralytics' ``C2f.forward`` writes ``list(x.chunk(2, 1))``, which iterates a tensor of unknown length
+    (``torch.fx`` cannot trace it: the block is kept whole), and its ``forward_split`` splits in sizes read
+    from ``self.c`` (which a sub-network would not follow); this unpacks the two chunks.
+    """
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = False) -> None:
+        super().__init__()
+        self.c = c2 // 2
+        self.cv1 = _ConvBNSiLU(c1, 2 * self.c)
+        self.cv2 = _ConvBNSiLU((2 + n) * self.c, c2)
+        self.m = nn.ModuleList(_Bottleneck(self.c, shortcut) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.cv1(x).chunk(2, 1)
+        y = [a, b]
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+class _SPPF(nn.Module):
+    """Spatial pyramid pooling, fast: three chained 5x5 max-pools concatenated: ``(batch, c1, h, w) -> (batch, c2, h, w)``."""
+
+    def __init__(self, c1: int, c2: int) -> None:
+        super().__init__()
+        self.cv1, self.cv2 = _ConvBNSiLU(c1, c1 // 2), _ConvBNSiLU(2 * c1, c2)
+        self.m = nn.MaxPool2d(5, 1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = [self.cv1(x)]
+        y.extend(self.m(y[-1]) for _ in range(3))
+        return self.cv2(torch.cat(y, 1))
+
+
+class TinyYOLO(nn.Module):
+    """A YOLOv8-style detector, small: backbone (Conv-BN-SiLU, C2f, SPPF), an FPN/PAN neck concatenating upsampled
+    and downsampled maps with C2f after each join, and a 1x1 head per level.
+
+    ``(batch, 3, h, w) -> (batch, outputs, h*w/64 + h*w/256 + h*w/1024)``: each level's predictions, flattened
+    and concatenated (``h`` and ``w`` multiples of 32).
+    """
+
+    def __init__(self, c: int = 8, outputs: int = 6) -> None:
+        super().__init__()
+        self.b1 = nn.Sequential(_ConvBNSiLU(3, c, 3, 2), _ConvBNSiLU(c, 2 * c, 3, 2), _C2f(2 * c, 2 * c, 1, True),
+                                _ConvBNSiLU(2 * c, 4 * c, 3, 2), _C2f(4 * c, 4 * c, 2, True))  # P3, stride 8
+        self.b2 = nn.Sequential(_ConvBNSiLU(4 * c, 8 * c, 3, 2), _C2f(8 * c, 8 * c, 1, True))  # P4, stride 16
+        self.b3 = nn.Sequential(_ConvBNSiLU(8 * c, 8 * c, 3, 2), _C2f(8 * c, 8 * c, 1, True), _SPPF(8 * c, 8 * c))
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.td4, self.td3 = _C2f(16 * c, 8 * c), _C2f(12 * c, 4 * c)  # top-down (FPN)
+        self.down3, self.down4 = _ConvBNSiLU(4 * c, 4 * c, 3, 2), _ConvBNSiLU(8 * c, 8 * c, 3, 2)
+        self.bu4, self.bu5 = _C2f(12 * c, 8 * c), _C2f(16 * c, 8 * c)  # bottom-up (PAN)
+        self.heads = nn.ModuleList(nn.Conv2d(ch, outputs, 1) for ch in (4 * c, 8 * c, 8 * c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p3 = self.b1(x)
+        p4 = self.b2(p3)
+        p5 = self.b3(p4)
+        t4 = self.td4(torch.cat([self.up(p5), p4], 1))
+        n3 = self.td3(torch.cat([self.up(t4), p3], 1))
+        n4 = self.bu4(torch.cat([self.down3(n3), t4], 1))
+        n5 = self.bu5(torch.cat([self.down4(n4), p5], 1))
+        return torch.cat([h(f).flatten(2) for h, f in zip(self.heads, (n3, n4, n5))], 2)
+
+
+def tiny_yolo() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """:class:`TinyYOLO` (width 8) and a ``(2, 3, 64, 64)`` example batch."""
+    return TinyYOLO().eval(), (_x(2, 3, 64, 64),)

@@ -81,6 +81,7 @@ def image_folder_data(path: str | Path, em: ElasticModel, *, batch_size: int = 3
     ``x`` is ``(batch, channels, height, width)`` at the model's example input size.
 
     Args:
+        workers: the training loader's worker processes (``DataLoader(num_workers=)``).
         shard: ``(rank, world size)`` under data-parallel training: the loader gives this
             process's share of the training images (every process the same number); the held-out
             batches are the same on every process.
@@ -146,7 +147,7 @@ class _Lines(Dataset):
 
 def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, eval_fraction: float = 0.1,
                    max_length: int = 128, seed: int = 0, tokenizer: Any = None,
-                   shard: tuple[int, int] = (0, 1)) -> tuple[DataLoader, list[Any]]:
+                   shard: tuple[int, int] = (0, 1), workers: int = 0) -> tuple[DataLoader, list[Any]]:
     """A text file (one sample per line) as ``(train loader, held-out batches)`` of tokenized mappings.
 
     Args:
@@ -155,6 +156,7 @@ def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, 
             (``hf:ID``) that hub model's tokenizer.
         shard: ``(rank, world size)`` under data-parallel training: the loader gives this
             process's share of the length-grouped training batches (every process the same number).
+        workers: the training loader's worker processes (``DataLoader(num_workers=)``).
 
     Raises:
         FileNotFoundError, ValueError: see :func:`read_text_lines`; also a model that is not a
@@ -178,7 +180,7 @@ def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, 
         return length_grouped_batches(lengths, batch_size, seed=seed)
 
     loader = DataLoader(_Lines(train_lines), batch_sampler=_shard(grouped(train_lines), shard, "batches"),
-                        collate_fn=collate)
+                        collate_fn=collate, num_workers=workers)
     held = list(DataLoader(_Lines(held_lines), batch_sampler=grouped(held_lines), collate_fn=collate)) if ev else []
     return loader, held
 

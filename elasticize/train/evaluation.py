@@ -209,6 +209,9 @@ class _EvaluationMixin:
     def save(self, path: str, *, overwrite: bool = False) -> Any:
         """BN recalibration if needed, then :func:`elasticize.save` (rank 0 writes; returns the path or None).
 
+        Under FSDP every process must call it: the shards are gathered (a collective) into process
+        0's CPU memory, which writes one unsharded elasticize file.
+
         Raises:
             FileExistsError, FileNotFoundError, PermissionError, ValueError, OSError: see
                 :func:`elasticize.save` (``path`` exists, is a folder, its folder is missing or not
@@ -217,6 +220,14 @@ class _EvaluationMixin:
         from ..checkpoint import save
 
         self._ensure_calibrated()
+        if getattr(self, "parallel", "ddp") == "fsdp":  # a collective: gather the shards into process 0's memory
+            from .fsdp import full_model_state, full_state_dict_of
+
+            state = full_model_state(self.em)
+            if self.rank != 0:
+                return None
+            with full_state_dict_of(self.em, state):
+                return save(self.em, path, overwrite=overwrite)
         if self.rank != 0:
             return None
         return save(self.em, path, overwrite=overwrite)

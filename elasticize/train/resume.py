@@ -16,10 +16,11 @@ import torch
 
 from ..model import ElasticModel
 from ..space import Config
+from .fsdp import full_model_state, full_optimizer_state, load_full_state
 from .losses import to_device
 from .sampler import SubnetSampler
-from .state import (check_state_info, data_generators, read_state, read_state_info, rng_state, set_rng_state,
-                    write_state)
+from .state import (check_state_info, data_generators, read_state, read_state_info, read_state_parts, rng_state,
+                    set_rng_state, write_state)
 from .strategies import Strategy
 
 
@@ -40,6 +41,7 @@ class _ResumeMixin:
     strategy: Strategy
     always: Sequence[tuple[str, Config]]
     rank: int
+    parallel: str
     step: int
     epoch: int
     batch_in_epoch: int
@@ -107,7 +109,10 @@ class _ResumeMixin:
         The random states (torch CPU and CUDA, Python ``random``, NumPy, the data's generators;
         see :func:`~elasticize.train.state.rng_state`) are stored as they are now and as they
         were when this epoch's data iterator was made, which :meth:`load_state` makes it from
-        again. Under DDP they are rank 0's, and every rank resumes with them.
+        again. Under DDP they are rank 0's, and every rank resumes with them. Under FSDP
+        (``parallel="fsdp"``) every process must call it: the shards are gathered into process
+        0's memory (:func:`~elasticize.train.fsdp.full_model_state`), which writes the same one
+        file as without FSDP (so either kind of run resumes from it).
 
         Returns:
             The path written (None on other ranks).
@@ -121,6 +126,9 @@ class _ResumeMixin:
                 :func:`elasticize.train.state.write_state`.
             TypeError: a scheduler whose ``state_dict`` is not JSON-native.
         """
+        full: dict[str, Any] = {}
+        if self.parallel == "fsdp":  # collectives: every process gathers, process 0 writes
+            full = {"model_state": full_model_state(self.em), "optim_state": full_optimizer_state(self.em, self.optimizer)}
         if self.rank != 0:
             return None
         meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -144,7 +152,7 @@ class _ResumeMixin:
         for reason in self._inexact_resume():
             warnings.warn(f"{path}: resuming from this state will not repeat the interrupted run exactly: {reason}",
                           stacklevel=2)
-        return write_state(path, self.em, self.optimizer, meta, rng, inputs=(self.em.source_path,))
+        return write_state(path, self.em, self.optimizer, meta, rng, inputs=(self.em.source_path,), **full)
 
     def _inexact_resume(self) -> list[str]:
         """Why a resume from a state saved now would not repeat this run bit for bit (empty: it would)."""
@@ -190,7 +198,12 @@ class _ResumeMixin:
             raise ValueError(f"{path} was saved {'without' if self.scheduler is not None else 'with'} a learning-rate "
                              f"scheduler; resume {'without' if self.scheduler is not None else 'with the same'} "
                              "scheduler=")
-        info, rng = read_state(path, self.em, self.optimizer)
+        if self.parallel == "fsdp":
+            info, model_state, optim_state, rng = read_state_parts(path, self.em, self.optimizer)
+            self.em.set_bn_stats({})
+            load_full_state(self.em, self.optimizer, model_state, optim_state)
+        else:
+            info, rng = read_state(path, self.em, self.optimizer)
         self.step = int(info["step"])
         self.epoch = int(info["epoch"])
         self.batch_in_epoch = int(info["batch_in_epoch"])

@@ -17,9 +17,13 @@ data-parallel: each process trains on its share of the data with
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -28,11 +32,75 @@ from ..model import ElasticModel
 from .data import image_folder_data, text_file_data
 from .distributed import process_group
 from .losses import masked_hidden, mean_pooled
+from .records import TrainLog
 from .schedules import SCHEDULES, make_scheduler, saved_schedule
 from .state import check_state_info, read_state_info
-from .trainer import Trainer
+from .trainer import PARALLEL, Trainer
 
-__all__ = ["train_file", "SCHEDULES", "TEXT_LOSSES", "IMAGE_LOSSES"]
+__all__ = ["train_file", "RunOptions", "SCHEDULES", "TEXT_LOSSES", "IMAGE_LOSSES"]
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How :func:`train_file` runs its loop (``elasticize train``'s options of the same names).
+
+    Attributes:
+        weight_decay: AdamW's decoupled weight decay (Loshchilov & Hutter, 2019), >= 0.
+        max_grad_norm: clip each update's gradients to this total L2 norm (None: no clipping).
+        workers: worker processes of the training ``DataLoader`` (0: load in this process).
+        distribution: SortedNet's ``P_{B_j}`` per dimension (``{"width": [0.4, 0.3, 0.2, 0.1]}``:
+            probabilities over the choices, largest first; see :class:`~elasticize.train.SubnetSampler`).
+        parallel: ``"ddp"`` or ``"fsdp"`` under ``torchrun`` (see :class:`~elasticize.train.Trainer`).
+        val_data: held-out data of the same kind as ``data`` (an image folder or a text file) to
+            measure the presets on; then nothing of ``data`` is held out.
+        log_dir: a folder for ``metrics.csv`` and TensorBoard scalars (:class:`~elasticize.train.records.TrainLog`).
+        log_every: one plain progress line every this many steps (0: none).
+        status: receives the plain lines (progress records and what each phase is doing); default ``print``.
+    """
+
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = None
+    workers: int = 0
+    distribution: Mapping[str, Sequence[float]] | None = None
+    parallel: str = "ddp"
+    val_data: str | os.PathLike | None = None
+    log_dir: str | os.PathLike | None = None
+    log_every: int = 0
+    status: Callable[[str], None] | None = None
+
+    def check(self, data: Path) -> None:
+        """Raise ValueError (a bad value), FileNotFoundError (a missing ``val_data``) or FileExistsError
+        (a ``log_dir`` that is a file) before anything is loaded."""
+        if not self.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"--max-grad-norm must be > 0 (leave it out for no clipping), got {self.max_grad_norm}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0: load in the training process), got {self.workers}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel={self.parallel!r}: choose one of {', '.join(PARALLEL)}")
+        if self.log_every < 0:
+            raise ValueError(f"--log-every must be >= 0 (0: no plain records), got {self.log_every}")
+        if self.log_dir is not None and Path(self.log_dir).exists() and not Path(self.log_dir).is_dir():
+            raise FileExistsError(f"--log-dir {self.log_dir} is a file; give a folder for metrics.csv and TensorBoard")
+        if self.val_data is not None:
+            v = Path(self.val_data)
+            if not v.exists():
+                raise FileNotFoundError(f"--val-data {v}: no such file or folder")
+            if v.is_dir() != data.is_dir():
+                raise ValueError(f"--val-data {v} is {'a folder' if v.is_dir() else 'a file'} and --data is not; give "
+                                 "held-out data of the same kind (an image folder, or a text file)")
+
+    @contextlib.contextmanager
+    def phase(self, what: str, rank: int) -> Iterator[None]:
+        """Say ``what`` is running, then how long it took (process 0 only)."""
+        say = self.status or print
+        t0 = time.perf_counter()
+        if rank == 0:
+            say(f"{what}...")
+        yield
+        if rank == 0:
+            say(f"{what}: done in {time.perf_counter() - t0:.1f} s")
 
 #: Distillation losses of :func:`train_file` for text, with the model output each one compares
 #: (``elasticize train --distill-loss``; the first is the default): ``"cosine"``, ``1 - cos`` of
@@ -56,7 +124,7 @@ def _choice(loss: str | None, choices: tuple[str, ...], kind: str) -> str:
 
 
 def _check_job(src: Path, out: Path, d: Path, *, steps: int, eval_every: int, schedule: str, warmup: float,
-               state: str | os.PathLike | None, overwrite: bool) -> None:
+               state: str | os.PathLike | None, overwrite: bool, run: RunOptions) -> None:
     """The checks of :func:`train_file` that need no model (its errors, but KeyError and those of loading)."""
     from ..checkpoint import read_manifest
 
@@ -77,6 +145,7 @@ def _check_job(src: Path, out: Path, d: Path, *, steps: int, eval_every: int, sc
     if not d.exists():
         raise FileNotFoundError(f"--data {d}: no such file or folder (an image folder, or a text file with one "
                                 "sample per line)")
+    run.check(d)
 
 
 def _check_resume(resume: str | os.PathLike, em: ElasticModel, *, schedule: str, steps: int) -> None:
@@ -129,39 +198,74 @@ def _load_checked(src: Path, *, text: bool, model: Any, trust_remote_code: bool,
 
 
 def _task(d: Path, em: ElasticModel, *, text: bool, distill_loss: str, batch_size: int, eval_fraction: float,
-          max_length: int, seed: int, shard: tuple[int, int]) -> tuple[Any, list, Any, Any, str]:
-    """``(training data, held-out batches, task loss, output_fn, metric)`` of a text file or an image folder."""
+          max_length: int, seed: int, shard: tuple[int, int], run: RunOptions) -> tuple[Any, list, Any, Any, str]:
+    """``(training data, held-out batches, task loss, output_fn, metric)`` of a text file or an image folder
+    (the held-out batches from ``run.val_data`` when it is given)."""
+    fraction = 0.0 if run.val_data is not None else eval_fraction
     if text:
-        train, held = text_file_data(d, em, batch_size=batch_size, eval_fraction=eval_fraction,
-                                     max_length=max_length, seed=seed, shard=shard)
+        read: Callable[..., tuple[Any, list]] = functools.partial(text_file_data, max_length=max_length)
+    else:
+        read = image_folder_data
+    train, held = read(d, em, batch_size=batch_size, eval_fraction=fraction, seed=seed, shard=shard,
+                       workers=run.workers)
+    if run.val_data is not None:
+        held = list(read(run.val_data, em, batch_size=batch_size, eval_fraction=0.0, seed=seed)[0])
+    if text:
         return train, held, None, TEXT_LOSSES[distill_loss], "cosine"
-    train, held = image_folder_data(d, em, batch_size=batch_size, eval_fraction=eval_fraction, seed=seed, shard=shard)
     return train, held, torch.nn.CrossEntropyLoss(), None, "accuracy"
 
 
 def _train(tr: Trainer, held: list, metric: str, *, steps: int, eval_every: int,
            on_eval: Callable[[int, dict[str, dict[str, float]]], None] | None, progress: Any,
-           state: str | os.PathLike | None, save_every: int) -> list[dict[str, Any]]:
+           state: str | os.PathLike | None, save_every: int, run: RunOptions, log: TrainLog) -> list[dict[str, Any]]:
     """Train ``tr`` up to step ``steps``, measuring the presets every ``eval_every`` steps; the step records."""
     history: list[dict[str, Any]] = []
     while tr.step < steps:
         n = steps - tr.step if not eval_every else min(eval_every - tr.step % eval_every, steps - tr.step)
         history += tr.train_steps(n, progress=progress, state_path=None if state is None else str(state),
-                                  save_every=save_every)
+                                  save_every=save_every, on_step=log.step, total=steps)
         if eval_every and held and tr.step < steps:
-            measured = tr.evaluate(held, metric=metric)
+            measured = _measure(tr, held, metric, run=run)
+            log.measured(tr.step, measured)
             if on_eval is not None and tr.rank == 0:
                 on_eval(tr.step, measured)
     return history
 
 
+def _train_and_save(tr: Trainer, held: list, metric: str, out: Path, *, steps: int, latency: bool, overwrite: bool,
+                    run: RunOptions, **train: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """:func:`_train`, then the presets measured (logged) and the file saved; ``(history, metrics)``."""
+    log = TrainLog(run.log_dir, print_every=run.log_every, total=steps, echo=run.status or print, rank=tr.rank)
+    try:
+        history = _train(tr, held, metric, steps=steps, run=run, log=log, **train)
+        metrics = _measure(tr, held, metric, run=run, latency=latency) if held else {}
+        log.measured(tr.step, metrics)
+    finally:
+        log.close()
+    with run.phase(f"saving {out}", tr.rank):
+        tr.save(str(out), overwrite=overwrite)
+    return history, metrics
+
+
+def _measure(tr: Trainer, held: list, metric: str, *, run: RunOptions, latency: bool = False) -> dict[str, Any]:
+    """BN recalibration (when the model has BatchNorm) and every preset measured, each phase announced."""
+    from .bn import batchnorm_layers
+
+    if batchnorm_layers(tr.em.model):
+        with run.phase(f"BN recalibration of {len(tr.em.presets)} presets", tr.rank):
+            tr.recalibrate()
+    with run.phase(f"measuring {len(tr.em.presets)} presets on {len(held)} held-out batches", tr.rank):
+        return tr.evaluate(held, metric=metric, latency=latency)
+
+
 def _trainer(em: Any, train: Any, dev: Any, *, loss_fn: Any, output_fn: Any, lr: float, steps: int, schedule: str,
-             warmup: float, resume: Any, **options: Any) -> Trainer:
+             warmup: float, resume: Any, run: RunOptions, **options: Any) -> Trainer:
     """The job's :class:`Trainer`: the model on ``dev``, AdamW at ``lr`` and its learning-rate schedule,
     resumed from the state file ``resume`` when one is given."""
     em.to(dev)
-    opt = torch.optim.AdamW(em.parameters(), lr=lr)
-    tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, device=dev,
+    opt = torch.optim.AdamW(em.parameters(), lr=lr, weight_decay=run.weight_decay)
+    tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, device=dev, max_grad_norm=run.max_grad_norm,
+                 distribution=run.distribution, parallel=run.parallel,
                  scheduler=make_scheduler(schedule, opt, lr=lr, steps=steps, warmup=warmup), **options,
                  **({} if output_fn is None else {"output_fn": output_fn}))
     if resume is not None:
@@ -178,7 +282,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
                amp: bool | None = None, schedule: str = "constant", warmup: float = 0.06,
                distill_loss: str | None = None, dropout: bool = True, latency: bool = False, eval_every: int = 0,
                on_eval: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
-               model: Any = None, trust_remote_code: bool = False) -> dict[str, Any]:
+               model: Any = None, trust_remote_code: bool = False, run: RunOptions | None = None) -> dict[str, Any]:
     """Train an elasticize super-network file on an image folder or a text file, and save it (see the module).
 
     Args:
@@ -212,9 +316,10 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         always: presets trained at every step on top of the strategy's draws (see :class:`~elasticize.train.Trainer`).
         model: the base model, for a file whose recipe cannot or may not rebuild it (see :func:`elasticize.load`).
         trust_remote_code: allow the file's ``import`` recipe to run its builder (see :func:`elasticize.load`).
+        run: weight decay, clipping, workers, distribution, DDP/FSDP, validation data, logging (:class:`RunOptions`).
 
     Returns:
-        ``{"output", "steps", "metrics" (per preset), "rank", "world", "history" (losses per step)}``.
+        ``{"output", "steps", "metrics" (per preset), "rank", "world", "history" (losses, configs per step)}``.
 
     Raises:
         FileNotFoundError: a missing model file, data path, resume file or output folder.
@@ -226,26 +331,25 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
             super-network, schedule or (decaying) ``steps``; text for a model without a tokenizer; a file
             :func:`elasticize.load` refuses.
         KeyError, TypeError: an ``always`` name that is not a preset or an unknown ``strategy``; a
-            ``strategy_options`` key the strategy does not take.
+            ``strategy_options`` key the strategy does not take. Also the errors of :meth:`RunOptions.check`.
     """
-    src, out, d = Path(path), Path(output), Path(data)
+    src, out, d, run = Path(path), Path(output), Path(data), run or RunOptions()
     _check_job(src, out, d, steps=steps, eval_every=eval_every, schedule=schedule, warmup=warmup, state=state,
-               overwrite=overwrite)
+               overwrite=overwrite, run=run)
     text = d.is_file()
     em, distill_loss = _load_checked(src, text=text, model=model, trust_remote_code=trust_remote_code,
                                      resume=resume, schedule=schedule, steps=steps, distill=distill,
                                      distill_loss=distill_loss, dropout=dropout)
     with process_group(device or ("cuda" if torch.cuda.is_available() else "cpu")) as (rank, world, dev):
-        train, held, loss_fn, output_fn, metric = _task(d, em, text=text, distill_loss=distill_loss,
-                                                        batch_size=batch_size, eval_fraction=eval_fraction,
-                                                        max_length=max_length, seed=seed, shard=(rank, world))
+        train, held, loss_fn, output_fn, metric = _task(
+            d, em, text=text, distill_loss=distill_loss, batch_size=batch_size, eval_fraction=eval_fraction,
+            max_length=max_length, seed=seed, shard=(rank, world), run=run)
         tr = _trainer(em, train, dev, loss_fn=loss_fn, output_fn=output_fn, lr=lr, steps=steps, schedule=schedule,
                       warmup=warmup, strategy=strategy, strategy_options=strategy_options, seed=seed,
                       distill=True if text else "auto" if distill is None else distill, distill_loss=distill_loss,
-                      calibration_batches=calibration_batches, always=always, amp=amp, resume=resume)
-        history = _train(tr, held, metric, steps=steps, eval_every=eval_every, on_eval=on_eval, progress=progress,
-                         state=state, save_every=save_every)
-        metrics = tr.evaluate(held, metric=metric, latency=latency) if held else {}
-        tr.save(str(out), overwrite=overwrite)
+                      calibration_batches=calibration_batches, always=always, amp=amp, resume=resume, run=run)
+        history, metrics = _train_and_save(tr, held, metric, out, steps=steps, eval_every=eval_every, on_eval=on_eval,
+                                           progress=progress, state=state, save_every=save_every, run=run,
+                                           latency=latency, overwrite=overwrite)
     return {"output": str(out), "steps": tr.step, "metrics": metrics, "rank": rank, "world": world,
-            "history": [{"step": r["step"], "losses": r["losses"]} for r in history]}
+            "history": [{"step": r["step"], "losses": r["losses"], "configs": r["configs"]} for r in history]}

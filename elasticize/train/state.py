@@ -31,7 +31,7 @@ from .._files import atomic_write, check_output
 from ..elastic import ElasticModel
 
 __all__ = ["plan_fingerprint", "write_state", "read_state", "read_state_info", "check_state_info", "STATE_KEY",
-           "rng_state", "set_rng_state", "data_generators"]
+           "rng_state", "set_rng_state", "data_generators", "read_state_parts"]
 
 STATE_KEY = "elasticize.train"
 STATE_VERSION = 1
@@ -64,10 +64,23 @@ def read_state_info(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
-                rng: dict[str, torch.Tensor], *, inputs: tuple = ()) -> Path:
+                rng: dict[str, torch.Tensor], *, inputs: tuple = (), model_state: Mapping[str, torch.Tensor] | None = None,
+                optim_state: Mapping[str, Any] | None = None) -> Path:
     """Write the trainer state atomically (replacing an older state file at ``path``).
 
     The file keeps the mode of the one it replaces; a new one gets ``0o666 & ~umask``.
+
+    Args:
+        path: the state file.
+        em: the super-network (its ``model.state_dict()`` with the trained BatchNorm statistics).
+        optimizer: its state and ``param_groups`` are stored.
+        meta: the trainer's JSON fields (step, data position, strategy...).
+        rng: random-state tensors by name.
+        inputs: files ``path`` must not be.
+        model_state: the model's state to store instead of ``em``'s own (FSDP's gathered full
+            state: :func:`elasticize.train.fsdp.full_model_state`).
+        optim_state: the optimizer's ``state_dict()`` to store instead of ``optimizer``'s own
+            (:func:`elasticize.train.fsdp.full_optimizer_state`).
 
     Raises:
         ValueError: ``path`` is one of ``inputs``.
@@ -78,9 +91,11 @@ def write_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.opti
         OSError: writing failed; the older state file stays as it was.
     """
     check_output(path, overwrite=True, inputs=inputs)
-    with em.trained_bn_stats():
-        tensors = {f"model.{k}": v.detach().contiguous().cpu().clone() for k, v in em.model.state_dict().items()}
-    opt = optimizer.state_dict()
+    if model_state is None:
+        with em.trained_bn_stats():
+            model_state = em.model.state_dict()
+    tensors = {f"model.{k}": v.detach().contiguous().cpu().clone() for k, v in model_state.items()}
+    opt = optimizer.state_dict() if optim_state is None else optim_state
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in opt["state"].items():
         for k, v in st.items():
@@ -131,6 +146,24 @@ def read_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.optim
         ValueError: not a trainer state file, a newer format, or a state saved from another
             model (plan fingerprint differs) or for another optimizer (parameter count differs).
     """
+    info, model_state, optim_state, rng = read_state_parts(path, em, optimizer)
+    em.set_bn_stats({})
+    em.model.load_state_dict(model_state, strict=True)
+    optimizer.load_state_dict(optim_state)
+    return info, rng
+
+
+def read_state_parts(path: str | os.PathLike, em: ElasticModel, optimizer: torch.optim.Optimizer
+                     ) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any], dict[str, torch.Tensor]]:
+    """A state written by :func:`write_state`, checked against ``em`` and ``optimizer`` but not loaded.
+
+    Returns:
+        (the JSON metadata, the model's state dict, the optimizer's ``state_dict()`` (parameters
+        by index), the RNG state tensors by name).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_state`.
+    """
     p = Path(path)
     info = read_state_info(p)
     check_state_info(p, info, em)
@@ -148,11 +181,8 @@ def read_state(path: str | os.PathLike, em: ElasticModel, optimizer: torch.optim
             state.setdefault(int(idx), {})[key] = v
     for idx, st in info["optimizer"]["scalars"].items():
         state.setdefault(int(idx), {}).update(st)
-    em.set_bn_stats({})
-    em.model.load_state_dict(model_state, strict=True)
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
-    return info, rng
+    return info, model_state, {"state": state, "param_groups": groups}, rng
 
 
 # ---------------------------------------------------------------------- random states

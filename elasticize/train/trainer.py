@@ -32,21 +32,28 @@ from ..model import ElasticModel
 from ..space import Config
 from .distributed import rank_and_world
 from .evaluation import METRICS, _EvaluationMixin
+from .fsdp import check_same_configs, shard
 from .losses import DISTILL_LOSSES, batch_size, default_output, forward_batch, split_batch
 from .resume import _ResumeMixin
 from .sampler import SubnetSampler
 from .strategies import Pass, Strategy, make_strategy
 
-__all__ = ["train_step", "Trainer", "METRICS"]
+__all__ = ["train_step", "Trainer", "METRICS", "PARALLEL"]
+
+#: The ``parallel=`` choices of :class:`Trainer` under ``torchrun``: ``"ddp"`` (every process holds
+#: the whole model; ``DistributedDataParallel``) or ``"fsdp"`` (FSDP2: each holds ``1/N`` of the
+#: parameters, gradients and optimizer state; see :mod:`elasticize.train.fsdp`).
+PARALLEL = ("ddp", "fsdp")
 
 
 def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, sampler: SubnetSampler,
-               optimizer: torch.optim.Optimizer, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+               optimizer: torch.optim.Optimizer | None, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
                teacher: nn.Module | None = None,
                distill_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | str = "kl",
                output_fn: Callable[[Any, Any], torch.Tensor] = default_output, runner: nn.Module | None = None,
                autocast: torch.autocast | None = None, max_grad_norm: float | None = None,
-               always: Sequence[tuple[str, Config]] = ()) -> tuple[dict[str, float], list[Config]]:
+               always: Sequence[tuple[str, Config]] = (),
+               backward: Callable[[torch.Tensor], None] | None = None) -> tuple[dict[str, float], list[Config]]:
     """One optimizer update of ``strategy``, for users who keep their own loop.
 
     Runs the strategy's passes (forward, loss, backward, one sub-network each; gradients
@@ -60,7 +67,8 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         batches: ``strategy.micro_batches`` batches, already on the model's device.
         strategy: from :func:`~elasticize.train.make_strategy`.
         sampler: draws the sub-networks (same seed on every rank under DDP).
-        optimizer: over ``em``'s parameters.
+        optimizer: over ``em``'s parameters; None leaves zeroing, clipping and stepping to the caller
+            (a training loop that owns them: Hugging Face ``Trainer``, Lightning, gradient accumulation).
         loss_fn: task loss ``(output tensor, target) -> scalar``, e.g. ``nn.CrossEntropyLoss()``.
         teacher: frozen original model for distillation, or None.
         distill_loss: ``"kl"``, ``"cosine"``, ``"mse"``, ``"hidden"`` or ``(student, teacher) -> scalar``.
@@ -73,6 +81,8 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         always: ``(label, configuration)`` pairs trained on the first micro-batch at every step
             after the strategy's passes, like a ``"task"`` pass (see :class:`Trainer`'s ``always``);
             a label equal to one of the strategy's pass labels is logged as ``"<label> (always)"``.
+        backward: runs each pass's backward on its weighted loss, e.g. ``accelerator.backward``
+            (default ``loss.backward()``).
 
     Returns:
         (mean loss per pass label, the configurations trained, in order).
@@ -88,7 +98,8 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
     passes = strategy.passes(sampler)
     drawn = {p.label for p in passes}  # an always pass named like a strategy pass is logged apart from it
     passes += [Pass(cfg, f"{label} (always)" if label in drawn else label) for label, cfg in always]
-    optimizer.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     teacher_out: dict[int, torch.Tensor] = {}
     kept: dict[int, torch.Tensor] = {}
     sums: dict[str, list[float]] = {}
@@ -104,13 +115,14 @@ def train_step(em: ElasticModel, batches: Sequence[Any], *, strategy: Strategy, 
         loss = _pass_loss(p, out, target, distill_loss=dl, loss_fn=loss_fn, teacher_out=teacher_out, kept=kept)
         if not torch.isfinite(loss.detach()):
             raise ValueError(f"the loss of pass {p.label!r} is {loss.item()}; lower the learning rate")
-        (loss * p.weight).backward()
+        (backward or torch.Tensor.backward)(loss * p.weight)
         if p.keep:
             kept[p.micro] = out.detach()
         sums.setdefault(p.label, []).append(float(loss.detach()))
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], max_grad_norm)
-    optimizer.step()
+    if optimizer is not None:
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], max_grad_norm)
+        optimizer.step()
     em.set_subnet(None)
     return {k: sum(v) / len(v) for k, v in sums.items()}, [p.config for p in passes]
 
@@ -179,6 +191,13 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
             space trained; sampling alone gives one preset of 294 a pass every few hundred
             steps (the sandwich rule's fixed smallest sub-network is the same idea, Universally
             Slimmable Networks, Section 3).
+        parallel: how to train under ``torchrun`` (:data:`PARALLEL`): ``"ddp"`` (when there
+            is more than one process) or ``"fsdp"``, which shards every depth-stage block (or
+            ``nn.ModuleList`` element) and then the model with FSDP2 ``fully_shard`` and points
+            ``optimizer`` (made over the unsharded parameters, without state) at the shards.
+            Under FSDP, :meth:`save`, :meth:`save_state`, :meth:`evaluate` and
+            :meth:`train_steps` are collectives: call them on every process. On CUDA with
+            ``amp`` the shards compute in bf16 (``MixedPrecisionPolicy``; untested here).
 
     Raises:
         TypeError: ``em`` is not an :class:`ElasticModel`.
@@ -186,7 +205,8 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
             strategy option value or an option the strategy does not take (see :func:`make_strategy`);
             ValueError also for a ``max_grad_norm`` that is not positive; KeyError, ValueError or
             TypeError for an ``always`` entry that ``em.resolve`` rejects (an unknown preset, a
-            value outside the search space).
+            value outside the search space); ValueError for an unknown ``parallel``, or
+            ``"fsdp"`` without a process group or with an optimizer that has state.
     """
 
     def __init__(self, em: ElasticModel, data: Iterable[Any], *, optimizer: torch.optim.Optimizer,
@@ -198,12 +218,15 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
                  output_fn: Callable[[Any, Any], torch.Tensor] = default_output,
                  device: torch.device | str | None = None, amp: bool | None = None,
                  calibration_batches: int = 8, scheduler: Any = None, max_grad_norm: float | None = None,
-                 always: Sequence[str | Mapping[str, Any]] = ()) -> None:
+                 always: Sequence[str | Mapping[str, Any]] = (), parallel: str = "ddp") -> None:
         if not isinstance(em, ElasticModel):
             raise TypeError(f"Trainer takes an ElasticModel (from elasticize.elasticize or convert), not "
                             f"{type(em).__name__}")
         if isinstance(distill_loss, str) and distill_loss not in DISTILL_LOSSES:
             raise KeyError(f"no distillation loss {distill_loss!r}; known: {sorted(DISTILL_LOSSES)}")
+        if parallel not in PARALLEL:
+            raise ValueError(f"parallel={parallel!r}: choose one of {', '.join(PARALLEL)}")
+        self.parallel = parallel
         self.em = em
         self.data = data
         self.optimizer = optimizer
@@ -236,7 +259,10 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
         else:
             self.teacher = None
         self.runner: nn.Module = em
-        if self.world > 1:
+        self.units: list[str] = []  # the FSDP units, before the root
+        if parallel == "fsdp":
+            self.units = shard(em, optimizer, mixed_precision=self.amp and self.device.type == "cuda")
+        elif self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             unused = bool(em.space.depth) or bool(em.plan.switchable)
@@ -256,13 +282,18 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
 
     # ------------------------------------------------------------------ training
     def train_steps(self, steps: int, *, progress: bool | Callable[[dict[str, Any]], None] = False,
-                    state_path: str | None = None, save_every: int = 0) -> list[dict[str, Any]]:
+                    state_path: str | None = None, save_every: int = 0,
+                    on_step: Callable[[dict[str, Any]], None] | None = None,
+                    total: int | None = None) -> list[dict[str, Any]]:
         """Run ``steps`` optimizer updates (from the current step).
 
         Args:
             steps: number of updates.
             progress: True for a rich progress bar (step, loss per sampled sub-network,
                 samples/s; rank 0 only), or a callback receiving each step's record.
+            on_step: also called with each step's record (with or without the bar).
+            total: the bar counts global steps up to this one (default: ``step + steps``), so
+                runs cut into segments (evaluation between them) show one step count.
             state_path: where :meth:`save_state` writes (every ``save_every`` steps and at the end).
             save_every: steps between state saves (0: only at the end, if ``state_path``).
 
@@ -283,7 +314,7 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
 
             bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                            TextColumn("{task.fields[info]}"))
-            task = bar.add_task("train", total=steps, info="")
+            task = bar.add_task("train", total=total or self.step + steps, completed=self.step, info="")
             bar.start()
         seen, t_start = 0, time.perf_counter()
         try:
@@ -295,6 +326,8 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
                                              distill_loss=self.distill_loss, output_fn=self.output_fn,
                                              runner=self.runner, autocast=self._autocast(),
                                              max_grad_norm=self.max_grad_norm, always=self.always)
+                if self.parallel == "fsdp" and self.world > 1:
+                    check_same_configs(configs, self.step + 1, self.device)
                 if self.scheduler is not None:
                     self.scheduler.step()
                 self.step += 1
@@ -310,6 +343,8 @@ class Trainer(_ResumeMixin, _EvaluationMixin):
                     bar.update(task, advance=1, info=info)
                 elif callable(progress):
                     progress(rec)
+                if on_step is not None:
+                    on_step(rec)
                 if state_path and save_every and self.step % save_every == 0:
                     self.save_state(state_path)
         finally:

@@ -1,8 +1,10 @@
 """Ops that join or split tensors: concatenation, stacking, splitting, chunking and indexing.
 
 A concatenation of copies of one index space is a *repeated* slot (sliced alike in each
-copy); any other concatenation fixes the axis. Equal chunks of an axis are repeated slots
-too; other splits and partial slices fix the axis.
+copy); a concatenation of different groups is a *segmented* slot (each input keeps its group,
+see :meth:`elasticize.graph.coupling.Coupling.segmented`). Equal chunks of an axis are repeated
+slots too; equal chunks of a segmented axis that each hold whole segments of one layout keep
+them; other splits and partial slices fix the axis.
 """
 
 from __future__ import annotations
@@ -19,17 +21,22 @@ __all__: list[str] = []
 
 @op("cat")
 def cat(p: Propagator, node: fx.Node) -> Value:
-    """The other axes join; the joined axis is a repeated slot for copies of one index space, else fixed."""
+    """The other axes join; the joined axis is a repeated slot for copies of one index space, else a segmented
+    slot: each input keeps its group, and a consumer reads the concatenation of each segment's active prefix."""
     tensors = node.args[0]
     dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
     out_shape = p.shape(node)
     dim %= len(out_shape)
     vals = [p.env.get(t) for t in tensors]
+    if len(vals) == 1 and isinstance(vals[0], tuple):
+        return vals[0]
     if (len(vals) > 1 and all(isinstance(v, tuple) and len(v) == len(out_shape) for v in vals)
-            and len({p.c.find(v[dim]) for v in vals}) == 1):
+            and len({p.c.find(v[dim]) for v in vals}) == 1 and p.c.flat_segments(vals[0][dim]) is None):
         # copies of one index space side by side (torchvision's patch merging): sliced alike in each
         return _join(p, [v[:dim] + v[dim + 1:] for v in vals], out_shape, dim,
                      p.c.repeated(vals[0][dim], len(vals)))
+    if vals and all(isinstance(v, tuple) and len(v) == len(out_shape) for v in vals):
+        return _join(p, [v[:dim] + v[dim + 1:] for v in vals], out_shape, dim, p.c.segmented([v[dim] for v in vals]))
     out = []
     reason = f"concatenated along axis {dim} at {node.name}"
     for a in range(len(out_shape)):
@@ -82,12 +89,22 @@ def stack(p: Propagator, node: fx.Node) -> Value:
     return base[:dim] + (p.c.new(out_shape[dim]),) + base[dim:]
 
 
-def _split(p: Propagator, node: fx.Node, dim: int, removes_axis: bool) -> Value:
+def _split(p: Propagator, node: fx.Node, dim: int, removes_axis: bool, by_count: bool = False) -> Value:
     x = p.env.get(node.args[0])
     metas = node.meta.get("tensor_meta", node.meta.get("val"))
     dim %= len(x)
     in_shape = p.shape(node.args[0])
     sizes = {tuple(m.shape)[dim] for m in metas}
+    segs = None if removes_axis or len(metas) < 2 else p.c.flat_segments(x[dim])
+    if segs is not None:
+        pieces = _cut_segments(p, segs, [tuple(m.shape)[dim] for m in metas]) if by_count else None
+        if pieces is None:
+            reason = (f"a concatenation is split ({node.name}) " + ("inside a segment" if by_count else
+                      "in literal sizes, which a sub-network's segments would not follow"))
+            for sg in segs:
+                p.c.fix(sg, reason)
+        else:
+            return [x[:dim] + (piece,) + x[dim + 1:] for piece in pieces]
     if not removes_axis and len(metas) > 1 and len(sizes) == 1 and len(metas) * sizes.pop() == in_shape[dim]:
         # equal chunks (a gated MLP's x1, x2 = fc1(x).chunk(2, -1)): the axis is that many copies of one
         # index space, sliced alike in each chunk, as the fused q/k/v rows of an attention projection are
@@ -107,6 +124,29 @@ def _split(p: Propagator, node: fx.Node, dim: int, removes_axis: bool) -> Value:
     return out
 
 
+def _cut_segments(p: Propagator, segs: list[int], lengths: list[int]) -> list[int] | None:
+    """The equal chunks of a segmented axis, when each holds whole segments of one layout: the chunks' segments
+    join position by position (each chunk is then one copy of the same layout, and shrinks alike); None when a cut
+    falls inside a segment or the chunks' layouts differ."""
+    held: list[list[int]] = []
+    i = 0
+    for n in lengths:
+        part, total = [], 0
+        while total < n and i < len(segs):
+            part.append(segs[i])
+            total += p.c.size[segs[i]]
+            i += 1
+        if total != n:
+            return None
+        held.append(part)
+    if len({tuple(p.c.size[s] for s in part) for part in held}) != 1:
+        return None
+    for part in held[1:]:
+        for a, b in zip(held[0], part):
+            p.c.union(a, b)
+    return [part[0] if len(part) == 1 else p.c.segmented(part) for part in held]
+
+
 @op("unbind")
 def unbind(p: Propagator, node: fx.Node) -> Value:
     """Each output keeps the input's slots without the removed axis."""
@@ -115,13 +155,16 @@ def unbind(p: Propagator, node: fx.Node) -> Value:
 
 @op("chunk")
 def chunk(p: Propagator, node: fx.Node) -> Value:
-    """Equal chunks make the axis a repeated slot, each chunk one copy; unequal parts fix it."""
-    return _split(p, node, node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0), False)
+    """Equal chunks make the axis a repeated slot, each chunk one copy; unequal parts fix it. Chunks of a
+    concatenation that each hold whole segments of one layout keep them (their segments join position by
+    position); any other chunking of a concatenation fixes its segments."""
+    return _split(p, node, node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0), False, True)
 
 
 @op("split", "split_with_sizes", "tensor_split")
 def split(p: Propagator, node: fx.Node) -> Value:
-    """As ``chunk``: equal parts make the axis a repeated slot; unequal parts fix it."""
+    """As ``chunk``: equal parts make the axis a repeated slot; unequal parts fix it; a split of a concatenation
+    in literal sizes fixes its segments (a sub-network's segments would not follow the sizes)."""
     return _split(p, node, node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0), False)
 
 

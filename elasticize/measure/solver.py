@@ -1,0 +1,163 @@
+"""A budget solver over non-uniform sub-networks: per-group sensitivities, then a mixed-integer program.
+
+1. **Sensitivity** (:func:`sensitivities`): for every width/heads group and depth stage ``g`` and each of
+   its choices ``k``, the metric drop ``d[g, k] = m(full) - m(full with g at k)`` on calibration data,
+   everything else full (with bias compensation and, for BatchNorm models, BN recalibration on two
+   batches). ModelOpt's Puzzletron scores blocks the same way, one at a time.
+2. **Program** (:func:`solve`): one-hot variables ``x[g, k]`` per group, ``sum_k x[g, k] = 1``, minimise the
+   predicted drop ``sum d[g, k] x[g, k]`` subject to ``sum c[g, k] x[g, k] <= B - C(full)``, solved by
+   ``scipy.optimize.milp`` (HiGHS), where ``c[g, k] = C(full with g at k) - C(full)`` is the cost change of
+   that one group alone (MACs per sample or parameters).
+
+MACs are not additive across coupled groups: a layer between two groups costs ``C r1 r2``, a block in a
+stage ``C r d``. With every ratio in ``[0, 1]``, ``r1 r2 >= r1 + r2 - 1``, so the separable cost is an
+upper bound of the true one and every solution is within the budget; the solver then *checks* the
+true cost with the plan's ``mac_terms`` and loosens the linear budget by the slack, a few times,
+keeping the best pick within the true budget. Choices are nested, so a pick still cuts the same weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+__all__ = ["sensitivities", "solve", "budget_name", "uniform_candidates"]
+
+
+def _units(em: Any) -> list[tuple[str, str, list[int]]]:
+    """(dimension, group or stage, choices) of every elastic group and stage."""
+    return [(dim, name, list(ch)) for dim, table in em.space.dimensions.items() for name, ch in table.items()
+            if len(ch) > 1]
+
+
+def sensitivities(em: Any, score: Callable[[dict], float]) -> dict[str, Any]:
+    """The metric drop of each group's and stage's choices, one at a time (everything else full).
+
+    Args:
+        em: the elastic model.
+        score: ``config -> metric`` on calibration data, higher is better (see
+            :func:`elasticize.measure.evaluate`, which passes BN recalibration and bias compensation in).
+
+    Returns:
+        ``{"base": m(full), "drops": {"dim/name": {choice: drop}}}`` (JSON-native keys).
+    """
+    full = em.space.full()
+    base = score(full)
+    drops: dict[str, dict[int, float]] = {}
+    for dim, name, choices in _units(em):
+        drops[f"{dim}/{name}"] = {}
+        for k in choices[1:]:
+            cfg = {d: dict(v) for d, v in full.items()}
+            cfg[dim][name] = k
+            drops[f"{dim}/{name}"][k] = base - score(cfg)
+    return {"base": base, "drops": drops}
+
+
+def solve(em: Any, sens: dict[str, Any], *, max_macs: float | None = None, max_params: float | None = None,
+          rounds: int = 8, max_depths: int = 256) -> tuple[dict, float]:
+    """The per-group choices with the least predicted metric drop within the budget.
+
+    Depth choices (few) are enumerated; for each, the width and heads choices are one
+    ``scipy.optimize.milp`` program with their costs taken at that depth (see the module docstring).
+
+    Args:
+        em: the elastic model.
+        sens: :func:`sensitivities`.
+        max_macs: budget in MACs per sample.
+        max_params: budget in parameters.
+        rounds: check-and-adjust rounds per depth.
+        max_depths: at most this many depth configurations (spread evenly) are tried.
+
+    Returns:
+        ``(resolved configuration, predicted metric = base - sum of drops)``.
+
+    Raises:
+        ValueError: no bound, or no sub-network within it.
+    """
+    import itertools
+
+    if max_macs is None and max_params is None:
+        raise ValueError("give max_macs and/or max_params")
+    full = em.space.full()
+    bounds = [(float(b), fn) for b, fn in ((max_macs, em.macs), (max_params, em.params)) if b is not None]
+    stages = [(name, ch) for dim, name, ch in _units(em) if dim == "depth"]
+    combos = list(itertools.product(*[ch for _, ch in stages]))
+    if len(combos) > max_depths:
+        combos = [combos[round(i * (len(combos) - 1) / (max_depths - 1))] for i in range(max_depths)]
+    best: tuple[dict, float] | None = None
+    for combo in combos:
+        base = {d: dict(v) for d, v in full.items()}
+        drop = 0.0
+        for (name, ch), k in zip(stages, combo):
+            base["depth"][name] = k
+            drop += sens["drops"].get(f"depth/{name}", {}).get(k, 0.0) if k != ch[0] else 0.0
+        if any(fn(em.space.candidates()[-1] | {"depth": base["depth"]}) > b for b, fn in bounds):
+            continue  # even the smallest widths at this depth are over
+        pick = _solve_widths(em, sens, base, bounds, rounds)
+        if pick is not None and (best is None or pick[1] - drop > best[1]):
+            best = (pick[0], pick[1] - drop)
+    if best is None:
+        smallest = em.space.candidates()[-1]
+        raise ValueError(f"no sub-network within max_macs={max_macs}, max_params={max_params}; the smallest has "
+                         f"{em.macs(smallest):,} MACs and {em.params(smallest):,} params")
+    return best
+
+
+def _solve_widths(em: Any, sens: dict[str, Any], base: dict, bounds: list, rounds: int) -> tuple[dict, float] | None:
+    """The width/heads choices at ``base``'s depths: ``(config, base metric - width drops)`` or None."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    units = [(dim, name, ch) for dim, name, ch in _units(em) if dim != "depth" and f"{dim}/{name}" in sens["drops"]]
+    var = [(dim, name, k) for dim, name, ch in units for k in ch]
+    if not var:
+        cfg = em.resolve(base)
+        return (cfg, sens["base"]) if all(fn(cfg) <= b for b, fn in bounds) else None
+    obj = np.array([0.0 if k == ch[0] else sens["drops"][f"{dim}/{name}"][k] for dim, name, ch in units for k in ch])
+    eq = np.zeros((len(units), len(var)))
+    col = 0
+    for i, (_, _, ch) in enumerate(units):
+        eq[i, col:col + len(ch)] = 1
+        col += len(ch)
+    deltas = [np.array([fn(_one(base, dim, name, k)) - fn(base) for dim, name, k in var], dtype=float)
+              for _, fn in bounds]
+    slack = [b - fn(base) for b, fn in bounds]
+    best: tuple[dict, float] | None = None
+    for _ in range(rounds):
+        rows = [LinearConstraint(eq, 1, 1)] + [LinearConstraint(d[None, :], -np.inf, s) for d, s in zip(deltas, slack)]
+        res = milp(obj, constraints=rows, integrality=np.ones(len(var)), bounds=Bounds(0, 1))
+        if res.x is None:
+            break
+        cfg = {d: dict(v) for d, v in base.items()}
+        for (dim, name, k), x in zip(var, res.x):
+            if x > 0.5:
+                cfg[dim][name] = k
+        cfg = em.resolve(cfg)
+        gaps = [b - fn(cfg) for b, fn in bounds]
+        if min(gaps) >= 0:
+            pred = sens["base"] - float(obj @ np.round(res.x))
+            if best is None or pred > best[1]:
+                best = (cfg, pred)
+            if max(gaps) <= 0:
+                break
+        slack = [s + g for s, g in zip(slack, gaps)]  # loosen by the true slack, or tighten by the excess
+    return best
+
+
+def _one(full: dict, dim: str, name: str, k: int) -> dict:
+    cfg = {d: dict(v) for d, v in full.items()}
+    cfg[dim][name] = k
+    return cfg
+
+
+def budget_name(text: str) -> str:
+    """The preset name of a solver pick for budget ``text``: ``"25%"`` -> ``"budget-25"``, ``"50M"`` -> ``"budget-50M"``."""
+    return "budget-" + "".join(ch for ch in text if ch.isalnum() or ch in ".-")
+
+
+def uniform_candidates(em: Any, n: int, exclude: Sequence[dict] = ()) -> list[dict]:
+    """Up to ``n`` nested uniform sub-networks spread evenly over :meth:`SearchSpace.candidates`, not in ``exclude``."""
+    cands = [c for c in em.space.candidates() if c not in exclude]
+    if n <= 0 or not cands:
+        return []
+    idx = sorted({round(i * (len(cands) - 1) / max(n - 1, 1)) for i in range(min(n, len(cands)))})
+    return [cands[i] for i in idx]

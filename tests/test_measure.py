@@ -1,0 +1,185 @@
+"""elasticize eval / ElasticModel.evaluate, bias compensation, measured budget picks and the solver."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import elasticize
+from elasticize.batches import forward_batch
+from elasticize.calibration import consumer_means
+from elasticize.cli import main
+from elasticize.train.losses import mean_pooled
+from toy_models import digits
+
+from conftest import scratch_dir  # noqa: E402
+
+
+def digit_batches(n: int = 4, size: int = 32):
+    """Labelled batches of real scikit-learn digits, ``(x (batch, 1, 8, 8), y (batch,))``: the eval ``--data`` function."""
+    x, y, _, _ = digits()
+    return [(x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]) for i in range(n)]
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    m = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=48, max_position_embeddings=40)).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 99, (8, 12), generator=g),
+                "attention_mask": torch.ones(8, 12, dtype=torch.long)} for _ in range(4)]
+    return m, batches
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """A digits CNN file, and the same file measured by `elasticize eval` (candidates, a budget pick, CSV/JSON/PNG)."""
+    with scratch_dir(tmp_path_factory, "measure") as d:
+        model = d / "digits.safetensors"
+        res = CliRunner().invoke(main, ["convert", "toy_models:DigitsResNet", "--kwarg", "c=8", "--no-pretrained",
+                                        "-o", str(model)])
+        assert res.exit_code == 0, res.output
+        out = d / "measured.safetensors"
+        args = ["eval", "--trust-remote-code", str(model), "--data", "test_measure:digit_batches", "-o", str(out),
+                "--candidates", "3", "--min-time", "0.01", "--budgets", "50%", "--csv", str(d / "r.csv"), "--json", str(d / "r.json"),
+                "--plot", str(d / "pareto.png")]
+        res = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert res.exit_code == 0, res.output
+        yield d, model, out
+
+
+def test_eval_writes_table_csv_json_png_and_manifest(measured):
+    d, model, out = measured
+    record = json.loads((d / "r.json").read_text())
+    assert record["metric"] == "accuracy" and record["device"] == "cpu" and record["batch_size"] == 1
+    names = {r["name"] for r in record["results"]}
+    assert {"full", "budget-50"} <= names and None in names
+    assert all(r["latency_s"] > 0 and r["peak_bytes"] > 0 for r in record["results"])
+    lines = (d / "r.csv").read_text().splitlines()
+    assert lines[0].split(",")[:4] == ["name", "macs", "params", "accuracy"] and len(lines) == len(record["results"]) + 1
+    assert (d / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    em = elasticize.load(out, trust_remote_code=True)
+    assert em.measurements["cpu/bs1"]["results"] == record["results"]
+    assert "measurements" not in elasticize.checkpoint.read_manifest(model)  # the input is untouched
+    budget = em.macs("budget-50")
+    assert budget <= 0.5 * em.macs(None)
+
+
+def test_measurements_per_device_round_trip(measured, tmp_path):
+    _, _, out = measured
+    em = elasticize.load(out, trust_remote_code=True)
+    other = dict(em.measurements["cpu/bs1"], device="cuda", batch_size=8)
+    em.measurements["cuda/bs8"] = other
+    path = elasticize.save(em, tmp_path / "two.safetensors")
+    back = elasticize.load(path, trust_remote_code=True)
+    assert set(back.measurements) == {"cpu/bs1", "cuda/bs8"} and back.measurements["cuda/bs8"] == other
+    bad = dict(other, results=[dict(other["results"][0], macs=1)])
+    em.measurements["cuda/bs8"] = bad
+    path = elasticize.save(em, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="macs"):
+        elasticize.load(path, trust_remote_code=True)
+
+
+def test_budget_picks_never_worse_than_best_measured_preset(measured):
+    _, _, out = measured
+    em = elasticize.load(out, trust_remote_code=True)
+    rows = em.measurements["cpu/bs1"]["results"]
+    lo, hi = min(r["macs"] for r in rows), em.macs(None)
+    for i in range(10):
+        budget = int(lo + (hi - lo) * i / 9)
+        name, cfg = em.select(max_macs=budget, with_name=True)
+        got = next(r["accuracy"] for r in rows if em.resolve(r["config"]) == cfg)
+        presets = [r["accuracy"] for r in rows if r["name"] and r["macs"] <= budget]
+        assert em.macs(cfg) <= budget and got >= max(presets, default=0.0)
+        assert name == next((r["name"] for r in rows if em.resolve(r["config"]) == cfg), None)
+
+
+def test_extract_measured_file_and_unmeasured_warning(measured, tmp_path):
+    _, model, out = measured
+    res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(model), "--max-macs", "50%",
+                                                    "-o", str(tmp_path / "a.safetensors")])
+    assert res.exit_code == 0 and "elasticize eval" in res.stderr
+    res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(out), "--max-macs", "50%",
+                                                    "-o", str(tmp_path / "b.safetensors")])
+    assert res.exit_code == 0 and "elasticize eval" not in res.stderr, res.stderr
+
+
+def test_bad_data_is_one_line_and_writes_nothing(measured, tmp_path):
+    _, model, _ = measured
+    out = tmp_path / "m.safetensors"
+    for data in (str(tmp_path / "missing"), "no_such_module_xyz:batches"):
+        res = CliRunner().invoke(main, ["eval", "--trust-remote-code", str(model), "--data", data, "-o", str(out),
+                                        "--csv", str(tmp_path / "r.csv")])
+        assert res.exit_code == 1 and res.output.count("\n") == 1 and "Error" in res.output, res.output
+        assert not list(tmp_path.iterdir())
+
+
+def test_bias_compensation_identity_at_full_and_reduces_error():
+    m, batches = _bert()
+    em = elasticize.elasticize(m, (batches[0]["input_ids"][:1],))
+    x = batches[0]
+    with torch.no_grad():
+        full = em(**x).last_hidden_state
+        truncated = {n: em.extract(n)(**x).last_hidden_state for n in ("large", "medium")}
+    means, skipped = consumer_means(em.model, em.plan, batches, forward_batch)
+    assert len(means) == 4 and not skipped  # attention.output.dense and output.dense of each layer
+    em.set_compensation(means)
+    with torch.no_grad():
+        assert torch.equal(em(**x).last_hidden_state, full)
+        for n, t in truncated.items():
+            em.set_subnet(n)
+            comp = em(**x).last_hidden_state
+            assert (comp - full).pow(2).mean() < 0.8 * (t - full).pow(2).mean()
+            assert torch.allclose(em.extract(n)(**x).last_hidden_state, comp, atol=1e-5)
+    em.set_subnet(None)
+    assert torch.equal(dict(em.model.named_parameters())["encoder.layer.0.output.dense.bias"],
+                       m.encoder.layer[0].output.dense.bias)
+
+
+def test_compensation_file_round_trip_and_load_subnet(tmp_path):
+    from transformers import BertModel
+
+    m, batches = _bert()
+    em = elasticize.elasticize(m, (batches[0]["input_ids"][:1],))
+    plain = elasticize.save(em, tmp_path / "plain.safetensors")
+    manifest = elasticize.checkpoint.read_manifest(plain)
+    assert manifest["format_version"] <= 3 and "bias_compensation" not in manifest  # data-free: as before
+    rec = elasticize.evaluate(em, batches[2:], calibration=batches[:2], metric="cosine", output_fn=mean_pooled, latency=False)
+    assert rec["calibration"].endswith("bias compensation") and em.compensation.presets
+    path = elasticize.save(em, tmp_path / "comp.safetensors")
+    x = batches[0]
+    with torch.no_grad():
+        em.set_subnet("medium")
+        want = em(**x).last_hidden_state
+        dense = elasticize.load_subnet(path, "medium", model=BertModel(copy.deepcopy(m.config)))
+        assert torch.allclose(dense(**x).last_hidden_state, want, atol=1e-5)
+        back = elasticize.load(path, model=BertModel(copy.deepcopy(m.config)))
+        back.set_subnet("medium")
+        assert torch.allclose(back(**x).last_hidden_state, want, atol=1e-5)
+        back.add_preset("mine", {"width": 0.25})  # kept consistent: the new preset is compensated too
+        assert "mine" in back.compensation.presets
+
+
+def test_solver_pick_within_budget_and_nested():
+    from elasticize.measure.evaluate import _Scorer, _score_with_compensation
+    from elasticize.measure.solver import sensitivities, solve
+    from elasticize.train.evaluation import METRICS
+
+    m, batches = _bert()
+    em = elasticize.elasticize(m, (batches[0]["input_ids"][:1],))
+    sens = sensitivities(em, _score_with_compensation(em, _Scorer(em, batches[:2], METRICS["cosine"], mean_pooled,
+                                                                  torch.device("cpu")), False))
+    assert set(sens["drops"]) == {f"{d}/{n}" for d, t in em.space.dimensions.items() for n, c in t.items()
+                                  if len(c) > 1}
+    for share in (0.3, 0.5, 0.8):
+        cfg, pred = solve(em, sens, max_macs=share * em.macs(None))
+        assert em.macs(cfg) <= share * em.macs(None) and pred <= sens["base"] + 1e-9
+        assert em.resolve(cfg) == cfg
+    with pytest.raises(ValueError, match="no sub-network within"):
+        solve(em, sens, max_macs=10)
