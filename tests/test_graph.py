@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import elasticize
-from elasticize.plan import Axis
+from elasticize.plan import Attr, Axis, Segments
 import toy_models as toys
 from conftest import max_diff
 
@@ -18,7 +18,7 @@ def _reasons(em):
 def test_residual_blocks_share_one_group_and_form_a_stage():
     em = elasticize.elasticize(toys.ToyCNN())
     g = em.plan.group("stem.0:out")
-    members = {m for m, info in em.plan.tensors.items() if any(a.group == g.name for a in info.axes.values())}
+    members = {m for m, info in em.plan.tensors.items() if any(g.name in a.groups for a in info.axes.values())}
     # the residual adds tie the stem, every block's conv2/bn2 and the depthwise conv into one group
     for t in ("stem.0.weight", "stem.1.running_mean", "stage.0.conv2.weight", "stage.2.bn2.bias", "dw.weight",
               "stage.1.conv1.weight"):
@@ -46,9 +46,10 @@ def test_grouped_conv_and_output_are_fixed_with_reasons():
     r = _reasons(em)
     assert "grouped convolution" in r["grouped:out"] and "grouped convolution" in r["expand:out"]
     # the concatenation's branches stay elastic, in whole groups of the GroupNorm that reads them (issue 19)
-    assert {g["name"]: g["unit"] for g in em.plan.groups if g["name"].startswith("branch")} == {
+    assert {g.name: g.unit for g in em.plan.groups if g.name.startswith("branch")} == {
         "branch_a:out": 8, "branch_b:out": 8}
-    assert em.plan.attrs["gn"]["num_groups"] == [[["branch_a:out", 1], ["branch_b:out", 1]], "int", 1, 8]
+    assert em.plan.attrs["gn"]["num_groups"] == Attr(Segments((Axis("branch_a:out"), Axis("branch_b:out"))), "int", 1, 8)
+    assert em.plan.attrs["gn"]["num_groups"].to_json() == [[["branch_a:out", 1], ["branch_b:out", 1]], "int", 1, 8]
     assert r["fc:out"] == "model output"
     assert em.plan.tensors["grouped.weight"].axes == {}
 
