@@ -10,8 +10,11 @@ import pytest
 import torch
 
 import elasticize
-from elasticize.checkpoint import load_manifest
-from elasticize.plan import MANIFEST_FORMAT, Axis, Plan
+from elasticize.checkpoint import FORMAT_VERSION, load_manifest
+from elasticize.modules import GroupState
+from elasticize.plan import MANIFEST_FORMAT, Axis, Plan, Segments
+from elasticize.plan.apply import axis_state
+from elasticize.plan.types import axis_from_json
 from elasticize.plan.manifest import Manifest
 from elasticize.plan.parse import ManifestError
 from elasticize.testing.zoo import build
@@ -91,7 +94,7 @@ def test_format_1_fixture_migrates_to_the_typed_manifest():
     assert not m.bn_stats and not m.files and set(m.presets) == set(raw["presets"])
     assert m.plan == Plan.from_json(raw["plan"]) and m.presets["full"].macs == raw["presets"]["full"]["macs"]
     migrated = MANIFEST_FORMAT.migrate(raw, 1)  # one registered step per old version
-    assert [s.source for s in MANIFEST_FORMAT.steps] == [1, 2] and migrated["format_version"] == MANIFEST_FORMAT.current
+    assert [s.source for s in MANIFEST_FORMAT.steps] == [1, 2, 3] and migrated["format_version"] == MANIFEST_FORMAT.current
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.kind = "sub-network"  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -107,3 +110,22 @@ def test_version_rule_comes_from_the_registry():
     with pytest.raises(ManifestError, match="stored files need format version 3"):
         MANIFEST_FORMAT.check_keys({"files": {"a": 1}}, 2)
     MANIFEST_FORMAT.check_keys({"bn_stats": {}, "files": {}}, 3)
+    assert MANIFEST_FORMAT.current == FORMAT_VERSION == 4  # one source: the registry
+    for key in ("measurements", "bias_compensation", "layout"):
+        assert MANIFEST_FORMAT.oldest_for({"bn_stats": {}, key: {}}) == 4
+    with pytest.raises(ManifestError, match="manifest key layout: a nested byte layout needs format version 4"):
+        MANIFEST_FORMAT.check_keys({"layout": {}}, 3)
+    with pytest.raises(ManifestError, match="manifest key bias_compensation: needs format version 4"):
+        MANIFEST_FORMAT.check_keys({"bias_compensation": {}}, 3)
+
+
+def test_segments_round_trip_and_read_per_segment():
+    e = [["a", 2], 5, ["b", 1, 2]]
+    seg = axis_from_json(e)
+    assert seg == Segments((Axis("a", 2), 5, Axis("b", 1, 2))) and seg.groups == ("a", "b") and seg.to_json() == e
+    assert axis_from_json(["a", 2]) == Axis("a", 2) and Axis("a", 2).groups == ("a",)
+    groups = {"a": GroupState("a", 4, 1), "b": GroupState("b", 8, 1)}
+    groups["a"].active, groups["b"].active = 2, 4
+    state, chunks, div = axis_state(seg, groups)
+    assert (chunks, div, state.size, state.active) == (1, 1, 2 * 4 + 5 + 4, 2 * 2 + 5 + 2)
+    assert state.ranges() == ((0, 2), (4, 6), (8, 15))  # each chunk's prefix, the whole 5, b's half-rows' prefix
