@@ -111,20 +111,23 @@ OP_TABLE = re.compile(r"^<!-- op-table -->$", re.M)
 
 
 def _op_table() -> str:
-    """The analysis's op table, from its registry (``elasticize.graph.ops.registered_ops``): one row per
-    handler, the ops it handles and how it couples axes, so the page cannot drift from the code."""
-    from elasticize.graph.ops import registered_ops
+    """The audited op table (``elasticize.graph.ops.audit.rows``): handled ops grouped by handler, with how
+    they couple axes; then the ops passed by, fixed and unsupported, grouped by reason. Generated from the
+    handler registry and the sweep's data, so the page cannot drift from the code."""
+    from elasticize.graph.ops.audit import rows
 
-    by_handler: dict[str, list[str]] = {}
-    couples: dict[str, str] = {}
-    for name, h in sorted(registered_ops().items()):
-        by_handler.setdefault(h.handler, []).append(name)
-        couples[h.handler] = h.couples
-    rows = ["| handler | ops | how it couples axes |", "|---|---|---|"]
-    for handler, names in sorted(by_handler.items(), key=lambda kv: kv[0]):
-        short = handler.removeprefix("elasticize.graph.ops.")
-        rows.append(f"| `{short}` | {', '.join(f'`{n}`' for n in names)} | {_cell(couples[handler])} |")
-    return "\n".join(rows)
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, r in rows().items():
+        key = (r.status, r.handler.removeprefix("elasticize.graph.ops.") if r.handler else r.how)
+        groups.setdefault(key, []).append(name)
+    how = {(r.status, r.handler.removeprefix("elasticize.graph.ops.") if r.handler else r.how): r.how
+           for r in rows().values()}
+    order = {"handled": 0, "passed by": 1, "fixed": 2, "unsupported": 3}
+    out = ["| status | ops | how it couples axes, or why not |", "|---|---|---|"]
+    for (status, key), names in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+        label = f"{status} (`{key}`)" if status == "handled" else status
+        out.append(f"| {label} | {', '.join(f'`{n}`' for n in names)} | {_cell(how[(status, key)])} |")
+    return "\n".join(out)
 
 
 def on_post_build(config: Any) -> None:

@@ -134,8 +134,9 @@ def test_tokenizer_survives_when_the_source_folder_is_gone(tmp_path):
     assert "stored with the model: tokenizer.json" in r.output
     shutil.rmtree(src)
     manifest = elasticize.read_manifest(file, presets=False)
-    assert manifest["format_version"] == 3 and set(manifest["files"]) == {"tokenizer.json", "tokenizer_config.json",
-                                                                          "special_tokens_map.json", "vocab.txt"}
+    assert manifest["format_version"] == 3 and set(manifest["files"]) == {
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",  # the tokenizer
+        "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"}
     assert manifest["files"]["vocab.txt"]["tensor"] == "elastic_file.vocab.txt"
     r = runner.invoke(main, ["extract", str(file), "--config", '{"width": 0.5, "depth": 0.5}', "--format", "hf",
                              "-o", str(tmp_path / "hf")])

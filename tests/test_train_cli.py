@@ -366,7 +366,7 @@ def val_folder(image_job):
 
 
 def test_train_options_log_dir_and_plain_records(image_job, val_folder, tmp_path):
-    """--val-data, --workers, --weight-decay, --max-grad-norm, --log-dir and --log-every on piped output:
+    """--val-data, --workers, --weight-decay, --max-grad-norm, --augment, --log-dir and --log-every on piped output:
     a record every step with one global step count across --eval-every segments, a status line per
     phase, a CSV whose last rows are the manifest's metrics, TensorBoard event files."""
     import csv
@@ -377,7 +377,7 @@ def test_train_options_log_dir_and_plain_records(image_job, val_folder, tmp_path
                                     "-o", str(out), "--batch-size", "16", "--val-data", str(val_folder),
                                     "--workers", "1", "--weight-decay", "0.25", "--max-grad-norm", "1.0",
                                     "--eval-every", "2", "--log-every", "1", "--log-dir", str(logs),
-                                    "--state", str(state)])
+                                    "--state", str(state), "--augment"])
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert [ln.split()[1] for ln in lines if ln.startswith("step ") and "/4 " in ln] == ["1/4", "2/4", "3/4", "4/4"]
@@ -423,10 +423,54 @@ def test_new_train_options_refuse_bad_values(image_job, val_folder, tmp_path):
              (["--val-data", str(text)], 1, "held-out data of the same kind"),
              (["--log-dir", str(a_file)], 2, "is a file"),
              (["--log-every", "-1"], 1, "--log-every must be >= 0"),
-             (["--fsdp"], 1, "start the script under torchrun")]
+             (["--fsdp"], 1, "start the script under torchrun"),
+             (["--augment", "--data", str(text)], 1, "--augment applies to image folders")]
     before = _snapshot(tmp_path)
     for extra, code, message in cases:
         res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "1",
                                         "--batch-size", "16", "-o", str(tmp_path / "out.safetensors"), *extra])
         assert res.exit_code == code and message in res.output and "Traceback" not in res.output, (extra, res.output)
     assert _snapshot(tmp_path) == before
+
+
+def test_max_grad_norm_clips_and_workers_load_in_a_worker_process(image_job, tmp_path, monkeypatch):
+    """--max-grad-norm: the optimizer steps on gradients of at most that total norm (their norm before
+    clipping was larger); --workers 1: the training images are read in a DataLoader worker process."""
+    import os
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    from torchvision.datasets import ImageFolder
+
+    d, folder, model = image_job
+    seen, norms = tmp_path / "pids", {"before": [], "at_step": []}
+    seen.mkdir()
+    read = ImageFolder.__getitem__
+
+    def getitem(self, i):  # a file per reading process: a worker's lists never come back
+        (seen / str(os.getpid())).touch()
+        return read(self, i)
+
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *a, **k):
+        params = list(params)
+        norms["before"].append(float(clip(params, max_norm, *a, **k)))  # the total norm before clipping
+        return norms["before"][-1]
+
+    def at_step(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norms["at_step"].append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    monkeypatch.setattr(ImageFolder, "__getitem__", getitem)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    handle = register_optimizer_step_pre_hook(at_step)
+    try:
+        res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "3",
+                                        "-o", str(tmp_path / "c.safetensors"), "--batch-size", "16", "--workers", "1",
+                                        "--max-grad-norm", "1e-3", "--eval-fraction", "0.1"])
+    finally:
+        handle.remove()
+    assert res.exit_code == 0, res.output
+    assert len(norms["before"]) == len(norms["at_step"]) == 3
+    assert all(b > 1e-3 for b in norms["before"]) and all(n <= 1e-3 * (1 + 1e-4) for n in norms["at_step"]), norms
+    assert {int(p.name) for p in seen.iterdir()} - {os.getpid()}  # a worker process read training images

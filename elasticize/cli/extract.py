@@ -1,7 +1,8 @@
 """``elasticize extract``: write one dense sub-network of a file.
 
-A thin call of :func:`elasticize.load`, :meth:`~elasticize.ElasticModel.select`,
-:func:`elasticize.checkpoint.save_subnet` and :meth:`~elasticize.ElasticModel.save_pretrained`.
+A thin call of :func:`elasticize.load`, :meth:`~elasticize.ElasticModel.select`, and one writer per
+``--format``: :func:`elasticize.checkpoint.save_subnet`, :meth:`~elasticize.ElasticModel.save_pretrained`,
+:func:`elasticize.deploy.save_sentence_transformers` or :func:`elasticize.deploy.to_onnx`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,46 @@ import click
 
 from ._common import (_app_dir, _app_dir_option, _base_model_options, _budget, _build_base, _config_json, _fmt,
                       _metrics, _run, console, err_console)
+
+
+def _safetensors(em: Any, cfg: Any, output: str, force: bool) -> str:
+    from .. import checkpoint
+
+    checkpoint.save_subnet(em, cfg, output, overwrite=force)
+    return ""
+
+
+def _hf(em: Any, cfg: Any, output: str, force: bool) -> str:
+    from ..adapters.hf import is_sentence_model
+
+    em.save_pretrained(output, cfg, overwrite=force)
+    return "a sentence-transformers folder: SentenceTransformer(folder) loads it" if is_sentence_model(em.files) else ""
+
+
+def _sentence(em: Any, cfg: Any, output: str, force: bool) -> str:
+    from ..deploy import save_sentence_transformers
+
+    save_sentence_transformers(em, output, cfg, overwrite=force)
+    return "a sentence-transformers folder: SentenceTransformer(folder) loads it"
+
+
+def _onnx(em: Any, cfg: Any, output: str, force: bool) -> str:
+    from ..deploy import example_inputs, to_onnx
+
+    dense = em.extract(cfg)
+    inputs = example_inputs(dense, recipe=em.recipe, input_shapes=em.input_shapes)
+    try:
+        done = to_onnx(dense, inputs, output, overwrite=force)
+    except ImportError as e:  # the onnx extra is not installed: a one-line error, not a traceback
+        raise RuntimeError(str(e)) from None
+    axes = ", ".join(f"{k}: {v}" for k, v in done.dynamic.items() if v) or "none"
+    return f"onnxruntime agrees with PyTorch to {done.max_abs_diff:.2g}; dynamic axes: {axes}"
+
+
+#: --format -> writer ``(em, cfg, output, force) -> note``
+_WRITERS = {"safetensors": _safetensors, "hf": _hf, "sentence-transformers": _sentence, "onnx": _onnx}
+#: the formats that write a folder
+_FOLDERS = ("hf", "sentence-transformers")
 
 
 @click.command()
@@ -31,11 +72,13 @@ from ._common import (_app_dir, _app_dir_option, _base_model_options, _budget, _
               "the highest METRIC (e.g. accuracy, cosine) within them, instead of the largest sub-network.")
 @click.option("--data", help="Without measurements in FILE: calibrate the budget's pick on this data (BN "
               "recalibration, bias compensation), as `elasticize eval --data` reads it.")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Dense sub-network .safetensors, or a folder "
-              "with --format hf.")
-@click.option("--format", "fmt", type=click.Choice(["safetensors", "hf"]), default="safetensors", show_default=True,
+@click.option("-o", "--output", required=True, type=click.Path(), help="Dense sub-network .safetensors or .onnx, or "
+              "a folder with --format hf / sentence-transformers.")
+@click.option("--format", "fmt", type=click.Choice(list(_WRITERS)), default="safetensors", show_default=True,
               help="safetensors: one file for elasticize.load_subnet; hf: a Hugging Face folder (save_pretrained) "
-                   "that plain transformers loads.")
+                   "that plain transformers loads (a sentence-transformers folder when the model is one); "
+                   "sentence-transformers: that folder, refused for other models; onnx: one .onnx file "
+                   "(torch.onnx.export, dynamic batch and sequence axes, checked by onnxruntime).")
 @click.option("--force", is_flag=True, help="Replace an existing output (never the input).")
 @_base_model_options
 @_app_dir_option
@@ -61,7 +104,7 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: An
     subnet: Any = preset
     if config_json is not None:
         subnet = _config_json(config_json)
-    _run(lambda: check_output(output, kind="folder" if fmt == "hf" else "file", overwrite=force, inputs=(file,)))
+    _run(lambda: check_output(output, kind="folder" if fmt in _FOLDERS else "file", overwrite=force, inputs=(file,)))
     with console.status(f"loading {file}"), _app_dir(app_dir):
         base = _build_base(model_spec, file)
         em = _run(lambda: checkpoint.load(file, model=base, trust_remote_code=trust_remote_code))
@@ -76,16 +119,16 @@ def extract(file: str, preset: str | None, config_json: str | None, max_macs: An
     measured = _metrics(em.metrics.get(name, {})) if name else ""
     with console.status(f"writing {output}"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if fmt == "hf":
-            _run(lambda: em.save_pretrained(output, cfg, overwrite=force))
-        else:
-            _run(lambda: checkpoint.save_subnet(em, cfg, output, overwrite=force))
+        note = _run(lambda: _WRITERS[fmt](em, cfg, output, force))
     for w in caught:  # e.g. an exported folder without a tokenizer: said, never silent
         if issubclass(w.category, UserWarning):
             err_console.print(f"[yellow]warning:[/yellow] {w.message}", soft_wrap=True)
     console.print(f"[green]wrote[/green] {output}: {_fmt(em.macs(cfg))} MACs "
                   f"({100 * em.macs(cfg) / em.macs(None):.1f}% of full), {_fmt(em.params(cfg))} params"
-                  + (f"; preset {name}" if name else "") + (f" ({measured})" if measured else ""))
+                  + (f"; preset {name}" if name else "") + (f" ({measured})" if measured else ""), soft_wrap=True)
+    if note:
+        console.print(note, soft_wrap=True)
+
 
 
 def _select(em: Any, max_macs: Any, max_params: Any, max_latency: Any, metric: str | None) -> Any:

@@ -106,7 +106,8 @@ def _distribution(values: tuple[str, ...]) -> dict[str, list[float]]:
 
 @click.command(cls=_StrategyCommand)
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--data", required=True, type=click.Path(), help="Image folder (one sub-folder per class) or text file (one sample per line).")
+@click.option("--data", required=True, type=click.Path(), help="Image folder (one sub-folder per class), labelled text (.jsonl or .csv with text and label "
+              "fields: sequence classification) or text file (one sample per line).")
 @click.option("--steps", required=True, type=int, help="Optimizer updates.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trained super-network .safetensors.")
 @click.option("--strategy", type=_Registered(_strategy_names), default="sortednet", show_default=True,
@@ -153,6 +154,8 @@ def _distribution(values: tuple[str, ...]) -> dict[str, list[float]]:
 @click.option("--log-dir", type=click.Path(file_okay=False), help="Write metrics.csv and TensorBoard scalars here.")
 @click.option("--log-every", type=int, default=10, show_default=True,
               help="A plain progress line every N steps when the output is not a terminal (0: none).")
+@click.option("--augment", is_flag=True, help="Image folders: augment the training images with timm's training "
+              "transform (random resized crop, flip, colour jitter); held-out images never are.")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 @_base_model_options
 @_app_dir_option
@@ -161,7 +164,7 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, batch_si
           eval_every: int, eval_fraction: float, max_length: int, state: str | None, save_every: int,
           resume: str | None, device: str | None, always: tuple[str, ...], amp: bool | None, val_data: str | None,
           workers: int, weight_decay: float, max_grad_norm: float | None, distribution: dict[str, list[float]],
-          fsdp: bool, log_dir: str | None, log_every: int, force: bool, model_spec: str | None,
+          fsdp: bool, log_dir: str | None, log_every: int, augment: bool, force: bool, model_spec: str | None,
           trust_remote_code: bool, app_dir: str | None) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .._files import check_output
@@ -181,7 +184,8 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, batch_si
     tty = console.is_terminal
     run = RunOptions(weight_decay=weight_decay, max_grad_norm=max_grad_norm, workers=workers,
                      distribution=distribution or None, parallel="fsdp" if fsdp else "ddp", val_data=val_data,
-                     log_dir=log_dir, log_every=0 if tty else log_every, status=lambda line: console.print(line))
+                     log_dir=log_dir, log_every=0 if tty else log_every, status=lambda line: console.print(line),
+                     augment=augment)
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
                                      strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,
                                      warmup=warmup, seed=seed, distill=distill, distill_loss=distill_loss,

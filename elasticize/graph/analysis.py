@@ -83,6 +83,9 @@ def _axes_of(c: Coupling, resolve: Callable[[int], tuple[int, int]]) -> tuple[
             continue
         if (fqn, ax) in c.per_unit:
             continue
+        if c.div_roots and (div := c.divisor(s)) > 1:  # one entry per unit of a group (pixel_shuffle's output)
+            c.per_unit[(fqn, ax)] = (s, div)
+            continue
         r, k = resolve(s)
         axis_of[(fqn, ax)] = (r, k * c.chunks.get((fqn, ax), 1))
         members.setdefault(r, []).append((fqn, ax, axis_of[(fqn, ax)][1]))
@@ -127,7 +130,8 @@ def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: l
         if size % unit or size // unit < 2:
             not_elastic.append((name, f"size {size} has fewer than 2 units of {unit}"))
             continue
-        groups.append(GroupInfo(name, kind, size, unit, mem))
+        ordered = next((why for s, why in c.ordered.items() if resolve(s)[0] == r), None)
+        groups.append(GroupInfo(name, kind, size, unit, mem, ordered))
         name_of[r] = name
 
     def layout(s: int) -> list[Any] | None:
@@ -167,7 +171,8 @@ def _collect(prop: Propagator, how: str, stages: list[StageInfo], not_elastic: l
         r, k = resolve(slot)
         g = name_of.get(r)
         if g is not None:
-            attrs.setdefault(module, {})[attr] = (g, kind, mul * k, div)
+            per = c.divisor(slot) if c.div_roots else 1
+            attrs.setdefault(module, {})[attr] = (g, kind, mul * k, div * per)
     per_sample(prop.mac_terms, resolve, name_of, prop.batch,
                lambda s: layout(s) if c.flat_segments(s) is not None else None)
     return Analysis(how, groups, tensors, attrs, dict(prop.sites), stages, prop.mac_terms, not_elastic, prop.batch)

@@ -36,6 +36,9 @@ class Coupling:
         self.derived: dict[int, tuple[int, int]] = {}  # slot -> (base slot, chunks): ``chunks`` copies of base
         self.per_unit: dict[tuple[str, int], tuple[int, int]] = {}  # (fqn, axis) -> (slot, channels per entry)
         self.segments: dict[int, list[int]] = {}  # root -> the slots laid side by side along it
+        self.divided: dict[int, tuple[int, int]] = {}  # slot -> (base slot, unit): one entry per ``unit`` of base
+        self.ordered: dict[int, str] = {}  # slot -> why its group keeps its order (not sorted by importance)
+        self.div_roots: dict[int, tuple[int, int]] = {}  # after :meth:`resolver`: root of a divided slot -> its base
 
     def new(self, size: int, fixed: str | None = None) -> int:
         s = len(self.parent)
@@ -135,6 +138,18 @@ class Coupling:
         self.derived[s] = (base, chunks)
         return s
 
+    def per_entry(self, base: int, unit: int) -> int:
+        """A slot of ``size(base) / unit`` entries, entry ``i`` standing for channels ``[i * unit, (i + 1) * unit)``
+        of ``base`` (``pixel_shuffle``'s output channels against its input's, ``r * r`` input channels each).
+
+        ``base``'s group moves in whole units; a tensor axis joined to the returned slot keeps one entry
+        per active unit of ``base`` (a per-unit axis of ``base``'s group, see :meth:`resolver`).
+        """
+        self.require_unit(base, unit)
+        s = self.new(self.size[self.find(base)] // unit)
+        self.divided[s] = (base, unit)
+        return s
+
     def resolver(self) -> Callable[[int], tuple[int, int]]:
         """Once the analysis is done: slot -> (group root, chunks), looking through repeated slots.
 
@@ -152,12 +167,17 @@ class Coupling:
                 reason = f"axis repeats hidden sizes {first[r][1]} and {k} times"
                 self.fix(first[r][0], reason)
                 self.fix(b, reason)
+        self._settle_divided()
         roots = {self.find(s): b_k for s, b_k in self.derived.items()}
+        div_roots = self.div_roots
 
         def resolve(s: int) -> tuple[int, int]:
             r, k = self.find(s), 1
             for _ in range(16):
                 d = roots.get(r)
+                if d is None and r in div_roots:  # a per-unit slot scales with its base
+                    r = self.find(div_roots[r][0])
+                    continue
                 if d is None:
                     break
                 r, k = self.find(d[0]), k * d[1]
@@ -172,6 +192,45 @@ class Coupling:
             if r in producers:
                 self.producer.add(base)
         return resolve
+
+    def divisor(self, s: int) -> int:
+        """After :meth:`resolver`: how many of its group's channels one entry of ``s`` stands for (1, or the
+        product of the units of the per-unit slots on its way to the group, see :meth:`per_entry`)."""
+        repeated = {self.find(x): b for x, (b, _) in self.derived.items()}
+        r, div = self.find(s), 1
+        for _ in range(16):
+            if r in repeated:
+                r = self.find(repeated[r])
+            elif r in self.div_roots:
+                div *= self.div_roots[r][1]
+                r = self.find(self.div_roots[r][0])
+            else:
+                break
+        return div
+
+    def _settle_divided(self) -> None:
+        """Per-unit slots (:meth:`per_entry`): joined ones of one unit join their bases; a root's fixed reason
+        and producer mark pass to its base; one over a concatenation or a repeated slot fixes both."""
+        self.div_roots = {}
+        for s, (b, u) in self.divided.items():
+            r = self.find(s)
+            if r not in self.div_roots:
+                self.div_roots[r] = (b, u)
+            elif self.div_roots[r][1] == u:
+                self.union(self.div_roots[r][0], b)
+            else:
+                reason = f"an axis is read in units of {self.div_roots[r][1]} and {u} channels"
+                self.fix(self.div_roots[r][0], reason)
+                self.fix(b, reason)
+        repeated = {self.find(s) for s in self.derived}
+        for r, (b, _) in list(self.div_roots.items()):
+            if r in self.segments or r in repeated or self.find(b) in self.segments:
+                self.fix(b, "a concatenation or a repeated axis is read per unit")
+            if r in self.fixed:
+                self.fix(b, self.fixed[r])
+            if r in self.producer:
+                self.producer.add(self.find(b))
+            self.producer.discard(r)
 
     def _settle_segments(self, derived_roots: dict[int, tuple[int, int]]) -> None:
         """Pass a segmented root's facts on to its segments: its unit (a GroupNorm over a concatenation:

@@ -23,6 +23,8 @@ class GroupInfo:
         size: full size in channels.
         unit: granularity in channels (``head_dim`` for heads, channels per group for GroupNorm).
         members: ``(tensor fqn, axis, chunks)`` for every tensor axis in the group.
+        ordered: why the group keeps its channels' order (an op mixes neighbouring channels, such as
+            ``local_response_norm`` or ``cumsum`` along it), or None when importance may sort it.
     """
 
     name: str
@@ -30,6 +32,7 @@ class GroupInfo:
     size: int
     unit: int
     members: list[tuple[str, int, int]]
+    ordered: str | None = None
 
 
 @dataclass

@@ -15,6 +15,7 @@ from torch import nn
 
 from .context import SiteContext
 from .ops import canonical, handler_for
+from .ops.audit import FIXED
 from .ops.sizes import NON_TENSOR, SIZE_ARITHMETIC, size_arithmetic
 from .propagator import Propagator, Value
 
@@ -88,4 +89,4 @@ def _visit_op(p: Propagator, node: fx.Node) -> Value:
         return h.fn(p, node)
     if node.meta.get("leaf_macs"):  # a wrapped function: its MACs measured, its axes fixed
         p.add_macs(p.op_owner(node), node.meta["leaf_macs"], [])
-    return p.unsupported(node, f"unsupported op {name}")
+    return p.unsupported(node, f"{name}: {FIXED[name]}" if name in FIXED else f"unsupported op {name}")

@@ -29,7 +29,7 @@ from ..model import ElasticModel
 from ._optional import require
 from .session import ElasticSession
 
-_pl = require("pytorch_lightning", "lightning")
+_pl = require("pytorch_lightning", "integrations")
 
 __all__ = ["ElasticLightningCallback"]
 

@@ -59,7 +59,7 @@ def add_lora(em: ElasticModel, config: Any, *, adapter_name: str = "default") ->
         TypeError: ``em`` is not an :class:`ElasticModel`, ``config`` is not a ``LoraConfig``, or
             an adapted layer is not supported (see :func:`follow_coupling`).
     """
-    peft = require("peft", "peft")
+    peft = require("peft", "integrations")
     if not isinstance(em, ElasticModel):
         raise TypeError(f"add_lora takes an ElasticModel, not {type(em).__name__}; elasticize the model first")
     if not isinstance(config, peft.LoraConfig):
@@ -87,7 +87,7 @@ def follow_coupling(em: ElasticModel) -> list[str]:
             elastic embeddings or convolutions is not supported: target Linear layers), or one
             with DoRA (its magnitude vector is not elastic).
     """
-    require("peft", "peft")
+    require("peft", "integrations")
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
 

@@ -39,7 +39,8 @@ from ..model import ElasticModel
 from ._optional import require
 from .session import ElasticSession
 
-_hf = require("transformers", "transformers")
+_hf = require("transformers", "integrations")
+require("accelerate", "integrations")  # transformers.Trainer needs it
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 
 __all__ = ["ElasticCallback", "ElasticTrainerMixin", "ElasticTrainer", "STATE_FILE", "MODEL_FILE"]

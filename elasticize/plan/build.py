@@ -46,7 +46,8 @@ def build_plan(
     for where, why in analysis.not_elastic:
         b.note(where, why)
     for g in analysis.groups:
-        b.group(g.name, g.kind, g.size, g.unit)
+        if b.group(g.name, g.kind, g.size, g.unit) is not None and g.ordered:
+            b.keep_order(g.name, g.ordered)
     for fqn, info in analysis.tensors.items():
         b.tensor(fqn, shape=info["shape"], param=info["param"], axes=info["axes"],
                  persistent=info.get("persistent") is not False)

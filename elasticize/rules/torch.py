@@ -53,6 +53,21 @@ class BatchNormRule(Rule):
         return x
 
 
+@register_rule("instancenorm")
+class InstanceNormRule(Rule):
+    """InstanceNorm (1d/2d/3d) over axis 1, affine or not (its forward branches on the input's rank, so it is a
+    leaf): the affine tensors and running statistics join the channels, and ``num_features`` follows."""
+
+    module_types = (nn.modules.instancenorm._InstanceNorm,)
+
+    def analyze(self, ctx: SiteContext, x: Any, *rest: Any) -> Any:
+        if not isinstance(x, tuple):
+            return None
+        ctx.norm(x, 1, ("weight", "bias", "running_mean", "running_var"))
+        ctx.attr("num_features", x[1])
+        return x
+
+
 @register_rule("layernorm")
 class LayerNormRule(Rule):
     """LayerNorm over one axis: the last, or axis 1 for a channels-first ``LayerNorm2d``."""

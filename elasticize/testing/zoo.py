@@ -146,6 +146,11 @@ def _cnn_gn() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return _CNN(lambda c: nn.GroupNorm(4, c)), (_x(2, 3, 16, 16),)
 
 
+@zoo_model("instancenorm")
+def _cnn_in() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    return _CNN(lambda c: nn.InstanceNorm2d(c, affine=True, track_running_stats=True)), (_x(2, 3, 16, 16),)
+
+
 @zoo_model("linear")
 def _mlp() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     return _MLP(norm=False), (_x(4, 12),)

@@ -1,9 +1,8 @@
 """Data for ``elasticize train``: an image folder (classification) or a text file (one sample per line).
 
 Both return a training ``DataLoader`` and a held-out list of batches. Images are read with
-torchvision's ``ImageFolder`` (one sub-folder per class), resized to the model's example input
-size and scaled to [0, 1] then normalised with ImageNet's mean and std (three channels) or 0.5/0.5
-(one channel). Text lines are tokenized with the Hugging Face tokenizer that travels with the model
+torchvision's ``ImageFolder`` (one sub-folder per class) and made tensors at the model's example
+input size by :func:`image_transforms` (timm's data config for a timm model). Text lines are tokenized with the Hugging Face tokenizer that travels with the model
 (:attr:`~elasticize.ElasticModel.files`, read from its folder at conversion and kept in its file)
 and grouped into batches of similar length (:func:`length_grouped_batches`),
 each padded to its longest line; batches are mappings ``{"input_ids", "attention_mask"}``.
@@ -21,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..elastic import ElasticModel
 
-__all__ = ["image_folder_data", "text_file_data", "read_text_lines", "calibration_batches", "length_grouped_batches"]
+__all__ = ["image_folder_data", "image_transforms", "text_file_data", "read_text_lines", "calibration_batches",
+           "length_grouped_batches", "tokenized_loaders", "model_tokenizer"]
 
 
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, *, seed: int = 0) -> list[list[int]]:
@@ -74,13 +74,16 @@ def _shard(items: list[Any], shard: tuple[int, int], what: str) -> list[Any]:
 
 
 def image_folder_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, eval_fraction: float = 0.1,
-                      seed: int = 0, workers: int = 0,
-                      shard: tuple[int, int] = (0, 1)) -> tuple[DataLoader, list[Any]]:
+                      seed: int = 0, workers: int = 0, shard: tuple[int, int] = (0, 1),
+                      augment: bool = False) -> tuple[DataLoader, list[Any]]:
     """An image folder (``PATH/<class>/<image>``) as ``(train loader, held-out batches)`` of ``(x, y)``.
 
-    ``x`` is ``(batch, channels, height, width)`` at the model's example input size.
+    ``x`` is ``(batch, channels, height, width)`` at the model's example input size, made by
+    :func:`image_transforms` (the training transform for the loader, the evaluation one for the
+    held-out batches).
 
     Args:
+        augment: the training loader augments (see :func:`image_transforms`).
         workers: the training loader's worker processes (``DataLoader(num_workers=)``).
         shard: ``(rank, world size)`` under data-parallel training: the loader gives this
             process's share of the training images (every process the same number); the held-out
@@ -94,25 +97,86 @@ def image_folder_data(path: str | Path, em: ElasticModel, *, batch_size: int = 3
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"--data {p}: no such folder (an image folder has one sub-folder per class)")
-    shapes = em.input_shapes
-    if not shapes or len(shapes[0]) != 4:
-        raise ValueError(f"the model's example input has shape {shapes[0] if shapes else None}; an image folder needs "
-                         "a model that takes (batch, channels, height, width)")
-    _, c, h, w = shapes[0]
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
-    mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
-    tf = transforms.Compose([
-        transforms.Grayscale(c) if c in (1, 3) else transforms.Lambda(lambda im: im),
-        transforms.Resize((h, w)), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    train_tf, eval_tf = image_transforms(em, augment=augment)
     try:
-        ds = datasets.ImageFolder(str(p), transform=tf)
+        ds, held_ds = (datasets.ImageFolder(str(p), transform=tf) for tf in (train_tf, eval_tf))
     except (FileNotFoundError, RuntimeError) as e:
         raise ValueError(f"--data {p}: {e}") from None
     tr, ev = _split(len(ds), eval_fraction, seed)
     loader = DataLoader(Subset(ds, _shard(tr, shard, "images")), batch_size=batch_size, shuffle=False, num_workers=workers, drop_last=False)
-    held = list(DataLoader(Subset(ds, ev), batch_size=batch_size)) if ev else []
+    held = list(DataLoader(Subset(held_ds, ev), batch_size=batch_size)) if ev else []
     return loader, held
+
+
+def _timm_config(em: Any, size: tuple[int, int, int]) -> dict[str, Any] | None:
+    """timm's data config (``resolve_data_config``) of a timm model at ``size``, else None."""
+    from ..adapters import get_adapter
+
+    recipe = getattr(em, "recipe", None) or {}
+    model = getattr(em, "model", None)
+    if recipe.get("adapter") != "timm" and not (model is not None and get_adapter("timm").owns(model)):
+        return None
+    from timm.data import resolve_data_config
+
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg is None:  # no model at hand (calibration at conversion): the registered config of the name
+        import timm
+
+        found = timm.get_pretrained_cfg(str(recipe.get("name")), allow_unregistered=True)
+        cfg = found.to_dict() if found is not None else {}
+    return resolve_data_config({"input_size": size}, pretrained_cfg=dict(cfg))
+
+
+def image_transforms(em: Any, *, augment: bool = False) -> tuple[Any, Any]:
+    """``(training transform, evaluation transform)`` of PIL images for ``em``'s example input size.
+
+    A timm model (recipe adapter ``timm``, or a timm module): timm's own, from ``resolve_data_config`` on the
+    model's ``pretrained_cfg`` (its mean, std, interpolation and ``crop_pct``) at the example
+    input's size: ``create_transform(**config)`` (resize the shorter side to ``size / crop_pct``,
+    then a centre crop) for evaluation, and for training too unless ``augment``, then
+    ``create_transform(**config, is_training=True)`` (random resized crop, horizontal flip, colour
+    jitter). Any other model: resize to the example input's height and width (the aspect ratio is
+    not kept), scale to [0, 1], and normalise with ImageNet's mean and std (three channels) or
+    0.5 / 0.5 (other channel counts); with ``augment`` the training transform is timm's
+    ``create_transform(input_size, mean, std, is_training=True)`` at that size and normalisation.
+    One-channel models see the images converted to greyscale first.
+
+    Args:
+        em: the model (its ``input_shapes``, ``recipe`` and, for timm, ``model.pretrained_cfg``).
+        augment: the training transform augments.
+
+    Returns:
+        Two callables from a PIL image to a ``(channels, height, width)`` float tensor.
+
+    Raises:
+        ValueError: a model whose example input is not an image ``(1, C, H, W)``.
+    """
+    shapes = em.input_shapes
+    if not shapes or len(shapes[0]) != 4:
+        raise ValueError(f"the model's example input has shape {shapes[0] if shapes else None}; an image folder needs "
+                         "a model that takes (batch, channels, height, width)")
+    _, c, h, w = (int(n) for n in shapes[0])
+    from torchvision import transforms
+
+    cfg = _timm_config(em, (c, h, w))
+    if cfg is None:
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if c == 3 else ((0.5,) * c, (0.5,) * c)
+        cfg = {"input_size": (c, h, w), "mean": mean, "std": std}
+        evaluate = transforms.Compose([transforms.Resize((h, w)), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    else:
+        from timm.data import create_transform
+
+        evaluate = create_transform(**cfg)
+    train = evaluate
+    if augment:
+        from timm.data import create_transform
+
+        train = create_transform(**cfg, is_training=True)
+    if c == 1:  # ImageFolder reads RGB
+        evaluate, train = (transforms.Compose([transforms.Grayscale(1), t]) for t in (evaluate, train))
+    return train, evaluate
 
 
 def read_text_lines(path: str | Path) -> list[str]:
@@ -135,14 +199,51 @@ def read_text_lines(path: str | Path) -> list[str]:
 
 
 class _Lines(Dataset):
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
+    """Text samples, each ``text`` or, with labels, ``(text, label)``."""
+
+    def __init__(self, lines: list[str], labels: list[int] | None = None) -> None:
+        self.lines, self.labels = lines, labels
 
     def __len__(self) -> int:
         return len(self.lines)
 
-    def __getitem__(self, i: int) -> str:
-        return self.lines[i]
+    def __getitem__(self, i: int) -> Any:
+        return self.lines[i] if self.labels is None else (self.lines[i], self.labels[i])
+
+
+def tokenized_loaders(lines: list[str], tokenizer: Any, *, labels: list[int] | None = None, batch_size: int = 32,
+                      eval_fraction: float = 0.1, max_length: int = 128, seed: int = 0,
+                      shard: tuple[int, int] = (0, 1), workers: int = 0) -> tuple[DataLoader, list[Any]]:
+    """Text samples as ``(train loader, held-out batches)`` of mappings ``{"input_ids", "attention_mask"}``
+    (``(batch, tokens)``, each batch padded to its longest sample, batches grouped by length:
+    :func:`length_grouped_batches`), plus ``"labels"`` ``(batch,)`` when ``labels`` are given
+    (one class index per line).
+
+    Raises:
+        ValueError: ``eval_fraction`` outside [0, 1), nothing left to train on, fewer training
+            batches than processes.
+    """
+    def collate(batch: list[Any]) -> dict[str, torch.Tensor]:
+        texts = [b if labels is None else b[0] for b in batch]
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if labels is not None:
+            out["labels"] = torch.tensor([b[1] for b in batch], dtype=torch.int64)
+        return out
+
+    tr, ev = _split(len(lines), eval_fraction, seed)
+
+    def part(idx: list[int]) -> _Lines:
+        return _Lines([lines[i] for i in idx], None if labels is None else [labels[i] for i in idx])
+
+    def grouped(ds: _Lines) -> list[list[int]]:
+        lengths = [len(ids) for ids in tokenizer(ds.lines, truncation=True, max_length=max_length)["input_ids"]]
+        return length_grouped_batches(lengths, batch_size, seed=seed)
+
+    train, held = part(tr), part(ev)
+    loader = DataLoader(train, batch_sampler=_shard(grouped(train), shard, "batches"), collate_fn=collate,
+                        num_workers=workers)
+    return loader, (list(DataLoader(held, batch_sampler=grouped(held), collate_fn=collate)) if ev else [])
 
 
 def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, eval_fraction: float = 0.1,
@@ -165,28 +266,17 @@ def text_file_data(path: str | Path, em: ElasticModel, *, batch_size: int = 32, 
             processes.
     """
     lines = read_text_lines(path)
-    if tokenizer is None:
-        tokenizer = _model_tokenizer(em)
-
-    def collate(batch: list[str]) -> dict[str, torch.Tensor]:
-        enc = tokenizer(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
-    tr, ev = _split(len(lines), eval_fraction, seed)
-    train_lines, held_lines = [lines[i] for i in tr], [lines[i] for i in ev]
-
-    def grouped(part: list[str]) -> list[list[int]]:
-        lengths = [len(ids) for ids in tokenizer(part, truncation=True, max_length=max_length)["input_ids"]]
-        return length_grouped_batches(lengths, batch_size, seed=seed)
-
-    loader = DataLoader(_Lines(train_lines), batch_sampler=_shard(grouped(train_lines), shard, "batches"),
-                        collate_fn=collate, num_workers=workers)
-    held = list(DataLoader(_Lines(held_lines), batch_sampler=grouped(held_lines), collate_fn=collate)) if ev else []
-    return loader, held
+    return tokenized_loaders(lines, tokenizer if tokenizer is not None else model_tokenizer(em), batch_size=batch_size,
+                             eval_fraction=eval_fraction, max_length=max_length, seed=seed, shard=shard,
+                             workers=workers)
 
 
-def _model_tokenizer(em: Any) -> Any:
-    """The tokenizer of ``em``: from its tokenizer files, else (hub models) from the hub id."""
+def model_tokenizer(em: Any) -> Any:
+    """The tokenizer of ``em``: from its tokenizer files, else (hub models) from the hub id.
+
+    Raises:
+        ValueError: not a Hugging Face model, or one with no tokenizer files (and not from the hub).
+    """
     from ..adapters.hf import has_tokenizer, tokenizer_from_files
 
     recipe = em.recipe or {}

@@ -22,6 +22,10 @@ Files: :func:`full_model_state` and :func:`full_optimizer_state` gather the unsh
 process 0's CPU memory; the trained super-network and the trainer state are then the same one
 safetensors file each as without FSDP (a state saved under FSDP resumes in one process, and the
 reverse); :func:`load_full_state` puts a state back into the shards. No pickle anywhere.
+Sharded (per-rank) resume states are not written yet: ``torch.distributed.checkpoint``'s
+``HuggingFaceStorageWriter(save_distributed=True)`` writes per-rank safetensors with JSON
+sharding metadata (its default ``FileSystemWriter`` pickles ``.metadata``), but it takes
+tensors only and writes in place; see the training guide.
 
 On CUDA with ``amp`` the units get a :class:`~torch.distributed.fsdp.MixedPrecisionPolicy` of
 bf16 parameters and fp32 gradient reduction (untested here: the test machine has no GPU).

@@ -1,10 +1,13 @@
 """``train_file``: the whole ``elasticize train`` job as one API call (the CLI only parses options).
 
 A folder of data is image classification (cross-entropy; the model's output is the logits); a
-file is text, one sample per line, distilled from the original model: the student's mean-pooled
-sentence embedding is trained towards the original's (see :data:`TEXT_LOSSES`). Distillation
-from the original is the default for a model converted from pretrained weights, and always on
-for text. After training: BN recalibration per preset, each preset measured on the held-out
+``.jsonl`` or ``.csv`` file of ``text`` and ``label`` is sequence classification of a Hugging
+Face ``*ForSequenceClassification`` model (cross-entropy on the logits, accuracy; see
+:mod:`~elasticize.train.labelled`); any other file is text, one sample per line, distilled from
+the original model: the student's mean-pooled sentence embedding is trained towards the
+original's (see :data:`TEXT_LOSSES`). Distillation from the original is the default for a
+model converted from pretrained weights (on the logits, :data:`IMAGE_LOSSES`, for images and
+labelled text), and always on for lines of text. After training: BN recalibration per preset, each preset measured on the held-out
 part (``accuracy``, or ``cosine`` to the original's embedding) and written into the manifest,
 then the file is saved atomically. Every check happens before training, and no file is written
 when one fails.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import os
 import time
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ from .._files import check_output
 from ..model import ElasticModel
 from .data import image_folder_data, text_file_data
 from .distributed import process_group
+from .labelled import is_labelled, labelled_text_data
 from .losses import masked_hidden, mean_pooled
 from .records import TrainLog
 from .schedules import SCHEDULES, make_scheduler, saved_schedule
@@ -56,6 +61,8 @@ class RunOptions:
         log_dir: a folder for ``metrics.csv`` and TensorBoard scalars (:class:`~elasticize.train.records.TrainLog`).
         log_every: one plain progress line every this many steps (0: none).
         status: receives the plain lines (progress records and what each phase is doing); default ``print``.
+        augment: image folders: the training images are augmented (timm's training transform; see
+            :func:`~elasticize.train.data.image_transforms`); the held-out ones never are.
     """
 
     weight_decay: float = 0.01
@@ -67,10 +74,12 @@ class RunOptions:
     log_dir: str | os.PathLike | None = None
     log_every: int = 0
     status: Callable[[str], None] | None = None
+    augment: bool = False
 
     def check(self, data: Path) -> None:
-        """Raise ValueError (a bad value), FileNotFoundError (a missing ``val_data``) or FileExistsError
-        (a ``log_dir`` that is a file) before anything is loaded."""
+        """Raise ValueError (a bad value), FileNotFoundError (a missing ``val_data``), FileExistsError
+        (a ``log_dir`` that is a file) or ImportError (``log_dir`` without tensorboard installed)
+        before anything is loaded."""
         if not self.weight_decay >= 0:
             raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -83,6 +92,11 @@ class RunOptions:
             raise ValueError(f"--log-every must be >= 0 (0: no plain records), got {self.log_every}")
         if self.log_dir is not None and Path(self.log_dir).exists() and not Path(self.log_dir).is_dir():
             raise FileExistsError(f"--log-dir {self.log_dir} is a file; give a folder for metrics.csv and TensorBoard")
+        if self.log_dir is not None and importlib.util.find_spec("tensorboard") is None:
+            raise ImportError("--log-dir writes TensorBoard scalars, which need the tensorboard package: "
+                              "pip install 'elasticize[train]'")
+        if self.augment and not data.is_dir():
+            raise ValueError(f"--augment applies to image folders, and --data {data} is a file; drop --augment")
         if self.val_data is not None:
             v = Path(self.val_data)
             if not v.exists():
@@ -90,6 +104,9 @@ class RunOptions:
             if v.is_dir() != data.is_dir():
                 raise ValueError(f"--val-data {v} is {'a folder' if v.is_dir() else 'a file'} and --data is not; give "
                                  "held-out data of the same kind (an image folder, or a text file)")
+            if not v.is_dir() and is_labelled(v) != is_labelled(data):
+                raise ValueError(f"--val-data {v} is {'' if is_labelled(v) else 'not '}labelled text (JSONL or CSV) and "
+                                 "--data is the other kind; give held-out data of the same kind")
 
     @contextlib.contextmanager
     def phase(self, what: str, rank: int) -> Iterator[None]:
@@ -162,7 +179,8 @@ def _check_resume(resume: str | os.PathLike, em: ElasticModel, *, schedule: str,
                          "--steps (the schedule is laid out over them)")
 
 
-def _distill_loss(asked: str | None, *, text: bool, distill: bool | None, pretrained: bool) -> str:
+def _distill_loss(asked: str | None, *, text: bool, distill: bool | None, pretrained: bool,
+                  kind: str = "an image folder") -> str:
     """The distillation loss's name for this kind of data (None: its first).
 
     Raises:
@@ -170,7 +188,7 @@ def _distill_loss(asked: str | None, *, text: bool, distill: bool | None, pretra
             (``distill`` False, or None for a model not converted from pretrained weights), or
             text data with ``distill=False``.
     """
-    loss = _choice(asked, tuple(TEXT_LOSSES), "text") if text else _choice(asked, IMAGE_LOSSES, "an image folder")
+    loss = _choice(asked, tuple(TEXT_LOSSES), "text") if text else _choice(asked, IMAGE_LOSSES, kind)
     if not text and asked is not None and not (distill or (distill is None and pretrained)):
         raise ValueError(f"--distill-loss {asked} applies when distilling from the original model, and this run does "
                          "not (" + ("--no-distill" if distill is False else "the model was not converted from "
@@ -182,14 +200,16 @@ def _distill_loss(asked: str | None, *, text: bool, distill: bool | None, pretra
 
 def _load_checked(src: Path, *, text: bool, model: Any, trust_remote_code: bool,
                   resume: str | os.PathLike | None, schedule: str, steps: int, distill: bool | None,
-                  distill_loss: str | None, dropout: bool) -> tuple[ElasticModel, str]:
+                  distill_loss: str | None, dropout: bool, labelled: bool = False) -> tuple[ElasticModel, str]:
     """``(the super-network, the distillation loss's name)``, after the checks that need the model."""
     from ..checkpoint import load
 
     em = load(src, model=model, trust_remote_code=trust_remote_code)
     if resume is not None:
         _check_resume(resume, em, schedule=schedule, steps=steps)
-    distill_loss = _distill_loss(distill_loss, text=text, distill=distill, pretrained=bool(em.recipe.get("pretrained")))
+    distill_loss = _distill_loss(distill_loss, text=text and not labelled, distill=distill,
+                                 pretrained=bool(em.recipe.get("pretrained")),
+                                 kind="labelled text" if labelled else "an image folder")
     if not dropout:
         for m in em.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -202,15 +222,20 @@ def _task(d: Path, em: ElasticModel, *, text: bool, distill_loss: str, batch_siz
     """``(training data, held-out batches, task loss, output_fn, metric)`` of a text file or an image folder
     (the held-out batches from ``run.val_data`` when it is given)."""
     fraction = 0.0 if run.val_data is not None else eval_fraction
-    if text:
-        read: Callable[..., tuple[Any, list]] = functools.partial(text_file_data, max_length=max_length)
+    labelled = text and is_labelled(d)
+    if labelled:
+        read: Callable[..., tuple[Any, list]] = functools.partial(labelled_text_data, max_length=max_length)
+    elif text:
+        read = functools.partial(text_file_data, max_length=max_length)
     else:
         read = image_folder_data
-    train, held = read(d, em, batch_size=batch_size, eval_fraction=fraction, seed=seed, shard=shard,
-                       workers=run.workers)
+    train_read = read if text else functools.partial(read, augment=run.augment)
+    train, held = train_read(d, em, batch_size=batch_size, eval_fraction=fraction, seed=seed, shard=shard,
+                             workers=run.workers)
     if run.val_data is not None:
-        held = list(read(run.val_data, em, batch_size=batch_size, eval_fraction=0.0, seed=seed)[0])
-    if text:
+        held = list(read(run.val_data, em, batch_size=batch_size, eval_fraction=0.0, seed=seed,
+                         **({"what": "--val-data"} if labelled else {}))[0])
+    if text and not labelled:
         return train, held, None, TEXT_LOSSES[distill_loss], "cosine"
     return train, held, torch.nn.CrossEntropyLoss(), None, "accuracy"
 
@@ -288,7 +313,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     Args:
         path: the super-network file (from ``elasticize convert``).
         output: the trained super-network file (never ``path``).
-        data: an image folder (one sub-folder per class) or a text file (one sample per line).
+        data: an image folder (one sub-folder per class), labelled text (``.jsonl`` / ``.csv``) or a text file.
         steps: optimizer updates.
         batch_size: samples per batch.
         lr: AdamW (peak) learning rate.
@@ -325,29 +350,29 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         FileNotFoundError: a missing model file, data path, resume file or output folder.
         FileExistsError: ``output`` exists and ``overwrite`` is False, or ``output`` or ``state`` is a folder.
         OSError: writing ``output`` or ``state`` failed, or their folder cannot be written in (PermissionError, before training).
-        ValueError: ``output`` (or ``state``) is the input; ``steps < 1``, ``eval_every < 0``, an unknown
-            ``schedule``, a ``warmup`` outside (0, 1); a ``distill_loss`` not of the data's kind (or, for images,
-            without distillation); ``distill=False`` for text; empty data; a resume state of another
-            super-network, schedule or (decaying) ``steps``; text for a model without a tokenizer; a file
-            :func:`elasticize.load` refuses.
+        ValueError: ``output`` (or ``state``) is the input; bad ``steps``, ``eval_every``, ``schedule`` or ``warmup``;
+            a ``distill_loss`` not of the data's kind (or, on logits, without distillation); ``distill=False`` for
+            lines of text; empty data or bad labelled text (:func:`~elasticize.train.labelled.labelled_text_data`); a
+            resume state of another run; text for a model without a tokenizer; a file :func:`elasticize.load` refuses.
         KeyError, TypeError: an ``always`` name that is not a preset or an unknown ``strategy``; a
             ``strategy_options`` key the strategy does not take. Also the errors of :meth:`RunOptions.check`.
     """
     src, out, d, run = Path(path), Path(output), Path(data), run or RunOptions()
     _check_job(src, out, d, steps=steps, eval_every=eval_every, schedule=schedule, warmup=warmup, state=state,
                overwrite=overwrite, run=run)
-    text = d.is_file()
+    text, labelled = d.is_file(), is_labelled(d)
     em, distill_loss = _load_checked(src, text=text, model=model, trust_remote_code=trust_remote_code,
                                      resume=resume, schedule=schedule, steps=steps, distill=distill,
-                                     distill_loss=distill_loss, dropout=dropout)
+                                     distill_loss=distill_loss, dropout=dropout, labelled=labelled)
     with process_group(device or ("cuda" if torch.cuda.is_available() else "cpu")) as (rank, world, dev):
         train, held, loss_fn, output_fn, metric = _task(
             d, em, text=text, distill_loss=distill_loss, batch_size=batch_size, eval_fraction=eval_fraction,
             max_length=max_length, seed=seed, shard=(rank, world), run=run)
         tr = _trainer(em, train, dev, loss_fn=loss_fn, output_fn=output_fn, lr=lr, steps=steps, schedule=schedule,
                       warmup=warmup, strategy=strategy, strategy_options=strategy_options, seed=seed,
-                      distill=True if text else "auto" if distill is None else distill, distill_loss=distill_loss,
-                      calibration_batches=calibration_batches, always=always, amp=amp, resume=resume, run=run)
+                      distill=True if text and not labelled else "auto" if distill is None else distill,
+                      distill_loss=distill_loss, calibration_batches=calibration_batches, always=always, amp=amp,
+                      resume=resume, run=run)
         history, metrics = _train_and_save(tr, held, metric, out, steps=steps, eval_every=eval_every, on_eval=on_eval,
                                            progress=progress, state=state, save_every=save_every, run=run,
                                            latency=latency, overwrite=overwrite)

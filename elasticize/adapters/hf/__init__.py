@@ -27,10 +27,11 @@ from .export import export_problem, save_hf
 from .files import (FILES_CAP, TOKENIZER_FILES, check_file_name, folder_files, has_tokenizer, hub_folder,
                     tokenizer_from_files, write_files)
 from .planner import plan_transformer
+from .sentence import is_sentence_model, sentence_files
 
 __all__ = ["HFAdapter", "plan_transformer", "is_hf_model", "save_hf", "folder_files", "write_files",
            "check_file_name", "has_tokenizer", "tokenizer_from_files", "TOKENIZER_FILES", "FILES_CAP",
-           "export_problem", "sync_config"]
+           "export_problem", "sync_config", "sentence_files", "is_sentence_model"]
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -135,9 +136,10 @@ class HFAdapter(Adapter):
 
     def files(self, name: str) -> dict[str, bytes]:
         """The tokenizer, generation and preprocessor files of the folder ``name``, or of hub id
-        ``name``'s snapshot in the local cache (:func:`folder_files`; nothing is downloaded)."""
+        ``name``'s snapshot in the local cache (:func:`folder_files`; nothing is downloaded), and its
+        sentence-transformers modules' files (:func:`~elasticize.adapters.hf.sentence.sentence_files`)."""
         folder = Path(name) if Path(name).is_dir() else hub_folder(name)
-        return {} if folder is None else folder_files(folder)
+        return {} if folder is None else {**folder_files(folder), **sentence_files(folder)}
 
     def example_inputs(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
         cfg = model.config

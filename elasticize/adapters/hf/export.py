@@ -12,6 +12,7 @@ from torch import nn
 
 from ...batches import default_output
 from .files import check_file_name, folder_files, has_tokenizer, write_files
+from .sentence import fit_sentence_files, sentence_files
 
 __all__ = ["export_problem", "save_hf"]
 
@@ -90,7 +91,10 @@ def save_hf(dense: nn.Module, directory: str | Path, *, files: Mapping[str, byte
             source: str | None = None, overwrite: bool = False) -> Path:
     """Save a dense sub-network as a Hugging Face folder (``save_pretrained``: safetensors + ``config.json``).
 
-    Tokenizer, generation and preprocessor files (:data:`TOKENIZER_FILES`) come from ``files``
+    Tokenizer, generation and preprocessor files (:data:`TOKENIZER_FILES`), and a sentence-transformers
+    model's ``modules.json`` and module configs (:mod:`elasticize.adapters.hf.sentence`: the folder is
+    then one that ``SentenceTransformer(folder)`` loads, its pooling dimension set to the sub-network's
+    hidden size), come from ``files``
     (those an elasticize file carries, :attr:`ElasticModel.files`), or when it is empty are copied
     from ``source``, which must be the folder the model was converted from in this process (never a
     folder read from a manifest: another machine's path may hold another model). When neither gives
@@ -127,7 +131,8 @@ def save_hf(dense: nn.Module, directory: str | Path, *, files: Mapping[str, byte
     if why is not None:
         raise ValueError(f"this sub-network cannot be saved as a plain transformers folder: {why}")
     if not files and source is not None and Path(source).is_dir():
-        files = folder_files(source, cap=None)
+        files = {**folder_files(source, cap=None), **sentence_files(source)}
+    files = fit_sentence_files(files or {}, int(getattr(dense.config, "hidden_size", 0) or 0))
     written: list[str] = []
 
     def build(tmp: Path) -> None:

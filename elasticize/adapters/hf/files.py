@@ -29,14 +29,20 @@ def has_tokenizer(names: Any) -> bool:
 
 
 def check_file_name(name: str) -> str:
-    """``name``, if it may travel with an elasticize file: one of :data:`TOKENIZER_FILES`, a plain file name.
+    """``name``, if it may travel with an elasticize file: one of :data:`TOKENIZER_FILES` or of the
+    sentence-transformers files (:data:`~elasticize.adapters.hf.sentence.SENTENCE_FILES`, a plain
+    file name, or a module's ``<n>_<Name>/config.json``, :data:`~elasticize.adapters.hf.sentence.MODULE_CONFIG`).
 
     Raises:
-        ValueError: any other name (a path, ``..``, a name outside the allow-list).
+        ValueError: any other name (another path, ``..``, a name outside the allow-list).
     """
-    if not isinstance(name, str) or name not in TOKENIZER_FILES or os.path.basename(name) != name \
-            or "/" in name or "\\" in name:
-        raise ValueError(f"{name!r} is not a file name elasticize stores with a model; allowed: {', '.join(TOKENIZER_FILES)}")
+    from .sentence import MODULE_CONFIG, SENTENCE_FILES
+
+    plain = isinstance(name, str) and name in TOKENIZER_FILES + SENTENCE_FILES and os.path.basename(name) == name \
+        and "/" not in name and "\\" not in name
+    if not plain and not (isinstance(name, str) and MODULE_CONFIG.fullmatch(name)):
+        raise ValueError(f"{name!r} is not a file name elasticize stores with a model; allowed: "
+                         f"{', '.join(TOKENIZER_FILES + SENTENCE_FILES)} and <n>_<Module>/config.json")
     return name
 
 
@@ -103,6 +109,7 @@ def write_files(files: Mapping[str, bytes], folder: str | os.PathLike) -> list[s
     """
     names = [check_file_name(n) for n in files]
     for name in names:
+        (Path(folder) / name).parent.mkdir(exist_ok=True)  # a sentence-transformers module's 1_Pooling/
         (Path(folder) / name).write_bytes(bytes(files[name]))
     return names
 

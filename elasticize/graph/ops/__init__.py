@@ -5,7 +5,8 @@ with :func:`op` under the canonical names of its ops (:func:`canonical`), and th
 paragraph of its docstring says how the op couples axes. The handlers live by kind:
 :mod:`.shape` (element-wise, broadcasts, reshapes, reductions, pooling, permutations),
 :mod:`.join` (concatenation, stacking, splitting, indexing), :mod:`.layers` (functional
-linear, convolution, norms, embedding), :mod:`.contract` (matmul, einsum, attention);
+linear, convolution, norms, embedding), :mod:`.channels` (per-channel activations, channel
+splits and shuffles, order-dependent ops, sampling), :mod:`.contract` (matmul, einsum, attention);
 :mod:`.sizes` follows sizes read off axes. Adding an op is one decorated function::
 
     @op("my_op")
@@ -20,4 +21,4 @@ from .registry import OpHandler, as_tuple, call_args, canonical, handler_for, op
 
 __all__ = ["OpHandler", "op", "handler_for", "registered_ops", "canonical", "call_args", "as_tuple"]
 
-from . import contract, join, layers, shape  # noqa: E402,F401  (register the handlers)
+from . import channels, contract, join, layers, shape  # noqa: E402,F401  (register the handlers)

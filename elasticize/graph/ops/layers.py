@@ -100,6 +100,33 @@ def conv(p: Propagator, node: fx.Node) -> Value:
     return conv_like(p, x, w, b, groups, p.shape(node), owner, module=mod)
 
 
+@op("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+def conv_transpose(p: Propagator, node: fx.Node) -> Value:
+    """``F.conv_transpose*d(x, W, b, stride, padding, output_padding, groups)``, ``W``: ``(in, out, *kernel)``
+    (``groups == 1``): the input channels join ``W``'s rows, the output channels are ``W``'s columns (a width
+    produced there); the module's ``in_channels`` and ``out_channels`` follow. Grouped: both sides fixed.
+    MACs ``batch * prod(input spatial) * in * out * kernel`` (as ``FlopCounterMode`` counts a transposed one)."""
+    a = call_args(node, ("input", "weight", "bias", "stride", "padding", "output_padding", "groups"))
+    x, w = p.env.get(a[0]), p.env.get(a[1])
+    if not isinstance(x, tuple) or not isinstance(w, tuple):
+        return p.unsupported(node, "conv_transpose of an untracked weight")
+    owner = p.owner(a[1])
+    if (a[6] or 1) != 1:
+        return p.unsupported(node, f"grouped transposed convolution (groups={a[6]}) in {owner}")
+    p.c.union(x[1], w[0])
+    p.c.producer.add(w[1])
+    if isinstance(a[2], fx.Node) and isinstance(b := p.env.get(a[2]), tuple):
+        p.c.union(w[1], b[0])
+    mod = p.root.get_submodule(owner) if owner else None
+    if mod is not None and hasattr(mod, "in_channels"):
+        p.c.attrs.append((owner, "in_channels", w[0], "int", 1, 1))
+        p.c.attrs.append((owner, "out_channels", w[1], "int", 1, 1))
+    in_shape, size = p.shape(a[0]), p.c.size
+    kernel = math.prod(size[s] for s in w[2:])
+    p.add_macs(owner, math.prod(in_shape[2:]) * in_shape[0] * size[w[0]] * size[w[1]] * kernel, [w[0], w[1]])
+    return (x[0], w[1], *(p.c.new(n) for n in p.shape(node)[2:]))
+
+
 @op("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
     "_native_batch_norm_legit_functional", "native_batch_norm")
 def batch_norm(p: Propagator, node: fx.Node) -> Value:
@@ -115,9 +142,9 @@ def batch_norm(p: Propagator, node: fx.Node) -> Value:
     return x
 
 
-@op("layer_norm")
+@op("layer_norm", "rms_norm")
 def layer_norm(p: Propagator, node: fx.Node) -> Value:
-    """Over the last axis: the affine tensors join it, and the owner's ``normalized_shape`` follows (fixed when
+    """``layer_norm`` / ``rms_norm`` over the last axis: the affine tensors join it, and the owner's ``normalized_shape`` follows (fixed when
     there is no owning module); over more axes, they are fixed."""
     x = p.env.get(node.args[0])
     shape = as_tuple(node.args[1])
@@ -129,7 +156,7 @@ def layer_norm(p: Propagator, node: fx.Node) -> Value:
             p.c.fix(s, reason)
         return x
     owner = ""
-    for a in node.args[2:4]:
+    for a in call_args(node, ("input", "normalized_shape", "weight", "bias"))[2:]:
         v = p.env.get(a) if isinstance(a, fx.Node) else None
         if isinstance(v, tuple):
             p.c.union(x[-1], v[0])

@@ -42,10 +42,11 @@ def broadcast(p: Propagator, out_shape: Sequence[int], ins: Sequence[tuple[Value
 
 @op("add", "iadd", "sub", "isub", "rsub", "mul", "imul", "div", "truediv", "itruediv", "floordiv", "pow",
     "maximum", "minimum", "where", "clamp", "clamp_min", "clamp_max", "clip", "lerp", "addcmul", "addcdiv",
-    "eq", "ne", "lt", "le", "gt", "ge", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal",
+    "floor_divide", "eq", "ne", "lt", "le", "gt", "ge", "neg", "abs", "exp", "log", "sqrt", "rsqrt", "reciprocal",
     "sin", "cos", "erf", "sign", "square", "nan_to_num", "masked_fill",
     "relu", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "hardtanh",
-    "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "softmax", "log_softmax",
+    "leaky_relu", "elu", "selu", "celu", "softplus", "mish", "softmax", "log_softmax", "softmin", "logsigmoid",
+    "hardshrink", "softshrink", "softsign", "tanhshrink", "threshold", "rrelu", "gumbel_softmax",
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
     "contiguous", "clone", "float", "half", "bfloat16", "double", "to", "type", "type_as", "detach",
     "requires_grad_", "cpu", "cuda", "identity", "native_dropout", "_to_copy", "alias", "lift_fresh_copy",
@@ -58,8 +59,10 @@ def elementwise(p: Propagator, node: fx.Node) -> Value:
 
 @op("avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-    "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool2d", "interpolate", "upsample", "pad",
-    "max_pool2d_with_indices", "_adaptive_avg_pool2d", "upsample_nearest2d", "upsample_bilinear2d", "constant_pad_nd")
+    "adaptive_max_pool2d", "adaptive_max_pool3d", "lp_pool1d", "lp_pool2d", "lp_pool3d", "interpolate", "upsample", "upsample_bilinear",
+    "upsample_nearest", "fractional_max_pool2d", "fractional_max_pool3d", "pad",
+    "max_pool2d_with_indices", "_adaptive_avg_pool2d", "upsample_nearest2d", "upsample_bilinear2d",
+    "upsample_bicubic2d", "constant_pad_nd")
 def same_size(p: Propagator, node: fx.Node) -> Value:
     """Pooling, resizing, padding: an axis that keeps its size keeps its slot; a resized axis is new."""
     x = p.env.get(node.args[0])
@@ -68,6 +71,10 @@ def same_size(p: Propagator, node: fx.Node) -> Value:
     in_shape, out_shape = p.shape(node.args[0]), p.shape(node)
     if len(in_shape) != len(out_shape):
         return p.unsupported(node, f"{canonical(node)} changes rank")
+    if canonical(node) in ("pad", "constant_pad_nd"):  # a padded axis (channels too) cannot follow a prefix
+        for i in range(len(out_shape)):
+            if in_shape[i] != out_shape[i]:
+                p.c.fix(x[i], f"padded at {node.name}")
     return tuple(x[i] if in_shape[i] == out_shape[i] else p.c.new(out_shape[i]) for i in range(len(out_shape)))
 
 

@@ -22,7 +22,7 @@ SIZE_ARITHMETIC = {"floordiv", "truediv", "mul", "add", "sub", "mod", "pow", "ne
 #: reshapes given sizes, which check a computed size (:func:`elasticize.graph.ops.shape.reshape`)
 SIZED_RESHAPE = ("view", "reshape", "_unsafe_view")
 #: ops whose value is not a tensor, which the analysis passes by (``getattr`` of ``T``, ``mT`` or ``data`` excepted)
-NON_TENSOR = {"size", "dim", "numel", "getattr", "_assert", "sym_size", "_assert_async"}
+NON_TENSOR = {"size", "dim", "numel", "getattr", "_assert", "sym_size", "_assert_async", "_assert_tensor_metadata"}
 
 
 def size_source(p: Propagator, a: Any) -> int | None:
