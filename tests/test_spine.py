@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -14,7 +15,7 @@ from elasticize.checkpoint import FORMAT_VERSION, load_manifest
 from elasticize.modules import GroupState
 from elasticize.plan import MANIFEST_FORMAT, Axis, Plan, Segments
 from elasticize.plan.apply import axis_state
-from elasticize.plan.types import axis_from_json
+from elasticize.plan.types import Tensor, axis_from_json, frozen_map
 from elasticize.plan.manifest import Manifest
 from elasticize.plan.parse import ManifestError
 from elasticize.testing.zoo import build
@@ -129,3 +130,5 @@ def test_segments_round_trip_and_read_per_segment():
     state, chunks, div = axis_state(seg, groups)
     assert (chunks, div, state.size, state.active) == (1, 1, 2 * 4 + 5 + 4, 2 * 2 + 5 + 2)
     assert state.ranges() == ((0, 2), (4, 6), (8, 15))  # each chunk's prefix, the whole 5, b's half-rows' prefix
+    plan = Plan(tensors=frozen_map({"w": Tensor((17,), True, frozen_map({0: seg}))}))
+    assert copy.deepcopy(plan) is plan and copy.copy(plan.tensors["w"]) is plan.tensors["w"]  # immutable: itself

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 from .check import check_plan
 from .migrate import PLAN_FORMAT
-from .types import Attr, Axis, Group, MacTerm, NotElastic, Segments, Stage, SwitchableNorm, Tensor, frozen_map
+from .types import (Attr, Axis, Frozen, Group, MacTerm, NotElastic, Segments, Stage, SwitchableNorm, Tensor,
+                    frozen_map)
 
 __all__ = ["Plan", "PLAN_VERSION", "DIMENSIONS", "KIND_DIM", "NORM_TENSORS", "NORM_SITES", "axis_entry", "is_segmented",
            "segment_entries", "entry_groups", "stage_ranks"]
@@ -70,7 +71,7 @@ def stage_ranks(stage: Stage) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Plan(Frozen):
     """Everything needed to make a base model elastic again; frozen, built by
     :class:`~elasticize.plan.builder.PlanBuilder` or from checked JSON (:meth:`from_json`).
 

@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from .core import Plan
-from .types import frozen_map
+from .types import Frozen, frozen_map
 
 __all__ = ["Manifest", "Preset", "StoredFile", "BiasCompensation", "freeze", "thaw"]
 
@@ -43,7 +43,7 @@ def thaw(v: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class Preset:
+class Preset(Frozen):
     """A named sub-network of a super-network file: its configuration, MACs per sample, parameters,
     the bytes its tensors hold (None: not written) and its measured metrics."""
 
@@ -63,7 +63,7 @@ class Preset:
 
 
 @dataclass(frozen=True)
-class StoredFile:
+class StoredFile(Frozen):
     """A small file (a tokenizer's) carried as the uint8 tensor ``tensor`` of ``bytes`` bytes."""
 
     tensor: str
@@ -72,7 +72,7 @@ class StoredFile:
 
 
 @dataclass(frozen=True)
-class BiasCompensation:
+class BiasCompensation(Frozen):
     """The stored tensors of bias compensation (:mod:`elasticize.calibration`; format 4), checked by
     :func:`elasticize.fileformat.measurements.check_compensation`.
 
@@ -94,7 +94,7 @@ class BiasCompensation:
 
 
 @dataclass(frozen=True)
-class Manifest:
+class Manifest(Frozen):
     """A checked manifest, migrated to the current format version.
 
     Attributes:

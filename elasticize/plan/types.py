@@ -13,8 +13,22 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
-__all__ = ["Group", "Axis", "Segments", "AxisEntry", "axis_from_json", "Tensor", "Attr", "Stage", "SwitchableNorm",
+__all__ = ["Frozen", "Group", "Axis", "Segments", "AxisEntry", "axis_from_json", "Tensor", "Attr", "Stage", "SwitchableNorm",
            "MacTerm", "NotElastic", "frozen_map"]
+
+
+class Frozen:
+    """Base of the frozen records: immutable all the way down, so a copy (``copy.copy``, ``copy.deepcopy``, as of
+    an :class:`~elasticize.elastic.ElasticModel` that holds a plan) is the record itself; their read-only
+    ``MappingProxyType`` views could not be copied otherwise."""
+
+    __slots__ = ()
+
+    def __copy__(self) -> "Frozen":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Frozen":
+        return self
 
 
 def frozen_map(items: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> Mapping[Any, Any]:
@@ -23,7 +37,7 @@ def frozen_map(items: Mapping[Any, Any] | Iterable[tuple[Any, Any]]) -> Mapping[
 
 
 @dataclass(frozen=True)
-class Group:
+class Group(Frozen):
     """A coupling group: channels (or heads, or parallel modules) that are cut together.
 
     Attributes:
@@ -67,7 +81,7 @@ class Group:
 
 
 @dataclass(frozen=True)
-class Axis:
+class Axis(Frozen):
     """A tensor axis that follows a group: ``chunks`` equal chunks of ``size // div`` channels each
     (see :data:`elasticize.modules.TensorSpec`)."""
 
@@ -91,7 +105,7 @@ class Axis:
 
 
 @dataclass(frozen=True)
-class Segments:
+class Segments(Frozen):
     """A tensor axis (or attribute, or MAC factor) that is a concatenation of segments (the input channels
     of a layer that reads ``torch.cat([a, b, ...], 1)`` of different groups, DenseNet's and Inception's
     joins): a sub-network reads each segment's active prefix (:class:`elasticize.modules.SegmentState`).
@@ -137,7 +151,7 @@ def _factor_from_json(f: Any) -> "str | Segments":
 
 
 @dataclass(frozen=True)
-class Tensor:
+class Tensor(Frozen):
     """A tensor of the model.
 
     Attributes:
@@ -170,7 +184,7 @@ class Tensor:
 
 
 @dataclass(frozen=True)
-class Attr:
+class Attr(Frozen):
     """A module attribute that follows a group: its active size ``* mul // div`` (``kind`` ``"int"``,
     or ``"shape"`` for a 1-tuple such as ``normalized_shape``). ``group`` may be :class:`Segments`
     (a convolution's ``in_channels`` over a concatenation): the attribute follows their active sum."""
@@ -191,7 +205,7 @@ class Attr:
 
 
 @dataclass(frozen=True)
-class Stage:
+class Stage(Frozen):
     """A depth stage: blocks that run or not, by the active depth.
 
     Attributes:
@@ -256,7 +270,7 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class SwitchableNorm:
+class SwitchableNorm(Frozen):
     """A skip-aware norm (Adaptive Depth Networks, arXiv 2312.16392, Section 3): a second set of its
     ``tensors`` (names such as ``"weight"``), used while ``stage``'s skippable blocks are skipped."""
 
@@ -274,7 +288,7 @@ class SwitchableNorm:
 
 
 @dataclass(frozen=True)
-class MacTerm:
+class MacTerm(Frozen):
     """``macs`` multiply-accumulates per sample of ``owner`` at full size, scaled at a sub-network by
     the active fraction of each factor in ``factors``: a group's name, or :class:`Segments` (their active
     channels over their full size)."""
@@ -294,7 +308,7 @@ class MacTerm:
 
 
 @dataclass(frozen=True)
-class NotElastic:
+class NotElastic(Frozen):
     """Something that stayed fixed (a module, group or stage), and why."""
 
     where: str
