@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..plan.migrate import MANIFEST_FORMAT
 from ..plan.parse import ManifestError, as_dict, as_ints, as_list, as_str, fail
 from .header import Header
 
@@ -274,5 +275,5 @@ def nested_shells(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], ta
             if shell is not None:
                 sections[k].append((shell_name(name, k, False), shell))
     manifest["layout"] = entry
-    manifest["format_version"] = 4
+    manifest["format_version"] = MANIFEST_FORMAT.oldest_for(manifest)  # 4: the version that adds the layout
     return [x for sec in sections for x in sec]
