@@ -17,6 +17,7 @@ data-parallel: each process trains on its share of the data with
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -32,7 +33,15 @@ from .schedules import SCHEDULES, make_scheduler, saved_schedule
 from .state import check_state_info, read_state_info
 from .trainer import Trainer
 
-__all__ = ["train_file", "SCHEDULES", "TEXT_LOSSES", "IMAGE_LOSSES"]
+__all__ = ["train_file", "recipe_line", "DEFAULTS", "SCHEDULES", "TEXT_LOSSES", "IMAGE_LOSSES"]
+
+_log = logging.getLogger(__name__)
+
+#: The recipe of :func:`train_file` and ``elasticize train`` when no option changes it: the
+#: best measured one in ``benchmarks/bench_defaults.py`` (300 steps on MiniLM, see the training
+#: guide). ``always=None`` means every preset of the file but the largest.
+DEFAULTS: dict[str, Any] = {"strategy": "sortednet", "lr": 1e-4, "schedule": "constant", "dropout": True,
+                            "always": ()}
 
 #: Distillation losses of :func:`train_file` for text, with the model output each one compares
 #: (``elasticize train --distill-loss``; the first is the default): ``"cosine"``, ``1 - cos`` of
@@ -169,14 +178,37 @@ def _trainer(em: Any, train: Any, dev: Any, *, loss_fn: Any, output_fn: Any, lr:
     return tr
 
 
+def _always(em: ElasticModel, always: Sequence[str] | None) -> Sequence[str]:
+    """The ``always`` presets of :func:`train_file`: as given, or (None) every preset but the full network."""
+    if always is not None:
+        return always
+    full = em.resolve(None)
+    return [p for p in em.presets if em.resolve(p) != full]
+
+
+def recipe_line(tr: Trainer, *, lr: float, schedule: str, warmup: float, dropout: bool) -> str:
+    """The one line naming a :func:`train_file` job's recipe, e.g. ``recipe: subnetwork-to-go + distillation from
+    the original (cosine), lr 0.0001 constant, dropout off, always: large, medium, small, tiny``."""
+    opts = tr.strategy.options()
+    parts = [tr.strategy.name + (" (" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")" if opts else "")]
+    if tr.teacher is not None:
+        loss = tr.distill_loss if isinstance(tr.distill_loss, str) else getattr(tr.distill_loss, "__name__", "custom")
+        parts.append(f"distillation from the original ({loss})")
+    if tr.loss_fn is not None:
+        parts.append("task loss")
+    sched = f"one-cycle ({warmup:.0%} warm-up)" if schedule == "onecycle" else schedule
+    always = ", ".join(label for label, _ in tr.always) or "none"
+    return f"recipe: {' + '.join(parts)}, lr {lr:g} {sched}, dropout {'on' if dropout else 'off'}, always: {always}"
+
+
 def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, output: str | os.PathLike,
-               strategy: str = "sortednet", strategy_options: Mapping[str, Any] | None = None, batch_size: int = 32,
-               lr: float = 1e-4, seed: int = 0, distill: bool | None = None, eval_fraction: float = 0.1,
+               strategy: str = DEFAULTS["strategy"], strategy_options: Mapping[str, Any] | None = None,
+               batch_size: int = 32, lr: float = DEFAULTS["lr"], seed: int = 0, distill: bool | None = None, eval_fraction: float = 0.1,
                max_length: int = 128, state: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
                save_every: int = 0, calibration_batches: int = 8, overwrite: bool = False,
-               progress: Any = False, device: str | None = None, always: Sequence[str] = (),
-               amp: bool | None = None, schedule: str = "constant", warmup: float = 0.06,
-               distill_loss: str | None = None, dropout: bool = True, latency: bool = False, eval_every: int = 0,
+               progress: Any = False, device: str | None = None, always: Sequence[str] | None = DEFAULTS["always"],
+               amp: bool | None = None, schedule: str = DEFAULTS["schedule"], warmup: float = 0.06,
+               distill_loss: str | None = None, dropout: bool = DEFAULTS["dropout"], latency: bool = False, eval_every: int = 0,
                on_eval: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
                model: Any = None, trust_remote_code: bool = False) -> dict[str, Any]:
     """Train an elasticize super-network file on an image folder or a text file, and save it (see the module).
@@ -209,12 +241,14 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         progress: passed to :meth:`Trainer.train_steps` (True: rich progress bar).
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
         amp: bf16 autocast for the training passes (None: on for CUDA only).
-        always: presets trained at every step on top of the strategy's draws (see :class:`~elasticize.train.Trainer`).
+        always: presets trained at every step on top of the strategy's draws (see :class:`~elasticize.train.Trainer`);
+            None: every preset of the file but the largest (the full network, which the strategy trains).
         model: the base model, for a file whose recipe cannot or may not rebuild it (see :func:`elasticize.load`).
         trust_remote_code: allow the file's ``import`` recipe to run its builder (see :func:`elasticize.load`).
 
     Returns:
-        ``{"output", "steps", "metrics" (per preset), "rank", "world", "history" (losses per step)}``.
+        ``{"output", "steps", "metrics" (per preset), "rank", "world", "history" (losses per step),
+        "recipe" (the :func:`recipe_line` logged and, with ``progress=True``, printed at the start)}``.
 
     Raises:
         FileNotFoundError: a missing model file, data path, resume file or output folder.
@@ -242,10 +276,16 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         tr = _trainer(em, train, dev, loss_fn=loss_fn, output_fn=output_fn, lr=lr, steps=steps, schedule=schedule,
                       warmup=warmup, strategy=strategy, strategy_options=strategy_options, seed=seed,
                       distill=True if text else "auto" if distill is None else distill, distill_loss=distill_loss,
-                      calibration_batches=calibration_batches, always=always, amp=amp, resume=resume)
+                      calibration_batches=calibration_batches, always=_always(em, always), amp=amp, resume=resume)
+        recipe = recipe_line(tr, lr=lr, schedule=schedule, warmup=warmup, dropout=dropout)
+        _log.info(recipe)
+        if progress is True and rank == 0:
+            from rich.console import Console
+
+            Console().print(recipe, markup=False, highlight=False)
         history = _train(tr, held, metric, steps=steps, eval_every=eval_every, on_eval=on_eval, progress=progress,
                          state=state, save_every=save_every)
         metrics = tr.evaluate(held, metric=metric, latency=latency) if held else {}
         tr.save(str(out), overwrite=overwrite)
     return {"output": str(out), "steps": tr.step, "metrics": metrics, "rank": rank, "world": world,
-            "history": [{"step": r["step"], "losses": r["losses"]} for r in history]}
+            "history": [{"step": r["step"], "losses": r["losses"]} for r in history], "recipe": recipe}
