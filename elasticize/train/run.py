@@ -165,9 +165,10 @@ def _train(tr: Trainer, held: list, metric: str, *, steps: int, eval_every: int,
 
 
 def _trainer(em: Any, train: Any, dev: Any, *, loss_fn: Any, output_fn: Any, lr: float, steps: int, schedule: str,
-             warmup: float, resume: Any, **options: Any) -> Trainer:
-    """The job's :class:`Trainer`: the model on ``dev``, AdamW at ``lr`` and its learning-rate schedule,
-    resumed from the state file ``resume`` when one is given."""
+             warmup: float, resume: Any, dropout: bool, show: bool, **options: Any) -> tuple[Trainer, str]:
+    """The job's :class:`Trainer` (the model on ``dev``, AdamW at ``lr`` and its learning-rate schedule,
+    resumed from the state file ``resume`` when one is given) and its :func:`recipe_line`, logged (and
+    printed when ``show``)."""
     em.to(dev)
     opt = torch.optim.AdamW(em.parameters(), lr=lr)
     tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, device=dev,
@@ -175,7 +176,13 @@ def _trainer(em: Any, train: Any, dev: Any, *, loss_fn: Any, output_fn: Any, lr:
                  **({} if output_fn is None else {"output_fn": output_fn}))
     if resume is not None:
         tr.load_state(str(resume))
-    return tr
+    recipe = recipe_line(tr, lr=lr, schedule=schedule, warmup=warmup, dropout=dropout)
+    _log.info(recipe)
+    if show:
+        from rich.console import Console
+
+        Console().print(recipe, markup=False, highlight=False)
+    return tr, recipe
 
 
 def _always(em: ElasticModel, always: Sequence[str] | None) -> Sequence[str]:
@@ -202,8 +209,8 @@ def recipe_line(tr: Trainer, *, lr: float, schedule: str, warmup: float, dropout
 
 
 def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, output: str | os.PathLike,
-               strategy: str = DEFAULTS["strategy"], strategy_options: Mapping[str, Any] | None = None,
-               batch_size: int = 32, lr: float = DEFAULTS["lr"], seed: int = 0, distill: bool | None = None, eval_fraction: float = 0.1,
+               strategy: str = DEFAULTS["strategy"], strategy_options: Mapping[str, Any] | None = None, batch_size: int = 32,
+               lr: float = DEFAULTS["lr"], seed: int = 0, distill: bool | None = None, eval_fraction: float = 0.1,
                max_length: int = 128, state: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
                save_every: int = 0, calibration_batches: int = 8, overwrite: bool = False,
                progress: Any = False, device: str | None = None, always: Sequence[str] | None = DEFAULTS["always"],
@@ -238,17 +245,15 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         resume: a state file to resume from (of this super-network; its ``schedule`` and, unless constant, ``steps``).
         calibration_batches: batches per preset for BN recalibration.
         overwrite: replace an existing ``output``.
-        progress: passed to :meth:`Trainer.train_steps` (True: rich progress bar).
+        progress: passed to :meth:`Trainer.train_steps` (True: rich progress bar, after the :func:`recipe_line`).
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
         amp: bf16 autocast for the training passes (None: on for CUDA only).
-        always: presets trained at every step on top of the strategy's draws (see :class:`~elasticize.train.Trainer`);
-            None: every preset of the file but the largest (the full network, which the strategy trains).
+        always: presets also trained at every step (see :class:`~elasticize.train.Trainer`); None: every preset.
         model: the base model, for a file whose recipe cannot or may not rebuild it (see :func:`elasticize.load`).
         trust_remote_code: allow the file's ``import`` recipe to run its builder (see :func:`elasticize.load`).
 
     Returns:
-        ``{"output", "steps", "metrics" (per preset), "rank", "world", "history" (losses per step),
-        "recipe" (the :func:`recipe_line` logged and, with ``progress=True``, printed at the start)}``.
+        ``{"output", "steps", "metrics" (per preset), "rank", "world", "history" (losses per step), "recipe"}``.
 
     Raises:
         FileNotFoundError: a missing model file, data path, resume file or output folder.
@@ -265,24 +270,18 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
     src, out, d = Path(path), Path(output), Path(data)
     _check_job(src, out, d, steps=steps, eval_every=eval_every, schedule=schedule, warmup=warmup, state=state,
                overwrite=overwrite)
-    text = d.is_file()
-    em, distill_loss = _load_checked(src, text=text, model=model, trust_remote_code=trust_remote_code,
+    em, distill_loss = _load_checked(src, text=(text := d.is_file()), model=model, trust_remote_code=trust_remote_code,
                                      resume=resume, schedule=schedule, steps=steps, distill=distill,
                                      distill_loss=distill_loss, dropout=dropout)
     with process_group(device or ("cuda" if torch.cuda.is_available() else "cpu")) as (rank, world, dev):
         train, held, loss_fn, output_fn, metric = _task(d, em, text=text, distill_loss=distill_loss,
                                                         batch_size=batch_size, eval_fraction=eval_fraction,
                                                         max_length=max_length, seed=seed, shard=(rank, world))
-        tr = _trainer(em, train, dev, loss_fn=loss_fn, output_fn=output_fn, lr=lr, steps=steps, schedule=schedule,
-                      warmup=warmup, strategy=strategy, strategy_options=strategy_options, seed=seed,
-                      distill=True if text else "auto" if distill is None else distill, distill_loss=distill_loss,
-                      calibration_batches=calibration_batches, always=_always(em, always), amp=amp, resume=resume)
-        recipe = recipe_line(tr, lr=lr, schedule=schedule, warmup=warmup, dropout=dropout)
-        _log.info(recipe)
-        if progress is True and rank == 0:
-            from rich.console import Console
-
-            Console().print(recipe, markup=False, highlight=False)
+        tr, recipe = _trainer(em, train, dev, loss_fn=loss_fn, output_fn=output_fn, lr=lr, steps=steps,
+                              schedule=schedule, warmup=warmup, strategy=strategy, strategy_options=strategy_options,
+                              seed=seed, distill=True if text else "auto" if distill is None else distill,
+                              distill_loss=distill_loss, calibration_batches=calibration_batches, dropout=dropout,
+                              always=_always(em, always), amp=amp, resume=resume, show=progress is True and rank == 0)
         history = _train(tr, held, metric, steps=steps, eval_every=eval_every, on_eval=on_eval, progress=progress,
                          state=state, save_every=save_every)
         metrics = tr.evaluate(held, metric=metric, latency=latency) if held else {}
