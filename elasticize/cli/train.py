@@ -21,7 +21,7 @@ from ._common import _app_dir, _app_dir_option, _base_model_options, _build_base
 if TYPE_CHECKING:
     from ..train.strategies import StrategyOption
 
-_ALWAYS_HELP = "Default: none." if _DEFAULTS["always"] == () else "Default: every preset but full."
+_ALWAYS_HELP = "Default: every preset." if _DEFAULTS["always"] is None else "Default: none."
 
 #: ``ctx.meta`` key of the strategy options given on the command line (option key -> value).
 _OPTIONS_KEY = "elasticize.strategy_options"
