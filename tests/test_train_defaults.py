@@ -9,8 +9,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+import elasticize
 from elasticize.cli import main
-from elasticize.cli.train import train as train_command
+from elasticize.cli.train import _always, train as train_command
 from elasticize.train.run import DEFAULTS, train_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -30,7 +31,7 @@ def test_defaults_are_the_documented_recipe():
         assert api[key].default == DEFAULTS[key], key
     for key in ("strategy", "lr", "schedule", "dropout"):
         assert cli[key] == DEFAULTS[key], key
-    assert cli["always"] in ((), None)  # nothing given: the default (every preset); `--always none`: none
+    assert _always(()) is None and _always(("none",)) == () and _always(("tiny",)) == ("tiny",)
     guide = GUIDE.read_text()
     assert ("recipe: subnetwork-to-go + distillation from the original (cosine), lr 0.0003 one-cycle (6% warm-up), "
             "dropout off, always: full, large, medium, small, tiny") in guide
@@ -55,9 +56,9 @@ def test_a_default_run_names_its_recipe_at_the_start(tmp_path, caplog):
             "--batch-size", "8"]
     res = CliRunner().invoke(main, [*args, "-o", str(d / "a.safetensors")], terminal_width=WIDE)
     assert res.exit_code == 0, res.output
-    first = res.output.splitlines()[0]
-    assert first == ("recipe: subnetwork-to-go + task loss, lr 0.0003 one-cycle (6% warm-up), dropout off, "
-                     "always: full, large, medium, small, tiny"), res.output
+    presets = ", ".join(elasticize.read_manifest(model)["presets"])  # largest first
+    assert res.output.splitlines()[0] == ("recipe: subnetwork-to-go + task loss, lr 0.0003 one-cycle (6% warm-up), dropout off, "
+                     f"always: {presets}"), res.output
     res = CliRunner().invoke(main, [*args, "--strategy", "sandwich", "--n-random", "1", "--lr", "1e-3",
                                     "--schedule", "constant", "--always", "none", "--dropout",
                                     "-o", str(d / "b.safetensors")], terminal_width=WIDE)
