@@ -176,7 +176,7 @@ def test_a_registered_strategy_is_a_choice_with_its_options(image_job, tmp_path)
         assert res.exit_code == 0, res.output
         assert read_state_info(state)["strategy"] == {"name": "test-largest", "options": {"k": 2}}
         res = CliRunner().invoke(main, [*args, "--test-passes", "2", "-o", str(tmp_path / "s.safetensors")])
-        assert res.exit_code == 1 and "strategy 'sortednet'" in res.output and "'k'" in res.output, res.output
+        assert res.exit_code == 1 and "strategy 'subnetwork-to-go'" in res.output and "'k'" in res.output, res.output
     finally:
         del STRATEGIES["test-largest"]
     res = CliRunner().invoke(main, ["train", "--help"], terminal_width=WIDE)
