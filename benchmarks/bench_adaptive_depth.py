@@ -36,7 +36,7 @@ def adaptive(seed: int, c: int, switchable: bool) -> ElasticModel:
     plan = build_plan(analyze(m, m.example_inputs(), find_rule), dims=("width", "depth"), depth_mode="skippable",
                       width_ratios=(1.0,), heads_ratios=(1.0,))
     if not switchable:
-        plan.switchable = {}
+        plan = dataclasses.replace(plan, switchable=frozen_map({}))
     return ElasticModel(m, plan)
 
 

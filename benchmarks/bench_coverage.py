@@ -99,7 +99,7 @@ def row(spec: str) -> list[str]:
             with torch.no_grad(), em.subnet(p):  # a segmentation model's output is a dict: its "out" tensor
                 diff = (output_tensor(sub(x)) - output_tensor(em(x))).abs().max().item()
             cells += [f"{em.macs(p) / 1e9:.3f} / {measured_macs(sub, x[:1]) / 1e9:.3f}", f"{diff:.0e}"]
-        kinds = [g["kind"] for g in em.plan.groups]
+        kinds = [g.kind for g in em.plan.groups]
         return [spec, str(kinds.count("width")), str(kinds.count("heads")), str(len(em.plan.stages)),
                 str(len(em.presets)), *cells, f"{time.perf_counter() - t0:.1f}"]
     except Exception as e:  # noqa: BLE001 - report the failure and go on

@@ -66,7 +66,7 @@ def row(model_type: str) -> list[str]:
         with torch.no_grad():
             ref = first(model(ids)).clone()
         em = elasticize.elasticize(model, dims=("width", "heads", "depth", "hidden"))
-        kinds = [g["kind"] for g in em.plan.groups]
+        kinds = [g.kind for g in em.plan.groups]
         with torch.no_grad():
             full = (first(em(ids)) - ref).abs().max().item()
             worst = 0.0
@@ -74,7 +74,7 @@ def row(model_type: str) -> list[str]:
                 with em.subnet(p):
                     y = first(em(ids))
                 worst = max(worst, (first(em.extract(p)(ids)) - y).abs().max().item())
-        fixed = next((f"{w}: {r}" for w, r in em.plan.not_elastic if "channel order the user sees" not in r), "")
+        fixed = next((f"{n.where}: {n.why}" for n in em.plan.not_elastic if "channel order the user sees" not in n.why), "")
         return [model_type, str(kinds.count("heads")), str(kinds.count("width")), str(kinds.count("hidden")),
                 str(len(em.plan.stages)), f"{full:.0e}", f"{worst:.0e}", fixed[:110], f"{time.perf_counter() - t0:.1f}"]
     except Exception as e:  # noqa: BLE001 - report the failure and go on

@@ -44,7 +44,7 @@ class Consumer:
     Attributes:
         weight: the layer's weight name (``model.state_dict()`` names), ``(out, in, *kernel)``.
         bias: its bias name, or None when the layer has none (then it cannot be compensated).
-        group: the group on the weight's input axis.
+        group: the group on the weight's input axis (the first, where that axis is a concatenation of groups).
     """
 
     weight: str
@@ -82,27 +82,29 @@ def consumers(model: nn.Module, plan: Plan) -> tuple[list[Consumer], dict[str, s
     Returns:
         ``(consumers, skipped)``: skipped maps a consumer weight name (or a group name) to the reason.
     """
-    kinds = {g["name"]: KIND_DIM.get(g["kind"], "width") for g in plan.groups}
+    kinds = {g.name: KIND_DIM.get(g.kind, "width") for g in plan.groups}
     bad: dict[str, str] = {}
-    found: list[tuple[str, str]] = []
+    found: list[tuple[str, tuple[str, ...]]] = []
     for fqn, info in plan.tensors.items():
         mod = _module(model, fqn)
-        for ax, entry in info["axes"].items():
-            group = entry[0]
-            if kinds.get(group) not in ("width", "heads"):
+        for ax, entry in info.axes.items():
+            groups = tuple(g for g in entry.groups if kinds.get(g) in ("width", "heads"))  # a concatenation: several
+            if not groups:
                 continue
             ok = isinstance(mod, nn.Linear) or isinstance(mod, _BatchNorm) or \
                 (isinstance(mod, _CONV) and getattr(mod, "groups", 1) == 1)
             if not ok:
-                bad.setdefault(group, f"its channels also reach {type(mod).__name__} {fqn!r}")
-            elif ax == "1" and fqn.endswith(".weight") and not isinstance(mod, _BatchNorm):
-                found.append((fqn, group))
+                for group in groups:
+                    bad.setdefault(group, f"its channels also reach {type(mod).__name__} {fqn!r}")
+            elif ax == 1 and fqn.endswith(".weight") and not isinstance(mod, _BatchNorm):
+                found.append((fqn, groups))
     out, skipped = [], dict(bad)
-    for w, group in found:
-        if group in bad:
+    for w, groups in found:
+        if any(g in bad for g in groups):
             continue
+        group = groups[0]
         b = w[: -len("weight")] + "bias"
-        if b not in plan.tensors or any(b.endswith(f".{t}") for sw in plan.switchable.values() for t in sw["tensors"]):
+        if b not in plan.tensors or any(b.endswith(f".{t}") for sw in plan.switchable.values() for t in sw.tensors):
             skipped[w] = "the layer has no bias to add the compensation to"
             continue
         out.append(Consumer(w, b, group))

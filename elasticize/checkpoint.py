@@ -13,19 +13,11 @@ Writes are atomic (a temporary file in the same folder, then ``os.replace``; see
 ``elasticize._files``), give the file the mode ``open()`` would (``0666 & ~umask``, or the mode
 of the file replaced), and never replace the file a model was loaded from. No pickle anywhere.
 
-Format versions: 1 is the plain super-network; 2 adds calibrated BatchNorm statistics per
-preset (BN recalibration): tensors ``elastic_bn.<preset>.<buffer>`` holding each preset's dense
-running statistics, listed in the manifest's ``bn_stats`` (``{preset: {buffer: stored name}}``),
-and that preset's tensor table points its running statistics at them (``source``, no slices),
-so a reader that follows the table gets the calibrated values. A file without calibrated
-statistics is still written as version 1, so older readers keep reading it. 3 adds small files
-that travel with the model (a Hugging Face model's tokenizer, generation and preprocessor files,
-:data:`elasticize.adapters.hf.TOKENIZER_FILES`): each is a 1-D ``uint8`` tensor
-``elastic_file.<file name>`` holding its bytes, listed in the manifest's ``files``
-(``{file name: {"tensor", "bytes", "sha256"}}``); readers check the name against the allow-list and
-the contents against the hash. Format 2 readers load strictly and would refuse the extra tensors
-as not fitting the model (a wrong diagnosis), so a file holding such files is version 3, one
-without them keeps the lowest version that describes it. Manifests hold no absolute path of the
+Format versions (1 plain; 2 calibrated BatchNorm statistics, ``elastic_bn.<preset>.<buffer>``; 3 small
+stored files such as a tokenizer's, ``elastic_file.<name>``; 4 measurements, bias compensation and the
+nested layout): one registered migration step each (:data:`elasticize.plan.migrate.MANIFEST_FORMAT`), and a
+file is written in the oldest version that holds its keys, so older readers keep reading it (the file
+format page, *Versions and migration*, has the details). Manifests hold no absolute path of the
 writing machine: a Hugging Face recipe names the folder by its own name (``origin: "folder"``) or
 the hub id (``origin: "hub"``), for information only, and its stored config has ``_name_or_path`` blank.
 """
@@ -47,25 +39,24 @@ from ._version import __version__
 from .adapters import build_from_recipe
 from .elastic import ElasticModel, SubnetLike
 from .export import TensorSource, dense_tensors, extract, set_tensor
-from .fileformat.header import Header
 from .fileformat import measurements as extra
 from .fileformat.layout import nested_shells
 from .fileformat.opened import FORMAT_VERSION, METADATA_KEY, PRESETS_KEY, OpenedFile as _Opened
 from .fileformat.manifest import FILE_PREFIX, bn_name, preset_table
+from .plan import MANIFEST_FORMAT, Plan, apply_plan, slice_ranges
 from .plan.parse import ManifestError
-from .plan import Plan, apply_plan, slice_ranges
+from .plan.manifest import Manifest, StoredFile, thaw
 from .space import Config, SearchSpace
 from .tensorfile import aligned, dedupe, load_strict, load_weights_file, write_ordered
 
-__all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "FORMAT_VERSION", "METADATA_KEY",
-           "PRESETS_KEY", "load_weights_file", "read_files"]
+__all__ = ["save", "load", "load_subnet", "save_subnet", "read_manifest", "load_manifest", "FORMAT_VERSION",
+           "METADATA_KEY", "PRESETS_KEY", "load_weights_file", "read_files"]
 
 
-
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, Plan, SearchSpace, Header]:
-    """Header, manifest, per-preset tables, plan and search space of a file, all checked."""
+def _read(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None, Manifest, SearchSpace]:
+    """The manifest's JSON, the per-preset tables, the typed manifest and the search space of a file, all checked."""
     with _Opened(path) as f:
-        return f.manifest, f.tables, f.plan, f.space, f.logical
+        return f.raw, f.tables, f.manifest, f.space
 
 
 def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str, Any]:
@@ -88,11 +79,21 @@ def read_manifest(path: str | os.PathLike, *, presets: bool = True) -> dict[str,
             format version than this elasticize reads (the message says to upgrade), or any key
             that is missing, unknown, mistyped or disagrees with the tensors or the plan (named).
     """
-    manifest, tables, *_ = _read(path)
+    manifest, tables, _, _ = _read(path)
     if presets and tables:
         for name, entry in manifest.get("presets", {}).items():
             entry["tensors"] = tables.get(name, {})
     return manifest
+
+
+def load_manifest(path: str | os.PathLike) -> Manifest:
+    """The typed, frozen :class:`~elasticize.plan.manifest.Manifest` of an elasticize file, checked as by
+    :func:`read_manifest` and migrated from its format version to the current one.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`read_manifest`.
+    """
+    return _read(path)[2]
 
 
 # --------------------------------------------------------------------------- manifest
@@ -130,21 +131,21 @@ def _file_bytes(path: Any, name: str, entry: Any, tensor: torch.Tensor | None) -
         check_file_name(name)
     except ValueError as e:
         raise ValueError(f"{path}: the manifest lists a stored file {name!r}: {e}") from None
-    if not isinstance(entry, dict) or entry.get("tensor") != FILE_PREFIX + name:
+    if not isinstance(entry, StoredFile) or entry.tensor != FILE_PREFIX + name:
         raise ValueError(f"{path}: the manifest entry of the stored file {name!r} is malformed; the file is corrupted")
     if tensor is None or tensor.dtype != torch.uint8 or tensor.dim() != 1:
-        raise ValueError(f"{path}: the stored file {name!r} (tensor {entry['tensor']}) is missing or not bytes; "
+        raise ValueError(f"{path}: the stored file {name!r} (tensor {entry.tensor}) is missing or not bytes; "
                          "the file is corrupted")
     data = tensor.numpy().tobytes()
-    if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+    if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
         raise ValueError(f"{path}: the stored file {name!r} does not match its sha256; the file is corrupted")
     return data
 
 
-def _listed_files(path: Any, manifest: dict[str, Any]) -> list[tuple[str, Any, str]]:
+def _listed_files(manifest: Manifest) -> list[tuple[str, StoredFile, str]]:
     """``(name, manifest entry, stored tensor name)`` of each file the manifest lists (checked by
     :func:`elasticize.fileformat.manifest.check_files` when the manifest was read)."""
-    return [(name, entry, entry["tensor"]) for name, entry in (manifest.get("files") or {}).items()]
+    return [(name, entry, entry.tensor) for name, entry in manifest.files.items()]
 
 
 def read_files(path: str | os.PathLike) -> dict[str, bytes]:
@@ -158,7 +159,7 @@ def read_files(path: str | os.PathLike) -> dict[str, bytes]:
             not an allowed file name or whose contents do not match the manifest's sha256.
     """
     with _Opened(path) as f:
-        listed = _listed_files(path, f.manifest)
+        listed = _listed_files(f.manifest)
         got = f.reader().fetch({stored: (stored, None) for _, _, stored in listed if stored in f.logical.tensors})
     return {name: _file_bytes(path, name, entry, got.get(stored)) for name, entry, stored in listed}
 
@@ -169,7 +170,7 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
     added = extra.saved_keys(em) if kind == "super-network" else {}
     m: dict[str, Any] = {
         "format": "elasticize",
-        "format_version": extra.VERSION if added else 3 if files else 2 if calibrated else 1,
+        "format_version": 0,  # set below: the oldest version that has every key written
         "library_version": __version__,
         "kind": kind,
         "recipe": em.recipe,
@@ -191,6 +192,7 @@ def _manifest(em: ElasticModel, aliases: dict[str, str], kind: str, config: Conf
         m["params"] = em.params(config)
     if files:
         m["files"] = files
+    m["format_version"] = MANIFEST_FORMAT.oldest_for(m)  # older readers keep reading what has no newer key
     return m
 
 
@@ -267,14 +269,14 @@ def save_subnet(em: ElasticModel, subnet: SubnetLike, path: str | os.PathLike, *
 
 
 # --------------------------------------------------------------------------- load
-def _base_model(manifest: dict[str, Any], model: nn.Module | None, trust_remote_code: bool) -> tuple[nn.Module, bool]:
+def _base_model(manifest: Manifest, model: nn.Module | None, trust_remote_code: bool) -> tuple[nn.Module, bool]:
     if model is not None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, not {type(model).__name__}")
         if any(hasattr(m, "_el_tensors") for m in model.modules()):
             raise TypeError("pass the plain base model (not an elastic one) as model=")
         return model.eval(), False
-    return build_from_recipe(manifest.get("recipe") or {}, device="meta", trust_remote_code=trust_remote_code), True
+    return build_from_recipe(thaw(manifest.recipe), device="meta", trust_remote_code=trust_remote_code), True
 
 
 class _RealBuffers:
@@ -284,14 +286,14 @@ class _RealBuffers:
     whole (:func:`_materialize`) or cut to a sub-network (:func:`_non_persistent`), from one build.
     """
 
-    def __init__(self, manifest: dict[str, Any], trust_remote_code: bool) -> None:
+    def __init__(self, manifest: Manifest, trust_remote_code: bool) -> None:
         self.manifest = manifest
         self.trust_remote_code = trust_remote_code
         self._buffers: dict[str, torch.Tensor] | None = None
 
     def get(self) -> dict[str, torch.Tensor]:
         if self._buffers is None:
-            built = build_from_recipe(self.manifest.get("recipe") or {}, trust_remote_code=self.trust_remote_code)
+            built = build_from_recipe(thaw(self.manifest.recipe), trust_remote_code=self.trust_remote_code)
             self._buffers = dict(built.named_buffers())
         return self._buffers
 
@@ -299,7 +301,7 @@ class _RealBuffers:
 def _non_persistent(base: nn.Module, plan: Plan, real: _RealBuffers, meta: bool) -> dict[str, torch.Tensor]:
     """The full values of the sliced non-persistent buffers, which the file does not hold: the
     given model's own, or a real build's when ``base`` was built on ``meta``."""
-    names = [fqn for fqn, info in plan.tensors.items() if info.get("persistent") is False]
+    names = [fqn for fqn, info in plan.tensors.items() if not info.persistent]
     if not names:
         return {}
     own = real.get() if meta else dict(base.named_buffers())
@@ -344,24 +346,23 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
     """
     with _Opened(path) as f:
         manifest, plan = f.manifest, f.plan
-        if manifest["kind"] != "super-network":
+        if manifest.is_sub_network:
             raise ValueError(f"{path} holds one dense sub-network; load it with elasticize.load_subnet(path)")
         base, meta = _base_model(manifest, model, trust_remote_code)
         tensors = {k: aligned(t) for k, t in f.reader().fetch({n: (n, None) for n in f.logical.tensors}).items()}
-    em = ElasticModel(base, plan, recipe=manifest.get("recipe"),
-                      input_shapes=manifest.get("input_shapes", []), importance=manifest.get("importance"))
-    calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()}
-                  for p, t in (manifest.get("bn_stats") or {}).items()}
+    em = ElasticModel(base, plan, recipe=thaw(manifest.recipe),
+                      input_shapes=thaw(manifest.input_shapes), importance=thaw(manifest.importance))
+    calibrated = {p: {fqn: tensors.pop(stored) for fqn, stored in t.items()} for p, t in manifest.bn_stats.items()}
     files = {name: _file_bytes(path, name, entry, tensors.pop(stored, None) if stored else None)
-             for name, entry, stored in _listed_files(path, manifest)}
+             for name, entry, stored in _listed_files(manifest)}
     compensation = extra.pop_tensors(manifest, tensors)
-    for alias, target in (manifest.get("aliases") or {}).items():
+    for alias, target in manifest.aliases.items():
         tensors[alias] = tensors[target]
     load_strict(em.model, tensors, assign=meta, what=f"{path}")
     if meta:
         _materialize(em.model, _RealBuffers(manifest, trust_remote_code))
     _named_presets(em.space, manifest)
-    em.metrics = {n: dict(p.get("metrics") or {}) for n, p in (manifest.get("presets") or {}).items()}
+    em.metrics = {n: dict(p.metrics) for n, p in manifest.presets.items()}
     if calibrated:
         em.set_bn_stats(calibrated)
     extra.restore(em, manifest, compensation)
@@ -370,11 +371,12 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trust_remot
     return em.eval()
 
 
-def _named_presets(space: SearchSpace, manifest: dict[str, Any]) -> None:
+def _named_presets(space: SearchSpace, manifest: Manifest) -> None:
     """Restore the presets a user named (:meth:`ElasticModel.add_preset`) from a manifest."""
-    for name, entry in (manifest.get("presets") or {}).items():
-        if space.presets.get(name) != entry.get("config"):
-            space.add_preset(name, entry["config"], replace=name in space.presets)
+    for name, entry in manifest.presets.items():
+        cfg = thaw(entry.config)
+        if space.presets.get(name) != cfg:
+            space.add_preset(name, cfg, replace=name in space.presets)
 
 
 def load_subnet(path: str | os.PathLike, subnet: SubnetLike = None, *, model: nn.Module | None = None,
@@ -408,8 +410,8 @@ def _load_subnet(f: _Opened, subnet: SubnetLike, model: nn.Module | None, trust_
     _named_presets(space, manifest)
     base, meta = _base_model(manifest, model, trust_remote_code)
     state = apply_plan(base, plan)
-    if manifest.get("kind") == "sub-network":
-        cfg = manifest["config"]
+    if manifest.is_sub_network:
+        cfg = thaw(manifest.config)
         if subnet is not None and space.resolve(subnet) != space.resolve(cfg):
             raise ValueError(f"{path} holds only the sub-network {cfg}; it cannot give {subnet!r}")
     else:
@@ -419,7 +421,7 @@ def _load_subnet(f: _Opened, subnet: SubnetLike, model: nn.Module | None, trust_
     source = _FileTensors(path, manifest, _calibrated_table(manifest, space, cfg),
                           _non_persistent(base, plan, real, meta), real if meta else None)
     source.prefetch(f, dense_tensors(plan, space, state, cfg), _prefix(f, space, cfg))
-    dense = extract(base, plan, space, state, cfg, source, recipe=manifest.get("recipe") or {}, in_place=True)
+    dense = extract(base, plan, space, state, cfg, source, recipe=thaw(manifest.recipe), in_place=True)
     return dense.eval()
 
 
@@ -433,13 +435,13 @@ def _prefix(f: _Opened, space: SearchSpace, cfg: Config) -> tuple[int, int] | No
     return None
 
 
-def _calibrated_table(manifest: dict[str, Any], space: SearchSpace, cfg: Config) -> dict[str, str]:
+def _calibrated_table(manifest: Manifest, space: SearchSpace, cfg: Config) -> dict[str, str]:
     """The calibrated tensors (BatchNorm statistics, compensated biases) of the preset that ``cfg`` is, if the
     file has them: tensor name -> stored name."""
-    if manifest.get("kind") == "sub-network":
+    if manifest.is_sub_network:
         return {}
-    name = next((p for p in manifest.get("presets") or {} if space.resolve(p) == cfg), None)
-    return {**(manifest.get("bn_stats") or {}).get(name, {}), **extra.file_table(manifest, name)}
+    name = next((p for p in manifest.presets if space.resolve(p) == cfg), None)
+    return {**manifest.bn_stats.get(name, {}), **extra.file_table(manifest, name)}
 
 
 class _FileTensors(TensorSource):
@@ -456,11 +458,11 @@ class _FileTensors(TensorSource):
             ``meta``), or None.
     """
 
-    def __init__(self, path: Any, manifest: dict[str, Any], calibrated: dict[str, str],
+    def __init__(self, path: Any, manifest: Manifest, calibrated: dict[str, str],
                  built: dict[str, torch.Tensor], real: _RealBuffers | None) -> None:
         self.path, self.calibrated, self.built, self.real = path, calibrated, built, real
-        self.dense_file = manifest.get("kind") == "sub-network"
-        self.aliases = manifest.get("aliases") or {}
+        self.dense_file = manifest.is_sub_network
+        self.aliases = manifest.aliases
         self.got: dict[str, torch.Tensor] = {}
 
     def _stored(self, name: str, src: str, ranges: Any) -> tuple[str, Any]:

@@ -37,7 +37,7 @@ from .graph import analyze as trace_and_analyze
 from .importance import activation_importance, magnitude_importance, sort_by_importance
 from .modules import SWITCH_PREFIX
 from .options import ConvertOptions
-from .plan import KIND_DIM, Plan, build_plan, remove_elastic
+from .plan import KIND_DIM, NotElastic, Plan, build_plan, remove_elastic
 from .rules import find_rule
 
 __all__ = ["run", "check_model", "as_tuple", "analyze", "make_plan", "sort_units", "check_function", "keep_order",
@@ -89,7 +89,7 @@ def run(model: nn.Module, example_inputs: Any, options: ConvertOptions, *, calib
         kept = check_function(model, plan, inputs, ref, scores, perms)
     if kept:
         log.fallbacks.append({"step": "keep_order", "kinds": list(kept)})
-    keep_order(plan, kept)
+    plan = keep_order(plan, kept)
     em = apply(model, plan, inputs, recipe=recipe, importance=order)
     log.passes += ["apply", "check_smallest"]
     failing = check_smallest(em, inputs)
@@ -167,10 +167,10 @@ def _require_elastic(model: nn.Module, plan: Plan, *, after_fallback: bool = Fal
     if plan.groups or plan.stages:
         return
     if after_fallback:
-        reasons = "; ".join(f"{w}: {r}" for w, r in plan.not_elastic[:12])
+        reasons = "; ".join(f"{n.where}: {n.why}" for n in plan.not_elastic[:12])
         raise ValueError(f"nothing in {type(model).__name__} could be made elastic: every group and stage failed "
                          f"to run at its smallest ({reasons})")
-    reasons = "; ".join(f"{w}: {r}" for w, r in plan.not_elastic[:12]) or "no convolution, linear layer or block"
+    reasons = "; ".join(f"{n.where}: {n.why}" for n in plan.not_elastic[:12]) or "no convolution, linear layer or block"
     raise ValueError(f"nothing in {type(model).__name__} could be made elastic ({reasons}). Add a rule for its "
                      "modules (see README, 'Your own rule') or choose other dims")
 
@@ -264,15 +264,15 @@ def check_function(model: nn.Module, plan: Plan, inputs: tuple, ref: list[torch.
         return []
 
     def permute(by: dict[str, torch.Tensor]) -> None:
-        sort_by_importance(model, dataclasses.replace(plan, groups=[g for g in plan.groups if g["name"] in by]), by)
+        sort_by_importance(model, dataclasses.replace(plan, groups=tuple(g for g in plan.groups if g.name in by)), by)
 
     def undo(names: list[str]) -> None:  # the inverse permutation: argsort of the one applied
         permute({n: -torch.tensor(perms[n], dtype=torch.float64) for n in names})
 
     kinds: dict[str, list[str]] = {}
     for g in plan.groups:
-        if g["name"] in perms:
-            kinds.setdefault(g["kind"], []).append(g["name"])
+        if g.name in perms:
+            kinds.setdefault(g.kind, []).append(g.name)
     undo(list(perms))
     inputs64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
     kept = []
@@ -287,14 +287,15 @@ def check_function(model: nn.Module, plan: Plan, inputs: tuple, ref: list[torch.
     return kept
 
 
-def keep_order(plan: Plan, kinds: list[str]) -> None:
-    """Fallback of :func:`check_function`: record that the groups of ``kinds`` keep their original order, and why."""
+def keep_order(plan: Plan, kinds: list[str]) -> Plan:
+    """Fallback of :func:`check_function`: the plan with the groups of ``kinds`` keeping their original order
+    (``sort`` False), and why."""
     for kind in kinds:
-        for g in plan.groups:
-            if g["kind"] == kind:
-                g["sort"] = False
-        plan.not_elastic.append([kind, "kept in the original order: sorting by importance changed the full model's "
-                                       "output on the example inputs (a tensor outside the plan shares these channels)"])
+        plan = dataclasses.replace(plan, groups=tuple(dataclasses.replace(g, sort=False) if g.kind == kind else g
+                                                      for g in plan.groups))
+        plan = plan.noted(kind, "kept in the original order: sorting by importance changed the full model's "
+                                "output on the example inputs (a tensor outside the plan shares these channels)")
+    return plan
 
 
 def apply(model: nn.Module, plan: Plan, inputs: tuple, *, recipe: dict[str, Any] | None,
@@ -325,12 +326,12 @@ def check_smallest(em: ElasticModel, inputs: tuple) -> dict[str, str]:
     smallest: dict[str, dict[str, int]] = {}
     singles: dict[str, dict[str, dict[str, int]]] = {}
     for g in em.plan.groups:
-        dim = KIND_DIM.get(g["kind"], "width")
-        smallest.setdefault(dim, {})[g["name"]] = g["choices"][-1]
-        singles[g["name"]] = {dim: {g["name"]: g["choices"][-1]}}
+        dim = KIND_DIM.get(g.kind, "width")
+        smallest.setdefault(dim, {})[g.name] = g.choices[-1]
+        singles[g.name] = {dim: {g.name: g.choices[-1]}}
     for st in em.plan.stages:
-        smallest.setdefault("depth", {})[st["name"]] = st["choices"][-1]
-        singles[st["name"]] = {"depth": {st["name"]: st["choices"][-1]}}
+        smallest.setdefault("depth", {})[st.name] = st.choices[-1]
+        singles[st.name] = {"depth": {st.name: st.choices[-1]}}
     first = error(smallest)
     if first is None:
         return {}
@@ -351,10 +352,10 @@ def keep_whole(em: ElasticModel, found: _Found, inputs: tuple, options: ConvertO
     model = em.model
     _undo_surgery(model, em.plan)
     plan = make_plan(found, model, inputs, options, exclude=tuple(failing))
-    for entry in plan.not_elastic:
-        if entry[0] in failing:
-            entry[1] = f"a sub-network with it at its smallest failed to run on the example inputs ({failing[entry[0]]})"
-    keep_order(plan, kept_order)
+    why = "a sub-network with it at its smallest failed to run on the example inputs ({})"
+    plan = dataclasses.replace(plan, not_elastic=tuple(
+        NotElastic(n.where, why.format(failing[n.where])) if n.where in failing else n for n in plan.not_elastic))
+    plan = keep_order(plan, kept_order)
     _require_elastic(model, plan, after_fallback=True)
     em = apply(model, plan, inputs, recipe=em.recipe, importance=em.importance)
     still = check_smallest(em, inputs)

@@ -297,7 +297,7 @@ class ElasticModel(CalibratedTensors, nn.Module):
         return {
             "tracer": self.plan.tracer,
             **self.space.dimensions,
-            "not_elastic": [list(x) for x in self.plan.not_elastic],
+            "not_elastic": [x.to_json() for x in self.plan.not_elastic],
             "presets": {n: {"macs": self.macs(n), "params": self.params(n)} for n in self.presets},
             "conversion": self.conversion,
         }
@@ -344,8 +344,8 @@ def _summary_table(em: ElasticModel, cfg: Config) -> Any:
                           f"params {params:,} of {full_params:,} ({100 * params / max(full_params, 1):.1f}%)")
     for col in ("group or stage", "kind", "active", "full", "choices"):
         table.add_column(col, justify="right" if col in ("active", "full") else "left")
-    rows = [(g["name"], g["kind"], KIND_DIM.get(g["kind"], "width"), g["choices"]) for g in em.plan.groups]
-    rows += [(st["name"], "depth", "depth", st["choices"]) for st in em.plan.stages]
+    rows = [(g.name, g.kind, KIND_DIM.get(g.kind, "width"), g.choices) for g in em.plan.groups]
+    rows += [(st.name, "depth", "depth", st.choices) for st in em.plan.stages]
     for name_, kind, dim, choices in rows:  # sizes in the units of the choices: channels, heads, blocks, modules
         table.add_row(name_, kind, str(cfg[dim][name_]), str(choices[0]), ", ".join(map(str, choices)))
     return table

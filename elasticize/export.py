@@ -21,7 +21,7 @@ from torch import nn
 from .adapters import adapter_for_model, get_adapter
 from .graph import model_tensors
 from .modules import SWITCH_PREFIX
-from .plan import ElasticState, Plan, remove_elastic, slice_ranges, stage_ranks, tensor_ranges
+from .plan import ElasticState, Plan, Stage, remove_elastic, slice_ranges, tensor_ranges
 from .space import Config, SearchSpace
 
 __all__ = ["extract", "TensorSource", "LiveTensors", "dense_tensors", "densify", "set_tensor"]
@@ -49,7 +49,7 @@ def dense_tensors(plan: Plan, space: SearchSpace, state: ElasticState, cfg: Conf
             continue
         src = fqn
         sw = plan.switchable.get(module)
-        if sw is not None and name in sw["tensors"] and state.stages[sw["stage"]].skip:
+        if sw is not None and name in sw.tensors and state.stages[sw.stage].skip:
             src = f"{module}.{SWITCH_PREFIX}{name}" if module else SWITCH_PREFIX + name
         out[_rename(fqn, removed)] = (src, tensor_ranges(plan, state, fqn))
     return out
@@ -60,10 +60,10 @@ def _removed_blocks(plan: Plan, cfg: Config) -> dict[str, list[int]]:
     an ``nn.ModuleDict``'s blocks keep their names, so none are listed)."""
     out: dict[str, list[int]] = {}
     for st in plan.stages:
-        if st.get("drop") != "remove" or st.get("module") is not None:
+        if st.drop != "remove" or st.module is not None:
             continue
-        depth = cfg["depth"].get(st["name"], len(st["blocks"]))
-        for b, r in zip(st["blocks"], stage_ranks(st)):
+        depth = cfg["depth"].get(st.name, len(st.blocks))
+        for b, r in zip(st.blocks, st.ranks()):
             parent, _, idx = b.rpartition(".")
             if r >= depth and idx.isdigit():  # an nn.ModuleDict's blocks keep their names
                 out.setdefault(parent, []).append(int(idx))
@@ -112,12 +112,12 @@ def densify(model: nn.Module, plan: Plan, space: SearchSpace, cfg: Config) -> No
     """
     remove_elastic(model, freeze=True)
     for st in plan.stages:
-        depth = cfg["depth"].get(st["name"], len(st["blocks"]))
-        if st.get("module") is not None:
+        depth = cfg["depth"].get(st.name, len(st.blocks))
+        if st.module is not None:
             _drop_layers(model, plan, st, depth)
             continue
-        dropped = [b for b, r in zip(st["blocks"], stage_ranks(st)) if r >= depth]
-        if st.get("drop") == "remove":
+        dropped = [b for b, r in zip(st.blocks, st.ranks()) if r >= depth]
+        if st.drop == "remove":
             _remove_blocks(model, dropped)
             continue
         for b in dropped:
@@ -133,22 +133,22 @@ def densify(model: nn.Module, plan: Plan, space: SearchSpace, cfg: Config) -> No
                 del d[k]
 
 
-def _drop_layers(model: nn.Module, plan: Plan, stage: dict, depth: int) -> None:
+def _drop_layers(model: nn.Module, plan: Plan, stage: Stage, depth: int) -> None:
     """Delete the tensors of the layers a layer stage drops from its module, then let its rule fix the rest."""
     from .rules import get_rule
 
     try:
-        m = model.get_submodule(stage["module"])
+        m = model.get_submodule(stage.module)
     except AttributeError:  # the module sits in a dropped block
         return
-    prefix = f"{stage['module']}." if stage["module"] else ""
-    for names, r in zip(stage["tensors"], stage_ranks(stage)):
+    prefix = f"{stage.module}." if stage.module else ""
+    for names, r in zip(stage.tensors or (), stage.ranks()):
         if r >= depth:
             for fqn in names:
                 name = fqn[len(prefix):]
                 m._parameters.pop(name, None)
                 m._buffers.pop(name, None)
-    get_rule(plan.sites[stage["module"]]).densify(m)
+    get_rule(plan.sites[stage.module]).densify(m)
 
 
 def _remove_blocks(model: nn.Module, blocks: list[str]) -> None:
@@ -228,7 +228,7 @@ def expected_tensors(dense: nn.Module, plan: Plan, spec: Mapping[str, tuple[str,
         t = own.get(name)
         if t is None:
             continue
-        shape = list(plan.tensors[src]["shape"]) if ranges is None and src in plan.tensors else (
+        shape = list(plan.tensors[src].shape) if ranges is None and src in plan.tensors else (
             list(t.shape) if ranges is None else [sum(b - a for a, b in rs) for rs in ranges])
         out[name] = (shape, t.dtype)
     return out

@@ -43,7 +43,7 @@ from torch import nn
 
 from .batches import forward_batch, to_device
 from .graph import model_tensors
-from .plan import Plan, axis_entry, is_segmented, segment_entries
+from .plan import Group, Plan, Segments
 
 __all__ = ["magnitude_importance", "activation_importance", "sort_by_importance", "sort_unit"]
 
@@ -51,29 +51,28 @@ __all__ = ["magnitude_importance", "activation_importance", "sort_by_importance"
 def _members(plan: Plan) -> dict[str, list[tuple[str, int, int, int, int]]]:
     """Group -> ``(fqn, axis, chunks, div, offset)`` of every tensor axis that follows it; ``offset`` is
     where its segment starts on an axis that is a concatenation of groups (0 otherwise)."""
-    out: dict[str, list[tuple[str, int, int, int, int]]] = {g["name"]: [] for g in plan.groups}
-    size = {g["name"]: g["size"] for g in plan.groups}
+    out: dict[str, list[tuple[str, int, int, int, int]]] = {g.name: [] for g in plan.groups}
+    size = {g.name: g.size for g in plan.groups}
     for fqn, info in plan.tensors.items():
-        for ax, a in info["axes"].items():
+        for ax, a in info.axes.items():
             offset = 0
-            for seg in segment_entries(a) if is_segmented(a) else [axis_entry(a)]:
+            for seg in a.parts if isinstance(a, Segments) else (a,):
                 if isinstance(seg, int):
                     offset += seg
                     continue
-                g, chunks, div = seg
-                if g in out:  # a plan narrowed to some groups (see elasticize.conversion.check_function)
-                    out[g].append((fqn, int(ax), chunks, div, offset))
-                offset += chunks * (size.get(g, 0) // div)
+                if seg.group in out:  # a plan narrowed to some groups (see elasticize.conversion.check_function)
+                    out[seg.group].append((fqn, ax, seg.chunks, seg.div, offset))
+                offset += seg.chunks * (size.get(seg.group, 0) // seg.div)
     return out
 
 
-def sort_unit(group: dict[str, Any]) -> int:
+def sort_unit(group: Group) -> int:
     """Channels that move together when a group is sorted: ``unit * step``.
 
     ``step`` (default 1) is the number of units that must be kept together, e.g. the query
     heads that share one key/value head in grouped-query attention.
     """
-    return int(group["unit"]) * int(group.get("step", 1))
+    return group.unit * group.step
 
 
 @torch.no_grad()
@@ -88,13 +87,13 @@ def magnitude_importance(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor
     scores: dict[str, torch.Tensor] = {}
     members = _members(plan)
     for g in plan.groups:
-        n = g["size"] // sort_unit(g)
-        use = [m for m in members[g["name"]] if state[m[0]].dim() >= 2] or members[g["name"]]
+        n = g.size // sort_unit(g)
+        use = [m for m in members[g.name] if state[m[0]].dim() >= 2] or members[g.name]
         score = torch.zeros(n, dtype=torch.float64)
         for fqn, ax, chunks, div, off in use:
-            t = state[fqn].detach().float().movedim(ax, 0)[off:off + chunks * (g["size"] // div)].reshape(chunks, n, -1)
+            t = state[fqn].detach().float().movedim(ax, 0)[off:off + chunks * (g.size // div)].reshape(chunks, n, -1)
             score += torch.linalg.vector_norm(t, dim=(0, 2)).double()
-        scores[g["name"]] = score
+        scores[g.name] = score
     return scores
 
 
@@ -139,15 +138,15 @@ def activation_importance(model: nn.Module, plan: Plan, data: Iterable[Any]) -> 
     members = _members(plan)
     modules = dict(model.named_modules())
     consumers: dict[str, tuple[nn.Module, int]] = {}  # module name -> (module, input axis of its weight)
-    reads: dict[str, list[tuple[str, int, int]]] = {g["name"]: [] for g in plan.groups}  # group -> (module, chunks, offset)
+    reads: dict[str, list[tuple[str, int, int]]] = {g.name: [] for g in plan.groups}  # group -> (module, chunks, offset)
     for g in plan.groups:
-        for fqn, ax, chunks, div, off in members[g["name"]]:
+        for fqn, ax, chunks, div, off in members[g.name]:
             name, _, leaf = fqn.rpartition(".")
             mod = modules.get(name)
             if leaf != "weight" or mod is None or _input_axis(mod) != ax:
                 continue
             consumers[name] = (mod, ax)
-            reads[g["name"]].append((name, chunks, off))
+            reads[g.name].append((name, chunks, off))
     energy: dict[str, torch.Tensor] = {}
 
     def hook(name: str, mod: nn.Module, args: tuple) -> None:
@@ -176,8 +175,8 @@ def activation_importance(model: nn.Module, plan: Plan, data: Iterable[Any]) -> 
                          "batches of real inputs, or sort='magnitude'")
     scores = magnitude_importance(model, plan)
     for g in plan.groups:
-        n = g["size"] // sort_unit(g)
-        got = [r for r in reads[g["name"]] if r[0] in energy]
+        n = g.size // sort_unit(g)
+        got = [r for r in reads[g.name] if r[0] in energy]
         if not got:
             continue
         score = torch.zeros(n, dtype=torch.float64)
@@ -187,9 +186,9 @@ def activation_importance(model: nn.Module, plan: Plan, data: Iterable[Any]) -> 
             sq, s1, count = energy[name]
             spread = (sq - s1 * s1 / count).clamp_min(0).sqrt()  # ‖X_j - mean(X_j)‖ over the calibration tokens
             col = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1) * spread
-            col = col[off:off + chunks * g["size"]]
+            col = col[off:off + chunks * g.size]
             score += col.reshape(chunks, n, -1).pow(2).sum(dim=(0, 2)).sqrt()
-        scores[g["name"]] = score
+        scores[g.name] = score
     return scores
 
 
@@ -212,17 +211,17 @@ def sort_by_importance(model: nn.Module, plan: Plan, scores: dict[str, torch.Ten
     members = _members(plan)
     done: set[tuple[int, int, int]] = set()  # tied tensors appear under several names: permute once
     for g in plan.groups:
-        if not g.get("sort", True):  # e.g. a residual stream that is the model's output
+        if not g.sort:  # e.g. a residual stream that is the model's output
             continue
         unit = sort_unit(g)
-        perm = torch.argsort(scores[g["name"]], descending=True, stable=True)
-        perms[g["name"]] = perm.tolist()
-        for fqn, ax, chunks, div, off in members[g["name"]]:
+        perm = torch.argsort(scores[g.name], descending=True, stable=True)
+        perms[g.name] = perm.tolist()
+        for fqn, ax, chunks, div, off in members[g.name]:
             t = state[fqn]
             if (id(t), ax, off) in done:
                 continue
             done.add((id(t), ax, off))
-            u, size = unit // div, g["size"] // div
+            u, size = unit // div, g.size // div
             idx = (perm[:, None] * u + torch.arange(u)).reshape(-1)
             full = torch.cat([idx + k * size for k in range(chunks)]).to(t.device)
             if off or len(full) != t.shape[ax]:  # a segment of a concatenation: permute within it

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .modules import SWITCH_PREFIX
-from .plan import KIND_DIM, ElasticState, Plan, is_segmented, segment_entries, stage_outputs, stage_ranks
+from .plan import KIND_DIM, Axis, ElasticState, Plan, Segments, stage_outputs
 
 __all__ = ["SearchSpace", "PRESET_RATIOS", "Config", "Budget", "parse_budget"]
 
@@ -56,18 +56,18 @@ class SearchSpace:
         self.plan = plan
         by_dim: dict[str, dict[str, list[int]]] = {"width": {}, "heads": {}, "modules": {}}
         for g in plan.groups:
-            by_dim[KIND_DIM.get(g["kind"], "width")][g["name"]] = list(g["choices"])
+            by_dim[KIND_DIM.get(g.kind, "width")][g.name] = list(g.choices)
         self.width, self.heads, self.modules = by_dim["width"], by_dim["heads"], by_dim["modules"]
-        self.depth = {s["name"]: list(s["choices"]) for s in plan.stages}
-        self._size = {g["name"]: g["size"] for g in plan.groups}
-        self._unit = {g["name"]: g["unit"] for g in plan.groups}
-        self._constraint = {g["name"]: (int(g.get("step", 1)), g.get("constraint", "")) for g in plan.groups}
+        self.depth = {s.name: list(s.choices) for s in plan.stages}
+        self._size = {g.name: g.size for g in plan.groups}
+        self._unit = {g.name: g.unit for g in plan.groups}
+        self._constraint = {g.name: (g.step, g.constraint or "") for g in plan.groups}
         blocks: dict[str, tuple[str, int]] = {}
         layer_of: dict[str, str] = {}  # tensor fqn -> its layer block, for layers inside one module
         for s in plan.stages:
-            for b, r in zip(s["blocks"], stage_ranks(s)):
-                blocks[b] = (s["name"], r)
-            for b, names in zip(s["blocks"], s.get("tensors") or ()):
+            for b, r in zip(s.blocks, s.ranks()):
+                blocks[b] = (s.name, r)
+            for b, names in zip(s.blocks, s.tensors or ()):
                 layer_of.update(dict.fromkeys(names, b))
 
         self._blocks = blocks
@@ -75,33 +75,36 @@ class SearchSpace:
         chain = self._chain
         self._segs: dict[str, list[tuple[str | None, int]]] = {}  # key of a segmented factor -> (group, channels)
         self._gate = stage_outputs(plan.stages)  # group -> (stage, rank) of the dense-stage block it is the output of
-        self._terms = [(int(macs), [self._factor(x) for x in f], chain(owner)) for owner, macs, f in plan.mac_terms]
+        self._terms = [(int(t.macs), [self._factor(x) for x in t.factors], chain(t.owner)) for t in plan.mac_terms]
         self._params = []
         for fqn, info in plan.tensors.items():
-            if not info["param"] or fqn.rsplit(".", 1)[-1].startswith(SWITCH_PREFIX):
+            if not info.param or fqn.rsplit(".", 1)[-1].startswith(SWITCH_PREFIX):
                 continue
             n = 1
-            for d in info["shape"]:
+            for d in info.shape:
                 n *= int(d)
-            groups = [self._factor(a if is_segmented(a) else a[0]) for a in info["axes"].values()]
+            groups = [self._factor(a) for a in info.axes.values()]
             self._params.append((n, groups, chain(layer_of.get(fqn, fqn.rsplit(".", 1)[0]))))
         self.presets = self._make_presets()
 
-    def _factor(self, f: Any) -> str:
-        """A MAC or parameter factor as a key of :meth:`_ratios`: a group name, or for a list of segments
-        (a concatenation of groups) a key whose ratio is their active channels over their full size."""
-        if not is_segmented(f):
+    def _factor(self, f: "str | Axis | Segments") -> str:
+        """A MAC or parameter factor (a group name, a tensor's :class:`~elasticize.plan.types.Axis`) as a key of
+        :meth:`_ratios`: a group name, or for :class:`~elasticize.plan.types.Segments` (a concatenation of
+        groups) a key whose ratio is their active channels over their full size."""
+        if isinstance(f, str):
             return f
-        key = "\0segments:" + repr(f)
+        if not isinstance(f, Segments):
+            return f.group
+        key = "\0segments:" + repr(f.to_json())
         if key not in self._segs:
-            self._segs[key] = [(None, s) if isinstance(s, int) else (s[0], s[1] * (self._size[s[0]] // s[2]))
-                               for s in segment_entries(f)]
+            self._segs[key] = [(None, p) if isinstance(p, int) else (p.group, p.chunks * (self._size[p.group] // p.div))
+                               for p in f.parts]
         return key
 
     def block_of(self, path: str) -> tuple[str, int] | None:
         """(stage, rank) of the innermost depth block that contains module ``path``, or None.
 
-        The block runs at stage depth ``d`` iff ``rank < d`` (see :func:`elasticize.plan.stage_ranks`).
+        The block runs at stage depth ``d`` iff ``rank < d`` (see :meth:`elasticize.plan.Stage.ranks`).
         """
         chain = self._chain(path)
         return chain[0] if chain else None

@@ -104,8 +104,8 @@ def test_summary_is_a_rich_table_of_the_active_sub_network():
     assert "at 'medium'" in text
     cfg = em.resolve("medium")
     for g in em.plan.groups:
-        row = rf"{re.escape(g['name'])}\s+│\s+width\s+│\s+{cfg['width'][g['name']]}\s+│\s+{g['size']}\s"
-        assert re.search(row, text), g["name"]
+        row = rf"{re.escape(g.name)}\s+│\s+width\s+│\s+{cfg['width'][g.name]}\s+│\s+{g.size}\s"
+        assert re.search(row, text), g.name
     assert re.search(r"stage\s+│\s+depth\s+│\s+2\s+│\s+3\s", text)
     assert f"MACs per sample {em.macs('medium'):,} of {em.macs('full'):,}" in text
     other = Console(record=True, width=200)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import elasticize
-from elasticize.plan import Plan, is_segmented
+from elasticize.plan import Axis, Plan, Segments, is_segmented
 from elasticize.plan.parse import ManifestError
 from elasticize.testing import check_conformance
 from elasticize.testing.zoo import TinyYOLO
@@ -88,7 +88,7 @@ def test_concatenation_is_sliced_per_segment(name):
     smallest = min(rep.macs.values())[0]
     assert smallest <= share * rep.macs["full"][0], (name, smallest / rep.macs["full"][0])
     em = elasticize.elasticize(copy.deepcopy(model), (x,))
-    segmented = [f for f, info in em.plan.tensors.items() if any(is_segmented(a) for a in info["axes"].values())]
+    segmented = [f for f, info in em.plan.tensors.items() if any(is_segmented(a) for a in info.axes.values())]
     assert segmented, "no consumer reads a concatenation per segment"
     assert not [w for w, why in em.plan.not_elastic if "concatenated" in why]
 
@@ -108,16 +108,18 @@ class _LiteralSplit(nn.Module):
 def test_chunks_of_one_layout_keep_the_segments():
     torch.manual_seed(0)
     em = elasticize.elasticize(_Join().eval(), (torch.randn(2, 3, 12, 12),))
-    axes = {f: info["axes"] for f, info in em.plan.tensors.items()}
-    assert [s[0] for s in axes["left.weight"]["1"]] == [s[0] for s in axes["right.weight"]["1"]] == ["p:out", "q:out"]
-    assert axes["p2.weight"]["0"] == ["p:out", 1] and axes["q2.weight"]["0"] == ["q:out", 1]
-    fc_in = axes["fc.weight"]["1"]  # [stem, a, b, c] of z, then the branch sum, which is left's group
-    assert [s[0] for s in fc_in] == ["stem.0:out", "a:out", "b.0:out", "c:out", "left:out"]
+    axes = {f: info.axes for f, info in em.plan.tensors.items()}
+    assert isinstance(axes["left.weight"][1], Segments)
+    assert axes["left.weight"][1].groups == axes["right.weight"][1].groups == ("p:out", "q:out")
+    assert axes["p2.weight"][0] == Axis("p:out", 1) and axes["q2.weight"][0] == Axis("q:out", 1)
+    fc_in = axes["fc.weight"][1]  # [stem, a, b, c] of z, then the branch sum, which is left's group
+    assert fc_in.groups == ("stem.0:out", "a:out", "b.0:out", "c:out", "left:out")
+    assert Plan.from_json(em.plan.to_json()) == em.plan  # segments round-trip exactly through JSON
     sub = em.extract({"width": 0.5})
     assert sub.c.in_channels == sub.c.weight.shape[1] == 8 + 4 + 6  # each segment's half, summed
     assert sub.bn.num_features == sub.bn.weight.shape[0] == 8 + 4 + 6 + 10
     lit = elasticize.elasticize(_LiteralSplit().eval(), (torch.randn(2, 3, 8, 8),))
-    assert [g["name"] for g in lit.plan.groups] == ["c:out"]
+    assert [g.name for g in lit.plan.groups] == ["c:out"]
     assert any("in literal sizes" in why for _, why in lit.plan.not_elastic)
 
 

@@ -132,7 +132,7 @@ def test_multihead_attention_macs_match_flop_counter():
     x = torch.randn(1, 3, 32, 32)
     em = elasticize.elasticize(model, x)
     g = em.plan.group("conv_proj:out")
-    assert g["unit"] == 16 and em.plan.attrs[""]["hidden_dim"][0] == "conv_proj:out"
+    assert g.unit == 16 and em.plan.attrs[""]["hidden_dim"].group == "conv_proj:out"
     assert len({em.macs(p) for p in em.presets}) == len(em.presets) and em.plan.stages  # width and depth vary
     for p in em.presets:
         sub = em.extract(p).eval()
@@ -159,8 +159,9 @@ def test_swin_heads_keep_their_relative_position_bias():
     with torch.no_grad():
         assert max_diff(em(x), ref) <= tol(ref)  # the importance order moved each head's bias column with it
     table = "layers.1.blocks.0.attn.relative_position_bias_table"
-    g, chunks, div = em.plan.tensors[table]["axes"]["1"]
-    assert (em.plan.group(g)["kind"], em.plan.group(g)["unit"], div) == ("heads", 16, 16)
+    a = em.plan.tensors[table].axes[1]
+    g, div = a.group, a.div
+    assert (em.plan.group(g).kind, em.plan.group(g).unit, div) == ("heads", 16, 16)
     sub = em.extract({"heads": 0.5})
     attn = sub.layers[1].blocks[0].attn
     assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 32
@@ -189,7 +190,7 @@ def test_torchvision_swin_heads_move_with_the_stream(version):
         assert max_diff(em(x), ref) <= tol(ref)  # the importance order moved whole heads on both sides
     assert not em.plan.not_elastic[:-1], em.plan.not_elastic  # only the model output stays whole
     g = em.plan.group("features.2.reduction:out")  # the second stage's stream: 64 channels, 4 heads of 16
-    assert (g["size"], g["unit"]) == (64, 16)
+    assert (g.size, g.unit) == (64, 16)
     for p in em.presets:
         sub = em.extract(p).eval()
         with FlopCounterMode(display=False) as fc, torch.no_grad():
@@ -198,7 +199,7 @@ def test_torchvision_swin_heads_move_with_the_stream(version):
         with torch.no_grad(), em.subnet(p):
             assert max_diff(em(x[:1]), y) <= 1e-5, p
         attn = sub.features[3][0].attn
-        width = em.resolve(p)["width"][g["name"]]
+        width = em.resolve(p)["width"][g.name]
         assert attn.num_heads == width // 16 and attn.qkv.out_features == 3 * width
         if version == "v2":
             assert attn.cpb_mlp[2].out_features == attn.logit_scale.shape[0] == width // 16
@@ -226,8 +227,8 @@ def test_beit_heads_move_with_the_stream_and_its_non_persistent_k_bias_is_sliced
         em2 = elasticize.elasticize(fresh, x[:1])
         assert max_diff(em2(x), ref) <= tol(ref)  # the importance order moved whole heads on both sides
     info = em.plan.tensors["blocks.0.attn.k_bias"]
-    assert info["persistent"] is False and info["axes"]["0"][0] == "patch_embed.proj:out"
-    assert em.plan.group("patch_embed.proj:out")["unit"] == 16
+    assert info.persistent is False and info.axes[0].group == "patch_embed.proj:out"
+    assert em.plan.group("patch_embed.proj:out").unit == 16
     em.model.blocks[0].attn.k_bias.normal_()  # not zeros, so a wrong slice would show
     path = elasticize.save(em, tmp_path / "beit.safetensors")
     tables = read_manifest(path)["presets"]
@@ -261,7 +262,7 @@ def test_beit_shared_relative_position_bias_keeps_heads_whole_with_the_reason():
     em = elasticize.elasticize(model, x)
     reasons = dict(em.plan.not_elastic)
     assert reasons["blocks.0.attn"] == "BEiT attention with a relative position bias shared by all blocks"
-    assert {g["name"] for g in em.plan.groups} == {"blocks.0.mlp.fc1:out", "blocks.1.mlp.fc1:out"}
+    assert {g.name for g in em.plan.groups} == {"blocks.0.mlp.fc1:out", "blocks.1.mlp.fc1:out"}
     for p in em.presets:
         with FlopCounterMode(display=False) as fc, torch.no_grad():
             em.extract(p).eval()(x)
@@ -284,14 +285,14 @@ def test_eva_heads_move_with_the_stream(fused):
         ref = model(x)
         em = elasticize.elasticize(model, x[:1])
         assert max_diff(em(x), ref) <= tol(ref)
-    assert em.plan.not_elastic == [["head:out", "model output"]]
+    assert [n.to_json() for n in em.plan.not_elastic] == [["head:out", "model output"]]
     stream = em.plan.group("patch_embed.proj:out")
-    assert stream["unit"] == 16 and em.plan.tensors["blocks.1.attn.norm.weight"]["axes"]["0"][0] == stream["name"]
+    assert stream.unit == 16 and em.plan.tensors["blocks.1.attn.norm.weight"].axes[0].group == stream.name
     for p in em.presets:
         sub = em.extract(p).eval()
         y, macs = counted(sub, x[:1])
         assert em.macs(p) == macs, p
-        assert sub.blocks[0].attn.num_heads == em.resolve(p)["width"][stream["name"]] // 16
+        assert sub.blocks[0].attn.num_heads == em.resolve(p)["width"][stream.name] // 16
         with torch.no_grad(), em.subnet(p):
             assert max_diff(em(x[:1]), y) <= 1e-5, p
 
@@ -311,5 +312,5 @@ def test_float32_reordering_noise_is_not_taken_for_a_changed_function():
         rel = max_diff(em(x), ref) / ref.abs().max().item()
     assert 1e-4 < rel < 1e-2  # the float32 check alone would have put the widths back
     assert not [w for w, r in em.plan.not_elastic if r.startswith("kept in the original order")]
-    assert all(g.get("sort", True) for g in em.plan.groups)
+    assert all(g.sort for g in em.plan.groups)
     assert next(em.model.parameters()).dtype == torch.float32

@@ -29,7 +29,7 @@ def test_options_and_keywords_give_the_same_model():
     a, b = by_kw.model.state_dict(), by_opts.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     positional = elasticize.elasticize(ToyCNN().eval(), None, ConvertOptions(dims=("width",)))
-    assert {g["kind"] for g in positional.plan.groups} == {"width"} and not positional.plan.stages
+    assert {g.kind for g in positional.plan.groups} == {"width"} and not positional.plan.stages
 
 
 def test_options_are_typed_frozen_and_json_native():
@@ -135,6 +135,6 @@ def test_the_report_names_the_keep_order_and_keep_whole_fallbacks():
     reasons = dict(em.plan.not_elastic)
     assert reasons["width"].startswith("kept in the original order")
     assert "failed to run on the example inputs" in reasons["2:out"]
-    assert [g["name"] for g in em.plan.groups] == ["0:out"] and em.plan.groups[0]["sort"] is False
+    assert [g.name for g in em.plan.groups] == ["0:out"] and em.plan.groups[0].sort is False
     with torch.no_grad():
         assert torch.equal(em(x), before)

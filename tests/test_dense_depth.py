@@ -9,6 +9,7 @@ that segment. Real torchvision DenseNet blocks with random weights; full densene
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -56,9 +57,10 @@ def test_densenet_depth_extracts_fewer_dense_layers():
     with torch.no_grad():
         ref = model(x)
     em = elasticize.elasticize(copy.deepcopy(model), (x,))
-    stages = {s["name"]: s for s in em.plan.stages}
+    stages = {s.name: s for s in em.plan.stages}
     assert set(stages) == {"features.denseblock1", "features.denseblock2"}
-    assert stages["features.denseblock2"]["outputs"][2] == ["features.denseblock2.denselayer3.conv2:out"]
+    assert stages["features.denseblock2"].outputs[2] == ("features.denseblock2.denselayer3.conv2:out",)
+    assert stages["features.denseblock2"].skip_empty and stages["features.denseblock2"].drop == "remove"
     with torch.no_grad():
         assert torch.allclose(em(x), ref, atol=1e-5)  # identity at full size
         cfg = {"depth": 0.5}  # 1 of 2 and 2 of 3 dense layers, full width
@@ -83,7 +85,8 @@ def test_cat_chain_depth():
     rep = check_conformance(model, (x,))  # identity, extraction, load, load_subnet, MACs at every preset
     em = elasticize.elasticize(copy.deepcopy(model), (x,))
     (st,) = em.plan.stages
-    assert st["blocks"] == ["1.0", "1.1", "1.2"] and "skip_empty" not in st
+    assert st.blocks == ("1.0", "1.1", "1.2") and not st.skip_empty and len(st.outputs) == 3
+    assert "skip_empty" not in st.to_json()
     sub = em.extract({"depth": {"1": 1}}).eval()
     assert isinstance(sub[1][1], nn.Identity) and isinstance(sub[1][2], nn.Identity)
     assert sub[2].in_channels == 12
@@ -97,14 +100,24 @@ def test_depth_alone_and_the_plan_check():
     x = torch.randn(1, 3, 32, 32)
     em = elasticize.elasticize(_densenet().eval(), (x,), dims=("depth",))
     # the dense layers' output groups are offered at full size only, so their skips can remove their segments
-    assert [s["name"] for s in em.plan.stages] == ["features.denseblock1", "features.denseblock2"]
-    assert all(len(g["choices"]) == 1 for g in em.plan.groups)
-    assert {g["name"] for g in em.plan.groups} == {g for s in em.plan.stages for gs in s["outputs"] for g in gs}
+    assert [s.name for s in em.plan.stages] == ["features.denseblock1", "features.denseblock2"]
+    assert all(len(g.choices) == 1 for g in em.plan.groups)
+    assert {g.name for g in em.plan.groups} == {g for s in em.plan.stages for gs in s.outputs for g in gs}
     with torch.no_grad(), em.subnet({"depth": 0.5}):
         y = em(x)
     assert torch.allclose(em.extract({"depth": 0.5}).eval()(x), y, atol=1e-5)
-    plan = elasticize.elasticize(_densenet().eval(), (x,)).plan.to_json()
-    Plan.from_json(copy.deepcopy(plan))
+    typed = elasticize.elasticize(_densenet().eval(), (x,)).plan
+    plan = typed.to_json()
+    # the typed round trip is exact (as tests/test_spine.py): outputs and skip_empty come back as written
+    again = Plan.from_json(json.loads(json.dumps(plan)))
+    assert again == typed and again.stages[0].outputs == typed.stages[0].outputs and again.stages[0].skip_empty
+    assert json.dumps(again.to_json(), separators=(",", ":")) == json.dumps(plan, separators=(",", ":"))
+    assert plan["stages"][0]["skip_empty"] == 1 and len(plan["stages"][0]["outputs"]) == 2
+    for v in (0, 2, True):  # written only as 1, so a round trip is exact
+        p = copy.deepcopy(plan)
+        p["stages"][0]["skip_empty"] = v
+        with pytest.raises(ManifestError, match=r"stages\[0\]\.skip_empty"):
+            Plan.from_json(p)
     for bad in (lambda o: o[:-1], lambda o: [["nope:out"]] + o[1:], lambda o: [o[0], o[0]]):
         p = copy.deepcopy(plan)
         p["stages"][0]["outputs"] = bad(p["stages"][0]["outputs"])

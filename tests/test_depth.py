@@ -17,8 +17,8 @@ def _model():
 
 def test_prefix_depth_keeps_the_first_blocks():
     em = elasticize.elasticize(_model(), torch.randn(1, 3, 64, 64), dims=("depth",))
-    st = {s["name"]: s for s in em.plan.stages}
-    assert st["layer3"]["choices"] == [6, 5, 4, 3, 2, 1] and st["layer3"]["n_mandatory"] == 1
+    st = {s.name: s for s in em.plan.stages}
+    assert st["layer3"].choices == (6, 5, 4, 3, 2, 1) and st["layer3"].n_mandatory == 1
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad(), em.subnet({"depth": {"layer3": 2}}):
         y = em(x)
@@ -34,10 +34,10 @@ def test_skippable_subpaths_with_switchable_batchnorm(tmp_path):
         ref = m(x)
     em = elasticize.elasticize(m, x[:1], depth_mode="skippable", recipe={"adapter": "timm", "name": "resnet50",
                                                                        "kwargs": {}})
-    st = {s["name"]: s for s in em.plan.stages}
+    st = {s.name: s for s in em.plan.stages}
     # ResNet-50 stages of 3, 4, 6, 3 blocks: mandatory halves of 2, 2, 3, 2 (arXiv 2312.16392)
-    assert [st[f"layer{i}"]["first_skippable"] for i in (1, 2, 3, 4)] == [2, 2, 3, 2]
-    assert [st[f"layer{i}"]["choices"] for i in (1, 2, 3, 4)] == [[3, 2], [4, 2], [6, 3], [3, 2]]
+    assert [st[f"layer{i}"].first_skippable for i in (1, 2, 3, 4)] == [2, 2, 3, 2]
+    assert [st[f"layer{i}"].choices for i in (1, 2, 3, 4)] == [(3, 2), (4, 2), (6, 3), (3, 2)]
     # every norm of a mandatory block is switchable; none of a skippable one
     assert "layer3.2.bn3" in em.plan.switchable and "layer3.3.bn1" not in em.plan.switchable
     bn = em.model.layer3[0].bn1
@@ -48,7 +48,7 @@ def test_skippable_subpaths_with_switchable_batchnorm(tmp_path):
         for mod, sw in em.plan.switchable.items():
             em.model.get_submodule(mod).elastic_skip_running_mean.add_(0.05)
         assert max_diff(em(x), ref) <= 1e-5 * max(1, ref.abs().max().item())  # super-net unaffected
-        base = {"depth": {s: c["choices"][-1] for s, c in st.items()}}
+        base = {"depth": {s: c.choices[-1] for s, c in st.items()}}
         with em.subnet(base):
             y_base = em(x)
             assert em.model.layer3[0].bn1.running_mean.data_ptr() == \

@@ -92,7 +92,7 @@ def test_the_forward_reads_exactly_the_ranges_extraction_reads(make):
     for preset in em.presets:
         em.set_subnet(preset)
         for fqn, spec in specs.items():
-            shape = em.plan.tensors[fqn]["shape"]
+            shape = em.plan.tensors[fqn].shape
             index = torch.arange(torch.Size(shape).numel()).reshape(shape)
             view = prefix_view(index, spec)
             assert torch.equal(view, slice_ranges(index, tensor_ranges(em.plan, em._state, fqn))), (preset, fqn)

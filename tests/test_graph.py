@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import elasticize
+from elasticize.plan import Attr, Axis, Segments
 import toy_models as toys
 from conftest import max_diff
 
@@ -17,21 +18,21 @@ def _reasons(em):
 def test_residual_blocks_share_one_group_and_form_a_stage():
     em = elasticize.elasticize(toys.ToyCNN())
     g = em.plan.group("stem.0:out")
-    members = {m for m, info in em.plan.tensors.items() if any(a[0] == g["name"] for a in info["axes"].values())}
+    members = {m for m, info in em.plan.tensors.items() if any(g.name in a.groups for a in info.axes.values())}
     # the residual adds tie the stem, every block's conv2/bn2 and the depthwise conv into one group
     for t in ("stem.0.weight", "stem.1.running_mean", "stage.0.conv2.weight", "stage.2.bn2.bias", "dw.weight",
               "stage.1.conv1.weight"):
         assert t in members, t
-    assert em.plan.attrs["dw"]["groups"][0] == g["name"]
-    assert [s["name"] for s in em.plan.stages] == ["stage"]
-    assert em.plan.stages[0]["choices"] == [3, 2, 1]
+    assert em.plan.attrs["dw"]["groups"].group == g.name
+    assert [s.name for s in em.plan.stages] == ["stage"]
+    assert em.plan.stages[0].choices == (3, 2, 1)
 
 
 def test_residual_chain_may_pass_through_reshapes():
     m = toys.SwinLike().eval()
     x = m.example_inputs()[0]
     em = elasticize.elasticize(m)
-    assert [(s["name"], s["choices"]) for s in em.plan.stages] == [("blocks", [3, 2, 1])]
+    assert [(s.name, s.choices) for s in em.plan.stages] == [("blocks", (3, 2, 1))]
     for p in em.presets:
         with torch.no_grad(), em.subnet(p):
             assert max_diff(em.extract(p)(x), em(x)) < 1e-6, p
@@ -45,11 +46,12 @@ def test_grouped_conv_and_output_are_fixed_with_reasons():
     r = _reasons(em)
     assert "grouped convolution" in r["grouped:out"] and "grouped convolution" in r["expand:out"]
     # the concatenation's branches stay elastic, in whole groups of the GroupNorm that reads them (issue 19)
-    assert {g["name"]: g["unit"] for g in em.plan.groups if g["name"].startswith("branch")} == {
+    assert {g.name: g.unit for g in em.plan.groups if g.name.startswith("branch")} == {
         "branch_a:out": 8, "branch_b:out": 8}
-    assert em.plan.attrs["gn"]["num_groups"] == [[["branch_a:out", 1], ["branch_b:out", 1]], "int", 1, 8]
+    assert em.plan.attrs["gn"]["num_groups"] == Attr(Segments((Axis("branch_a:out"), Axis("branch_b:out"))), "int", 1, 8)
+    assert em.plan.attrs["gn"]["num_groups"].to_json() == [[["branch_a:out", 1], ["branch_b:out", 1]], "int", 1, 8]
     assert r["fc:out"] == "model output"
-    assert em.plan.tensors["grouped.weight"]["axes"] == {}
+    assert em.plan.tensors["grouped.weight"].axes == {}
 
 
 def test_group_norm_width_moves_in_whole_groups():
@@ -68,7 +70,7 @@ def test_group_norm_width_moves_in_whole_groups():
     ref = m(x)
     em = elasticize.elasticize(m, x)
     g = em.plan.group("conv:out")
-    assert g["unit"] == 4 and all(c % 4 == 0 for c in g["choices"])
+    assert g.unit == 4 and all(c % 4 == 0 for c in g.choices)
     assert max_diff(em(x), ref) < 1e-5
     with torch.no_grad(), em.subnet({"width": 0.5}):
         assert em.model.gn.num_groups == 4
@@ -91,8 +93,8 @@ def test_group_norms_of_different_group_sizes_share_a_unit_that_fits_both():
     x = torch.randn(2, 3, 8, 8)
     em = elasticize.elasticize(m, x)
     g = em.plan.group("conv:out")
-    assert g["unit"] == 12 and g["choices"] == [24, 12]  # lcm(4, 6): 18 channels would split neither norm
-    for c in g["choices"]:
+    assert g.unit == 12 and g.choices == (24, 12)  # lcm(4, 6): 18 channels would split neither norm
+    for c in g.choices:
         with torch.no_grad(), em.subnet({"width": c / 24}):
             assert max_diff(em.extract({"width": c / 24})(x), em(x)) < 1e-6, c
 
@@ -123,7 +125,7 @@ def test_sizes_read_from_an_elastic_axis_fix_it():
     x = m.example_inputs()[0]
     em = elasticize.elasticize(m)
     assert "inp:out" in _reasons(em)
-    assert {g["name"] for g in em.plan.groups} == {"ff.0:out"}
+    assert {g.name for g in em.plan.groups} == {"ff.0:out"}
     for p in em.presets:
         with torch.no_grad(), em.subnet(p):
             y = em(x)
@@ -139,8 +141,8 @@ def test_matmul_and_attention_in_user_code_are_counted_and_sliced(name):
     x = m.example_inputs()[0]
     em = elasticize.elasticize(m)
     if name.startswith("FunctionalTransformer"):  # x @ W: W's columns are a width, as a linear layer's outputs
-        assert "blocks.1.w1:out" in {g["name"] for g in em.plan.groups}
-        assert em.plan.stages[0]["choices"] == [3, 2, 1]
+        assert "blocks.1.w1:out" in {g.name for g in em.plan.groups}
+        assert em.plan.stages[0].choices == (3, 2, 1)
     assert len({em.macs(p) for p in em.presets}) == len(em.presets)
     for p in em.presets:
         sub = em.extract(p)
@@ -157,7 +159,7 @@ def test_keyword_arguments_and_wrapped_functions_are_counted():
     m = toys.KeywordsAndWrapped().eval()
     x = m.example_inputs()[0]
     em = elasticize.elasticize(m)
-    assert {g["name"] for g in em.plan.groups} == {"fc2:out"}
+    assert {g.name for g in em.plan.groups} == {"fc2:out"}
     assert "unsupported op window_mix" in _reasons(em)["fc1:out"]  # the wrapped function's inputs stay whole
     for p in em.presets:
         with FlopCounterMode(display=False) as fc, torch.no_grad():
@@ -172,8 +174,8 @@ def test_equal_chunks_of_an_axis_are_sliced_alike():
     x = m.example_inputs()[0]
     ref = m(x)
     em = elasticize.elasticize(m)  # magnitude order: one permutation applied to both halves
-    g = em.plan.tensors["fc2.weight"]["axes"]["1"][0]
-    assert em.plan.tensors["fc1.weight"]["axes"]["0"] == [g, 2] and em.plan.group(g)["size"] == 48
+    g = em.plan.tensors["fc2.weight"].axes[1].group
+    assert em.plan.tensors["fc1.weight"].axes[0] == Axis(g, 2) and em.plan.group(g).size == 48
     assert max_diff(em(x), ref) < 1e-6
     for p in em.presets:
         sub = em.extract(p)
@@ -199,7 +201,7 @@ def test_a_size_computed_onto_its_own_axis_keeps_it_elastic():
     m = PoolThenView().eval()
     x = torch.randn(2, 3, 8, 8)
     em = elasticize.elasticize(m, x)
-    assert {g["name"] for g in em.plan.groups} == {"conv:out"}
+    assert {g.name for g in em.plan.groups} == {"conv:out"}
     with torch.no_grad(), em.subnet("tiny"):
         assert max_diff(em.extract("tiny")(x), em(x)) < 1e-6
 
@@ -211,8 +213,8 @@ def test_untraceable_submodule_becomes_a_leaf_with_its_reason():
     em = elasticize.elasticize(m)
     r = _reasons(em)
     assert "odd" in r and "untraceable" in r["odd"]
-    assert "fc1:out" in {g["name"] for g in em.plan.groups}  # before the leaf: still elastic
-    assert "fc3:out" in {g["name"] for g in em.plan.groups}  # after it too
+    assert "fc1:out" in {g.name for g in em.plan.groups}  # before the leaf: still elastic
+    assert "fc3:out" in {g.name for g in em.plan.groups}  # after it too
     assert "fc2:out" in r  # its output feeds the opaque module
     assert max_diff(em(x), ref) < 1e-6
     from torch.utils.flop_counter import FlopCounterMode
@@ -230,7 +232,7 @@ def test_export_fallback_when_fx_cannot_trace_the_model():
     ref = m(x)
     em = elasticize.elasticize(m)
     assert em.plan.tracer == "export"
-    assert [g["name"] for g in em.plan.groups] == ["fc1:out"]
+    assert [g.name for g in em.plan.groups] == ["fc1:out"]
     assert max_diff(em(x), ref) < 1e-6
     with torch.no_grad(), em.subnet("tiny"):
         assert max_diff(em.extract("tiny")(x), em(x)) < 1e-6
@@ -246,8 +248,8 @@ def test_export_fallback_couples_batchnorm_with_its_convolution():
     ref = m(x)
     em = elasticize.elasticize(m)
     assert em.plan.tracer == "export"
-    assert [g["name"] for g in em.plan.groups] == ["conv1:out", "conv2:out"]
-    assert em.plan.tensors["bn2.running_var"]["axes"] == {"0": ["conv2:out", 1]}
+    assert [g.name for g in em.plan.groups] == ["conv1:out", "conv2:out"]
+    assert em.plan.tensors["bn2.running_var"].axes == {0: Axis("conv2:out", 1)}
     assert max_diff(em(x), ref) < 1e-5
     with torch.no_grad(), em.subnet("tiny"):
         dense = em.extract("tiny")
@@ -299,8 +301,8 @@ def test_stochastic_depth_keeps_the_residual_width_elastic():
     torch.manual_seed(0)
     em = elasticize.convert("torchvision:convnext_tiny", pretrained=False)
     layer_scales = [f"features.{i}.0.layer_scale" for i in (1, 3, 5, 7)]
-    groups = [em.plan.tensors[t]["axes"]["0"][0] for t in layer_scales]
-    assert [em.plan.group(g)["size"] for g in groups] == [96, 192, 384, 768]
+    groups = [em.plan.tensors[t].axes[0].group for t in layer_scales]
+    assert [em.plan.group(g).size for g in groups] == [96, 192, 384, 768]
     smallest = min(em.presets, key=em.macs)
     x = torch.randn(2, 3, 64, 64)
     em.train()  # stochastic depth active (p up to 0.1): it must follow the narrower stream
@@ -329,8 +331,8 @@ def test_concatenated_copies_of_one_axis_are_sliced_alike():
     torch.manual_seed(0)
     m, x = Merge().eval(), torch.randn(2, 8, 6)
     em = elasticize.elasticize(m, x)
-    assert em.plan.tensors["reduce.weight"]["axes"]["1"] == ["embed:out", 2]
-    assert em.plan.tensors["norm.weight"]["axes"]["0"] == ["embed:out", 2]
+    assert em.plan.tensors["reduce.weight"].axes[1] == Axis("embed:out", 2)
+    assert em.plan.tensors["norm.weight"].axes[0] == Axis("embed:out", 2)
     for p in em.presets:
         sub = em.extract(p)
         assert sub.reduce.in_features == 2 * sub.embed.out_features
@@ -349,8 +351,8 @@ def test_a_stage_that_is_a_segment_of_its_list_extracts_and_counts():
     x = m.example_inputs()[0]
     em = elasticize.elasticize(m)
     (stage,) = em.plan.stages
-    assert stage["name"] == "blocks[1:3]" and stage["drop"] == "remove"
-    for cfg in [*em.presets, {"depth": {stage["name"]: 1}, "width": 0.5}]:
+    assert stage.name == "blocks[1:3]" and stage.drop == "remove"
+    for cfg in [*em.presets, {"depth": {stage.name: 1}, "width": 0.5}]:
         sub = em.extract(cfg)
         with torch.no_grad(), em.subnet(cfg):
             assert max_diff(sub(x), em(x)) < 1e-6, cfg

@@ -73,7 +73,7 @@ def test_largest_subnetwork_is_the_original(converted):
     x = _inputs(family)
     with torch.no_grad():
         assert (_out(ref, x) - _out(em, x)).abs().max().item() <= 1e-5
-    groups = {g["kind"] for g in em.plan.groups}
+    groups = {g.kind for g in em.plan.groups}
     assert {"heads", "width", "hidden"} <= groups and em.plan.stages
 
 
@@ -85,7 +85,7 @@ def test_extraction_equals_elastic_and_config_is_true(converted):
         with torch.no_grad(), em.subnet(name):
             assert (_out(em, x) - _out(dense, x)).abs().max().item() <= 1e-5, name
         cfg = dense.config
-        assert cfg.num_hidden_layers == em.presets[name]["depth"][em.plan.stages[0]["name"]]
+        assert cfg.num_hidden_layers == em.presets[name]["depth"][em.plan.stages[0].name]
         if getattr(cfg, "elasticize_layers", None) is None:
             heads = next(iter(em.presets[name]["heads"].values()))
             assert cfg.num_attention_heads == heads
@@ -159,7 +159,7 @@ def test_bert_heads_cannot_be_exported_and_the_error_lists_presets(tmp_path):
 def test_spaced_depth_keeps_first_and_last_layer():
     em = elasticize.elasticize(_tiny("bert").eval(), depth_mode="spaced")
     st = em.plan.stages[0]
-    dense = em.extract({"depth": {st["name"]: 2}})
+    dense = em.extract({"depth": {st.name: 2}})
     assert dense.config.num_hidden_layers == 2
     ref = em.model.bert.encoder.layer
     assert torch.equal(dense.bert.encoder.layer[1].output.dense.weight, ref[3].output.dense.weight)
@@ -167,7 +167,7 @@ def test_spaced_depth_keeps_first_and_last_layer():
 
 def test_skippable_depth_adds_switchable_norms():
     em = elasticize.elasticize(_tiny("llama").eval(), depth_mode="skippable")
-    assert em.plan.stages[0]["choices"] == [4, 2]
+    assert em.plan.stages[0].choices == (4, 2)
     assert any(k.endswith("elastic_skip_weight") for k in em.state_dict())
 
 
@@ -269,18 +269,18 @@ def test_dropped_heads_equal_zeroed_output_columns(family):
     reference for what dropping a head means."""
     torch.manual_seed(0)
     em = elasticize.elasticize(_auto(family, **MORE[family]), dims=("heads", "width", "hidden"))
-    heads = [g["name"] for g in em.plan.groups if g["kind"] == "heads"]
+    heads = [g.name for g in em.plan.groups if g.kind == "heads"]
     assert len(heads) == 3, em.plan.not_elastic
     ref = em.extract("full")  # dense, in the importance order the elastic model uses
     state = ref.state_dict()
     cut = {}
     with torch.no_grad():
         for fqn, info in em.plan.tensors.items():
-            ax = info["axes"].get("1")
-            if ax and ax[0] in heads and fqn.endswith("weight"):  # output projection columns, one block per head
-                keep = em.space.resolve({"heads": 0.5})["heads"][ax[0]] * 16
+            ax = info.axes.get(1)
+            if ax and ax.group in heads and fqn.endswith("weight"):  # output projection columns, one block per head
+                keep = em.space.resolve({"heads": 0.5})["heads"][ax.group] * 16
                 state[fqn[len("model."):] if fqn.startswith("model.") else fqn][:, keep:] = 0
-                cut[ax[0]] = keep
+                cut[ax.group] = keep
     assert set(cut) == set(heads) and all(k < 64 for k in cut.values())
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), em.subnet({"heads": 0.5}):
@@ -298,7 +298,7 @@ def test_fused_qkv_other_layouts_keep_heads_with_a_reason_and_extract(family):
     em = elasticize.elasticize(_auto(family, **extra), dims=("heads", "width", "hidden"))
     reasons = {w: r for w, r in em.plan.not_elastic}
     assert ("interleaves its heads" if family == "gpt_neox" else "grouped-query attention") in reasons["layers.0"]
-    assert {g["kind"] for g in em.plan.groups} == {"width", "hidden"}
+    assert {g.kind for g in em.plan.groups} == {"width", "hidden"}
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
     for p in em.presets:
         sub = em.extract(p)
@@ -321,7 +321,7 @@ def test_an_importance_order_that_changes_the_output_is_put_back():
         assert (_out(em, ids) - ref).abs().max().item() < 1e-5
     reasons = dict(em.plan.not_elastic)
     assert reasons["heads"].startswith("kept in the original order: sorting by importance changed")
-    assert "width" not in reasons and all(g.get("sort", True) for g in em.plan.groups if g["kind"] == "width")
+    assert "width" not in reasons and all(g.sort for g in em.plan.groups if g.kind == "width")
     assert em.importance["order"] == "magnitude"
 
 
@@ -339,7 +339,7 @@ def test_a_config_constant_the_sub_network_keeps_is_refused_on_export(tmp_path):
     assert "Presets that can be saved as a transformers folder: ['full']" in str(e.value)
     assert not any(tmp_path.iterdir())
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
-    cfg = {"heads": 0.5, "width": {g["name"]: g["choices"][-1] for g in em.plan.groups if g["kind"] == "width"}}
+    cfg = {"heads": 0.5, "width": {g.name: g.choices[-1] for g in em.plan.groups if g.kind == "width"}}
     folder = em.save_pretrained(str(tmp_path / "half"), cfg)
     reloaded = T.AutoModel.from_pretrained(folder).eval()
     with torch.no_grad(), em.subnet(cfg):
@@ -367,16 +367,16 @@ def test_mixture_of_experts_ffn_width_and_macs(family):
         ref = _out(model, x).clone()
         em = elasticize.elasticize(model, x, dims=("heads", "width", "hidden"))
         assert (_out(em, x) - ref).abs().max().item() < 1e-5
-    ffn = [g for g in em.plan.groups if g["name"].endswith(":ffn")]
-    assert len(ffn) == 3 and all(g["size"] == 96 for g in ffn), em.plan.not_elastic
-    shared = [g["size"] for g in em.plan.groups if g["name"].endswith(":shared_ffn")]
+    ffn = [g for g in em.plan.groups if g.name.endswith(":ffn")]
+    assert len(ffn) == 3 and all(g.size == 96 for g in ffn), em.plan.not_elastic
+    shared = [g.size for g in em.plan.groups if g.name.endswith(":shared_ffn")]
     assert shared == ([48] * 3 if family == "qwen2_moe" else [])
     for name in em.presets:
         with torch.no_grad(), em.subnet(name), FlopCounterMode(display=False) as fc:
             y = _out(em, x)
         assert em.macs(name) == fc.get_total_flops() // 2, name
         sub = em.extract(name)
-        width = em.resolve(name)["width"][ffn[0]["name"]]
+        width = em.resolve(name)["width"][ffn[0].name]
         experts = next(m for m in sub.modules() if type(m).__name__.endswith("Experts"))
         assert experts.down_proj.shape[2] == experts.intermediate_dim == width, name
         with torch.no_grad():
@@ -391,10 +391,10 @@ def test_layers_that_return_tuples_get_depth(family):
     torch.manual_seed(0)
     em = elasticize.elasticize(_auto(family), dims=("depth",))
     (st,) = em.plan.stages
-    assert st["skip_tuple"] >= 2 and st["choices"] == [3, 2, 1]
+    assert st.skip_tuple >= 2 and st.choices == (3, 2, 1)
     ref = em.extract("full")
-    del ref.get_submodule(st["name"][len("model."):] if st["name"].startswith("model.") else st["name"])[2:]
+    del ref.get_submodule(st.name[len("model."):] if st.name.startswith("model.") else st.name)[2:]
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad(), em.subnet({"depth": {st["name"]: 2}}):
+    with torch.no_grad(), em.subnet({"depth": {st.name: 2}}):
         assert (_out(em, ids) - _out(ref, ids)).abs().max().item() < 1e-5
-        assert (_out(em.extract({"depth": {st["name"]: 2}}), ids) - _out(em, ids)).abs().max().item() < 1e-6
+        assert (_out(em.extract({"depth": {st.name: 2}}), ids) - _out(em, ids)).abs().max().item() < 1e-6

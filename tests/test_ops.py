@@ -128,15 +128,15 @@ def test_handled_op_conforms(name):
 def test_order_dependent_ops_keep_their_groups_order():
     torch.manual_seed(0)
     em = elasticize.elasticize(CASES["cumsum"][0]().eval(), (torch.randn(*IMG),))
-    g = next(g for g in em.plan.groups if g["name"] == "a:out")
-    assert g.get("sort") is False
+    g = next(g for g in em.plan.groups if g.name == "a:out")
+    assert g.sort is False
 
 
 def test_pixel_shuffle_moves_in_units_of_r_squared():
     torch.manual_seed(0)
     em = elasticize.elasticize(CASES["pixel_shuffle"][0]().eval(), (torch.randn(*IMG),))
-    g = next(g for g in em.plan.groups if g["name"] == "a:out")
-    assert g["unit"] == 4 and all(c % 4 == 0 for c in g["choices"])
+    g = next(g for g in em.plan.groups if g.name == "a:out")
+    assert g.unit == 4 and all(c % 4 == 0 for c in g.choices)
     small = em.extract(list(em.presets)[-1])
     assert small.b.in_channels * 4 == small.a.out_channels < 16
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,72 +14,14 @@ import elasticize
 from elasticize.checkpoint import read_manifest
 from elasticize.cli import main
 from elasticize.fileformat.source import coalesce
+from elasticize.testing.http import RangeServer
 from conftest import scratch_dir
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Serves the fixture's folder with Range support; ``/norange/...`` ignores Range (200, whole body),
-    ``/trunc/...`` sends half of each range and closes. Counts requests and body bytes."""
-
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # else each response waits for the client's delayed ACK (40 ms)
-
-    def log_message(self, *a):  # quiet
-        pass
-
-    def do_GET(self):
-        srv = self.server
-        mode, _, name = self.path.lstrip("/").rpartition("/")
-        path = srv.root / name
-        srv.requests += 1
-        if not path.is_file():
-            self.send_response(404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        data = path.read_bytes()
-        rng = self.headers.get("Range")
-        if rng is None or mode == "norange":
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            srv.served += len(data)
-            self.wfile.write(data)
-            return
-        a, b = (int(x) for x in rng.removeprefix("bytes=").split("-"))
-        b = min(b, len(data) - 1)
-        body = data[a:b + 1]
-        self.send_response(206)
-        self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if mode == "trunc" and len(body) > 8:
-            body = body[:len(body) // 2]
-            self.close_connection = True
-        srv.served += len(body)
-        self.wfile.write(body)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):  # a client that hangs up (no-Range case): quiet
-        pass
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with scratch_dir(tmp_path_factory, "remote") as d:
-        srv = _Server(("127.0.0.1", 0), _Handler)
-        srv.root, srv.requests, srv.served = Path(d), 0, 0
-        t = threading.Thread(target=srv.serve_forever, daemon=True)
-        t.start()
-        srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-        try:
-            yield srv
-        finally:
-            srv.shutdown()
-            srv.server_close()
+    with scratch_dir(tmp_path_factory, "remote") as d, RangeServer(d) as srv:
+        yield srv
 
 
 def _llama():
@@ -129,7 +69,7 @@ def _same(a, b):
 
 
 def _served(server, fn):
-    server.requests = server.served = 0
+    server.reset()
     out = fn()
     return out, server.requests, server.served
 
@@ -255,3 +195,46 @@ def test_coalesce_spends_at_most_its_slack():
     assert all(any(a >= x and b <= y for x, y in out) for a, b in ranges)
     assert coalesce([(0, 10), (10, 20), (5, 12)]) == [(0, 20)]
     assert math.isclose(sum(b - a for a, b in coalesce(ranges, slack=0)), asked)
+
+
+def test_multi_range_requests_and_their_fallbacks(server, saved):
+    """The default layout's ranges go in multi-range requests; a server that answers them with the whole
+    file or with one part is read one range at a time, with the same tensors; a bad part is refused."""
+    local = server.root / "cnn.default.safetensors"
+    ref = elasticize.load_subnet(local, "tiny")
+    counts = {}
+    for mode in ("", "single/", "onepart/"):
+        got, requests, served = _served(server, lambda: elasticize.load_subnet(f"{server.url}/{mode}cnn.default.safetensors", "tiny"))
+        _same(got, ref)
+        counts[mode] = (requests, server.ranges, server.wire)
+    requests, ranges, wire = counts[""]
+    assert ranges > 20 and requests == 2 + math.ceil((ranges - 2) / 200)  # probe, header, then 200 ranges a request
+    single_requests, single_ranges, single_wire = counts["single/"]
+    assert single_requests == 1 + single_ranges == 1 + ranges and single_wire > wire  # 1: the refused request
+    assert counts["onepart/"][0] == ranges  # probe, header, a multi-range request that brought the first range back
+    #                                         only, then the other ranges one by one
+    with pytest.raises(ValueError, match="multipart/byteranges answer is malformed"):
+        elasticize.load_subnet(f"{server.url}/badmulti/cnn.default.safetensors", "tiny")
+
+
+@pytest.mark.parametrize("body,words", [
+    (b"--B\r\nContent-Range: bytes 0-3/10\r\n\r\nabcd\r\n--B--\r\n", None),
+    (b"\r\n--B\r\nContent-Type: x\r\nContent-Range: bytes 4-5/10\r\n\r\nef\r\n--B\r\nContent-Range: bytes 0-0/10\r\n\r\nZ\r\n--B--",
+     None),
+    (b"--C\r\nContent-Range: bytes 0-3/10\r\n\r\nabcd\r\n--B--\r\n", "expected the boundary"),
+    (b"--B\r\n\r\nabcd\r\n--B--\r\n", "no Content-Range"),
+    (b"--B\r\nContent-Range: bytes 0-3/11\r\n\r\nabcd\r\n--B--\r\n", "of a file of 10 bytes"),
+    (b"--B\r\nContent-Range: bytes 0-3/10\r\n\r\nab", "cut short"),
+    (b"--B\r\nContent-Range: bytes 0-3/10\r\n\r\nabcdef\r\n--B--\r\n", "more bytes than"),
+    (b"--B--\r\n", "no parts"),
+])
+def test_byteranges_parser_checks_every_part(body, words):
+    import io
+    from elasticize.fileformat.byteranges import boundary_of, read_byteranges
+    assert boundary_of('multipart/byteranges; boundary="B"') == "B" and boundary_of("text/plain") is None
+    if words is None:
+        parts = read_byteranges(io.BytesIO(body), "B", 10, "f")
+        assert all(len(d) > 0 for _, d in parts) and parts[0][0] in (0, 4)
+    else:
+        with pytest.raises(ValueError, match=words):
+            read_byteranges(io.BytesIO(body), "B", 10, "f")

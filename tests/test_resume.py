@@ -76,7 +76,7 @@ def runs(tmp_path_factory):
                                         "-o", str(model)])
         assert res.exit_code == 0, res.output
         args = ["train", "--trust-remote-code", str(model), "--data", str(d / "digits"), "--batch-size", "16", "--lr", "3e-3",
-                "--accumulate", "2"]
+                "--strategy", "sortednet", "--accumulate", "2", "--schedule", "constant", "--dropout", "--always", "none"]
         for extra in (["--steps", "6", "-o", str(d / "cli_straight.safetensors")],
                       ["--steps", "6", "--eval-every", "2", "-o", str(d / "cli_straight_eval.safetensors")],
                       ["--steps", "3", "-o", str(d / "cli_half.safetensors"),

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import elasticize
+from elasticize.plan import Axis
 from conftest import max_diff
 from elasticize.cli import main
 from rnn_models import TokenTagger
@@ -66,9 +67,9 @@ def test_sorting_is_function_preserving_and_shares_one_order_across_gates():
             for i in range(h)]
     for g in range(4):
         assert torch.equal(after[g * h:(g + 1) * h], before[g * h:(g + 1) * h][perm][:, perm])
-    info = em.plan.tensors["head.weight"]["axes"]["1"]
-    assert info == ["rnn:out", 2]  # the head reads both directions: two chunks of the hidden group
-    assert em.plan.tensors["rnn.weight_ih_l1"]["axes"] == {"0": ["rnn:out", 4], "1": ["rnn:out", 2]}
+    info = em.plan.tensors["head.weight"].axes[1]
+    assert info == Axis("rnn:out", 2)  # the head reads both directions: two chunks of the hidden group
+    assert em.plan.tensors["rnn.weight_ih_l1"].axes == {0: Axis("rnn:out", 4), 1: Axis("rnn:out", 2)}
 
 
 def test_packed_sequences():

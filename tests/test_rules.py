@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import elasticize
+from elasticize.plan import Axis
 from elasticize.rules import Rule, get_rule, register_rule, registered_rules, unregister_rule
 from conftest import max_diff
 from toy_models import FixedReshape
@@ -33,7 +34,7 @@ def test_user_rule_converts_and_round_trips_by_name(tmp_path):
     ref = m(x)
     em = elasticize.elasticize(m, recipe={"adapter": "import", "name": "examples.user_rule:TinyMLP", "kwargs": {}})
     assert em.plan.sites["fc1"] == "scaled_linear"
-    assert em.plan.tensors["fc1.scale"]["axes"] == {"0": ["fc1.linear:out", 1]}
+    assert em.plan.tensors["fc1.scale"].axes == {0: Axis("fc1.linear:out", 1)}
     assert max_diff(em(x), ref) < 1e-6
     with torch.no_grad(), em.subnet("tiny"):
         y = em(x)
@@ -81,7 +82,7 @@ def test_a_subnetwork_that_cannot_run_is_kept_whole_at_conversion():
         em = elasticize.elasticize(model, x)
         why = dict(em.plan.not_elastic)["0.lin:out"]
         assert "failed to run on the example inputs (RuntimeError: shape" in why
-        assert {g["name"] for g in em.plan.groups} == {"2:out"}
+        assert {g.name for g in em.plan.groups} == {"2:out"}
         for p in em.presets:
             with torch.no_grad(), em.subnet(p):
                 assert em(x).shape == (2, 3)

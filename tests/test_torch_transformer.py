@@ -35,10 +35,10 @@ def case(request):
 
 def test_ffn_width_heads_and_full_equals_original(case):
     name, em, xs, ref = case
-    groups = {g["name"]: g for g in em.plan.groups}
+    groups = {g.name: g for g in em.plan.groups}
     assert "enc.layers.1.linear1:out" in groups or "tr.decoder.layers.2.linear1:out" in groups
     # the residual width: every attention's embed_dim, in whole heads (head_dim 8)
-    assert groups["inp:out"]["unit"] == 8 and groups["inp:out"]["choices"] == [32, 24, 16, 8]
+    assert groups["inp:out"].unit == 8 and groups["inp:out"].choices == (32, 24, 16, 8)
     with torch.no_grad():
         assert max_diff(em(*xs), ref) < 1e-5
     sub = em.extract({"width": 0.5})
@@ -49,9 +49,9 @@ def test_ffn_width_heads_and_full_equals_original(case):
 
 def test_depth_over_pre_and_post_norm_layers(case):
     name, em, xs, ref = case
-    stages = {s["name"]: s for s in em.plan.stages}
+    stages = {s.name: s for s in em.plan.stages}
     if name in ("post-norm encoder", "pre-norm encoder"):  # post-norm: norm(x + f(x)) is dropped whole (LayerDrop)
-        assert stages["enc.layers"]["choices"] == [4, 3, 2, 1] and stages["enc.layers"]["drop"] == "remove"
+        assert stages["enc.layers"].choices == (4, 3, 2, 1) and stages["enc.layers"].drop == "remove"
     else:
         assert set(stages) == {"tr.encoder.layers", "tr.decoder.layers"}
 

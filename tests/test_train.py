@@ -90,7 +90,7 @@ def test_sandwich_trains_a_pytorch_transformer_into_good_subnetworks():
             for p in em.presets:
                 with em.subnet(p):
                     acc[strategy, p] = (em(xt).argmax(1) == yt).float().mean().item()
-    assert em.macs("tiny") < 0.05 * em.macs("full") and em.plan.group("inp:out")["unit"] == 8
+    assert em.macs("tiny") < 0.05 * em.macs("full") and em.plan.group("inp:out").unit == 8
     assert acc["full", "full"] > 0.85 and acc["sandwich", "full"] > 0.85
     assert acc["sandwich", "medium"] > acc["full", "medium"] + 0.2, acc
     assert acc["sandwich", "tiny"] > acc["full", "tiny"] + 0.3, acc

@@ -41,7 +41,7 @@ def test_train_image_folder(image_job):
     d, folder, model = image_job
     out = d / "trained.safetensors"
     res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "4", "-o", str(out),
-                                    "--batch-size", "16", "--lr", "3e-3", "--accumulate", "2", "--always", "tiny",
+                                    "--batch-size", "16", "--lr", "3e-3", "--strategy", "sortednet", "--accumulate", "2", "--always", "tiny",
                                     "--schedule", "onecycle", "--state", str(d / "state.safetensors")])
     assert res.exit_code == 0, res.output
     m = elasticize.read_manifest(out)
@@ -51,10 +51,11 @@ def test_train_image_folder(image_job):
     sched = read_state_info(d / "state.safetensors")["scheduler"]  # one-cycle, laid out over --steps
     assert sched["total_steps"] == 4 and sched["_last_lr"][0] < 3e-3
     # a one-cycle run resumes only with its own --steps and --schedule
-    args = ["train", "--trust-remote-code", str(model), "--data", str(folder), "--batch-size", "16", "--accumulate", "2", "--always", "tiny"]
+    args = ["train", "--trust-remote-code", str(model), "--data", str(folder), "--batch-size", "16", "--strategy", "sortednet",
+            "--accumulate", "2", "--always", "tiny"]
     out2 = d / "resumed.safetensors"
     for extra, message in ((["--steps", "6", "--schedule", "onecycle"], "same --steps"),
-                           (["--steps", "4"], "same --schedule"),  # the default is constant
+                           (["--steps", "4", "--schedule", "constant"], "same --schedule"),
                            (["--steps", "4", "--schedule", "cosine"], "saved with --schedule onecycle")):
         res = CliRunner().invoke(main, [*args, *extra, "-o", str(out2), "--resume", str(d / "state.safetensors")])
         assert res.exit_code == 1 and message in res.output, res.output
@@ -175,7 +176,7 @@ def test_a_registered_strategy_is_a_choice_with_its_options(image_job, tmp_path)
         assert res.exit_code == 0, res.output
         assert read_state_info(state)["strategy"] == {"name": "test-largest", "options": {"k": 2}}
         res = CliRunner().invoke(main, [*args, "--test-passes", "2", "-o", str(tmp_path / "s.safetensors")])
-        assert res.exit_code == 1 and "strategy 'sortednet'" in res.output and "'k'" in res.output, res.output
+        assert res.exit_code == 1 and "strategy 'subnetwork-to-go'" in res.output and "'k'" in res.output, res.output
     finally:
         del STRATEGIES["test-largest"]
     res = CliRunner().invoke(main, ["train", "--help"], terminal_width=WIDE)
@@ -306,7 +307,7 @@ def test_train_text_distills_minilm(text_job, tmp_path):
     out = tmp_path / "trained.safetensors"
     res = CliRunner().invoke(main, ["train", "--trust-remote-code", str(model), "--data", str(text), "--steps", "2", "-o", str(out),
                                     "--batch-size", "8", "--max-length", "24", "--eval-fraction", "0.2",
-                                    "--strategy", "sandwich", "--n-random", "0"])
+                                    "--strategy", "sandwich", "--n-random", "0", "--always", "none"])
     assert res.exit_code == 0, res.output
     m = elasticize.read_manifest(out)
     cos = {n: p["metrics"]["cosine"] for n, p in m["presets"].items()}
@@ -324,7 +325,7 @@ def test_train_text_distill_loss_and_dropout(text_job, tmp_path):
 
     model, text = text_job
     kw = dict(data=text, steps=1, batch_size=8, max_length=24, eval_fraction=0.2, strategy="subnetwork-to-go",
-              seed=1)
+              seed=1, always=())
     first = {}
     for dropout in (False, True):
         r = train_file(model, output=tmp_path / f"d{dropout}.safetensors", distill_loss="hidden", dropout=dropout, **kw)

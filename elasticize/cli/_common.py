@@ -144,9 +144,10 @@ def _build_base(spec: str | None, file: str) -> Any:
     if spec is None:
         return None
     from ..adapters import get_adapter, resolve_spec
-    from ..checkpoint import read_manifest
+    from ..checkpoint import load_manifest
+    from ..plan.manifest import thaw
 
-    recipe = _run(lambda: read_manifest(file, presets=False)).get("recipe") or {}
+    recipe = thaw(_run(lambda: load_manifest(file)).recipe)
     adapter, name = _run(lambda: resolve_spec(spec))
     kwargs = dict(recipe.get("kwargs") or {}) if (recipe.get("adapter"), recipe.get("name")) == (adapter, name) else {}
     return _run(lambda: get_adapter(adapter).build(name, pretrained=False, kwargs=kwargs))

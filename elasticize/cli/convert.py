@@ -75,7 +75,7 @@ def convert(model: str, output: str | None, pretrained: bool, weights: str | Non
     with console.status(f"writing {out}"):
         _run(lambda: checkpoint.save(em, out, overwrite=force))
     rep = em.report()
-    report_tables(em.plan.to_json(), rep["presets"], rep["presets"]["full"]["macs"])
+    report_tables(em.plan, rep["presets"], rep["presets"]["full"]["macs"])
     if em.recipe.get("adapter") == "hf":
         from ..adapters.hf import has_tokenizer
 

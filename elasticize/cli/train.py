@@ -15,10 +15,13 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import click
 from rich.table import Table
 
+from ..train.run import DEFAULTS as _DEFAULTS
 from ._common import _app_dir, _app_dir_option, _base_model_options, _build_base, _metrics, _run, console
 
 if TYPE_CHECKING:
     from ..train.strategies import StrategyOption
+
+_ALWAYS_HELP = "Default: every preset." if _DEFAULTS["always"] is None else "Default: none."
 
 #: ``ctx.meta`` key of the strategy options given on the command line (option key -> value).
 _OPTIONS_KEY = "elasticize.strategy_options"
@@ -41,6 +44,14 @@ def _strategy_names() -> list[str]:
     from ..train.strategies import STRATEGIES
 
     return list(STRATEGIES)
+
+
+def _always(given: tuple[str, ...]) -> tuple[str, ...] | None:
+    """``--always`` as :func:`~elasticize.train.run.train_file` takes it: none given is the default,
+    ``none`` is no preset."""
+    if not given:
+        return _DEFAULTS["always"]
+    return () if given == ("none",) else given
 
 
 def _keep(key: str, ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -110,11 +121,11 @@ def _distribution(values: tuple[str, ...]) -> dict[str, list[float]]:
               "fields: sequence classification) or text file (one sample per line).")
 @click.option("--steps", required=True, type=int, help="Optimizer updates.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Trained super-network .safetensors.")
-@click.option("--strategy", type=_Registered(_strategy_names), default="sortednet", show_default=True,
+@click.option("--strategy", type=_Registered(_strategy_names), default=_DEFAULTS["strategy"], show_default=True,
               help="Which sub-networks each step trains.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW (peak) learning rate.")
-@click.option("--schedule", type=click.Choice(["constant", "cosine", "onecycle"]), default="constant",
+@click.option("--lr", type=float, default=_DEFAULTS["lr"], show_default=True, help="AdamW (peak) learning rate.")
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "onecycle"]), default=_DEFAULTS["schedule"],
               show_default=True, help="Learning rate: constant, cosine decay to 0, or one-cycle (warm up to --lr, "
               "then cosine decay).")
 @click.option("--warmup", type=float, default=0.06, show_default=True, help="One-cycle warm-up share of --steps.")
@@ -124,7 +135,7 @@ def _distribution(values: tuple[str, ...]) -> dict[str, list[float]]:
 @click.option("--distill-loss", type=click.Choice(["cosine", "hidden", "kl", "mse"]), default=None,
               help="Text: cosine (sentence embedding, default) or hidden (also every token's final state); "
                    "images: kl (default) or mse on the logits.")
-@click.option("--dropout/--no-dropout", default=True, show_default=True,
+@click.option("--dropout/--no-dropout", default=_DEFAULTS["dropout"], show_default=True,
               help="Keep the model's dropout while training.")
 @click.option("--latency", is_flag=True, help="Also measure each preset's latency (seconds per held-out batch on "
               "--device) into the manifest, for `elasticize extract --max-latency-s`.")
@@ -137,7 +148,8 @@ def _distribution(values: tuple[str, ...]) -> dict[str, list[float]]:
 @click.option("--resume", type=click.Path(dir_okay=False), help="Resume from a --state file of an earlier run.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1... (default: cuda when available).")
 @click.option("--always", multiple=True, metavar="PRESET",
-              help="Also train this preset at every step (repeatable), e.g. the presets you will ship.")
+              help="Also train this preset at every step (repeatable), e.g. the presets you will ship; "
+                   "`--always none`: none. " + _ALWAYS_HELP)
 @click.option("--amp/--no-amp", default=None,
               help="bf16 autocast for the training passes (default: on for CUDA only; --amp speeds up "
                    "CPUs with AVX512-BF16).")
@@ -192,7 +204,7 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, batch_si
                                      dropout=dropout, latency=latency, eval_every=eval_every, on_eval=_report,
                                      eval_fraction=eval_fraction, max_length=max_length, state=state,
                                      resume=resume, save_every=save_every, overwrite=force, progress=tty,
-                                     device=device, always=always, amp=amp, model=base,
+                                     device=device, always=_always(always), amp=amp, model=base,
                                      trust_remote_code=trust_remote_code, run=run))
     if result["rank"] != 0:  # under torchrun, rank 0 reports
         return

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..plan.migrate import MANIFEST_FORMAT
 from ..plan.parse import ManifestError, as_dict, as_ints, as_list, as_str, fail
 from .header import Header
 
@@ -83,27 +84,35 @@ def _all_boxes(names: list[str], shapes: Mapping[str, list[int]], order: list[st
     return {s: [boxes[p].get(s) for p in order] + [_box(shapes[s], None)] for s in names}
 
 
-def _mask(inner: list[list[int]], outer: Box, sub: Box) -> torch.Tensor:
-    """Over box ``inner``: which elements lie in ``outer`` and not in ``sub`` (row-major bool tensor)."""
-    def ind(b: Box) -> torch.Tensor:
-        if b is None:
-            return torch.zeros([len(x) for x in inner], dtype=torch.bool)
-        m = torch.ones((), dtype=torch.bool)
-        for ax, (xs, ys) in enumerate(zip(inner, b)):
-            ys = set(ys)
-            v = torch.tensor([x in ys for x in xs], dtype=torch.bool)
-            m = m.unsqueeze(-1) & v.reshape([1] * ax + [len(xs)])
-        return m
-    return ind(outer) & ~ind(sub)
+def _levels(inner: list[list[int]], rs: list[Box], j: int) -> torch.Tensor:
+    """Over box ``inner`` (``R_j``): the shell of each element, as an int16 tensor of the box's shape.
+
+    The regions are nested products of per-axis index sets, so an element lies in ``R_k`` iff each of
+    its coordinates lies in ``R_k``'s set on that axis; its shell is the largest, over the axes, of
+    the first ``k`` whose set holds that coordinate.
+    """
+    level = torch.zeros((), dtype=torch.int16)  # a chain has far fewer than 2**15 presets
+    for ax, xs in enumerate(inner):
+        idx = torch.tensor(xs, dtype=torch.int64)
+        lv = torch.full((len(xs),), j, dtype=torch.int16)
+        for k in range(j - 1, -1, -1):
+            if rs[k] is not None:
+                lv[torch.isin(idx, torch.tensor(rs[k][ax], dtype=torch.int64))] = k
+        level = level.unsqueeze(-1).maximum(lv.reshape([1] * ax + [len(xs)]))
+    return level
 
 
 def cut_shells(t: torch.Tensor, rs: list[Box]) -> list[torch.Tensor | None]:
-    """Tensor ``t`` cut into its shells (None where a shell is empty), for :func:`elasticize.save`."""
+    """Tensor ``t`` cut into its shells (None where a shell is empty), for :func:`elasticize.save`.
+
+    Shell ``k`` holds the elements of ``R_k`` not in ``R_{k-1}``, in row-major order.
+    """
     full = [list(range(n)) for n in t.shape]
+    level = _levels(full, rs, len(rs) - 1).expand(t.shape)
     out: list[torch.Tensor | None] = []
     for k, r in enumerate(rs):
         n = _size(r) - (_size(rs[k - 1]) if k else 0)
-        out.append(t[_mask(full, r, rs[k - 1] if k else None)].contiguous() if n else None)
+        out.append(t[level == k].contiguous() if n else None)
     return out
 
 
@@ -234,10 +243,12 @@ def reassemble(shells: Mapping[int, torch.Tensor], rs: list[Box], j: int) -> tor
     if inner is None:
         raise ValueError("reassemble: the region is empty")
     first = next(iter(shells.values()))
-    out = torch.empty([len(x) for x in inner], dtype=first.dtype)
+    shape = [len(x) for x in inner]
+    out = torch.empty(shape, dtype=first.dtype)
+    level = _levels(inner, rs, j).expand(shape)
     for k, shell in shells.items():
         if k <= j:
-            out[_mask(inner, rs[k], rs[k - 1] if k else None)] = shell
+            out.masked_scatter_(level == k, shell)
     return out
 
 
@@ -264,5 +275,5 @@ def nested_shells(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], ta
             if shell is not None:
                 sections[k].append((shell_name(name, k, False), shell))
     manifest["layout"] = entry
-    manifest["format_version"] = 4
+    manifest["format_version"] = MANIFEST_FORMAT.oldest_for(manifest)  # 4: the version that adds the layout
     return [x for sec in sections for x in sec]

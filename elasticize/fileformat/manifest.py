@@ -14,7 +14,8 @@ from ..plan.parse import (DTYPE_BYTES, FLOAT_DTYPES, ManifestError, as_dict, as_
                           as_str_map, fail)
 from ..export import dense_tensors
 from ..modules import SWITCH_PREFIX, GroupState, StageState
-from ..plan import ElasticState, Plan
+from ..plan import MANIFEST_FORMAT, ElasticState, Plan
+from ..plan.manifest import Manifest
 from ..space import SearchSpace
 from ..tensorfile import name_summary
 from .header import Header
@@ -40,9 +41,8 @@ def bn_name(preset: str, fqn: str) -> str:
 def live_state(plan: Any, space: Any, cfg: dict) -> Any:
     """The switches of ``plan`` set to ``cfg``, without a model (for tables and shapes)."""
 
-    state = ElasticState({g["name"]: GroupState(g["name"], g["size"], g["unit"]) for g in plan.groups},
-                         {s["name"]: StageState(s["name"], len(s["blocks"]), s["first_skippable"]) for s in plan.stages},
-                         [])
+    state = ElasticState({g.name: GroupState(g.name, g.size, g.unit) for g in plan.groups},
+                         {s.name: StageState(s.name, len(s.blocks), s.first_skippable) for s in plan.stages}, [])
     space.apply(state, cfg)
     return state
 
@@ -72,7 +72,7 @@ def preset_table(plan: Any, space: Any, preset: str, cfg: dict, stored: Mapping[
     tensors: dict[str, Any] = {}
     total = 0
     for dense, (src, ranges) in spec.items():
-        if plan.tensors.get(src, {}).get("persistent") is False:
+        if src in plan.tensors and not plan.tensors[src].persistent:
             continue  # not in the file: the model builds it (see Plan.tensors)
         shape0, item = stored[src]
         shape = list(shape0) if ranges is None else [sum(b - a for a, b in rs) for rs in ranges]
@@ -128,8 +128,13 @@ class _File:
         return self.header.shape(self.aliases.get(name, name))
 
 
-def check_manifest(m: Any, *, header: Header, tables: Any, format_version: int) -> tuple[Plan, SearchSpace]:
-    """Check a whole manifest against the file's header; return ``(plan, search space)``.
+def check_manifest(m: Any, *, header: Header, tables: Any,
+                   format_version: int = MANIFEST_FORMAT.current) -> tuple[Manifest, SearchSpace]:
+    """Check a whole manifest against the file's header, migrate it from its format version to the current
+    one (:data:`elasticize.plan.migrate.MANIFEST_FORMAT`, one registered step per old version) and type it.
+
+    Returns:
+        ``(the typed manifest, the plan's search space)``; the manifest keeps the version it was written in.
 
     Raises:
         ManifestError: naming the key: missing ``kind`` or ``plan``, unknown keys, a version this
@@ -149,14 +154,13 @@ def check_manifest(m: Any, *, header: Header, tables: Any, format_version: int) 
             fail(f"aliases[{alias!r:.120}]", f"must name a tensor the file does not store and one it stores "
                  f"({target!r:.120})")
     check_files(m.get("files", {}), header)
-    if m.get("files") and version < 3:
-        fail("files", "stored files need format version 3")
     f = _File(header, aliases, plan, space)
     if m["kind"] == "sub-network":
         _check_sub_network(m, f)
     else:
         _check_super_network(m, tables, f)
-    return plan, space
+    migrated = MANIFEST_FORMAT.migrate(m, version)
+    return Manifest.from_json({**migrated, "format_version": version}, plan), space
 
 
 def _check_top(m: Any, format_version: int) -> int:
@@ -178,10 +182,7 @@ def _check_top(m: Any, format_version: int) -> int:
         as_dict(m, "(top level)", required=_COMMON + ("presets",), optional=_SUPER_KEYS)
     else:
         as_dict(m, "(top level)", required=_COMMON + ("config", "macs", "params"), optional=_SUB_KEYS)
-    if "layout" in m and version < 4:
-        fail("layout", "a nested byte layout needs format version 4")
-    if "bn_stats" in m and version < 2:
-        fail("bn_stats", "calibrated statistics need format version 2")
+    MANIFEST_FORMAT.check_keys(m, version)  # e.g. bn_stats in a format-1 file
     as_str(m["library_version"], "library_version", max_len=64)
     try:
         check_recipe(m["recipe"])
@@ -209,10 +210,10 @@ def _check_sub_network(m: dict, f: _File) -> None:
     spec = dense_tensors(plan, space, live_state(plan, space, cfg), cfg)
     want: dict[str, list[int] | None] = {}
     for dense, (src, ranges) in spec.items():
-        info = plan.tensors.get(src) or plan.tensors.get(src.replace(SWITCH_PREFIX, "")) or {}
-        if info.get("persistent") is False:
+        info = plan.tensors.get(src) or plan.tensors.get(src.replace(SWITCH_PREFIX, ""))
+        if info is not None and not info.persistent:
             continue
-        want[dense] = (list(info["shape"]) if info else f.shape_of(dense)) if ranges is None else \
+        want[dense] = (list(info.shape) if info else f.shape_of(dense)) if ranges is None else \
             [sum(b - a for a, b in rs) for rs in ranges]
     _same_set(set(want) - set(f.aliases), f.stored, "the stored tensors of this sub-network")
     for n, shape in want.items():
@@ -224,14 +225,14 @@ def _check_super_network(m: dict, tables: Any, f: _File) -> None:
     """A super-network file: its tensors against the plan, its calibrated statistics, every preset."""
     plan, header = f.plan, f.header
     for fqn, info in plan.tensors.items():
-        if info.get("persistent") is False:
+        if not info.persistent:
             if fqn in header.tensors:
                 fail(f"plan.tensors[{fqn!r:.120}]", "is marked persistent: false but the file stores it")
             continue
-        if f.shape_of(fqn) is not None and f.shape_of(fqn) != list(info["shape"]):
-            fail(f"plan.tensors[{fqn!r:.120}].shape", f"is {info['shape']} but the file stores {f.shape_of(fqn)}")
+        if f.shape_of(fqn) is not None and f.shape_of(fqn) != list(info.shape):
+            fail(f"plan.tensors[{fqn!r:.120}].shape", f"is {list(info.shape)} but the file stores {f.shape_of(fqn)}")
         dtype = header.tensors.get(f.aliases.get(fqn, fqn), {}).get("dtype")
-        if info["param"] and dtype is not None and dtype not in FLOAT_DTYPES:
+        if info.param and dtype is not None and dtype not in FLOAT_DTYPES:
             fail(f"tensors[{fqn!r:.120}].dtype", f"a parameter is stored as {dtype}, not a floating-point dtype")
     presets = as_dict(m["presets"], "presets", required=("full",), optional=None)
     for name in presets:
@@ -241,19 +242,18 @@ def _check_super_network(m: dict, tables: Any, f: _File) -> None:
         as_dict(tables, "elasticize.presets", optional=None)
         _same_set(set(presets), set(tables), "the per-preset tables (metadata key elasticize.presets)")
     switch = {f"{mod}.{SWITCH_PREFIX}{t}" if mod else f"{SWITCH_PREFIX}{t}"
-              for mod, sw in plan.switchable.items() for t in sw["tensors"]}
+              for mod, sw in plan.switchable.items() for t in sw.tensors}
     stored_bn = _check_bn_stats(bn, presets, switch, f)
-    version = as_int(m["format_version"], "format_version")
-    check_measurements(m.get("measurements", {}), f.space, version)
-    stored_comp, comp = check_compensation(m.get("bias_compensation", {}), presets, plan, header, version)
+    check_measurements(m.get("measurements", {}), f.space)  # their format version: _check_top
+    stored_comp, comp = check_compensation(m.get("bias_compensation", {}), presets, plan, header)
     items = {n: (header.shape(n), DTYPE_BYTES[t["dtype"]]) for n, t in header.tensors.items()}
     items.update({a: items[t] for a, t in f.aliases.items()})
     for fqn, info in plan.tensors.items():  # non-persistent tensors: the plan's shape, 4 bytes (never stored)
-        items.setdefault(fqn, (list(info["shape"]), 4))
+        items.setdefault(fqn, (list(info.shape), 4))
     for name, entry in presets.items():
         _check_preset(name, entry, None if tables is None else tables[name],
                       {**bn.get(name, {}), **comp.get(name, {})}, items, f)
-    expected = ({n for n, info in plan.tensors.items() if info.get("persistent") is not False} | switch
+    expected = ({n for n, info in plan.tensors.items() if info.persistent} | switch
                 | stored_bn | stored_comp) - set(f.aliases)
     _same_set(expected, f.stored, "the stored tensors")
 

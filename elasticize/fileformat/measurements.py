@@ -1,4 +1,5 @@
-"""The manifest's ``measurements`` and ``bias_compensation`` keys (format version 4), checked before use.
+"""The manifest's ``measurements`` and ``bias_compensation`` keys (format version 4, see
+:data:`elasticize.plan.migrate.MANIFEST_FORMAT`), checked before use.
 
 ``measurements`` is what ``elasticize eval`` measured, per device and batch size (see
 :mod:`elasticize.measured` for the layout); a file measured on two machines keeps both.
@@ -17,17 +18,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..plan.manifest import Manifest, thaw
 from ..plan.parse import as_dict, as_int, as_list, as_num, as_str, as_str_map, fail
 
-__all__ = ["BIAS_PREFIX", "MEAN_PREFIX", "VERSION", "bias_name", "mean_name", "check_measurements",
+__all__ = ["BIAS_PREFIX", "MEAN_PREFIX", "bias_name", "mean_name", "check_measurements",
            "check_compensation"]
 
 #: Prefix of the stored per-preset compensated biases.
 BIAS_PREFIX = "elastic_bias."
 #: Prefix of the stored consumer means.
 MEAN_PREFIX = "elastic_mean."
-#: The format version that introduced these keys.
-VERSION = 4
 _MAX_RESULTS = 10_000
 
 
@@ -41,7 +41,7 @@ def mean_name(fqn: str) -> str:
     return f"{MEAN_PREFIX}{fqn}"
 
 
-def check_measurements(value: Any, space: Any, version: int) -> dict:
+def check_measurements(value: Any, space: Any) -> dict:
     """Check the ``measurements`` key: per key, device, batch size, threads, metric and result rows.
 
     Raises:
@@ -49,8 +49,6 @@ def check_measurements(value: Any, space: Any, version: int) -> dict:
             search space, or MACs/params that differ from what the plan computes.
     """
     as_dict(value, "measurements", optional=None)
-    if value and version < VERSION:
-        fail("measurements", f"need format version {VERSION}")
     for k, rec in value.items():
         key = f"measurements[{k!r:.60}]"
         as_str(k, key, pattern=r"[\w.:\-]{1,64}/bs[0-9]{1,6}")
@@ -85,7 +83,7 @@ def _check_row(row: Any, key: str, metric: str, space: Any) -> None:
             as_num(mv, f"{key}.{mk}")
 
 
-def check_compensation(value: Any, presets: dict, plan: Any, header: Any, version: int) -> tuple[set[str], dict]:
+def check_compensation(value: Any, presets: dict, plan: Any, header: Any) -> tuple[set[str], dict]:
     """Check the ``bias_compensation`` key against the plan and the stored tensors.
 
     Returns:
@@ -96,16 +94,14 @@ def check_compensation(value: Any, presets: dict, plan: Any, header: Any, versio
             plan, a stored name off the naming scheme or not in the file, a mean of the wrong shape.
     """
     as_dict(value, "bias_compensation", optional=("means", "presets"))
-    if value and version < VERSION:
-        fail("bias_compensation", f"needs format version {VERSION}")
     stored: set[str] = set()
     for fqn, s in as_str_map(value.get("means", {}), "bias_compensation.means").items():
         key = f"bias_compensation.means[{fqn!r:.120}]"
         info = plan.tensors.get(fqn)
-        if info is None or not fqn.endswith(".weight") or len(info["shape"]) < 2:
+        if info is None or not fqn.endswith(".weight") or len(info.shape) < 2:
             fail(key, "is not the weight of a layer of the plan")
-        if s != mean_name(fqn) or header.shape(s) != [info["shape"][1]]:
-            fail(key, f"must point at a stored ({info['shape'][1]},) tensor {mean_name(fqn)!r:.140}")
+        if s != mean_name(fqn) or header.shape(s) != [info.shape[1]]:
+            fail(key, f"must point at a stored ({info.shape[1]},) tensor {mean_name(fqn)!r:.140}")
         stored.add(s)
     tables = as_dict(value.get("presets", {}), "bias_compensation.presets", optional=None)
     for name, table in tables.items():
@@ -149,18 +145,18 @@ def preset_stored(em: Any, preset: str) -> dict[str, tuple[list[int], int, str]]
             for fqn, t in em.compensation.presets.get(preset, {}).items()}
 
 
-def pop_tensors(manifest: dict, tensors: dict[str, Any]) -> tuple[dict, dict]:
+def pop_tensors(manifest: Manifest, tensors: dict[str, Any]) -> tuple[dict, dict]:
     """``(means, per-preset biases)`` of a checked ``manifest``, popped from the file's ``tensors``."""
-    comp = manifest.get("bias_compensation") or {}
-    means = {fqn: tensors.pop(s) for fqn, s in (comp.get("means") or {}).items()}
-    presets = {p: {fqn: tensors.pop(s) for fqn, s in t.items()} for p, t in (comp.get("presets") or {}).items()}
+    comp = manifest.bias_compensation
+    means = {fqn: tensors.pop(s) for fqn, s in comp.means.items()}
+    presets = {p: {fqn: tensors.pop(s) for fqn, s in t.items()} for p, t in comp.presets.items()}
     return means, presets
 
 
-def restore(em: Any, manifest: dict, popped: tuple[dict, dict]) -> None:
+def restore(em: Any, manifest: Manifest, popped: tuple[dict, dict]) -> None:
     """Give ``em`` the measurements of a checked ``manifest`` and the bias compensation
     :func:`pop_tensors` read, installing the active preset's biases."""
-    em.measurements = dict(manifest.get("measurements") or {})
+    em.measurements = thaw(manifest.measurements)
     means, presets = popped
     if means or presets:
         em.compensation.means = {k: v.float() for k, v in means.items()}
@@ -168,8 +164,8 @@ def restore(em: Any, manifest: dict, popped: tuple[dict, dict]) -> None:
         em.set_bn_stats(em.bn_stats)  # reinstalls the active preset's calibrated tensors
 
 
-def file_table(manifest: dict, preset: str | None) -> dict[str, str]:
+def file_table(manifest: Manifest, preset: str | None) -> dict[str, str]:
     """Bias name -> stored name of ``preset``'s compensated biases in a checked manifest."""
     if preset is None:
         return {}
-    return dict(((manifest.get("bias_compensation") or {}).get("presets") or {}).get(preset, {}))
+    return dict(manifest.bias_compensation.presets.get(preset, {}))

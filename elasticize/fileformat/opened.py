@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..plan import MANIFEST_FORMAT
 from ..plan.parse import ManifestError, loads
 from .header import read_header
 from .layout import check_layout, logical_header
@@ -19,15 +20,18 @@ from .source import open_source
 
 __all__ = ["OpenedFile", "FORMAT_VERSION", "METADATA_KEY", "PRESETS_KEY"]
 
-FORMAT_VERSION = 4
+#: The newest file format version this elasticize reads and writes (older ones migrate on read): the one
+#: source is the registry of migration steps, :data:`elasticize.plan.migrate.MANIFEST_FORMAT`.
+FORMAT_VERSION = MANIFEST_FORMAT.current
 METADATA_KEY = "elasticize"
 #: Second metadata key: per preset, the dense tensors and their slices (kept apart so loading skips them).
 PRESETS_KEY = "elasticize.presets"
 
 
 class OpenedFile:
-    """A checked file: its manifest, tables, plan, search space, header as read (shells in a nested
-    file), logical header (each tensor whole), nested layout or None, and open byte source."""
+    """A checked file: its manifest's JSON (``raw``), the typed :class:`~elasticize.plan.manifest.Manifest`
+    (``manifest``, migrated to the current format), tables, plan, search space, header as read (shells in a
+    nested file), logical header (each tensor whole), nested layout or None, and open byte source."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = path
@@ -47,14 +51,15 @@ class OpenedFile:
             raise ManifestError(f"{path} is a safetensors file without an elasticize manifest; make one with "
                                 "`elasticize convert` or elasticize.save()")
         try:
-            self.manifest = manifest = loads(raw, "the elasticize manifest")
+            self.raw = raw_m = loads(raw, "the elasticize manifest")
             self.tables = loads(meta[PRESETS_KEY], "the per-preset tables") if PRESETS_KEY in meta else None
-            nested = isinstance(manifest, dict) and "layout" in manifest
-            self.logical = logical_header(header, manifest["layout"]) if nested else header
-            self.plan, self.space = check_manifest(manifest, header=self.logical, tables=self.tables,
-                                                   format_version=FORMAT_VERSION)
-            self.layout = check_layout(manifest["layout"], self.logical, self.tables,
-                                       manifest.get("aliases") or {}) if nested else None
+            nested = isinstance(raw_m, dict) and "layout" in raw_m
+            self.logical = logical_header(header, raw_m["layout"]) if nested else header
+            self.manifest, self.space = check_manifest(raw_m, header=self.logical, tables=self.tables,
+                                                       format_version=FORMAT_VERSION)
+            self.plan = self.manifest.plan
+            self.layout = check_layout(raw_m["layout"], self.logical, self.tables,
+                                       dict(self.manifest.aliases)) if nested else None
         except ManifestError as e:
             raise ManifestError(f"{path}: {e}") from None
 

@@ -17,6 +17,7 @@ elasticize[remote]``), which finds the protocol's package (``huggingface_hub`` f
 
 from __future__ import annotations
 
+import bisect
 import http.client
 import os
 import re
@@ -24,12 +25,16 @@ import urllib.parse
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["ByteSource", "open_source", "is_url", "coalesce", "SLACK"]
+from .byteranges import CONTENT_RANGE, boundary_of, read_byteranges
+
+__all__ = ["ByteSource", "open_source", "is_url", "coalesce", "batches", "SLACK", "MAX_RANGES", "MAX_RANGE_HEADER"]
 
 #: Extra bytes :func:`coalesce` may read to save requests, as a share of the bytes asked for.
 SLACK = 0.04
 _MAX_REDIRECTS = 5
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+#: Most byte ranges in one multi-range request, and most characters of its ``Range`` header (common
+#: server limits: Apache's ``MaxRanges`` 200, 8 KB request header lines in Apache and nginx).
+MAX_RANGES, MAX_RANGE_HEADER = 200, 6000
 
 
 def is_url(path: Any) -> bool:
@@ -73,6 +78,22 @@ def coalesce(ranges: Sequence[tuple[int, int]], *, slack: float = SLACK) -> list
             out[-1] = (out[-1][0], b)
         else:
             out.append((a, b))
+    return out
+
+
+def batches(ranges: Sequence[tuple[int, int]], *, max_ranges: int = MAX_RANGES,
+            max_header: int = MAX_RANGE_HEADER) -> list[list[tuple[int, int]]]:
+    """``ranges`` in order, cut into groups that each fit one multi-range request: at most
+    ``max_ranges`` ranges and ``max_header`` characters of ``bytes=a-b,c-d,...``."""
+    out: list[list[tuple[int, int]]] = []
+    chars = 0
+    for a, b in ranges:
+        n = len(f"{a}-{b - 1},")
+        if not out or len(out[-1]) >= max_ranges or chars + n > max_header:
+            out.append([])
+            chars = len("bytes=")
+        out[-1].append((a, b))
+        chars += n
     return out
 
 
@@ -141,11 +162,13 @@ class _LocalSource(ByteSource):
 
 
 class _HttpSource(ByteSource):
-    """``http(s)://``: one kept-alive connection, one ``GET`` with ``Range`` per range (redirects followed)."""
+    """``http(s)://``: one kept-alive connection; the ranges of one read go in multi-range ``GET``
+    requests of up to :data:`MAX_RANGES` ranges (one request for a single range), and one by one after
+    a server answers a multi-range request with the whole file or with ranges missing (redirects followed)."""
 
     def __init__(self, url: str) -> None:
         self.name, self._url, self._conn = url, url, None
-        self.size = -1
+        self.size, self._multi = -1, True
         first = self._get(0, 8, probe=True)
         self._first = first
 
@@ -159,12 +182,13 @@ class _HttpSource(ByteSource):
             self._conn = (key, cls(u.netloc, timeout=60))
         return self._conn[1], (u.path or "/") + (f"?{u.query}" if u.query else "")
 
-    def _get(self, a: int, b: int, probe: bool = False) -> bytes:
-        url = self._url
+    def _send(self, spans: Sequence[tuple[int, int]]) -> tuple[http.client.HTTPResponse, str]:
+        """The answer to one ``GET`` of the ``[start, stop)`` byte ranges ``spans``, redirects followed."""
+        url, header = self._url, "bytes=" + ",".join(f"{a}-{b - 1}" for a, b in spans)
         for _ in range(_MAX_REDIRECTS + 1):
             conn, target = self._connect(url)
             try:
-                conn.request("GET", target, headers={"Range": f"bytes={a}-{b - 1}", "Accept-Encoding": "identity"})
+                conn.request("GET", target, headers={"Range": header, "Accept-Encoding": "identity"})
                 r = conn.getresponse()
             except (OSError, http.client.HTTPException) as e:
                 self._conn = None
@@ -174,8 +198,12 @@ class _HttpSource(ByteSource):
                 r.read()
                 url = urllib.parse.urljoin(url, r.getheader("Location"))
                 continue
-            return self._answer(r, a, b, probe, url)
+            return r, url
         raise OSError(f"{self.name}: more than {_MAX_REDIRECTS} redirects")
+
+    def _get(self, a: int, b: int, probe: bool = False) -> bytes:
+        r, url = self._send([(a, b)])
+        return self._answer(r, a, b, probe, url)
 
     def _answer(self, r: http.client.HTTPResponse, a: int, b: int, probe: bool, url: str) -> bytes:
         if r.status == 404:
@@ -190,7 +218,7 @@ class _HttpSource(ByteSource):
                 f"answered HTTP {r.status} {r.reason}"
             raise ValueError(f"{self.name}: the server {why}; elasticize reads remote files by HTTP range "
                              "requests: use a server with Range support, or download the file and pass its path")
-        m = _CONTENT_RANGE.fullmatch(r.getheader("Content-Range") or "")
+        m = CONTENT_RANGE.fullmatch(r.getheader("Content-Range") or "")
         if m is None or int(m.group(1)) != a or (m.group(3) == "*" and probe):
             self._drop(r)
             raise ValueError(f"{self.name}: the server answered bytes {r.getheader('Content-Range')!r:.60} for "
@@ -219,7 +247,54 @@ class _HttpSource(ByteSource):
         return super().read(ranges)
 
     def _fetch(self, ranges: list[tuple[int, int]]) -> list[bytes]:
-        return [self._get(a, b) if b > a else b"" for a, b in ranges]
+        got: dict[tuple[int, int], bytes] = {}
+        for batch in batches(sorted({(a, b) for a, b in ranges if b > a})):
+            if len(batch) > 1 and self._multi:
+                got.update(self._get_many(batch))
+        return [got[(a, b)] if (a, b) in got else self._get(a, b) if b > a else b"" for a, b in ranges]
+
+    def _get_many(self, batch: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """The ranges of ``batch`` that one multi-range request brought back (a ``multipart/byteranges``
+        answer, or one part that covers several). A server that answers with the whole file (``200``,
+        not read) or with parts that miss some ranges turns multi-range requests off; the ranges
+        missing are then asked one by one."""
+        r, _ = self._send(batch)
+        if r.status == 404:
+            self._drop(r)
+            raise FileNotFoundError(f"no such file: {self.name} (HTTP 404)")
+        if r.status != 206:
+            self._drop(r)
+            self._multi = False
+            return {}
+        try:
+            boundary = boundary_of(r.getheader("Content-Type"))
+            if boundary is not None:
+                parts = read_byteranges(r, boundary, self.size, self.name)
+            else:
+                m = CONTENT_RANGE.fullmatch(r.getheader("Content-Range") or "")
+                if m is None or m.group(3) != str(self.size) or not int(m.group(1)) <= int(m.group(2)) < self.size:
+                    raise ValueError(f"{self.name}: the server answered bytes {r.getheader('Content-Range')!r:.60} "
+                                     "to a multi-range request; it does not serve byte ranges correctly")
+                parts = [(int(m.group(1)), r.read(int(m.group(2)) + 1 - int(m.group(1))))]
+            r.read(1024)  # an epilogue; the connection is kept only when the answer ended
+        except (OSError, http.client.HTTPException):
+            self._drop(r)
+            raise ValueError(f"{self.name}: the download was cut short; try again") from None
+        except ValueError:
+            self._drop(r)
+            raise
+        if not r.isclosed():
+            self._drop(r)
+        parts.sort(key=lambda p: p[0])
+        starts = [s for s, _ in parts]
+        out = {}
+        for a, b in batch:
+            i = bisect.bisect_right(starts, a) - 1
+            if i >= 0 and starts[i] + len(parts[i][1]) >= b:
+                out[(a, b)] = parts[i][1][a - starts[i]:b - starts[i]]
+        if len(out) < len(batch):
+            self._multi = False
+        return out
 
     def close(self) -> None:
         if self._conn is not None:

@@ -10,7 +10,8 @@ from torch import nn
 from ..graph import model_tensors
 from ..modules import SWITCH_PREFIX, GroupState, SegmentState, StageState, make_elastic, restore
 from ..rules import get_rule
-from .core import Plan, axis_entry, is_segmented, segment_entries, stage_outputs, stage_ranks
+from .core import Plan, stage_outputs
+from .types import Axis, AxisEntry, Segments
 
 __all__ = ["ElasticState", "apply_plan", "remove_elastic", "axis_state"]
 
@@ -24,14 +25,12 @@ class ElasticState:
     modules: list[str]
 
 
-def axis_state(entry: Any, groups: dict[str, GroupState]) -> tuple[GroupState | SegmentState, int, int]:
-    """The live state of a plan tensor-axis (or attribute) entry: ``(group state, chunks, div)``, or for a
-    list of segments ``(SegmentState, 1, 1)`` (see :data:`elasticize.modules.TensorSpec`)."""
-    if is_segmented(entry):
-        return SegmentState([s if isinstance(s, int) else (groups[s[0]], s[1], s[2])
-                             for s in segment_entries(entry)]), 1, 1
-    g, ch, div = axis_entry(entry)
-    return groups[g], ch, div
+def axis_state(entry: AxisEntry, groups: dict[str, GroupState]) -> tuple[GroupState | SegmentState, int, int]:
+    """The live state of a plan tensor-axis entry: ``(group state, chunks, div)`` of an :class:`Axis`, or
+    ``(SegmentState, 1, 1)`` of :class:`Segments` (see :data:`elasticize.modules.TensorSpec`)."""
+    if isinstance(entry, Segments):
+        return SegmentState([p if isinstance(p, int) else (groups[p.group], p.chunks, p.div) for p in entry.parts]), 1, 1
+    return groups[entry.group], entry.chunks, entry.div
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
@@ -53,17 +52,17 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
     """
     state = model_tensors(model)
     for fqn, info in plan.tensors.items():
-        if not info["axes"]:
+        if not info.axes:
             continue
         t = state.get(fqn)
         if t is None:
             raise ValueError(f"the model has no tensor {fqn!r} that the plan makes elastic; the checkpoint was made "
                              "from another architecture")
-        if list(t.shape) != list(info["shape"]):
-            raise ValueError(f"tensor {fqn!r} has shape {list(t.shape)} but the plan expects {info['shape']}; the "
+        if list(t.shape) != list(info.shape):
+            raise ValueError(f"tensor {fqn!r} has shape {list(t.shape)} but the plan expects {list(info.shape)}; the "
                              "checkpoint was made from another configuration of this model")
-    groups = {g["name"]: GroupState(g["name"], g["size"], g["unit"]) for g in plan.groups}
-    stages = {s["name"]: StageState(s["name"], len(s["blocks"]), s["first_skippable"]) for s in plan.stages}
+    groups = {g.name: GroupState(g.name, g.size, g.unit) for g in plan.groups}
+    stages = {s.name: StageState(s.name, len(s.blocks), s.first_skippable) for s in plan.stages}
     for g, (st_name, rank) in stage_outputs(plan.stages).items():
         groups[g].gate = (stages[st_name], rank)
     per_module: dict[str, dict[str, Any]] = {}
@@ -72,25 +71,22 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
         return per_module.setdefault(path, {"tensors": {}, "attrs": {}, "gate": None, "switch": None, "mixins": ()})
 
     for fqn, info in plan.tensors.items():
-        if info["axes"]:
+        if info.axes:
             module, _, name = fqn.rpartition(".")
-            spec = []
-            for ax, a in info["axes"].items():
-                spec.append((int(ax), *axis_state(a, groups)))
-            spec.sort(key=lambda x: x[0])
+            spec = sorted(((ax, *axis_state(a, groups)) for ax, a in info.axes.items()), key=lambda x: x[0])
             entry(module)["tensors"][name] = tuple(spec)
     for module, attrs in plan.attrs.items():
-        entry(module)["attrs"] = {k: (axis_state(g if is_segmented(g) else [g, 1], groups)[0], kind, int(mul), int(div))
-                                  for k, (g, kind, mul, div) in attrs.items()}
+        entry(module)["attrs"] = {k: (axis_state(a.group if isinstance(a.group, Segments) else Axis(a.group), groups)[0],
+                                      a.kind, a.mul, a.div) for k, a in attrs.items()}
     for st in plan.stages:
-        if st.get("module") is not None:  # layers inside one module: an attribute follows the depth
-            entry(st["module"])["attrs"][st["attr"]] = (stages[st["name"]], "depth", 1, 1)
+        if st.module is not None:  # layers inside one module: an attribute follows the depth
+            entry(st.module)["attrs"][st.attr] = (stages[st.name], "depth", 1, 1)
             continue
-        for b, r in zip(st["blocks"], stage_ranks(st)):
-            entry(b)["gate"] = (stages[st["name"]], r, -1 if st.get("skip_empty") else int(st.get("skip_tuple", 0)))
+        for b, r in zip(st.blocks, st.ranks()):
+            entry(b)["gate"] = (stages[st.name], r, -1 if st.skip_empty else st.skip_tuple or 0)
     for module, sw in plan.switchable.items():
         m = _module(model, module)
-        for name in sw["tensors"]:
+        for name in sw.tensors:
             t = getattr(m, name)
             if t is None or hasattr(m, SWITCH_PREFIX + name):
                 continue
@@ -100,7 +96,7 @@ def apply_plan(model: nn.Module, plan: Plan) -> ElasticState:
             else:
                 m.register_buffer(SWITCH_PREFIX + name, copy)
             entry(module)["tensors"].setdefault(name, ())
-        entry(module)["switch"] = (stages[sw["stage"]], tuple(sw["tensors"]))
+        entry(module)["switch"] = (stages[sw.stage], sw.tensors)
     for module, rule_name in plan.sites.items():
         rule = get_rule(rule_name)
         if rule.mixin is not None:

@@ -16,7 +16,8 @@ import fnmatch
 import math
 from typing import Any, Mapping, Sequence
 
-from .core import DIMENSIONS, KIND_DIM, NORM_SITES, NORM_TENSORS, Plan, axis_entry, entry_groups, is_segmented
+from .core import DIMENSIONS, KIND_DIM, NORM_SITES, NORM_TENSORS, Plan, axis_entry, is_segmented
+from .types import Attr, Axis, Group, MacTerm, NotElastic, Segments, Stage, SwitchableNorm, Tensor, frozen_map
 
 __all__ = ["PlanBuilder", "DEPTH_MODES", "nested_choices", "spread_order"]
 
@@ -59,7 +60,8 @@ class PlanBuilder:
     with the reason, when its dimension is not selected or the user excluded it, and returns its
     name or None), then :meth:`tensor`, :meth:`axis`, :meth:`attr` and :meth:`site` (entries
     naming a group that is not elastic are dropped), :meth:`stage` for each depth stage,
-    :meth:`switchable`, :meth:`mac_term`, and finally :meth:`finish`.
+    :meth:`switchable`, :meth:`mac_term`, and finally :meth:`finish`, which returns the frozen
+    :class:`~elasticize.plan.core.Plan` (the builder keeps its working state mutable until then).
 
     Args:
         tracer: the plan's ``tracer`` (``"fx"``, ``"export"``, or ``"structure"`` for a plan made
@@ -94,8 +96,15 @@ class PlanBuilder:
         self.ratios = {"width": tuple(width_ratios), "heads": tuple(heads_ratios),
                        "modules": None if modules_ratios is None else tuple(modules_ratios)}
         self.exclude = tuple(exclude)
-        self.plan = Plan(tracer=tracer, dims=list(dims), depth_mode=depth_mode)
-        self._groups: dict[str, dict[str, Any]] = {}
+        self.tracer, self.depth_mode = tracer, depth_mode
+        self._groups: dict[str, dict[str, Any]] = {}  # name -> Group's fields, until finish()
+        self._tensors: dict[str, dict[str, Any]] = {}  # fqn -> Tensor's fields (axes: a dict)
+        self._attrs: dict[str, dict[str, Attr]] = {}
+        self._sites: dict[str, str] = {}
+        self._stages: list[Stage] = []
+        self._switchable: dict[str, SwitchableNorm] = {}
+        self._mac_terms: list[MacTerm] = []
+        self._notes: list[NotElastic] = []
         self._sizes: dict[str, int] = {}  # every group offered, elastic or not (a fixed segment's channels)
 
     # ------------------------------------------------------------------ what stays fixed, and why
@@ -105,7 +114,7 @@ class PlanBuilder:
 
     def note(self, where: str, why: str) -> None:
         """Record that ``where`` (a module, group or stage) stays fixed, and why (``plan.not_elastic``)."""
-        self.plan.not_elastic.append([where, why])
+        self._notes.append(NotElastic(where, why))
 
     # ------------------------------------------------------------------ groups and their choices
     def group(self, name: str, kind: str, size: int, unit: int, *, dim: str | None = None, step: int = 1,
@@ -141,7 +150,8 @@ class PlanBuilder:
         counts = [size // (unit * step)] if why is not None else nested_choices(
             size // (unit * step), self.ratios.get(dim, self.ratios["width"]))
         per = step if dim in ("heads", "modules") else unit * step
-        g = {"name": name, "kind": kind, "size": size, "unit": unit, "choices": [c * per for c in counts]}
+        g: dict[str, Any] = {"name": name, "kind": kind, "size": size, "unit": unit,
+                             "choices": tuple(c * per for c in counts)}
         if step > 1:
             g["step"], g["constraint"] = step, constraint
         self._groups[name] = g
@@ -165,43 +175,44 @@ class PlanBuilder:
                 group is not elastic are dropped. More come from :meth:`axis`.
             persistent: False for a non-persistent buffer the plan slices (not in the file).
         """
-        kept = {}
+        kept: dict[int, Axis | Segments] = {}
         for ax, v in (axes or {}).items():
-            e = self._segments(v) if is_segmented(v) else (list(v) if v[0] in self._groups else None)
-            if e is not None:
-                kept[ax] = e
-        self.plan.tensors[fqn] = {"shape": list(shape), "param": param, "axes": kept}
-        if not persistent:
-            self.plan.tensors[fqn]["persistent"] = False
+            if is_segmented(v):
+                seg = self._segments(v)
+                if seg is not None:
+                    kept[int(ax)] = seg
+            elif v[0] in self._groups:
+                kept[int(ax)] = Axis(*axis_entry(v))
+        self._tensors[fqn] = {"shape": tuple(shape), "param": param, "axes": kept, "persistent": persistent}
 
-    def _segments(self, entry: list[Any]) -> list[Any] | None:
-        """A segmented entry with the segments of groups that are not elastic turned into their channels
-        (kept whole); None when no segment is elastic.
+    def _segments(self, entry: list[Any]) -> Segments | None:
+        """The :class:`Segments` of a raw segmented entry, with the segments of groups that are not elastic
+        turned into their channels (kept whole); None when no segment is elastic.
 
         Raises:
             KeyError: a segment names a group that was never offered to :meth:`group`.
         """
-        out: list[Any] = []
+        out: list[Axis | int] = []
         for seg in entry:
-            if isinstance(seg, int) or seg[0] in self._groups:
-                out.append(seg if isinstance(seg, int) else list(seg))
+            if isinstance(seg, int):
+                out.append(seg)
             else:
                 g, chunks, div = axis_entry(seg)
-                out.append(chunks * (self._sizes[g] // div))
-        return out if any(isinstance(e, list) for e in out) else None
+                out.append(Axis(g, chunks, div) if g in self._groups else chunks * (self._sizes[g] // div))
+        return Segments(tuple(out)) if any(isinstance(e, Axis) for e in out) else None
 
     def axis(self, fqn: str, axis: int, group: str | None, chunks: int = 1, div: int = 1) -> None:
         """Axis ``axis`` of tensor ``fqn`` follows ``group`` in ``chunks`` equal chunks, at ``1 / div`` of
         its channels (see :data:`elasticize.modules.TensorSpec`). Ignored when ``group`` is None or
         not elastic, or ``fqn`` is no tensor added by :meth:`tensor` (a layer without a bias)."""
-        if group is None or group not in self._groups or fqn not in self.plan.tensors:
+        if group is None or group not in self._groups or fqn not in self._tensors:
             return
-        self.plan.tensors[fqn]["axes"][str(axis)] = [group, chunks] if div == 1 else [group, chunks, div]
+        self._tensors[fqn]["axes"][int(axis)] = Axis(group, chunks, div)
 
     def axis_groups(self, fqns: Sequence[str]) -> list[str]:
         """The sorted names of the groups that any axis of the tensors ``fqns`` follows."""
-        return sorted({g for f in fqns if f in self.plan.tensors for a in self.plan.tensors[f]["axes"].values()
-                       for g in entry_groups(a)})
+        return sorted({g for f in fqns if f in self._tensors for a in self._tensors[f]["axes"].values()
+                       for g in a.groups})
 
     def attr(self, path: str, name: str, group: str | list[Any] | None, kind: str = "int", mul: int = 1,
              div: int = 1) -> None:
@@ -212,19 +223,19 @@ class PlanBuilder:
         if is_segmented(group):
             seg = self._segments(group)  # type: ignore[arg-type]
             if seg is not None:
-                self.plan.attrs.setdefault(path, {})[name] = [seg, kind, mul, div]
+                self._attrs.setdefault(path, {})[name] = Attr(seg, kind, mul, div)
         elif group is not None and group in self._groups:
-            self.plan.attrs.setdefault(path, {})[name] = [group, kind, mul, div]
+            self._attrs.setdefault(path, {})[name] = Attr(group, kind, mul, div)
 
     def site(self, path: str, rule: str) -> None:
         """Module ``path`` is handled by the rule named ``rule``."""
-        self.plan.sites[path] = rule
+        self._sites[path] = rule
 
     # ------------------------------------------------------------------ depth
     def stage(self, name: str, blocks: Sequence[str], *, n_mandatory: int = 1, drop: str = "identity",
               skip_tuple: int | None = None, module: str | None = None, attr: str | None = None,
               tensors: Sequence[Sequence[str]] = (), outputs: Sequence[Sequence[str]] = (),
-              skip_empty: bool = False) -> dict[str, Any] | None:
+              skip_empty: bool = False) -> Stage | None:
         """Add a depth stage over ``blocks`` (nothing when ``"depth"`` is not selected).
 
         ``"prefix"`` and ``"spaced"`` offer every depth from all blocks down to
@@ -246,8 +257,8 @@ class PlanBuilder:
             skip_empty: a skipped block returns its first input cut to 0 channels (a dense layer).
 
         Returns:
-            The stage's entry, or None when it stays fixed (excluded, no block can be skipped, or a dense
-            stage whose blocks' output groups are not all elastic; noted).
+            The :class:`~elasticize.plan.types.Stage`, or None when it stays fixed (excluded, no block can be
+            skipped, or a dense stage whose blocks' output groups are not all elastic; noted).
         """
         if "depth" not in self.dims:
             return None
@@ -259,7 +270,7 @@ class PlanBuilder:
         if missing:
             self.note(name, f"group {missing[0]} is not elastic, so a skipped block could not remove its segment")
             return None
-        if self.plan.depth_mode == "skippable":
+        if self.depth_mode == "skippable":
             first = max(n_mandatory, math.ceil(n / 2))
             choices = [n, first] if first < n else [n]
         else:
@@ -268,29 +279,20 @@ class PlanBuilder:
         if len(choices) < 2:
             self.note(name, "no block can be skipped")
             return None
-        entry: dict[str, Any] = {"name": name, "blocks": list(blocks), "n_mandatory": n_mandatory,
-                                 "first_skippable": first, "choices": choices}
-        if self.plan.depth_mode == "spaced":
-            entry["order"] = spread_order(n)
-        if module is not None:
-            entry.update(module=module, attr=attr, tensors=[list(t) for t in tensors])
-        if skip_tuple is not None:
-            entry["skip_tuple"] = skip_tuple
-        if drop != "identity":
-            entry["drop"] = drop
-        if outputs:
-            entry["outputs"] = [list(gs) for gs in outputs]
-        if skip_empty:
-            entry["skip_empty"] = 1
-        self.plan.stages.append(entry)
+        entry = Stage(name, tuple(blocks), n_mandatory, first, tuple(choices),
+                      order=tuple(spread_order(n)) if self.depth_mode == "spaced" else None, drop=drop,
+                      skip_tuple=skip_tuple, module=module, attr=None if module is None else attr,
+                      tensors=None if module is None else tuple(tuple(t) for t in tensors),
+                      outputs=tuple(tuple(gs) for gs in outputs) if outputs else None, skip_empty=skip_empty)
+        self._stages.append(entry)
         return entry
 
     def site_norms(self) -> dict[str, list[str]]:
         """Norm module -> its tensors (sorted), for every module whose site is a norm rule."""
         norms: dict[str, list[str]] = {}
-        for fqn in self.plan.tensors:
+        for fqn in self._tensors:
             module, _, name = fqn.rpartition(".")
-            if name in NORM_TENSORS and self.plan.sites.get(module) in NORM_SITES:
+            if name in NORM_TENSORS and self._sites.get(module) in NORM_SITES:
                 norms.setdefault(module, []).append(name)
         return {m: sorted(names) for m, names in norms.items()}
 
@@ -298,27 +300,32 @@ class PlanBuilder:
         """Skip-aware norms (Adaptive Depth Networks): with ``"skippable"`` depth, every norm of
         ``norms`` (module -> tensor names) inside a stage's mandatory blocks gets a second set of
         its tensors, used while the stage's skippable blocks are skipped."""
-        if self.plan.depth_mode != "skippable":
+        if self.depth_mode != "skippable":
             return
-        for st in self.plan.stages:
-            mandatory = st["blocks"][: st["first_skippable"]]
+        for st in self._stages:
+            mandatory = st.blocks[: st.first_skippable]
             for module, names in norms.items():
                 if any(module.startswith(b + ".") for b in mandatory):
-                    self.plan.switchable[module] = {"stage": st["name"], "tensors": list(names)}
+                    self._switchable[module] = SwitchableNorm(st.name, tuple(names))
 
     # ------------------------------------------------------------------ MACs
     def mac_term(self, owner: str, macs: int, factors: Sequence[Any]) -> None:
         """``macs`` multiply-accumulates per sample of ``owner`` at full size, scaled at a sub-network
         by the active fraction of each elastic group in ``factors`` (others are dropped); a factor that
         is a list of segments scales by their active channels over their full size."""
-        kept: list[Any] = []
+        kept: list[str | Segments] = []
         for f in factors:
             seg = self._segments(f) if is_segmented(f) else None
             if seg is not None or (isinstance(f, str) and f in self._groups):
                 kept.append(seg if seg is not None else f)
-        self.plan.mac_terms.append([owner, macs, kept])
+        self._mac_terms.append(MacTerm(owner, macs, tuple(kept)))
 
     def finish(self) -> Plan:
-        """The plan, with its groups in the order they were added."""
-        self.plan.groups = list(self._groups.values())
-        return self.plan
+        """The frozen plan, with its groups in the order they were added."""
+        tensors = {fqn: Tensor(t["shape"], t["param"], frozen_map(t["axes"]), t["persistent"])
+                   for fqn, t in self._tensors.items()}
+        return Plan(tracer=self.tracer, dims=self.dims, depth_mode=self.depth_mode,
+                    groups=tuple(Group(**g) for g in self._groups.values()), tensors=frozen_map(tensors),
+                    attrs=frozen_map((m, frozen_map(a)) for m, a in self._attrs.items()), sites=frozen_map(self._sites),
+                    stages=tuple(self._stages), switchable=frozen_map(self._switchable),
+                    mac_terms=tuple(self._mac_terms), not_elastic=tuple(self._notes))

@@ -181,7 +181,7 @@ def _stages(p: dict) -> dict[str, dict[str, Any]]:
         if "skip_tuple" in s:
             as_int(s["skip_tuple"], f"{key}.skip_tuple", 0, 64)
         if "skip_empty" in s:
-            as_int(s["skip_empty"], f"{key}.skip_empty", 0, 1)
+            as_int(s["skip_empty"], f"{key}.skip_empty", 1, 1)  # written only when set
         if "outputs" in s:
             _stage_outputs(p, s["outputs"], f"{key}.outputs", n)
         if "module" in s or "attr" in s or "tensors" in s:

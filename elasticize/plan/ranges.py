@@ -20,11 +20,11 @@ def tensor_ranges(plan: Plan, state: ElasticState, fqn: str) -> list[list[tuple[
     Returns None when the tensor is not elastic (the whole tensor is used).
     """
     info = plan.tensors.get(fqn)
-    if info is None or not info["axes"]:
+    if info is None or not info.axes:
         return None
     out: list[list[tuple[int, int]]] = []
-    for ax, n in enumerate(info["shape"]):
-        a = info["axes"].get(str(ax))
+    for ax, n in enumerate(info.shape):
+        a = info.axes.get(ax)
         if a is None:
             out.append([(0, n)])
             continue

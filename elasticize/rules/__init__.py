@@ -131,4 +131,6 @@ def find_rule(module: nn.Module) -> Rule | None:
     return None
 
 
-from . import builtin, rnn, tac  # noqa: E402,F401  (register the built-in rules)
+# the built-in rules, registered in this order (find_rule prefers the latest match): torch.nn layers, timm,
+# torchvision, recurrent layers, TAC blocks
+from . import torch, timm, torchvision, rnn, tac  # noqa: E402,F401

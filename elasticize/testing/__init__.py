@@ -120,7 +120,7 @@ def check_conformance(model: nn.Module, example_inputs: Sequence[torch.Tensor], 
         ref = original(*inputs)
     em = elasticize.elasticize(copy.deepcopy(model).eval(), inputs, **options)
     rep = ConformanceReport(presets=list(em.presets), sites=dict(em.plan.sites),
-                            elastic={fqn.rpartition(".")[0] for fqn, info in em.plan.tensors.items() if info["axes"]})
+                            elastic={fqn.rpartition(".")[0] for fqn, info in em.plan.tensors.items() if info.axes})
     scale = max(1.0, output_tensor(ref).abs().max().item())
 
     def note(check: str, value: float, limit: float, what: str) -> None:

@@ -51,11 +51,11 @@ __all__ = ["shard_units", "shard", "full_model_state", "full_optimizer_state", "
 def shard_units(em: ElasticModel) -> list[str]:
     """The module names (in ``em.model``) :func:`shard` makes FSDP units of, before the root.
 
-    The blocks of the plan's depth stages (``plan.stages[*]["blocks"]``) when it has any; else
+    The blocks of the plan's depth stages (``plan.stages[*].blocks``) when it has any; else
     every element of every ``nn.ModuleList`` in the model (a transformer's layers); else none
     (the root alone is sharded).
     """
-    blocks = [b for st in em.plan.stages for b in st["blocks"]]
+    blocks = [b for st in em.plan.stages for b in st.blocks]
     if blocks:
         return blocks
     return [f"{name}.{i}" if name else str(i) for name, m in em.model.named_modules()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -42,7 +43,19 @@ from .schedules import SCHEDULES, make_scheduler, saved_schedule
 from .state import check_state_info, read_state_info
 from .trainer import PARALLEL, Trainer
 
-__all__ = ["train_file", "RunOptions", "SCHEDULES", "TEXT_LOSSES", "IMAGE_LOSSES"]
+__all__ = ["train_file", "RunOptions", "recipe_line", "DEFAULTS", "SCHEDULES", "TEXT_LOSSES", "IMAGE_LOSSES"]
+
+_log = logging.getLogger(__name__)
+
+#: The recipe of :func:`train_file` and ``elasticize train`` when no option changes it, the best
+#: of the side-by-side run ``benchmarks/bench_defaults.py`` (300 steps on MiniLM; the training
+#: guide says why): Subnetwork-to-go (the full network and one random sub-network per step),
+#: every preset also trained at every step (``always=None``: the full network's second pass
+#: weighs it against the smaller ones that share its weights), one-cycle learning rate peaking
+#: at 3e-4, dropout off (the original's output, the target, is deterministic); distillation from
+#: the original as before (always for text; for images when converted from pretrained weights).
+DEFAULTS: dict[str, Any] = {"strategy": "subnetwork-to-go", "lr": 3e-4, "schedule": "onecycle", "dropout": False,
+                            "always": None}
 
 
 @dataclass(frozen=True)
@@ -284,9 +297,10 @@ def _measure(tr: Trainer, held: list, metric: str, *, run: RunOptions, latency: 
 
 
 def _trainer(em: Any, train: Any, dev: Any, *, loss_fn: Any, output_fn: Any, lr: float, steps: int, schedule: str,
-             warmup: float, resume: Any, run: RunOptions, **options: Any) -> Trainer:
-    """The job's :class:`Trainer`: the model on ``dev``, AdamW at ``lr`` and its learning-rate schedule,
-    resumed from the state file ``resume`` when one is given."""
+             warmup: float, resume: Any, dropout: bool, run: RunOptions, rank: int, **options: Any) -> tuple[Trainer, str]:
+    """The job's :class:`Trainer` (the model on ``dev``, AdamW at ``lr`` and its learning-rate schedule,
+    resumed from the state file ``resume`` when one is given) and its :func:`recipe_line`, logged and
+    said (``run.status``, else ``print``) by process 0."""
     em.to(dev)
     opt = torch.optim.AdamW(em.parameters(), lr=lr, weight_decay=run.weight_decay)
     tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, device=dev, max_grad_norm=run.max_grad_norm,
@@ -295,17 +309,41 @@ def _trainer(em: Any, train: Any, dev: Any, *, loss_fn: Any, output_fn: Any, lr:
                  **({} if output_fn is None else {"output_fn": output_fn}))
     if resume is not None:
         tr.load_state(str(resume))
-    return tr
+    recipe = recipe_line(tr, lr=lr, schedule=schedule, warmup=warmup, dropout=dropout)
+    _log.info(recipe)
+    if rank == 0:
+        (run.status or print)(recipe)
+    return tr, recipe
+
+
+def _always(em: ElasticModel, always: Sequence[str] | None) -> Sequence[str]:
+    """The ``always`` presets of :func:`train_file`: as given, or (None) every preset of ``em``."""
+    return list(em.presets) if always is None else always
+
+
+def recipe_line(tr: Trainer, *, lr: float, schedule: str, warmup: float, dropout: bool) -> str:
+    """The one line naming a :func:`train_file` job's recipe, e.g. ``recipe: subnetwork-to-go + distillation from
+    the original (cosine), lr 0.0001 constant, dropout off, always: large, medium, small, tiny``."""
+    opts = tr.strategy.options()
+    parts = [tr.strategy.name + (" (" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")" if opts else "")]
+    if tr.teacher is not None:
+        loss = tr.distill_loss if isinstance(tr.distill_loss, str) else getattr(tr.distill_loss, "__name__", "custom")
+        parts.append(f"distillation from the original ({loss})")
+    if tr.loss_fn is not None:
+        parts.append("task loss")
+    sched = f"one-cycle ({warmup:.0%} warm-up)" if schedule == "onecycle" else schedule
+    always = ", ".join(label for label, _ in tr.always) or "none"
+    return f"recipe: {' + '.join(parts)}, lr {lr:g} {sched}, dropout {'on' if dropout else 'off'}, always: {always}"
 
 
 def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, output: str | os.PathLike,
-               strategy: str = "sortednet", strategy_options: Mapping[str, Any] | None = None, batch_size: int = 32,
-               lr: float = 1e-4, seed: int = 0, distill: bool | None = None, eval_fraction: float = 0.1,
+               strategy: str = DEFAULTS["strategy"], strategy_options: Mapping[str, Any] | None = None, batch_size: int = 32,
+               lr: float = DEFAULTS["lr"], seed: int = 0, distill: bool | None = None, eval_fraction: float = 0.1,
                max_length: int = 128, state: str | os.PathLike | None = None, resume: str | os.PathLike | None = None,
                save_every: int = 0, calibration_batches: int = 8, overwrite: bool = False,
-               progress: Any = False, device: str | None = None, always: Sequence[str] = (),
-               amp: bool | None = None, schedule: str = "constant", warmup: float = 0.06,
-               distill_loss: str | None = None, dropout: bool = True, latency: bool = False, eval_every: int = 0,
+               progress: Any = False, device: str | None = None, always: Sequence[str] | None = DEFAULTS["always"],
+               amp: bool | None = None, schedule: str = DEFAULTS["schedule"], warmup: float = 0.06,
+               distill_loss: str | None = None, dropout: bool = DEFAULTS["dropout"], latency: bool = False, eval_every: int = 0,
                on_eval: Callable[[int, dict[str, dict[str, float]]], None] | None = None,
                model: Any = None, trust_remote_code: bool = False, run: RunOptions | None = None) -> dict[str, Any]:
     """Train an elasticize super-network file on an image folder or a text file, and save it (see the module).
@@ -335,16 +373,16 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         resume: a state file to resume from (of this super-network; its ``schedule`` and, unless constant, ``steps``).
         calibration_batches: batches per preset for BN recalibration.
         overwrite: replace an existing ``output``.
-        progress: passed to :meth:`Trainer.train_steps` (True: rich progress bar).
+        progress: passed to :meth:`Trainer.train_steps` (True: rich progress bar, after the :func:`recipe_line`).
         device: ``"cpu"``, ``"cuda"``... (default: CUDA when available).
         amp: bf16 autocast for the training passes (None: on for CUDA only).
-        always: presets trained at every step on top of the strategy's draws (see :class:`~elasticize.train.Trainer`).
+        always: presets also trained at every step (see :class:`~elasticize.train.Trainer`); None: every preset.
         model: the base model, for a file whose recipe cannot or may not rebuild it (see :func:`elasticize.load`).
         trust_remote_code: allow the file's ``import`` recipe to run its builder (see :func:`elasticize.load`).
         run: weight decay, clipping, workers, distribution, DDP/FSDP, validation data, logging (:class:`RunOptions`).
 
     Returns:
-        ``{"output", "steps", "metrics" (per preset), "rank", "world", "history" (losses, configs per step)}``.
+        ``{"output", "steps", "metrics" (per preset), "rank", "world", "history" (losses, configs per step), "recipe"}``.
 
     Raises:
         FileNotFoundError: a missing model file, data path, resume file or output folder.
@@ -368,13 +406,13 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         train, held, loss_fn, output_fn, metric = _task(
             d, em, text=text, distill_loss=distill_loss, batch_size=batch_size, eval_fraction=eval_fraction,
             max_length=max_length, seed=seed, shard=(rank, world), run=run)
-        tr = _trainer(em, train, dev, loss_fn=loss_fn, output_fn=output_fn, lr=lr, steps=steps, schedule=schedule,
-                      warmup=warmup, strategy=strategy, strategy_options=strategy_options, seed=seed,
-                      distill=True if text and not labelled else "auto" if distill is None else distill,
-                      distill_loss=distill_loss, calibration_batches=calibration_batches, always=always, amp=amp,
-                      resume=resume, run=run)
+        tr, recipe = _trainer(
+            em, train, dev, loss_fn=loss_fn, output_fn=output_fn, lr=lr, steps=steps, schedule=schedule, warmup=warmup,
+            strategy=strategy, strategy_options=strategy_options, seed=seed, distill_loss=distill_loss,
+            distill=True if text and not labelled else "auto" if distill is None else distill, dropout=dropout,
+            calibration_batches=calibration_batches, always=_always(em, always), amp=amp, resume=resume, run=run, rank=rank)
         history, metrics = _train_and_save(tr, held, metric, out, steps=steps, eval_every=eval_every, on_eval=on_eval,
                                            progress=progress, state=state, save_every=save_every, run=run,
                                            latency=latency, overwrite=overwrite)
-    return {"output": str(out), "steps": tr.step, "metrics": metrics, "rank": rank, "world": world,
+    return {"output": str(out), "steps": tr.step, "metrics": metrics, "rank": rank, "world": world, "recipe": recipe,
             "history": [{"step": r["step"], "losses": r["losses"], "configs": r["configs"]} for r in history]}
