@@ -71,9 +71,9 @@ def stage_ranks(stage: Stage) -> list[int]:
 
 
 def stage_outputs(stages: Iterable[Stage]) -> dict[str, tuple[str, int]]:
-    """Group -> ``(stage, rank)`` of the dense-stage block whose output it is (:meth:`Stage.output_of
-    <elasticize.plan.types.Stage.output_of>` over all stages): at stage depth ``d`` the group's segments are read
-    at its active width while ``rank < d`` and at 0 channels otherwise (a skipped dense layer's segment leaves
+    """Group -> ``(stage, rank)`` of the dense-stage block whose output it is
+    (:meth:`elasticize.plan.types.Stage.output_of` over all stages): at stage depth ``d`` the group's segments are
+    read at its active width while ``rank < d`` and at 0 channels otherwise (a skipped dense layer's segment leaves
     every concatenation; see :mod:`elasticize.graph.dense`)."""
     out: dict[str, tuple[str, int]] = {}
     for st in stages:
