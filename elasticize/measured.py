@@ -17,12 +17,36 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["measurement_key", "best_measured", "best_preset"]
+__all__ = ["measurement_key", "best_measured", "best_preset", "full_latency"]
 
 
 def measurement_key(device: str, batch_size: int) -> str:
     """The key of one device's and batch size's measurements, e.g. ``"cpu/bs1"``."""
     return f"{device}/bs{int(batch_size)}"
+
+
+def full_latency(em: Any, key: str | None = None) -> tuple[float | None, str]:
+    """The full network's measured latency (seconds per batch) that a share budget (``--max-latency 50%``) is of.
+
+    It is taken from the measurement record that :meth:`ElasticModel.select <elasticize.ElasticModel.select>`
+    picks from (``key``, default the first): its ``full`` row, measured by ``elasticize eval``; a file
+    without measurements falls back to the training metrics (``elasticize train --latency``).
+
+    Args:
+        em: the :class:`~elasticize.ElasticModel`.
+        key: the measurement (:func:`measurement_key`; default the first).
+
+    Returns:
+        ``(seconds or None when nothing measured it, where it came from)``.
+    """
+    if em.measurements:
+        key = key if key is not None else next(iter(em.measurements))
+        rows = em.measurements.get(key, {}).get("results", [])
+        full = em.space.full()
+        lat = next((r.get("latency_s") for r in rows if r.get("name") == "full" or em.resolve(r["config"]) == full), None)
+        return (None if lat is None else float(lat)), f"measurement {key}"
+    lat = (em.metrics.get("full") or {}).get("latency_s")
+    return (None if lat is None else float(lat)), "training metrics"
 
 
 def best_measured(em: Any, *, max_macs: int | None, max_params: int | None, max_latency_s: float | None,

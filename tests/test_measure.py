@@ -42,7 +42,8 @@ def measured(tmp_path_factory):
     """A digits CNN file, and the same file measured by `elasticize eval` (candidates, a budget pick, CSV/JSON/PNG)."""
     with scratch_dir(tmp_path_factory, "measure") as d:
         model = d / "digits.safetensors"
-        res = CliRunner().invoke(main, ["convert", "toy_models:DigitsResNet", "--kwarg", "c=8", "--no-pretrained",
+        res = CliRunner().invoke(main, ["convert", "toy_models:DigitsResNet", "--kwarg", "c=8", "--kwarg", "blocks=1",
+                                        "--no-pretrained",
                                         "-o", str(model)])
         assert res.exit_code == 0, res.output
         out = d / "measured.safetensors"
@@ -108,6 +109,13 @@ def test_extract_measured_file_and_unmeasured_warning(measured, tmp_path):
     res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(out), "--max-macs", "50%",
                                                     "-o", str(tmp_path / "b.safetensors")])
     assert res.exit_code == 0 and "elasticize eval" not in res.stderr, res.stderr
+    # a latency share is of the full network's latency in eval's record (not of training metrics)
+    res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(out), "--max-latency", "100%",
+                                    "-o", str(tmp_path / "c.safetensors")])
+    assert res.exit_code == 0 and "measurement cpu/bs1" in res.output, res.output
+    res = CliRunner().invoke(main, ["extract", "--trust-remote-code", str(model), "--max-latency", "50%",
+                                    "-o", str(tmp_path / "d.safetensors")])
+    assert res.exit_code == 1 and "elasticize eval" in res.output and not (tmp_path / "d.safetensors").exists()
 
 
 def test_bad_data_is_one_line_and_writes_nothing(measured, tmp_path):
@@ -168,13 +176,14 @@ def test_compensation_file_round_trip_and_load_subnet(tmp_path):
 
 def test_solver_pick_within_budget_and_nested():
     from elasticize.measure.evaluate import _Scorer, _score_with_compensation
-    from elasticize.measure.solver import sensitivities, solve
+    from elasticize.measure.solver import sensitivities, solve, solve_checked
     from elasticize.train.evaluation import METRICS
 
     m, batches = _bert()
     em = elasticize.elasticize(m, (batches[0]["input_ids"][:1],))
-    sens = sensitivities(em, _score_with_compensation(em, _Scorer(em, batches[:2], METRICS["cosine"], mean_pooled,
-                                                                  torch.device("cpu")), False))
+    score = _score_with_compensation(em, _Scorer(em, batches[:2], METRICS["cosine"], mean_pooled, torch.device("cpu")),
+                                     False)
+    sens = sensitivities(em, score)
     assert set(sens["drops"]) == {f"{d}/{n}" for d, t in em.space.dimensions.items() for n, c in t.items()
                                   if len(c) > 1}
     for share in (0.3, 0.5, 0.8):
@@ -183,3 +192,10 @@ def test_solver_pick_within_budget_and_nested():
         assert em.resolve(cfg) == cfg
     with pytest.raises(ValueError, match="no sub-network within"):
         solve(em, sens, max_macs=10)
+    # checked by measuring: never worse, measured, than the best predicted pick or the uniform extras
+    picks = solve(em, sens, max_macs=0.4 * em.macs(None), every_depth=True)
+    assert [p[1] for p in picks] == sorted((p[1] for p in picks), reverse=True) and len(picks) > 1
+    uniform = [c for c in em.space.candidates() if em.macs(c) <= 0.4 * em.macs(None)][:2]
+    cfg, got = solve_checked(em, sens, score, max_macs=0.4 * em.macs(None), extra=uniform)
+    assert em.macs(cfg) <= 0.4 * em.macs(None) and got == score(cfg)
+    assert got >= max(score(c) for c in [picks[0][0], *uniform])

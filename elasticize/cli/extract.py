@@ -66,8 +66,8 @@ _FOLDERS = ("hf", "sentence-transformers")
 @click.option("--max-params", callback=_budget, metavar="BUDGET",
               help="Largest sub-network with at most this many parameters: 5M, or 25% of full.")
 @click.option("--max-latency-s", "--max-latency", "max_latency_s", callback=_budget, metavar="BUDGET",
-              help="Measured preset whose latency (seconds per batch, measured by `elasticize train --latency`) "
-                   "is at most this: 5ms, 0.005, or 50% of full's.")
+              help="Measured sub-network whose latency (seconds per batch, measured by `elasticize eval`, or "
+                   "`elasticize train --latency`) is at most this: 5ms, 0.005, or 50% of full's.")
 @click.option("--best", metavar="METRIC", help="With --max-macs/--max-params/--max-latency-s: the measured preset with "
               "the highest METRIC (e.g. accuracy, cosine) within them, instead of the largest sub-network.")
 @click.option("--data", help="Without measurements in FILE: calibrate the budget's pick on this data (BN "
@@ -140,12 +140,16 @@ def _select(em: Any, max_macs: Any, max_params: Any, max_latency: Any, metric: s
             bounds[key] = int(budget.resolve(full))
             console.print(f"budget: {budget.describe(full, unit)}", soft_wrap=True)
     if max_latency is not None:
-        full = (em.metrics.get("full") or {}).get("latency_s")
+        from ..measured import full_latency
+
+        full, where = full_latency(em)
         if max_latency.share and full is None:
             raise ValueError(f"--max-latency {max_latency.text} is a share of the full network's measured latency, "
-                             "which this file does not hold; measure it (elasticize train --latency) or give seconds")
+                             "which this file does not hold; measure it (elasticize eval FILE --data DATA -o "
+                             "MEASURED.safetensors) or give seconds (5ms)")
         bounds["max_latency_s"] = max_latency.resolve(full or 0.0)
-        console.print(f"budget: {max_latency.describe(full or 0.0, 's per batch')}", soft_wrap=True)
+        console.print(f"budget: {max_latency.describe(full or 0.0, 's per batch')}"
+                      + (f" (full: {where})" if max_latency.share else ""), soft_wrap=True)
     return em.select(metric=metric, **bounds)
 
 

@@ -23,7 +23,7 @@ from torch import nn
 from ..batches import default_output, forward_batch, split_batch, to_device
 from ..calibration import compensated, compensated_biases, consumer_means
 from ..measured import measurement_key
-from .solver import budget_name, sensitivities, solve, uniform_candidates
+from .solver import budget_name, sensitivities, solve_checked, uniform_candidates
 
 __all__ = ["evaluate", "calibrate"]
 
@@ -201,11 +201,13 @@ def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), m
         calib_scorer = _Scorer(em, list(calibration)[:4], fn, output_fn, dev)
         if compensation:
             calibrate(em, calibration, compensation=True, device=dev)
-        sens = sensitivities(em, _score_with_compensation(em, calib_scorer, compensation))
+        run = _score_with_compensation(em, calib_scorer, compensation)
+        sens = sensitivities(em, run)
         for b in budgets:
             text = b.text if isinstance(b, Budget) else f"{float(b):g}"
             limit = b.resolve(em.macs(None)) if isinstance(b, Budget) else float(b)
-            cfg, _ = solve(em, sens, max_macs=limit)
+            uniform = [c for c in em.space.candidates() if em.macs(c) <= limit][:2]
+            cfg, _ = solve_checked(em, sens, run, max_macs=limit, extra=uniform)
             em.add_preset(budget_name(text), cfg, replace=True)
     extra = {f"~candidate{i}": c for i, c in enumerate(uniform_candidates(em, candidates, list(em.presets.values())))}
     rows = []

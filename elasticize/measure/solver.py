@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-__all__ = ["sensitivities", "solve", "budget_name", "uniform_candidates"]
+__all__ = ["sensitivities", "solve", "solve_checked", "budget_name", "uniform_candidates"]
 
 
 def _units(em: Any) -> list[tuple[str, str, list[int]]]:
@@ -53,7 +53,7 @@ def sensitivities(em: Any, score: Callable[[dict], float]) -> dict[str, Any]:
 
 
 def solve(em: Any, sens: dict[str, Any], *, max_macs: float | None = None, max_params: float | None = None,
-          rounds: int = 8, max_depths: int = 256) -> tuple[dict, float]:
+          rounds: int = 8, max_depths: int = 256, every_depth: bool = False) -> Any:
     """The per-group choices with the least predicted metric drop within the budget.
 
     Depth choices (few) are enumerated; for each, the width and heads choices are one
@@ -66,9 +66,12 @@ def solve(em: Any, sens: dict[str, Any], *, max_macs: float | None = None, max_p
         max_params: budget in parameters.
         rounds: check-and-adjust rounds per depth.
         max_depths: at most this many depth configurations (spread evenly) are tried.
+        every_depth: return the best pick of every depth configuration, best predicted first
+            (:func:`solve_checked` measures them), instead of the best one.
 
     Returns:
-        ``(resolved configuration, predicted metric = base - sum of drops)``.
+        ``(resolved configuration, predicted metric = base - sum of drops)``, or a list of them
+        with ``every_depth``.
 
     Raises:
         ValueError: no bound, or no sub-network within it.
@@ -83,7 +86,7 @@ def solve(em: Any, sens: dict[str, Any], *, max_macs: float | None = None, max_p
     combos = list(itertools.product(*[ch for _, ch in stages]))
     if len(combos) > max_depths:
         combos = [combos[round(i * (len(combos) - 1) / (max_depths - 1))] for i in range(max_depths)]
-    best: tuple[dict, float] | None = None
+    picks: list[tuple[dict, float]] = []
     for combo in combos:
         base = {d: dict(v) for d, v in full.items()}
         drop = 0.0
@@ -93,13 +96,50 @@ def solve(em: Any, sens: dict[str, Any], *, max_macs: float | None = None, max_p
         if any(fn(em.space.candidates()[-1] | {"depth": base["depth"]}) > b for b, fn in bounds):
             continue  # even the smallest widths at this depth are over
         pick = _solve_widths(em, sens, base, bounds, rounds)
-        if pick is not None and (best is None or pick[1] - drop > best[1]):
-            best = (pick[0], pick[1] - drop)
-    if best is None:
+        if pick is not None:
+            picks.append((pick[0], pick[1] - drop))
+    if not picks:
         smallest = em.space.candidates()[-1]
         raise ValueError(f"no sub-network within max_macs={max_macs}, max_params={max_params}; the smallest has "
                          f"{em.macs(smallest):,} MACs and {em.params(smallest):,} params")
-    return best
+    picks.sort(key=lambda p: -p[1])
+    return picks if every_depth else picks[0]
+
+
+def solve_checked(em: Any, sens: dict[str, Any], score: Callable[[dict], float], *, max_macs: float | None = None,
+                  max_params: float | None = None, checks: int = 6, extra: Sequence[dict] = ()) -> tuple[dict, float]:
+    """The solver's pick, checked by measuring: the best *measured* of the ``checks`` best predicted picks
+    (one per depth configuration) and of ``extra`` candidates within the budget.
+
+    The predicted metric adds one-at-a-time drops; it is poor where drops interact, above all a
+    shallower network whose remaining layers are also narrowed (on MiniLM at 25% MACs it predicted
+    a 2-layer pick whose measured cosine to the original was 0.24, below the uniform 0.54). So each depth's
+    pick is measured with ``score`` (the calibration data) and the best measured one is returned.
+
+    Args:
+        em: the elastic model.
+        sens: :func:`sensitivities`.
+        score: ``config -> metric`` on calibration data, higher is better.
+        max_macs: budget in MACs per sample.
+        max_params: budget in parameters.
+        checks: how many of the best predicted picks are measured.
+        extra: more configurations to measure against them (e.g. the largest uniform ones within the
+            budget); those over the budget are left out.
+
+    Returns:
+        ``(resolved configuration, its measured metric)``.
+
+    Raises:
+        ValueError: as :func:`solve`.
+    """
+    picks = [c for c, _ in solve(em, sens, max_macs=max_macs, max_params=max_params, every_depth=True)[:max(checks, 1)]]
+    for c in extra:
+        c = em.resolve(c)
+        if (max_macs is None or em.macs(c) <= max_macs) and (max_params is None or em.params(c) <= max_params) \
+                and c not in picks:
+            picks.append(c)
+    scored = [(c, score(c)) for c in picks]
+    return max(scored, key=lambda p: p[1])
 
 
 def _solve_widths(em: Any, sens: dict[str, Any], base: dict, bounds: list, rounds: int) -> tuple[dict, float] | None:
