@@ -48,6 +48,8 @@ The built-in strategies:
 
 from __future__ import annotations
 
+import inspect
+
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, TypeVar
@@ -210,8 +212,15 @@ def make_strategy(name: str | Strategy, **options: Any) -> Strategy:
     if name not in STRATEGIES:
         raise KeyError(f"no strategy {name!r} is registered; known strategies: {sorted(STRATEGIES)}. If it is your "
                        "own, import the module that registers it with @register_strategy")
+    cls = STRATEGIES[name]
+    takes = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        unknown = sorted(set(options) - set(takes))
+        if unknown:
+            raise TypeError(f"strategy {name!r} takes no option {', '.join(map(repr, unknown))} (its options: "
+                            f"{', '.join(takes) or 'none'}); choose the strategy that has it with --strategy")
     try:
-        return STRATEGIES[name](**options)
+        return cls(**options)
     except TypeError as e:
         raise TypeError(f"strategy {name!r}: {e}") from None
 
