@@ -88,7 +88,7 @@ def test_an_unknown_name_lists_the_registered_ones():
     with registered("test-twice", LargestTwice):
         with pytest.raises(KeyError, match="'test-twice'"):
             make_strategy("nope")
-        with pytest.raises(TypeError, match="strategy 'test-twice': .*unexpected keyword argument 'n'"):
+        with pytest.raises(TypeError, match=r"strategy 'test-twice' takes no option 'n' \(its options: k\)"):
             make_strategy("test-twice", n=2)
     with pytest.raises(KeyError, match="no strategy 'test-twice'"):
         make_strategy("test-twice")
