@@ -81,6 +81,14 @@ def stage_outputs(stages: Iterable[Stage]) -> dict[str, tuple[str, int]]:
     return out
 
 
+
+def _named(items: tuple[Any, ...], name: str, what: str) -> Any:
+    """The item of ``items`` whose ``.name`` is ``name``; KeyError listing the names otherwise."""
+    for item in items:
+        if item.name == name:
+            return item
+    raise KeyError(f"no {what} {name!r}; {what}s: {[item.name for item in items]}")
+
 @dataclass(frozen=True)
 class Plan(Frozen):
     """Everything needed to make a base model elastic again; frozen, built by
@@ -156,10 +164,7 @@ class Plan(Frozen):
         Raises:
             KeyError: if there is none; the message lists the group names.
         """
-        for g in self.groups:
-            if g.name == name:
-                return g
-        raise KeyError(f"no group {name!r}; groups: {[g.name for g in self.groups]}")
+        return _named(self.groups, name, "group")
 
     def stage(self, name: str) -> Stage:
         """The stage called ``name``.
@@ -167,10 +172,7 @@ class Plan(Frozen):
         Raises:
             KeyError: if there is none; the message lists the stage names.
         """
-        for s in self.stages:
-            if s.name == name:
-                return s
-        raise KeyError(f"no stage {name!r}; stages: {[s.name for s in self.stages]}")
+        return _named(self.stages, name, "stage")
 
     def noted(self, where: str, why: str) -> "Plan":
         """A copy of the plan with ``(where, why)`` added to :attr:`not_elastic`."""
