@@ -70,7 +70,7 @@ def main() -> None:
     console.rule("1. convert all-MiniLM-L6-v2 (FFN neurons and heads sorted by activation importance)")
     em = elasticize.convert(path, calibration=calib_batches[:4])
     rep = em.report()
-    report_tables(em.plan.to_json(), rep["presets"], rep["presets"]["full"]["macs"])
+    report_tables(em.plan, rep["presets"], rep["presets"]["full"]["macs"])
 
     console.rule("2. one safetensors file")
     file = elasticize.save(em, out / "minilm.elastic.safetensors", overwrite=True)
