@@ -22,18 +22,22 @@ from .tensorfile import load_weights_file
 __all__ = ["ElasticModel", "ConvertOptions", "SubnetLike", "elasticize", "convert"]
 
 
+#: The keyword options' defaults of :func:`elasticize` and :func:`convert`: those of :class:`ConvertOptions`.
+_DEFAULT = ConvertOptions()
+
+
 def elasticize(
     model: nn.Module,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     options: ConvertOptions | None = None,
     *,
-    dims: Sequence[str] = ("width", "heads", "depth", "modules"),
-    depth_mode: str = "prefix",
-    width_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
-    heads_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
-    modules_ratios: Sequence[float] | None = None,
-    exclude: Sequence[str] = (),
-    sort: str | None = "auto",
+    dims: Sequence[str] = _DEFAULT.dims,
+    depth_mode: str = _DEFAULT.depth_mode,
+    width_ratios: Sequence[float] = _DEFAULT.width_ratios,
+    heads_ratios: Sequence[float] = _DEFAULT.heads_ratios,
+    modules_ratios: Sequence[float] | None = _DEFAULT.modules_ratios,
+    exclude: Sequence[str] = _DEFAULT.exclude,
+    sort: str | None = _DEFAULT.sort,
     calibration: Iterable[Any] | None = None,
     recipe: dict[str, Any] | None = None,
 ) -> ElasticModel:
@@ -108,13 +112,13 @@ def convert(
     weights: str | None = None,
     example_inputs: Any = None,
     options: ConvertOptions | None = None,
-    dims: Sequence[str] = ("width", "heads", "depth", "modules"),
-    depth_mode: str = "prefix",
-    width_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
-    heads_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
-    modules_ratios: Sequence[float] | None = None,
-    exclude: Sequence[str] = (),
-    sort: str | None = "auto",
+    dims: Sequence[str] = _DEFAULT.dims,
+    depth_mode: str = _DEFAULT.depth_mode,
+    width_ratios: Sequence[float] = _DEFAULT.width_ratios,
+    heads_ratios: Sequence[float] = _DEFAULT.heads_ratios,
+    modules_ratios: Sequence[float] | None = _DEFAULT.modules_ratios,
+    exclude: Sequence[str] = _DEFAULT.exclude,
+    sort: str | None = _DEFAULT.sort,
     calibration: Iterable[Any] | str | os.PathLike | None = None,
 ) -> ElasticModel:
     """Build a model by name and elasticize it, recording the recipe so ``load`` can rebuild it.
