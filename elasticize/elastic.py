@@ -113,10 +113,20 @@ class ElasticModel(CalibratedTensors, nn.Module):
         self._bn_trained: dict[str, torch.Tensor] = {}  # the trained values they replaced
         self.compensation = Compensation()
         self.measurements: dict[str, Any] = {}
+        # Set by a training loop's integration (ElasticCallback in a plain transformers.Trainer): a call
+        # in training mode with gradients on runs a whole step's passes instead of one forward.
+        self.step_forward: Any = None
 
     @_WrappedSignature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the active sub-network; inputs, outputs and ``inspect.signature`` are the original model's."""
+        """Run the active sub-network; inputs, outputs and ``inspect.signature`` are the original model's.
+
+        While a training integration has set :attr:`step_forward` (see
+        :class:`elasticize.integrations.transformers.ElasticCallback`), a call in training mode with
+        gradients enabled runs that step's passes instead and returns their summed loss.
+        """
+        if self.step_forward is not None and self.training and torch.is_grad_enabled():
+            return self.step_forward(*args, **kwargs)
         return self.model(*args, **kwargs)
 
     # ------------------------------------------------------------ sub-networks

@@ -128,6 +128,43 @@ class ElasticSession:
         self._last = None
         return losses
 
+    def step_output(self, batch: Any) -> tuple[Any, dict[str, float]]:
+        """Every pass of one step on ``batch`` as one differentiable loss, for a loop that runs one
+        forward and one backward per micro-batch (a plain ``transformers.Trainer``).
+
+        The passes run one after another as in :meth:`step`, but their weighted losses are summed
+        instead of backed one by one, so the loop's single ``backward`` gives the same gradients
+        (and all passes' activations are held until it runs: memory grows with the passes).
+
+        Args:
+            batch: one batch on the model's device (tensor, ``(x, y)`` or mapping).
+
+        Returns:
+            (the first pass's output with its ``loss`` set to the summed loss: a copy of a Hugging
+            Face ``ModelOutput`` or mapping, else ``{"loss": ..., "output": ...}``; mean loss per pass label).
+
+        Raises:
+            ValueError: as :meth:`step`.
+        """
+        losses: list[torch.Tensor] = []
+        first: list[Any] = []
+        run = self.em.model  # the wrapped model: no second round through em.step_forward
+
+        def runner(*args: Any, **kwargs: Any) -> Any:
+            out = run(*args, **kwargs)
+            if not first:
+                first.append(out)
+            return out
+
+        per_label = self.step(batch, runner=runner, backward=losses.append)
+        total = torch.stack([loss.float() for loss in losses]).sum()
+        out = first[0]
+        if isinstance(out, Mapping):
+            out = out.__class__(**dict(out)) if hasattr(out, "to_tuple") else dict(out)
+            out["loss"] = total
+            return out, per_label
+        return {"loss": total, "output": out}, per_label
+
     def _task_loss(self, out: torch.Tensor, target: Any) -> torch.Tensor:
         """The model's own loss of the last forward when it has one, else ``loss_fn(out, target)``.
 

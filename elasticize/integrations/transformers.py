@@ -1,23 +1,29 @@
 """Sorted training inside a Hugging Face ``transformers.Trainer``.
 
 :class:`ElasticCallback` holds the strategy, the sampler, the frozen original and the output
-files; :class:`ElasticTrainer` (``transformers.Trainer`` with :class:`ElasticTrainerMixin`) runs
-each strategy's passes in its ``training_step``: one forward and backward per sub-network, the
-model's own loss when the batch has labels, distillation where the strategy asks for it. One
-line changes in a Hugging Face script::
+files. Given to a plain ``transformers.Trainer``, it makes each training forward of the elastic
+model run the whole step's passes (one sub-network each, the model's own loss when the batch
+has labels, distillation where the strategy asks for it) and return their summed loss, which
+the Trainer backs once::
 
-    from elasticize.integrations.transformers import ElasticCallback, ElasticTrainer
+    from transformers import Trainer
+    from elasticize.integrations.transformers import ElasticCallback
 
-    trainer = ElasticTrainer(model=em, args=args, train_dataset=ds,      # was: Trainer(model=model, ...)
-                             callbacks=[ElasticCallback(em, strategy="sandwich", always=["small"])])
+    trainer = Trainer(model=em, args=args, train_dataset=ds,             # was: model=model
+                      callbacks=[ElasticCallback(em, strategy="sandwich", always=["small"])])
     trainer.train()                       # output_dir/elastic.safetensors: load with elasticize.load
+
+That holds every pass's activations until the one backward. :class:`ElasticTrainer`
+(``transformers.Trainer`` with :class:`ElasticTrainerMixin`) gives the same gradients with one
+forward and backward per pass, so its memory is one pass's; your own ``Trainer`` subclass takes
+the mixin: ``class MyTrainer(ElasticTrainerMixin, SFTTrainer)``.
 
 At every checkpoint (``save_steps``) the callback writes, into the ``checkpoint-N`` folder, the
 elasticize file (BN-recalibrated per preset, with its manifest) and the sampler's state as
-JSON (``elasticize_sampler.json``); ``trainer.train(resume_from_checkpoint=...)`` restores it, so
-a resumed run draws the sub-networks an uninterrupted one draws. At the end of training the
-file is written to ``output_dir``. Your own ``Trainer`` subclass takes the mixin:
-``class MyTrainer(ElasticTrainerMixin, SFTTrainer)``.
+JSON (``elasticize_sampler.json``, and the same under ``stateful_callbacks`` in the Trainer's
+``trainer_state.json``); ``trainer.train(resume_from_checkpoint=...)`` restores it, so a resumed
+run draws the sub-networks an uninterrupted one draws. At the end of training the file is
+written to ``output_dir``.
 
 ``em.forward`` has the wrapped model's signature, so ``remove_unused_columns=True`` keeps the
 model's columns. SortedNet's gradient accumulation is the Trainer's own:
@@ -43,16 +49,19 @@ _hf = require("transformers", "integrations")
 require("accelerate", "integrations")  # transformers.Trainer needs it
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 
-__all__ = ["ElasticCallback", "ElasticTrainerMixin", "ElasticTrainer", "STATE_FILE", "MODEL_FILE"]
+__all__ = ["ElasticCallback", "ElasticTrainerMixin", "ElasticTrainer", "STATE_FILE", "STATE_KEY", "MODEL_FILE"]
 
 #: The sampler state's file name inside a checkpoint folder (JSON).
 STATE_FILE = "elasticize_sampler.json"
 #: The elasticize file's name, in each checkpoint folder and in ``output_dir``.
 MODEL_FILE = "elastic.safetensors"
+#: The sampler state's key in ``trainer_state.json``'s ``stateful_callbacks`` (not a class name, so
+#: ``restore_callback_states_from_checkpoint`` leaves it alone).
+STATE_KEY = "elasticize.sampler"
 
 
 class ElasticCallback(_hf.TrainerCallback):
-    """Sorted training settings and output files for :class:`ElasticTrainer`.
+    """Sorted training in a ``transformers.Trainer`` (plain, or :class:`ElasticTrainer`), and its output files.
 
     Args:
         em: the elastic model given to the Trainer as ``model``.
@@ -82,21 +91,42 @@ class ElasticCallback(_hf.TrainerCallback):
         self.calibration_data = calibration_data
         self.file_name = file_name
         self.history: list[dict[str, float]] = []  # per training step: mean loss per pass label
-        self.attached = False  # set by ElasticTrainerMixin
+        self.attached = False  # set by ElasticTrainerMixin: it runs the passes in its training_step
+        self.restored = False  # the sampler state of a checkpoint has been loaded for this run
         self._data: Iterable[Any] | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, train_dataloader: Any = None, **kwargs: Any) -> None:
-        """Check that an :class:`ElasticTrainerMixin` trainer runs the passes; pick the calibration data.
+        """Pick the calibration data, restore a resumed run's sampler state, and (in a plain
+        ``transformers.Trainer``) make the elastic model's training forward run the step's passes.
 
         Raises:
-            ValueError: the callback was given to a plain ``transformers.Trainer``.
+            ValueError: the Trainer trains another model than this callback's (a plain Trainer
+                must be given ``model=em``), or a resumed state that does not fit this run.
         """
         if not self.attached:
-            raise ValueError("ElasticCallback needs a Trainer that runs its passes: use "
-                             "elasticize.integrations.transformers.ElasticTrainer (or your own "
-                             "class MyTrainer(ElasticTrainerMixin, Trainer)) instead of transformers.Trainer")
+            model = kwargs.get("model")
+            if model is not None and model is not self.em:
+                raise ValueError("the ElasticCallback is for another model: give the Trainer model=em, the elastic model")
+            self.em.step_forward = self._step_forward
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(STATE_KEY)
+        if state.global_step > 0 and not self.restored and isinstance(saved, Mapping):
+            self.session.load_state(saved)
+            self.restored = True
         self._data = self.calibration_data if self.calibration_data is not None else train_dataloader
         self.em.set_bn_stats({})
+
+    def _step_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The elastic model's training forward in a plain Trainer: all of one step's passes."""
+        if args:
+            raise ValueError("ElasticCallback in a plain transformers.Trainer needs keyword inputs (a batch of "
+                             "named columns); for positional batches use ElasticTrainer")
+        out, losses = self.session.step_output(kwargs)
+        self.history.append(losses)
+        return out
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Keep the sampler state in the Trainer's state, so ``trainer_state.json`` carries it to a resume."""
+        state.stateful_callbacks[STATE_KEY] = self.session.state()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Write the elasticize file and the sampler state into the checkpoint folder just saved."""
@@ -108,17 +138,24 @@ class ElasticCallback(_hf.TrainerCallback):
             self.em.set_bn_stats({})  # training goes on with the trained statistics
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Write the final elasticize file (BN-recalibrated per preset) to ``output_dir``."""
+        """Write the final elasticize file (BN-recalibrated per preset) to ``output_dir``; the elastic
+        model's forward is a plain forward again."""
+        self.em.step_forward = None
+        self.restored = False
         if args.should_save:
             self._write(Path(args.output_dir) / self.file_name)
 
     def _write(self, path: Path) -> None:
         import elasticize
 
-        if self._data is not None:
-            self.session.recalibrate(self._data)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        elasticize.save(self.em, path, overwrite=True)
+        hook, self.em.step_forward = self.em.step_forward, None  # recalibration runs plain forwards
+        try:
+            if self._data is not None:
+                self.session.recalibrate(self._data)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            elasticize.save(self.em, path, overwrite=True)
+        finally:
+            self.em.step_forward = hook
 
     def load_checkpoint(self, folder: str | os.PathLike) -> bool:
         """Restore the sampler state saved in a checkpoint folder.
@@ -138,6 +175,7 @@ class ElasticCallback(_hf.TrainerCallback):
         except (ValueError, UnicodeDecodeError) as e:
             raise ValueError(f"{p} is not JSON ({e}); the checkpoint is damaged") from e
         self.session.load_state(state)
+        self.restored = True
         return True
 
 
