@@ -218,9 +218,11 @@ def test_image_folder_shards(image_job):
         image_folder_data(folder, em, shard=(0, 200))
 
 
-def test_train_under_torchrun(image_job, tmp_path):
-    """``torchrun --nproc_per_node 2 -m elasticize train``: gloo data parallel, each process on
-    half of the images, one output and one report written by process 0."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_train_under_torchrun(image_job, tmp_path, parallel):
+    """``torchrun --nproc_per_node 2 -m elasticize train [--fsdp]``: gloo data parallel (DDP, or FSDP2
+    with every residual block sharded), each process on half of the images, one output and one
+    report written by process 0."""
     import os
     import subprocess
 
@@ -232,10 +234,11 @@ def test_train_under_torchrun(image_job, tmp_path):
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "elasticize", "train", "--trust-remote-code", str(model), "--data", str(folder), "--steps", "5", "-o", str(out),
-           "--batch-size", "16", "--state", str(state)]
+           "--batch-size", "16", "--state", str(state), *(["--fsdp"] if parallel == "fsdp" else [])]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("wrote") == 1 and "after 5 steps on 2 processes" in r.stdout
+    assert ("2 processes (FSDP2, " if parallel == "fsdp" else "2 processes (DDP)") in r.stdout  # the recipe line
     info = read_state_info(state)
     # 108 training images, 54 per process: 4 batches of 16 an epoch, so step 5 is the first of epoch 1
     # (one process with all 108 would still be in epoch 0, at batch 5 of 7)

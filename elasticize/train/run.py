@@ -323,7 +323,8 @@ def _always(em: ElasticModel, always: Sequence[str] | None) -> Sequence[str]:
 
 def recipe_line(tr: Trainer, *, lr: float, schedule: str, warmup: float, dropout: bool) -> str:
     """The one line naming a :func:`train_file` job's recipe, e.g. ``recipe: subnetwork-to-go + distillation from
-    the original (cosine), lr 0.0001 constant, dropout off, always: large, medium, small, tiny``."""
+    the original (cosine), lr 0.0001 constant, dropout off, always: large, medium, small, tiny``, and under
+    ``torchrun`` the processes and how they share the model (``, 2 processes (FSDP2, 9 sharded units)``)."""
     opts = tr.strategy.options()
     parts = [tr.strategy.name + (" (" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")" if opts else "")]
     if tr.teacher is not None:
@@ -333,7 +334,10 @@ def recipe_line(tr: Trainer, *, lr: float, schedule: str, warmup: float, dropout
         parts.append("task loss")
     sched = f"one-cycle ({warmup:.0%} warm-up)" if schedule == "onecycle" else schedule
     always = ", ".join(label for label, _ in tr.always) or "none"
-    return f"recipe: {' + '.join(parts)}, lr {lr:g} {sched}, dropout {'on' if dropout else 'off'}, always: {always}"
+    procs = f", {tr.world} processes ({'FSDP2, ' + str(len(tr.units)) + ' sharded units' if tr.parallel == 'fsdp' else 'DDP'})" \
+        if tr.world > 1 else ""
+    return (f"recipe: {' + '.join(parts)}, lr {lr:g} {sched}, dropout {'on' if dropout else 'off'}, always: {always}"
+            f"{procs}")
 
 
 def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, output: str | os.PathLike,
