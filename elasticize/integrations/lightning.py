@@ -7,15 +7,20 @@ passes at every step (one sub-network each; the model's own loss when the batch 
 over it (one forward of the module, so DDP sees all passes). Your ``configure_optimizers``,
 schedulers, precision, logging and loops stay as they are::
 
-    from elasticize.integrations.lightning import ElasticLightningCallback
+    from elasticize.integrations.lightning import ElasticLightningCallback, SafetensorsCheckpointIO
 
-    trainer = pl.Trainer(max_steps=1000, callbacks=[ElasticLightningCallback(module.em, strategy="sandwich")])
+    trainer = pl.Trainer(max_steps=1000, plugins=[SafetensorsCheckpointIO()],
+                         callbacks=[ElasticLightningCallback(module.em, strategy="sandwich")])
     trainer.fit(module, loader)                   # default_root_dir/elastic.safetensors
 
 With each checkpoint (``ModelCheckpoint``) the callback writes the elasticize file (safetensors
 with its manifest, BN-recalibrated per preset) beside it in the checkpoint folder, named after
 the step (``elastic-step=N.safetensors``). Its state in the ``.ckpt`` is JSON-native (the
 sampler's generator as base64), so ``trainer.fit(..., ckpt_path=...)`` resumes the same draws.
+
+Lightning's own ``.ckpt`` is a pickle (``torch.save``) unless the trainer has the plugin
+:class:`~elasticize.integrations.lightning_io.SafetensorsCheckpointIO` (re-exported here): then it is
+one safetensors file with the checkpoint's non-tensor part as JSON, and resuming works the same.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ import torch
 
 from ..model import ElasticModel
 from ._optional import require
+from .lightning_io import SafetensorsCheckpointIO
 from .session import ElasticSession
 
 _pl = require("pytorch_lightning", "integrations")
 
-__all__ = ["ElasticLightningCallback"]
+__all__ = ["ElasticLightningCallback", "SafetensorsCheckpointIO"]
 
 
 class ElasticLightningCallback(_pl.Callback):
