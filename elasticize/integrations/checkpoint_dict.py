@@ -75,9 +75,10 @@ def _child(path: str, key: Any) -> str:
 
 def _refuse(path: str, v: Any) -> None:
     kind = f"{type(v).__module__}.{type(v).__qualname__}".removeprefix("builtins.")
-    raise TypeError(f"{path or 'the checkpoint'} is a {kind}, which a safetensors checkpoint cannot hold without "
+    raise TypeError(f"{path or 'the checkpoint'} is of type {kind}, which a safetensors checkpoint cannot hold without "
                     "pickle; save it as JSON-native values (str, int, float, bool, None, list, tuple, dict) or "
-                    "tensors, or drop it (hyper-parameters: save_hyperparameters(ignore=[...]))")
+                    "tensors (torch.as_tensor for an array), or drop it (hyper-parameters: "
+                    "save_hyperparameters(ignore=[...]))")
 
 
 # --------------------------------------------------------------------------- encoding
@@ -196,8 +197,8 @@ class _Decoder:
         self.tensors = tensors
         self.used: set[str] = set()
         self._tags: dict[str, Callable[[Any, str], Any]] = {
-            "$float": self._float, "$tuple": self._tuple, "$dict": self._dict, "$odict": self._odict,
-            "$tensor": self._tensor, "$dtype": self._dtype, "$path": self._path}
+            "$float": _named(_FLOATS, f"$float: one of {sorted(_FLOATS)}"), "$dtype": _named(_DTYPES, "$dtype: a torch dtype"),
+            "$tuple": self._tuple, "$dict": self._dict, "$odict": self._odict, "$tensor": self._tensor, "$path": self._path}
 
     def value(self, node: Any, path: str) -> Any:
         t = type(node)
@@ -213,11 +214,6 @@ class _Decoder:
         if len(node) != 1 or tags[0] not in self._tags:
             _malformed(path, f"unknown tagged object with keys {sorted(node)[:5]}")
         return self._tags[tags[0]](node[tags[0]], path)
-
-    def _float(self, p: Any, path: str) -> float:
-        if p not in _FLOATS:
-            _malformed(path, f"$float must be one of {sorted(_FLOATS)}, not {p!r:.40}")
-        return _FLOATS[p]
 
     def _tuple(self, p: Any, path: str) -> tuple:
         if type(p) is not list:
@@ -256,15 +252,19 @@ class _Decoder:
         self.used.add(p)
         return self.tensors[p]
 
-    def _dtype(self, p: Any, path: str) -> torch.dtype:
-        if p not in _DTYPES:
-            _malformed(path, f"{p!r:.40} is not a torch dtype")
-        return _DTYPES[p]
-
     def _path(self, p: Any, path: str) -> Path:
         if type(p) is not str:
             _malformed(path, "$path must hold a string")
         return Path(p)
+
+
+def _named(table: dict[str, Any], what: str) -> Callable[[Any, str], Any]:
+    """The decoder of a tag whose payload is a name in ``table``."""
+    def get(p: Any, path: str) -> Any:
+        if type(p) is not str or p not in table:
+            _malformed(path, f"{p!r:.40} is not {what}")
+        return table[p]
+    return get
 
 
 def _hashable_key(k: Any) -> bool:
