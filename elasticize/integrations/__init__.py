@@ -5,7 +5,10 @@ imported by :mod:`elasticize` itself.
 
 * :mod:`elasticize.integrations.transformers`: :class:`~elasticize.integrations.transformers.ElasticCallback`
   and :class:`~elasticize.integrations.transformers.ElasticTrainer` for ``transformers.Trainer``;
-* :mod:`elasticize.integrations.lightning`: :class:`~elasticize.integrations.lightning.ElasticLightningCallback`;
+* :mod:`elasticize.integrations.lightning`: :class:`~elasticize.integrations.lightning.ElasticLightningCallback`
+  and :class:`~elasticize.integrations.lightning_io.SafetensorsCheckpointIO` (Lightning checkpoints
+  without pickle, over :mod:`elasticize.integrations.checkpoint_dict`, which saves any resume dict
+  as safetensors + JSON and needs no optional dependency);
 * :mod:`elasticize.integrations.peft`: LoRA adapters that follow the coupling groups of the layers
   they adapt (:func:`~elasticize.integrations.peft.add_lora`, :func:`~elasticize.integrations.peft.merge_lora`).
 
