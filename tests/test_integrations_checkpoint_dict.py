@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from toy_models import DigitsResNet, digits
 
+from elasticize._files import file_mode
 from elasticize.integrations.checkpoint_dict import CHECKPOINT_KEY, load_checkpoint_dict, save_checkpoint_dict
 
 
@@ -89,6 +90,7 @@ def test_round_trip_is_exact(tmp_path):
 def test_the_file_is_safetensors_and_loading_never_unpickles(tmp_path, monkeypatch):
     sd, opt = _trained_state()
     p = save_checkpoint_dict({"state_dict": sd, "optimizer_states": [opt]}, tmp_path / "last.ckpt")
+    assert p.stat().st_mode & 0o777 == file_mode()  # 0o666 & ~umask, as open() gives
     raw = p.read_bytes()
     assert raw[:4] != b"PK\x03\x04" and raw[0] != 0x80 and b"elasticize.checkpoint" in raw[:int.from_bytes(raw[:8], "little") + 8]
     with safe_open(str(p), framework="pt") as f:
