@@ -9,7 +9,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from .calibration import Compensation, preset_biases
+from .batches import forward_batch, to_device
+from .calibration import Compensation, consumer_means, preset_biases
 
 __all__ = ["CalibratedTensors"]
 
@@ -52,6 +53,23 @@ class CalibratedTensors:
         self.compensation.means = {k: v.detach().float().cpu() for k, v in means.items()}
         self.compensation.presets = preset_biases(self.model, self.plan, self.space, self.presets, means)
         self._install_bn(self._calibrated_name(self._active))
+
+    def calibrate_compensation(self, batches: Any, *, device: Any = None) -> None:
+        """Take the bias compensation means afresh at the full network (trained BatchNorm statistics) on
+        ``batches`` and recompute every preset's compensated biases: after conversion with data, and
+        after training, whose weight changes make the stored means stale (FLAP, arXiv 2312.11983, Eq. 5).
+
+        Args:
+            batches: calibration batches (a tensor, a tuple or a mapping of inputs each).
+            device: where to run them (default: the model's).
+
+        Raises:
+            ValueError: ``batches`` yields no batch.
+        """
+        dev = device if device is not None else next(self.model.parameters()).device
+        with self.subnet(None), self.trained_bn_stats():  # type: ignore[attr-defined]
+            means, _ = consumer_means(self.model, self.plan, [to_device(b, dev) for b in batches], forward_batch)
+        self.set_compensation(means)
 
     @contextlib.contextmanager
     def trained_bn_stats(self) -> Iterator[Any]:

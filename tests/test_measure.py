@@ -199,3 +199,50 @@ def test_solver_pick_within_budget_and_nested():
     cfg, got = solve_checked(em, sens, score, max_macs=0.4 * em.macs(None), extra=uniform)
     assert em.macs(cfg) <= 0.4 * em.macs(None) and got == score(cfg)
     assert got >= max(score(c) for c in [picks[0][0], *uniform])
+
+
+def test_refine_moves_an_over_budget_start_within_and_never_loses():
+    """The local step: from a uniform sub-network just over the budget, re-linearised picks are within it,
+    and a start within it is never measured worse after refining."""
+    from elasticize.measure.evaluate import _Scorer, _score_with_compensation
+    from elasticize.measure.solver import refine, sensitivities, solve_checked
+    from elasticize.train.evaluation import METRICS
+
+    m, batches = _bert()
+    em = elasticize.elasticize(m, (batches[0]["input_ids"][:1],))
+    score = _score_with_compensation(em, _Scorer(em, batches[:2], METRICS["cosine"], mean_pooled, torch.device("cpu")),
+                                     False)
+    budget = 0.4 * em.macs(None)
+    over = [c for c in em.space.candidates() if em.macs(c) > budget][-1]
+    cfg, got = refine(em, score, over, max_macs=budget)
+    assert em.macs(cfg) <= budget and got == score(cfg) and em.resolve(cfg) == cfg
+    within = [c for c in em.space.candidates() if em.macs(c) <= budget][0]
+    cfg2, got2 = refine(em, score, within, max_macs=budget, rounds=2)
+    assert em.macs(cfg2) <= budget and got2 >= score(within)
+    # solve_checked refines its best measured pick: never worse than without refining
+    sens = sensitivities(em, score)
+    plain = solve_checked(em, sens, score, max_macs=budget, refine_rounds=0)
+    refined = solve_checked(em, sens, score, max_macs=budget)
+    assert refined[1] >= plain[1] and em.macs(refined[0]) <= budget
+    with pytest.raises(ValueError, match="give max_macs"):
+        refine(em, score, over)
+
+
+def test_training_recomputes_stale_bias_compensation():
+    """After training, a calibrated model's compensation means are taken afresh (the trainer's
+    recalibration), so each preset's compensated biases fit the trained weights."""
+    from elasticize.train import Trainer, mean_pooled as pooled
+
+    m, batches = _bert()
+    em = elasticize.elasticize(m, (batches[0]["input_ids"][:1],))
+    em.calibrate_compensation(batches)
+    before = {k: v.clone() for k, v in em.compensation.means.items()}
+    tr = Trainer(em, batches, optimizer=torch.optim.AdamW(em.parameters(), lr=1e-2), distill=copy.deepcopy(m),
+                 output_fn=pooled, calibration_batches=4)
+    tr.train_steps(4)
+    assert all(torch.equal(before[k], v) for k, v in em.compensation.means.items())  # training alone leaves them
+    tr.recalibrate()
+    fresh, _ = consumer_means(em.model, em.plan, batches, forward_batch)
+    assert any(not torch.allclose(before[k], v) for k, v in em.compensation.means.items())
+    for k, v in em.compensation.means.items():
+        assert torch.allclose(v, fresh[k], atol=1e-6), k

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..batches import default_output, forward_batch, split_batch, to_device
-from ..calibration import compensated, compensated_biases, consumer_means
+from ..calibration import compensated, compensated_biases
 from ..measured import measurement_key
 from .solver import budget_name, sensitivities, solve_checked, uniform_candidates
 
@@ -42,9 +42,7 @@ def calibrate(em: Any, batches: Sequence[Any], *, compensation: bool = True, bn_
     if not batches:
         raise ValueError("no calibration batch: give more data")
     if compensation:
-        with em.subnet(None), em.trained_bn_stats():
-            means, _ = consumer_means(em.model, em.plan, [to_device(b, device) for b in batches], forward_batch)
-        em.set_compensation(means)
+        em.calibrate_compensation(batches, device=device)
     if batchnorm_layers(em.model):
         recalibrate_bn(em, batches, num_batches=min(bn_batches, len(batches)), device=device)
 

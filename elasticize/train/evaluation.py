@@ -8,6 +8,7 @@ neither training nor an exact resume.
 from __future__ import annotations
 
 import functools
+import itertools
 import statistics
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -80,21 +81,26 @@ class _EvaluationMixin:
 
     @_keeps_rng
     def recalibrate(self, data: Iterable[Any] | None = None) -> dict[str, dict[str, torch.Tensor]]:
-        """BN recalibration of every preset on ``calibration_batches`` batches (default: the training data).
+        """BN recalibration of every preset on ``calibration_batches`` batches (default: the training data), and
+        fresh bias compensation means when the model has them (:meth:`~elasticize.ElasticModel.calibrate_compensation`).
 
         Leaves the random states as they were, so training after it draws what it would have drawn.
 
         Raises:
             ValueError: ``calibration_batches < 1`` or ``data`` yields no batch (see :func:`recalibrate_bn`).
         """
-        stats = recalibrate_bn(self.em, data if data is not None else self.data, num_batches=self.calibration_batches,
+        source = data if data is not None else self.data
+        stats = recalibrate_bn(self.em, source, num_batches=self.calibration_batches,
                                device=self.device, forward=lambda m, b: forward_batch(m, b))
+        if self.em.compensation.means:  # a calibrated file: its means are stale after training
+            self.em.calibrate_compensation(list(itertools.islice(iter(source), self.calibration_batches)),
+                                           device=self.device)
         self._calibrated = True
         return stats
 
     def _ensure_calibrated(self) -> None:
         stale = not self._calibrated or any(p not in self.em.bn_stats for p in self.em.presets)  # add_preset
-        if stale and batchnorm_layers(self.em.model):
+        if stale and (batchnorm_layers(self.em.model) or self.em.compensation.means):
             self.recalibrate()
         self._calibrated = True
 

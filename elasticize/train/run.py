@@ -289,8 +289,10 @@ def _measure(tr: Trainer, held: list, metric: str, *, run: RunOptions, latency: 
     """BN recalibration (when the model has BatchNorm) and every preset measured, each phase announced."""
     from .bn import batchnorm_layers
 
-    if batchnorm_layers(tr.em.model):
-        with run.phase(f"BN recalibration of {len(tr.em.presets)} presets", tr.rank):
+    if batchnorm_layers(tr.em.model) or tr.em.compensation.means:
+        what = " and ".join(w for w, on in (("BN recalibration", batchnorm_layers(tr.em.model)),
+                                            ("bias compensation", bool(tr.em.compensation.means))) if on)
+        with run.phase(f"{what} of {len(tr.em.presets)} presets", tr.rank):
             tr.recalibrate()
     with run.phase(f"measuring {len(tr.em.presets)} presets on {len(held)} held-out batches", tr.rank):
         return tr.evaluate(held, metric=metric, latency=latency)
