@@ -49,7 +49,8 @@ def test_builtin_strategies_are_registered_in_order():
     assert list(STRATEGIES) == ["sortednet", "subnetwork-to-go", "sandwich", "skip-aware", "full"]
     assert all(cls.name == name for name, cls in STRATEGIES.items())
     flags = {opt.flag: names for opt, names in strategy_cli_options()}
-    assert flags == {"--accumulate": ("sortednet",), "--objective": ("sortednet",), "--n-random": ("sandwich",)}
+    assert flags == {"--accumulate": ("sortednet",), "--objective": ("sortednet",), "--full-weight": ("subnetwork-to-go",),
+                     "--n-random": ("sandwich",)}
 
 
 def test_a_duplicate_name_raises_and_replaces_nothing():
@@ -114,3 +115,18 @@ def test_a_registered_strategy_trains_by_name_and_is_saved_in_the_state(tmp_path
         assert all(set(r["losses"]) == {"max0", "max1"} for r in rec)
         assert read_state_info(tmp_path / "state.safetensors")["strategy"] == {"name": "test-twice",
                                                                                 "options": {"k": 2}}
+
+
+def test_subnetwork_to_go_full_weight_scales_the_full_pass_only():
+    em = elasticize.elasticize(DigitsResNet(c=8), (torch.zeros(1, 1, 8, 8),))
+    from elasticize.train import SubnetSampler
+
+    s = make_strategy("subnetwork-to-go", full_weight=3)
+    full, rand = s.passes(SubnetSampler(em.space, seed=0))
+    assert (full.label, full.weight, rand.weight) == ("full", 3.0, 1.0)
+    assert s.options() == {"full_weight": 3.0}
+    assert make_strategy("subnetwork-to-go").options() == {}  # the paper's loss: states saved before still resume
+    assert ("--full-weight", "full_weight", ("subnetwork-to-go",)) in [(o.flag, o.key, n) for o, n in strategy_cli_options()]
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="full_weight"):
+            make_strategy("subnetwork-to-go", full_weight=bad)

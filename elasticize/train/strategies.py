@@ -268,10 +268,32 @@ class SortedNet(Strategy):
 
 @register_strategy("subnetwork-to-go")
 class SubnetworkToGo(Strategy):
-    """Subnetwork-to-go (arXiv 2312.03464): the full network plus one random sub-network per step."""
+    """Subnetwork-to-go (arXiv 2312.03464): the full network plus one random sub-network per step.
+
+    The paper's loss is ``L(full) + L(random)``; ``full_weight`` scales the first term
+    (``full_weight * L(full) + L(random)``), which holds the full network closer to where it was
+    when many smaller sub-networks share its weights (``always`` presets).
+
+    Args:
+        full_weight: factor on the full network's loss, > 0 (1: the paper's).
+
+    Raises:
+        ValueError: ``full_weight`` not a finite number > 0.
+    """
+
+    cli_options = (StrategyOption("--full-weight", "full_weight", "factor on the full network's loss.", float),)
+
+    def __init__(self, *, full_weight: float = 1.0) -> None:
+        w = float(full_weight)
+        if not (w > 0 and w != float("inf")):
+            raise ValueError(f"full_weight must be a finite number > 0, got {full_weight}")
+        self.full_weight = w
 
     def passes(self, sampler: SubnetSampler) -> list[Pass]:
-        return [Pass(sampler.largest(), "full"), Pass(sampler.sample(), "random")]
+        return [Pass(sampler.largest(), "full", weight=self.full_weight), Pass(sampler.sample(), "random")]
+
+    def options(self) -> dict[str, Any]:
+        return {} if self.full_weight == 1.0 else {"full_weight": self.full_weight}
 
 
 @register_strategy("sandwich")
