@@ -339,11 +339,13 @@ class Budget:
             of the full network's (0.4 for ``40%``).
         share: whether ``amount`` is a fraction of the full network's.
         text: what the user wrote.
+        kind: ``"macs"``, ``"params"`` or ``"latency"`` (what :func:`parse_budget` read it as).
     """
 
     amount: float
     share: bool
     text: str
+    kind: str = "macs"
 
     def resolve(self, full: float) -> float:
         """The absolute budget, given the full network's amount (same unit)."""
@@ -390,8 +392,8 @@ def parse_budget(text: str | float, *, kind: str) -> Budget:
     if suffix == "%":
         if not 0 < value <= 100:
             raise ValueError(f"{text!r}: a share of the full network must be in (0, 100]%")
-        return Budget(value / 100, True, str(text).strip())
+        return Budget(value / 100, True, str(text).strip(), kind)
     amount = value * units[suffix]
     if not (math.isfinite(amount) and amount > 0):
         raise ValueError(f"{str(text)[:40]!r} is not a positive, finite budget; write e.g. {example}")
-    return Budget(amount, False, str(text).strip())
+    return Budget(amount, False, str(text).strip(), kind)

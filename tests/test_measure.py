@@ -14,7 +14,7 @@ from elasticize.batches import forward_batch
 from elasticize.calibration import consumer_means
 from elasticize.cli import main
 from elasticize.train.losses import mean_pooled
-from toy_models import digits
+from toy_models import DigitsResNet, digits
 
 from conftest import scratch_dir  # noqa: E402
 
@@ -246,3 +246,36 @@ def test_training_recomputes_stale_bias_compensation():
     assert any(not torch.allclose(before[k], v) for k, v in em.compensation.means.items())
     for k, v in em.compensation.means.items():
         assert torch.allclose(v, fresh[k], atol=1e-6), k
+
+
+def test_latency_budget_picks_a_timed_subnetwork(monkeypatch):
+    """A measured-latency budget (``--budgets 5ms`` on the command line; here a share of the full network's):
+    the pick timed within it when it was chosen, and is smaller than the full network; a budget below the
+    smallest sub-network's time is a clear error."""
+    import importlib
+
+    from elasticize.cli.eval import _budgets
+    from elasticize.measure.solver import solve_latency
+    from elasticize.space import parse_budget
+
+    ev = importlib.import_module("elasticize.measure.evaluate")  # the module (the package exports the function)
+    torch.manual_seed(0)
+    # wide enough at 32x32 that compute, not per-call overhead, sets the latency
+    data = [(torch.nn.functional.interpolate(x, size=32), y) for x, y in digit_batches(5, size=16)]
+    em = elasticize.elasticize(DigitsResNet(c=32, blocks=1).eval(), (data[0][0][:1],), dims=("width",))
+    timed, real = [], ev._latency
+
+    def spy(dense, batch, threads, min_time):
+        timed.append(real(dense, batch, threads, min_time))
+        return timed[-1]
+
+    monkeypatch.setattr(ev, "_latency", spy)
+    record = elasticize.evaluate(em, data[3:], calibration=data[:3], budgets=[parse_budget("60%", kind="latency")],
+                                 min_time=0.02, batch_size=16)
+    assert "budget-60-latency" in em.presets and em.macs("budget-60-latency") < em.macs(None)
+    assert any(r["name"] == "budget-60-latency" and "latency_s" in r for r in record["results"])
+    assert len(timed) > 5  # the full network, the smallest, the bisection's picks and the final check were timed
+    with pytest.raises(ValueError, match="smallest sub-network takes"):  # before any sensitivity is used
+        solve_latency(em, {}, lambda cfg: 0.0, lambda cfg: 2e-3, 1e-3)
+    kinds = [b.kind for b in _budgets(None, None, "25%, 5ms,1.2G,800us")]
+    assert kinds == ["macs", "latency", "macs", "latency"]

@@ -14,17 +14,27 @@ from ._common import _app_dir, _app_dir_option, _base_model_options, _build_base
 
 
 def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> list[Any]:
-    """``--budgets 25%,50%,75%`` (or ``50M,1.2G``) as MACs budgets.
+    """``--budgets 25%,50%,75%`` (or ``50M,1.2G``) as MACs budgets; items with a time unit (``5ms``,
+    ``0.01s``, ``800us``) as measured-latency budgets.
 
     Raises:
-        click.BadParameter: an item that is not a MACs budget.
+        click.BadParameter: an item that is neither.
     """
+    import re
+
     from ..space import parse_budget
 
-    try:
-        return [parse_budget(v.strip(), kind="macs") for v in (value or "").split(",") if v.strip()]
-    except ValueError as e:
-        raise click.BadParameter(str(e), param=param) from None
+    out = []
+    for v in (value or "").split(","):
+        v = v.strip()
+        if not v:
+            continue
+        timed = re.fullmatch(r".*[0-9.]\s*(s|ms|us|µs)", v, flags=re.IGNORECASE) is not None
+        try:
+            out.append(parse_budget(v, kind="latency" if timed else "macs"))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param=param) from None
+    return out
 
 
 @click.command("eval")
@@ -35,7 +45,8 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.option("--candidates", type=click.IntRange(0, 10_000), default=0, show_default=True,
               help="Also measure this many nested uniform sub-networks.")
 @click.option("--budgets", callback=_budgets, metavar="LIST",
-              help="Add the solver's pick for each MACs budget as a preset budget-<budget>, e.g. 25%,50%,75%.")
+              help="Add the solver's pick for each budget as a preset budget-<budget>: MACs (25%,50%,1.2G) or "
+              "measured latency per --batch-size batch (5ms, 800us).")
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True, help="Samples per timed batch.")
 @click.option("--data-batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Samples per calibration / measured batch.")

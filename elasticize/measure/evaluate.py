@@ -23,7 +23,7 @@ from torch import nn
 from ..batches import default_output, forward_batch, split_batch, to_device
 from ..calibration import compensated, compensated_biases
 from ..measured import measurement_key
-from .solver import budget_name, sensitivities, solve_checked, uniform_candidates
+from .solver import budget_name, sensitivities, solve_checked, solve_latency, uniform_candidates
 
 __all__ = ["evaluate", "calibrate"]
 
@@ -171,8 +171,10 @@ def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), m
             output) -> per-sample scores``; higher is better.
         output_fn: ``(model output, batch) -> tensor``, e.g. :func:`~elasticize.train.mean_pooled`.
         candidates: how many nested uniform sub-networks to measure besides the presets.
-        budgets: :class:`~elasticize.space.Budget` s of MACs (or plain MACs); each adds the solver's pick
-            as preset ``budget-<text>`` (:func:`~elasticize.measure.solver.solve`).
+        budgets: :class:`~elasticize.space.Budget` s of MACs or of latency (``kind="latency"``: seconds
+            per ``batch_size`` batch, or a share of the full network's, timed as below), or plain MACs;
+            each adds the solver's pick as preset ``budget-<text>`` (a latency share: ``budget-<text>-latency``)
+            (:func:`~elasticize.measure.solver.solve_checked`, :func:`~elasticize.measure.solver.solve_latency`).
         device: where to run and time (``"cpu"``, ``"cuda"``...).
         batch_size: samples per timed batch (the record's key).
         threads: CPU threads for timing (default: torch's).
@@ -201,12 +203,22 @@ def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), m
             calibrate(em, calibration, compensation=True, device=dev)
         run = _score_with_compensation(em, calib_scorer, compensation)
         sens = sensitivities(em, run)
+        timed_batch = _cut(to_device(held[0], dev), batch_size)
+
+        def seconds(cfg: dict) -> float:
+            return _latency(em.extract(cfg).eval(), timed_batch, threads, min_time)
+
         for b in budgets:
-            text = b.text if isinstance(b, Budget) else f"{float(b):g}"
-            limit = b.resolve(em.macs(None)) if isinstance(b, Budget) else float(b)
-            uniform = [c for c in em.space.candidates() if em.macs(c) <= limit][:2]
-            cfg, _ = solve_checked(em, sens, run, max_macs=limit, extra=uniform)
-            em.add_preset(budget_name(text), cfg, replace=True)
+            name = budget_name(b.text if isinstance(b, Budget) else f"{float(b):g}")
+            if isinstance(b, Budget) and b.kind == "latency":
+                limit = b.resolve(seconds(em.space.full()) if b.share else 1.0)
+                cfg, _, _ = solve_latency(em, sens, run, seconds, limit)
+                name += "-latency" if b.share else ""  # budget-5ms; a share: budget-70-latency
+            else:
+                limit = b.resolve(em.macs(None)) if isinstance(b, Budget) else float(b)
+                uniform = [c for c in em.space.candidates() if em.macs(c) <= limit][:2]
+                cfg, _ = solve_checked(em, sens, run, max_macs=limit, extra=uniform)
+            em.add_preset(name, cfg, replace=True)
     extra = {f"~candidate{i}": c for i, c in enumerate(uniform_candidates(em, candidates, list(em.presets.values())))}
     rows = []
     with _extra_presets(em, extra):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-__all__ = ["sensitivities", "solve", "solve_checked", "refine", "budget_name", "uniform_candidates"]
+__all__ = ["sensitivities", "solve", "solve_checked", "solve_latency", "refine", "budget_name", "uniform_candidates"]
 
 
 def _units(em: Any) -> list[tuple[str, str, list[int]]]:
@@ -268,6 +268,57 @@ def refine(em: Any, score: Callable[[dict], float], start: dict, *, max_macs: fl
     if best is None:
         raise ValueError(f"no sub-network within max_macs={max_macs}, max_params={max_params} near {start}")
     return best
+
+
+def solve_latency(em: Any, sens: dict[str, Any], score: Callable[[dict], float], seconds: Callable[[dict], float],
+                  max_latency: float, *, steps: int = 7, refine_rounds: int = 3) -> tuple[dict, float, float]:
+    """The solver's pick within a *measured* latency budget.
+
+    Latency is not additive over groups the way MACs are, and measuring it per group and choice
+    would cost hundreds of timings. So the MACs budget is the proxy that is searched: bisection
+    (``steps`` rounds) over MACs budgets finds the largest one whose :func:`solve` pick measures
+    within ``max_latency``; at that MACs budget :func:`solve_checked` picks (checked, refined), and
+    its latency is measured again; a pick that times over the budget is replaced by the
+    bisection's last pick that timed within it.
+
+    Args:
+        em: the elastic model.
+        sens: :func:`sensitivities`.
+        score: ``config -> metric`` on calibration data, higher is better.
+        seconds: ``config -> measured latency`` in seconds (of the extracted sub-network, as
+            ``elasticize eval`` times it).
+        max_latency: the budget in seconds.
+        steps: bisection rounds.
+        refine_rounds: :func:`refine` rounds of the final pick.
+
+    Returns:
+        ``(resolved configuration, its measured metric, its measured seconds)``.
+
+    Raises:
+        ValueError: even the smallest sub-network measures over ``max_latency``.
+    """
+    smallest = em.space.candidates()[-1]
+    lo_macs, hi_macs = float(em.macs(smallest)), float(em.macs(None))
+    t_small = seconds(smallest)
+    if t_small > max_latency:
+        raise ValueError(f"the smallest sub-network takes {t_small * 1e3:.3g} ms, over the {max_latency * 1e3:.3g} ms "
+                         "budget; give a larger latency budget (or time with more --threads)")
+    within: tuple[dict, float] = (smallest, t_small)
+    for _ in range(steps):
+        mid = (lo_macs + hi_macs) / 2
+        cfg = solve(em, sens, max_macs=mid)[0]
+        t = seconds(cfg)
+        if t <= max_latency:
+            lo_macs, within = mid, (cfg, t)
+        else:
+            hi_macs = mid
+    cfg, metric = solve_checked(em, sens, score, max_macs=lo_macs, refine_rounds=refine_rounds,
+                                extra=[within[0]])
+    t = seconds(cfg)
+    if t > max_latency:
+        cfg, t = within
+        metric = score(cfg)
+    return cfg, metric, t
 
 
 def _one(full: dict, dim: str, name: str, k: int) -> dict:
