@@ -209,16 +209,16 @@ def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), m
             return _latency(em.extract(cfg).eval(), timed_batch, threads, min_time)
 
         for b in budgets:
-            name = budget_name(b.text if isinstance(b, Budget) else f"{float(b):g}")
+            pick_name = budget_name(b.text if isinstance(b, Budget) else f"{float(b):g}")
             if isinstance(b, Budget) and b.kind == "latency":
                 limit = b.resolve(seconds(em.space.full()) if b.share else 1.0)
                 cfg, _, _ = solve_latency(em, sens, run, seconds, limit)
-                name += "-latency" if b.share else ""  # budget-5ms; a share: budget-70-latency
+                pick_name += "-latency" if b.share else ""  # budget-5ms; a share: budget-70-latency
             else:
                 limit = b.resolve(em.macs(None)) if isinstance(b, Budget) else float(b)
                 uniform = [c for c in em.space.candidates() if em.macs(c) <= limit][:2]
                 cfg, _ = solve_checked(em, sens, run, max_macs=limit, extra=uniform)
-            em.add_preset(name, cfg, replace=True)
+            em.add_preset(pick_name, cfg, replace=True)
     extra = {f"~candidate{i}": c for i, c in enumerate(uniform_candidates(em, candidates, list(em.presets.values())))}
     rows = []
     with _extra_presets(em, extra):
