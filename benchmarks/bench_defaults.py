@@ -45,6 +45,8 @@ RECIPES = {
                              "--no-dropout", *_ALL],
     "s2g-presets-full4": ["--strategy", "subnetwork-to-go", "--full-weight", "4", "--lr", "3e-4", "--schedule",
                           "onecycle", "--no-dropout", *_ALL],
+    "s2g-presets-1e-4": ["--strategy", "subnetwork-to-go", "--lr", "1e-4", "--schedule", "onecycle", "--no-dropout",
+                         *_ALL],
     "s2g-presets-full10": ["--strategy", "subnetwork-to-go", "--full-weight", "10", "--lr", "3e-4", "--schedule",
                            "onecycle", "--no-dropout", *_ALL],
 }

@@ -23,7 +23,7 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "training.md"
 
 def test_defaults_are_the_documented_recipe():
     """The API's, the command's and the guide's defaults are one recipe (benchmarks/bench_defaults.py's pick)."""
-    assert DEFAULTS == {"strategy": "subnetwork-to-go", "lr": 3e-4, "schedule": "onecycle", "dropout": False,
+    assert DEFAULTS == {"strategy": "subnetwork-to-go", "lr": 1e-4, "schedule": "onecycle", "dropout": False,
                         "always": None}
     api = inspect.signature(train_file).parameters
     cli = {p.name: p.default for p in train_command.params}
@@ -33,7 +33,7 @@ def test_defaults_are_the_documented_recipe():
         assert cli[key] == DEFAULTS[key], key
     assert _always(()) is None and _always(("none",)) == () and _always(("tiny",)) == ("tiny",)
     guide = GUIDE.read_text()
-    assert ("recipe: subnetwork-to-go + distillation from the original (cosine), lr 0.0003 one-cycle (6% warm-up), "
+    assert ("recipe: subnetwork-to-go + distillation from the original (cosine), lr 0.0001 one-cycle (6% warm-up), "
             "dropout off, always: full, large, medium, small, tiny") in guide
 
 
@@ -57,7 +57,7 @@ def test_a_default_run_names_its_recipe_at_the_start(tmp_path, caplog):
     res = CliRunner().invoke(main, [*args, "-o", str(d / "a.safetensors")], terminal_width=WIDE)
     assert res.exit_code == 0, res.output
     presets = ", ".join(elasticize.read_manifest(model)["presets"])  # largest first
-    assert res.output.splitlines()[0] == ("recipe: subnetwork-to-go + task loss, lr 0.0003 one-cycle (6% warm-up), dropout off, "
+    assert res.output.splitlines()[0] == ("recipe: subnetwork-to-go + task loss, lr 0.0001 one-cycle (6% warm-up), dropout off, "
                      f"always: {presets}"), res.output
     res = CliRunner().invoke(main, [*args, "--strategy", "sandwich", "--n-random", "1", "--lr", "1e-3",
                                     "--schedule", "constant", "--always", "none", "--dropout",

@@ -52,9 +52,9 @@ _log = logging.getLogger(__name__)
 #: guide says why): Subnetwork-to-go (the full network and one random sub-network per step),
 #: every preset also trained at every step (``always=None``: the full network's second pass
 #: weighs it against the smaller ones that share its weights), one-cycle learning rate peaking
-#: at 3e-4, dropout off (the original's output, the target, is deterministic); distillation from
+#: at 1e-4, dropout off (the original's output, the target, is deterministic); distillation from
 #: the original as before (always for text; for images when converted from pretrained weights).
-DEFAULTS: dict[str, Any] = {"strategy": "subnetwork-to-go", "lr": 3e-4, "schedule": "onecycle", "dropout": False,
+DEFAULTS: dict[str, Any] = {"strategy": "subnetwork-to-go", "lr": 1e-4, "schedule": "onecycle", "dropout": False,
                             "always": None}
 
 
