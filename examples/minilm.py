@@ -55,6 +55,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="minilm-elastic", help="output folder (default: %(default)s)")
     p.add_argument("--sentences", type=int, default=256)
+    p.add_argument("--refine-rounds", type=int, default=3, help="re-linearisation rounds of each budget pick")
     args = p.parse_args()
     torch.manual_seed(0)
     console = Console()
@@ -94,7 +95,8 @@ def main() -> None:
     as_cut = elasticize.evaluate(em, held_batches, metric="cosine", output_fn=mean_pooled, latency=False)
     cut = {r["name"]: r["cosine"] for r in as_cut["results"]}
     record = elasticize.evaluate(em, held_batches, calibration=calib_batches, metric="cosine", output_fn=mean_pooled,
-                                 budgets=[parse_budget(b, kind="macs") for b in ("50%", "25%")], latency=False)
+                                 budgets=[parse_budget(b, kind="macs") for b in ("50%", "25%")], latency=False,
+                                 refine_rounds=args.refine_rounds)
     table = Table(title=f"{len(held)} held-out standard-library docstring sentences, no gradient step")
     for col in ("sub-network", "MACs / sentence", "% of full", "cosine as cut", "cosine calibrated"):
         table.add_column(col, justify="left" if col == "sub-network" else "right")

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_the_main_job_runs_and_writes_its_calibrated_file(tmp_path):
     out = tmp_path / "minilm-elastic"
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
-    res = subprocess.run([sys.executable, str(ROOT / "examples" / "minilm.py"), "--out", str(out), "--sentences", "16"],
+    res = subprocess.run([sys.executable, str(ROOT / "examples" / "minilm.py"), "--out", str(out), "--sentences", "16",
+                          "--refine-rounds", "1"],
                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     for row in ("full", "large", "medium", "small", "tiny", "budget-50", "budget-25", "minilm-half"):

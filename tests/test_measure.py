@@ -48,7 +48,7 @@ def measured(tmp_path_factory):
         assert res.exit_code == 0, res.output
         out = d / "measured.safetensors"
         args = ["eval", "--trust-remote-code", str(model), "--data", "test_measure:digit_batches", "-o", str(out),
-                "--candidates", "3", "--min-time", "0.01", "--budgets", "50%", "--csv", str(d / "r.csv"), "--json", str(d / "r.json"),
+                "--candidates", "3", "--min-time", "0.01", "--budgets", "50%", "--refine-rounds", "1", "--csv", str(d / "r.csv"), "--json", str(d / "r.json"),
                 "--plot", str(d / "pareto.png")]
         res = CliRunner().invoke(main, args, catch_exceptions=False)
         assert res.exit_code == 0, res.output
@@ -271,7 +271,7 @@ def test_latency_budget_picks_a_timed_subnetwork(monkeypatch):
 
     monkeypatch.setattr(ev, "_latency", spy)
     record = elasticize.evaluate(em, data[3:], calibration=data[:3], budgets=[parse_budget("60%", kind="latency")],
-                                 min_time=0.02, batch_size=16)
+                                 min_time=0.005, batch_size=16, refine_rounds=1)
     assert "budget-60-latency" in em.presets and em.macs("budget-60-latency") < em.macs(None)
     assert any(r["name"] == "budget-60-latency" and "latency_s" in r for r in record["results"])
     assert len(timed) > 5  # the full network, the smallest, the bisection's picks and the final check were timed

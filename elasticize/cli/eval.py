@@ -47,6 +47,8 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.option("--budgets", callback=_budgets, metavar="LIST",
               help="Add the solver's pick for each budget as a preset budget-<budget>: MACs (25%,50%,1.2G) or "
               "measured latency per --batch-size batch (5ms, 800us).")
+@click.option("--refine-rounds", type=click.IntRange(0, 20), default=3, show_default=True,
+              help="Re-linearisation rounds of each budget pick (0: the checked pick as it is).")
 @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True, help="Samples per timed batch.")
 @click.option("--data-batch-size", type=click.IntRange(1), default=32, show_default=True,
               help="Samples per calibration / measured batch.")
@@ -64,7 +66,7 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str | None) -> l
 @click.option("--force", is_flag=True, help="Replace existing outputs (never the input).")
 @_base_model_options
 @_app_dir_option
-def eval_(file: str, data: str, output: str | None, candidates: int, budgets: list, batch_size: int,
+def eval_(file: str, data: str, output: str | None, candidates: int, budgets: list, refine_rounds: int, batch_size: int,
           data_batch_size: int, threads: int | None, device: str, no_compensation: bool, min_time: float, no_latency: bool,
           csv_path: str | None, json_path: str | None, plot_path: str | None, plot_x: str, force: bool,
           model_spec: str | None, trust_remote_code: bool, app_dir: str | None) -> None:
@@ -89,7 +91,8 @@ def eval_(file: str, data: str, output: str | None, candidates: int, budgets: li
         record = _run(lambda: evaluate(em, ds.held, calibration=ds.calibration, metric=ds.metric,
                                        output_fn=ds.output_fn, candidates=candidates, budgets=budgets,
                                        device=device, batch_size=batch_size, threads=threads,
-                                       latency=not no_latency, min_time=min_time, compensation=not no_compensation, source=ds.source))
+                                       latency=not no_latency, min_time=min_time, compensation=not no_compensation,
+                                       source=ds.source, refine_rounds=refine_rounds))
     console.print(report.table(record, em.macs(None)))
     if csv_path:
         _run(lambda: report.write_csv(record, csv_path, overwrite=force))

@@ -330,9 +330,9 @@ def save_checkpoint_dict(obj: dict[str, Any], path: str | os.PathLike) -> Path:
     return atomic_write(p, lambda tmp: save_file(tensors, tmp, metadata={CHECKPOINT_KEY: text}), overwrite=True)
 
 
-_PICKLE_HINT = ("elasticize never unpickles a file. Convert it once, in a session you trust: "
-                "save_checkpoint_dict(torch.load(path, weights_only=True), new_path), or resume it once without "
-                "SafetensorsCheckpointIO and save again with it")
+_PICKLE_HINT = ("elasticize never unpickles a file. Convert it once, in a session you trust: read it with "
+                "torch.load and weights_only=True, then save_checkpoint_dict(that, new_path); or resume it once "
+                "without SafetensorsCheckpointIO and save again with it")
 
 
 def _sniff(p: Path) -> None:

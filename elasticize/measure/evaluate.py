@@ -155,11 +155,30 @@ def _score_with_compensation(em: Any, score: _Scorer, compensation: bool) -> Cal
     return run
 
 
+def _add_budget_picks(em: Any, budgets: Sequence[Any], score: Callable[[dict], float],
+                      seconds: Callable[[dict], float], refine_rounds: int) -> None:
+    """Add the solver's pick for each budget as a preset (see :func:`evaluate`'s ``budgets``)."""
+    from ..space import Budget
+
+    sens = sensitivities(em, score)
+    for b in budgets:
+        pick_name = budget_name(b.text if isinstance(b, Budget) else f"{float(b):g}")
+        if isinstance(b, Budget) and b.kind == "latency":
+            limit = b.resolve(seconds(em.space.full()) if b.share else 1.0)
+            cfg, _, _ = solve_latency(em, sens, score, seconds, limit, refine_rounds=refine_rounds)
+            pick_name += "-latency" if b.share else ""  # budget-5ms; a share: budget-70-latency
+        else:
+            limit = b.resolve(em.macs(None)) if isinstance(b, Budget) else float(b)
+            uniform = [c for c in em.space.candidates() if em.macs(c) <= limit][:2]
+            cfg, _ = solve_checked(em, sens, score, max_macs=limit, extra=uniform, refine_rounds=refine_rounds)
+        em.add_preset(pick_name, cfg, replace=True)
+
+
 def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), metric: str | Metric = "accuracy",
              output_fn: Callable[[Any, Any], torch.Tensor] = default_output, candidates: int = 0,
              budgets: Sequence[Any] = (), device: str = "cpu", batch_size: int = 1, threads: int | None = None,
              latency: bool = True, min_time: float = 0.2, compensation: bool = True,
-             source: str = "") -> dict[str, Any]:
+             source: str = "", refine_rounds: int = 3) -> dict[str, Any]:
     """Calibrate and measure every preset, ``candidates`` uniform sub-networks and a solver pick per budget.
 
     Args:
@@ -182,6 +201,8 @@ def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), m
         min_time: seconds of timing per sub-network (``Timer.blocked_autorange(min_run_time)``).
         compensation: use bias compensation.
         source: what the data was, for the record.
+        refine_rounds: rounds of :func:`~elasticize.measure.solver.refine` per budget pick (0: the checked
+            pick as it is; each round costs about two measurements per group and stage).
 
     Returns:
         The record stored in ``em.measurements[measurement_key(device, batch_size)]``.
@@ -190,8 +211,6 @@ def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), m
         KeyError: an unknown metric. ValueError: a metric that needs targets the batches lack, or a
             budget no sub-network meets.
     """
-    from ..space import Budget
-
     name, fn = _metric_fn(metric)
     dev = torch.device(device)
     em.to(dev).eval()
@@ -202,23 +221,9 @@ def evaluate(em: Any, held: Sequence[Any], *, calibration: Sequence[Any] = (), m
         if compensation:
             calibrate(em, calibration, compensation=True, device=dev)
         run = _score_with_compensation(em, calib_scorer, compensation)
-        sens = sensitivities(em, run)
         timed_batch = _cut(to_device(held[0], dev), batch_size)
-
-        def seconds(cfg: dict) -> float:
-            return _latency(em.extract(cfg).eval(), timed_batch, threads, min_time)
-
-        for b in budgets:
-            pick_name = budget_name(b.text if isinstance(b, Budget) else f"{float(b):g}")
-            if isinstance(b, Budget) and b.kind == "latency":
-                limit = b.resolve(seconds(em.space.full()) if b.share else 1.0)
-                cfg, _, _ = solve_latency(em, sens, run, seconds, limit)
-                pick_name += "-latency" if b.share else ""  # budget-5ms; a share: budget-70-latency
-            else:
-                limit = b.resolve(em.macs(None)) if isinstance(b, Budget) else float(b)
-                uniform = [c for c in em.space.candidates() if em.macs(c) <= limit][:2]
-                cfg, _ = solve_checked(em, sens, run, max_macs=limit, extra=uniform)
-            em.add_preset(pick_name, cfg, replace=True)
+        _add_budget_picks(em, budgets, run, lambda cfg: _latency(em.extract(cfg).eval(), timed_batch, threads, min_time),
+                          refine_rounds)
     extra = {f"~candidate{i}": c for i, c in enumerate(uniform_candidates(em, candidates, list(em.presets.values())))}
     rows = []
     with _extra_presets(em, extra):

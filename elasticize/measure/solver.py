@@ -17,10 +17,12 @@ keeping the best pick within the true budget. Choices are nested, so a pick stil
 
 3. **Check and refine** (:func:`solve_checked`, :func:`refine`): the best picks are measured, and the
    best measured one (or the smallest uniform sub-network over the budget, if it measures better) is
-   the point the drops are measured around again, every group moved up or down one at a time from
-   it, and the program solved once more with those local changes. Measured on all-MiniLM-L6-v2 at
-   25% of the MACs (``benchmarks/bench_measured.py``), the program from the full network's drops picked
-   a sub-network that scored below the uniform one; the re-linearised one scores above it.
+   the point the drops are measured around again, every group moved up or down one choice from it,
+   and the program solved once more with those local changes. On all-MiniLM-L6-v2
+   (``benchmarks/bench_measured.py``) the program from the full network's drops picked 2 or 3 layers
+   at 25% of the MACs with the default choices, which measured below the uniform sub-network; with
+   finer choices it keeps all 6 layers, and the checked, refined pick scores 0.638 against 0.296
+   for the best uniform sub-network within the budget (refining adds 0.006 of it).
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def solve_checked(em: Any, sens: dict[str, Any], score: Callable[[dict], float],
                   max_params: float | None = None, checks: int = 6, extra: Sequence[dict] = (),
                   refine_rounds: int = 3) -> tuple[dict, float]:
     """The solver's pick, checked by measuring: the best *measured* of the ``checks`` best predicted picks
-    (one per depth configuration) and of ``extra`` candidates within the budget, then :func:`refine` d
-    from the better measured of that and the smallest uniform sub-network over the budget.
+    (one per depth configuration) and of ``extra`` candidates within the budget, then refined
+    (:func:`refine`) from the better measured of that and the smallest uniform sub-network over the budget.
 
     The predicted metric adds one-at-a-time drops; it is poor where drops interact, above all a
     shallower network whose remaining layers are also narrowed (on MiniLM at 25% MACs it predicted
@@ -158,7 +160,10 @@ def solve_checked(em: Any, sens: dict[str, Any], score: Callable[[dict], float],
     if over:  # candidates() runs from largest to smallest: the last over the budget is the nearest above it
         above = (over[-1], score(over[-1]))
         start = above if above[1] > best[1] else best
-    refined = refine(em, score, start[0], max_macs=max_macs, max_params=max_params, rounds=refine_rounds)
+    try:
+        refined = refine(em, score, start[0], max_macs=max_macs, max_params=max_params, rounds=refine_rounds)
+    except ValueError:  # from a start over the budget, no round came within it: the checked pick stands
+        return best
     return refined if refined[1] > best[1] else best
 
 
