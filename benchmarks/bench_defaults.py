@@ -47,6 +47,10 @@ RECIPES = {
                           "onecycle", "--no-dropout", *_ALL],
     "s2g-presets-1e-4": ["--strategy", "subnetwork-to-go", "--lr", "1e-4", "--schedule", "onecycle", "--no-dropout",
                          *_ALL],
+    "s2g-presets-1e-4-hidden": ["--strategy", "subnetwork-to-go", "--lr", "1e-4", "--schedule", "onecycle",
+                                "--no-dropout", "--distill-loss", "hidden", *_ALL],
+    "s2g-presets-3e-4-hidden": ["--strategy", "subnetwork-to-go", "--lr", "3e-4", "--schedule", "onecycle",
+                                "--no-dropout", "--distill-loss", "hidden", *_ALL],
     "s2g-presets-full10": ["--strategy", "subnetwork-to-go", "--full-weight", "10", "--lr", "3e-4", "--schedule",
                            "onecycle", "--no-dropout", *_ALL],
 }
