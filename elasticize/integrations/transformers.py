@@ -125,8 +125,10 @@ class ElasticCallback(_hf.TrainerCallback):
         return out
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Keep the sampler state in the Trainer's state, so ``trainer_state.json`` carries it to a resume."""
-        state.stateful_callbacks[STATE_KEY] = self.session.state()
+        """Before a checkpoint (``DefaultFlowCallback``, which runs first, has set ``should_save``), put the
+        sampler state in the Trainer's state, so ``trainer_state.json`` carries it to a resume."""
+        if control.should_save:
+            state.stateful_callbacks[STATE_KEY] = self.session.state()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Write the elasticize file and the sampler state into the checkpoint folder just saved."""

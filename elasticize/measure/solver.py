@@ -87,10 +87,8 @@ def solve(em: Any, sens: dict[str, Any], *, max_macs: float | None = None, max_p
     """
     import itertools
 
-    if max_macs is None and max_params is None:
-        raise ValueError("give max_macs and/or max_params")
     full = em.space.full()
-    bounds = [(float(b), fn) for b, fn in ((max_macs, em.macs), (max_params, em.params)) if b is not None]
+    bounds = _bounds(em, max_macs, max_params)
     stages = [(name, ch) for dim, name, ch in _units(em) if dim == "depth"]
     combos = list(itertools.product(*[ch for _, ch in stages]))
     if len(combos) > max_depths:
@@ -145,17 +143,16 @@ def solve_checked(em: Any, sens: dict[str, Any], score: Callable[[dict], float],
         ValueError: as :func:`solve`.
     """
     picks = [c for c, _ in solve(em, sens, max_macs=max_macs, max_params=max_params, every_depth=True)[:max(checks, 1)]]
+    bounds = _bounds(em, max_macs, max_params)
     for c in extra:
         c = em.resolve(c)
-        if (max_macs is None or em.macs(c) <= max_macs) and (max_params is None or em.params(c) <= max_params) \
-                and c not in picks:
+        if _within(c, bounds) and c not in picks:
             picks.append(c)
     scored = [(c, score(c)) for c in picks]
     best = max(scored, key=lambda p: p[1])
     if refine_rounds <= 0:
         return best
-    over = [c for c in em.space.candidates()
-            if (max_macs is not None and em.macs(c) > max_macs) or (max_params is not None and em.params(c) > max_params)]
+    over = [c for c in em.space.candidates() if not _within(c, bounds)]
     start = best
     if over:  # candidates() runs from largest to smallest: the last over the budget is the nearest above it
         above = (over[-1], score(over[-1]))
@@ -190,7 +187,7 @@ def _milp(em: Any, units: list, drops: dict, base: dict, base_metric: float, bou
     var = [(dim, name, k) for dim, name, ch in units for k in ch]
     if not var:
         cfg = em.resolve(base)
-        return (cfg, base_metric) if all(fn(cfg) <= b for b, fn in bounds) else None
+        return (cfg, base_metric) if _within(cfg, bounds) else None
     obj = np.array([drops[v] for v in var], dtype=float)
     eq = np.zeros((len(units), len(var)))
     col = 0
@@ -249,13 +246,11 @@ def refine(em: Any, score: Callable[[dict], float], start: dict, *, max_macs: fl
     Raises:
         ValueError: no bound, or no round found a sub-network within it.
     """
-    if max_macs is None and max_params is None:
-        raise ValueError("give max_macs and/or max_params")
-    bounds = [(float(b), fn) for b, fn in ((max_macs, em.macs), (max_params, em.params)) if b is not None]
+    bounds = _bounds(em, max_macs, max_params)
     units = _units(em)
     current = em.resolve(start)
     best: tuple[dict, float] | None = None
-    if all(fn(current) <= b for b, fn in bounds):
+    if _within(current, bounds):
         best = (current, score(current))
     for _ in range(max(rounds, 0)):
         here = score(current) if best is None or best[0] != current else best[1]
@@ -324,6 +319,21 @@ def solve_latency(em: Any, sens: dict[str, Any], score: Callable[[dict], float],
         cfg, t = within
         metric = score(cfg)
     return cfg, metric, t
+
+
+def _bounds(em: Any, max_macs: float | None, max_params: float | None) -> list[tuple[float, Callable[[Any], float]]]:
+    """``(budget, cost function)`` of each bound given.
+
+    Raises:
+        ValueError: neither is given.
+    """
+    if max_macs is None and max_params is None:
+        raise ValueError("give max_macs and/or max_params")
+    return [(float(b), fn) for b, fn in ((max_macs, em.macs), (max_params, em.params)) if b is not None]
+
+
+def _within(cfg: Any, bounds: list[tuple[float, Callable[[Any], float]]]) -> bool:
+    return all(fn(cfg) <= b for b, fn in bounds)
 
 
 def _one(full: dict, dim: str, name: str, k: int) -> dict:
