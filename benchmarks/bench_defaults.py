@@ -9,7 +9,8 @@ docstrings (``examples/docstrings.py``) but the first ``--held-out``, one per li
 loaded and every preset measured on the held-out sentences: the mean cosine similarity of its mean-pooled
 sentence embedding to the original model's (:meth:`elasticize.train.Trainer.evaluate` with the original as
 teacher). Reported per recipe: the ``recipe:`` line the command printed, seconds per step, and full + each
-preset's cosine before and after. ``--batch-size`` and ``--max-length`` are given to every recipe alike (the
+preset's cosine before and after; and once, each preset's cosine after the ranking ``elasticize train --sort auto``
+does before its first step (activation importance on 8 batches of the training text), without training. ``--batch-size`` and ``--max-length`` are given to every recipe alike (the
 2-core VM cannot afford the default batch of 32 for several 300-step runs).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_defaults.py --steps 300 --recipes defaults,previous
@@ -51,6 +52,9 @@ RECIPES = {
                                 "--no-dropout", "--distill-loss", "hidden", *_ALL],
     "s2g-presets-3e-4-hidden": ["--strategy", "subnetwork-to-go", "--lr", "3e-4", "--schedule", "onecycle",
                                 "--no-dropout", "--distill-loss", "hidden", *_ALL],
+    "defaults-unsorted": ["--sort", "keep"],
+    "sorted-1e-4": ["--lr", "1e-4", "--full-weight", "1"],
+    "sorted-4e-5": ["--lr", "4e-5", "--full-weight", "1"],
     "s2g-presets-full10": ["--strategy", "subnetwork-to-go", "--full-weight", "10", "--lr", "3e-4", "--schedule",
                            "onecycle", "--no-dropout", *_ALL],
 }
@@ -110,14 +114,18 @@ def main() -> None:
     src = work / "minilm.elastic.safetensors"
     run_cli(["convert", path, "-o", str(src), "--force"], work / "convert.log", args.threads)
     before = cosines(str(src), held, teacher)
+    ranked = cosines(str(_ranked(src, text, args.max_length, work)), held, teacher)
     presets = list(before)
     shared = ["--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--eval-fraction", "0.02",
               "--seed", "0", "--device", "cpu"]
     print(f"{len(lines)} stdlib docstring sentences, {args.held_out} held out; {args.steps} steps x batch "
           f"{args.batch_size}, max {args.max_length} tokens; before: "
           + ", ".join(f"{p} {v:.4f}" for p, v in before.items()), flush=True)
-    rows, lines_used = [["before training", "", *(f"{before[p]:.4f}" for p in presets), "", ""]], []
-    for name in args.recipes.split(","):
+    rows = [["before training", "", *(f"{before[p]:.4f}" for p in presets), "", ""],
+            ["ranked, before training", "(what --sort auto starts from)", *(f"{ranked[p]:.4f}" for p in presets),
+             f"{min(ranked[p] - before[p] for p in presets if p != 'full'):+.4f}", ""]]
+    lines_used: list[list[str]] = []
+    for name in filter(None, args.recipes.split(",")):
         out = work / f"{name}.safetensors"
         secs, recipe = run_cli(["train", str(src), "--data", str(text), "--steps", str(args.steps), "-o", str(out),
                                 "--force", *shared, *RECIPES[name]], work / f"{name}.log", args.threads)
@@ -130,7 +138,21 @@ def main() -> None:
         print(f"{name}: {secs:.0f} s; {recipe}; " + ", ".join(f"{p} {after[p]:.4f}" for p in presets)
               + f"; smallest gain {gain:+.4f}", flush=True)
         record(args, presets, rows, lines_used)  # after every recipe: a long run keeps what it measured
+    record(args, presets, rows, lines_used)
     print("\n" + _results.markdown(_results.table(_header(presets), rows)))
+
+
+def _ranked(src: Path, text: Path, max_length: int, work: Path) -> Path:
+    """``src`` with its units ranked by activation importance on 8 batches of ``text``, as ``elasticize train
+    --sort auto`` ranks them before its first step (no training)."""
+    import elasticize
+    from elasticize.train import sort_by_activation
+    from elasticize.train.data import calibration_batches
+
+    em = elasticize.load(str(src))
+    sort_by_activation(em, calibration_batches(text, input_shapes=em.input_shapes, recipe=em.recipe, files=em.files,
+                                               max_length=max_length))
+    return elasticize.save(em, work / "ranked.safetensors", overwrite=True)
 
 
 def _header(presets: list[str]) -> list[str]:

@@ -239,12 +239,14 @@ def test_train_under_torchrun(image_job, tmp_path, parallel):
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("wrote") == 1 and "after 5 steps on 2 processes" in r.stdout
     assert ("2 processes (FSDP2, " if parallel == "fsdp" else "2 processes (DDP)") in r.stdout  # the recipe line
+    # the data-free file is ranked by activation importance first, process 0's order broadcast to both
+    assert "units sorted by activation importance on 4 batches of the data" in r.stdout, r.stdout
     info = read_state_info(state)
     # 108 training images, 54 per process: 4 batches of 16 an epoch, so step 5 is the first of epoch 1
     # (one process with all 108 would still be in epoch 0, at batch 5 of 7)
     assert (info["step"], info["epoch"], info["batch_in_epoch"]) == (5, 1, 1)
     m = elasticize.read_manifest(out)
-    assert all("accuracy" in p["metrics"] for p in m["presets"].values())
+    assert all("accuracy" in p["metrics"] for p in m["presets"].values()) and m["importance"]["order"] == "activation"
     before, after = load_file(str(model)), load_file(str(out))
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
 

@@ -414,3 +414,14 @@ class FixedReshape(nn.Module):
 
     def forward(self, x):
         return self.lin(x).reshape(x.shape[0], self.n)
+
+
+def digit_folder(folder, n: int) -> None:
+    """The first ``n`` training digits of :func:`digits` as PNGs in ``folder``, one sub-folder per class."""
+    from PIL import Image
+
+    x, y, _, _ = digits()
+    for i in range(n):
+        cls = folder / str(int(y[i]))
+        cls.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[i, 0].numpy() * 255).astype("uint8"), mode="L").save(cls / f"{i}.png")

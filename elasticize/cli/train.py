@@ -168,6 +168,10 @@ def _distribution(values: tuple[str, ...]) -> dict[str, list[float]]:
               help="A plain progress line every N steps when the output is not a terminal (0: none).")
 @click.option("--augment", is_flag=True, help="Image folders: augment the training images with timm's training "
               "transform (random resized crop, flip, colour jitter); held-out images never are.")
+@click.option("--sort", type=click.Choice(["auto", "activation", "keep"]), default="auto", show_default=True,
+              help="Before training, rank the units by activation importance on 8 batches of --data "
+                   "(function-preserving): auto does it for a file still as converted without data, activation "
+                   "insists, keep never does.")
 @click.option("--force", is_flag=True, help="Replace an existing output file (never the input).")
 @_base_model_options
 @_app_dir_option
@@ -176,7 +180,7 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, batch_si
           eval_every: int, eval_fraction: float, max_length: int, state: str | None, save_every: int,
           resume: str | None, device: str | None, always: tuple[str, ...], amp: bool | None, val_data: str | None,
           workers: int, weight_decay: float, max_grad_norm: float | None, distribution: dict[str, list[float]],
-          fsdp: bool, log_dir: str | None, log_every: int, augment: bool, force: bool, model_spec: str | None,
+          fsdp: bool, log_dir: str | None, log_every: int, augment: bool, sort: str, force: bool, model_spec: str | None,
           trust_remote_code: bool, app_dir: str | None) -> None:
     """Train the super-network FILE so every sub-network is good, and write it to OUTPUT."""
     from .._files import check_output
@@ -196,8 +200,8 @@ def train(file: str, data: str, steps: int, output: str, strategy: str, batch_si
     tty = console.is_terminal
     run = RunOptions(weight_decay=weight_decay, max_grad_norm=max_grad_norm, workers=workers,
                      distribution=distribution or None, parallel="fsdp" if fsdp else "ddp", val_data=val_data,
-                     log_dir=log_dir, log_every=0 if tty else log_every, status=lambda line: console.print(line),
-                     augment=augment)
+                     log_dir=log_dir, log_every=0 if tty else log_every, augment=augment, sort=sort,
+                     status=lambda line: console.print(line, soft_wrap=True))  # a log line stays one line
     result = _run(lambda: train_file(file, data=data, steps=steps, output=output, strategy=strategy,
                                      strategy_options=options, batch_size=batch_size, lr=lr, schedule=schedule,
                                      warmup=warmup, seed=seed, distill=distill, distill_loss=distill_loss,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import itertools
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ from .data import image_folder_data, text_file_data
 from .distributed import process_group
 from .labelled import is_labelled, labelled_text_data
 from .losses import masked_hidden, mean_pooled
+from .presort import SORTS, presort_blocker, sort_by_activation
 from .records import TrainLog
 from .schedules import SCHEDULES, make_scheduler, saved_schedule
 from .state import check_state_info, read_state_info
@@ -49,13 +51,15 @@ _log = logging.getLogger(__name__)
 
 #: The recipe of :func:`train_file` and ``elasticize train`` when no option changes it, the best
 #: of the side-by-side run ``benchmarks/bench_defaults.py`` (300 steps on MiniLM; the training
-#: guide says why): Subnetwork-to-go (the full network and one random sub-network per step),
-#: every preset also trained at every step (``always=None``: the full network's second pass
-#: weighs it against the smaller ones that share its weights), one-cycle learning rate peaking
-#: at 1e-4, dropout off (the original's output, the target, is deterministic); distillation from
-#: the original as before (always for text; for images when converted from pretrained weights).
-DEFAULTS: dict[str, Any] = {"strategy": "subnetwork-to-go", "lr": 1e-4, "schedule": "onecycle", "dropout": False,
-                            "always": None}
+#: guide says why): Subnetwork-to-go (the full network and one random sub-network per step) with
+#: the full network's loss weighted 3 (``strategy_options``, merged under the caller's own when the
+#: strategy is this one), every preset also trained at every step (``always=None``), one-cycle
+#: learning rate peaking at 5e-5, dropout off (the original's output, the target, is
+#: deterministic); distillation from the original as before (always for text; for images when
+#: converted from pretrained weights). A file still as converted without data is first ranked by
+#: activation importance on the training data (``RunOptions.sort``).
+DEFAULTS: dict[str, Any] = {"strategy": "subnetwork-to-go", "strategy_options": {"full_weight": 3.0}, "lr": 5e-5,
+                            "schedule": "onecycle", "dropout": False, "always": None}
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,11 @@ class RunOptions:
         status: receives the plain lines (progress records and what each phase is doing); default ``print``.
         augment: image folders: the training images are augmented (timm's training transform; see
             :func:`~elasticize.train.data.image_transforms`); the held-out ones never are.
+        sort: one of :data:`~elasticize.train.presort.SORTS`: ``"auto"`` ranks a file still as converted
+            without data by activation importance on 8 batches of ``data`` before training (function-preserving;
+            :func:`~elasticize.train.presort.sort_by_activation`), ``"activation"`` insists (ValueError for a file
+            :func:`~elasticize.train.presort.presort_blocker` keeps, or when sorting would change the full network's
+            output), ``"keep"`` never does.
     """
 
     weight_decay: float = 0.01
@@ -88,6 +97,7 @@ class RunOptions:
     log_every: int = 0
     status: Callable[[str], None] | None = None
     augment: bool = False
+    sort: str = "auto"
 
     def check(self, data: Path) -> None:
         """Raise ValueError (a bad value), FileNotFoundError (a missing ``val_data``), FileExistsError
@@ -101,6 +111,8 @@ class RunOptions:
             raise ValueError(f"--workers must be >= 0 (0: load in the training process), got {self.workers}")
         if self.parallel not in PARALLEL:
             raise ValueError(f"parallel={self.parallel!r}: choose one of {', '.join(PARALLEL)}")
+        if self.sort not in SORTS:
+            raise ValueError(f"--sort {self.sort!r}: choose one of {', '.join(SORTS)}")
         if self.log_every < 0:
             raise ValueError(f"--log-every must be >= 0 (0: no plain records), got {self.log_every}")
         if self.log_dir is not None and Path(self.log_dir).exists() and not Path(self.log_dir).is_dir():
@@ -231,9 +243,11 @@ def _load_checked(src: Path, *, text: bool, model: Any, trust_remote_code: bool,
 
 
 def _task(d: Path, em: ElasticModel, *, text: bool, distill_loss: str, batch_size: int, eval_fraction: float,
-          max_length: int, seed: int, shard: tuple[int, int], run: RunOptions) -> tuple[Any, list, Any, Any, str]:
-    """``(training data, held-out batches, task loss, output_fn, metric)`` of a text file or an image folder
-    (the held-out batches from ``run.val_data`` when it is given)."""
+          max_length: int, seed: int, shard: tuple[int, int], run: RunOptions,
+          dev: Any = "cpu") -> tuple[Any, list, Any, Any, str, str]:
+    """``(training data, held-out batches, task loss, output_fn, metric, order)`` of a text file or an image folder
+    (the held-out batches from ``run.val_data`` when it is given), after ``em``'s units are put in the order
+    ``run.sort`` asks for (:func:`_presort`, on ``dev``; ``order`` says which)."""
     fraction = 0.0 if run.val_data is not None else eval_fraction
     labelled = text and is_labelled(d)
     if labelled:
@@ -248,9 +262,10 @@ def _task(d: Path, em: ElasticModel, *, text: bool, distill_loss: str, batch_siz
     if run.val_data is not None:
         held = list(read(run.val_data, em, batch_size=batch_size, eval_fraction=0.0, seed=seed,
                          **({"what": "--val-data"} if labelled else {}))[0])
+    order = _presort(em, d, run.sort, labelled=labelled, max_length=max_length, seed=seed, dev=dev)
     if text and not labelled:
-        return train, held, None, TEXT_LOSSES[distill_loss], "cosine"
-    return train, held, torch.nn.CrossEntropyLoss(), None, "accuracy"
+        return train, held, None, TEXT_LOSSES[distill_loss], "cosine", order
+    return train, held, torch.nn.CrossEntropyLoss(), None, "accuracy", order
 
 
 def _train(tr: Trainer, held: list, metric: str, *, steps: int, eval_every: int,
@@ -298,12 +313,40 @@ def _measure(tr: Trainer, held: list, metric: str, *, run: RunOptions, latency: 
         return tr.evaluate(held, metric=metric, latency=latency)
 
 
+def _presort(em: ElasticModel, d: Path, sort: str, *, labelled: bool, max_length: int, seed: int, dev: Any,
+             batches: int = 8) -> str:
+    """Sort ``em``'s units by activation importance on the first ``batches`` batches of 32 of ``d`` when ``sort``
+    asks (:mod:`elasticize.train.presort`); the recipe line's words for the order trained.
+
+    Raises:
+        ValueError: ``sort="activation"`` for a file :func:`~elasticize.train.presort.presort_blocker` keeps,
+            or a sort that changed the full network's output.
+    """
+    blocker = None if sort == "keep" else presort_blocker(em)
+    if sort == "activation" and blocker is not None:
+        raise ValueError(f"--sort activation would re-rank the units of {em.source_path or 'the model'}, but {blocker}; "
+                         "give a file fresh from `elasticize convert`, or pass --sort keep")
+    if sort == "keep" or blocker is not None:
+        return "units as in the file" + ("" if sort == "keep" else f" ({blocker})")
+    if labelled:
+        data = labelled_text_data(d, em, batch_size=32, eval_fraction=0.0, seed=seed, max_length=max_length)[0]
+    else:
+        from .data import calibration_batches
+        data = calibration_batches(d, input_shapes=em.input_shapes, recipe=em.recipe, files=em.files, num_batches=batches,
+                                   max_length=max_length)
+    sort_by_activation(em.to(dev), list(itertools.islice(iter(data), batches)), device=dev)
+    n = em.importance["calibration_batches"]
+    return f"units sorted by activation importance on {n} batch{'es' if n != 1 else ''} of the data"
+
+
 def _trainer(em: Any, train: Any, dev: Any, *, loss_fn: Any, output_fn: Any, lr: float, steps: int, schedule: str,
-             warmup: float, resume: Any, dropout: bool, run: RunOptions, rank: int, **options: Any) -> tuple[Trainer, str]:
+             warmup: float, resume: Any, dropout: bool, run: RunOptions, rank: int, order: str = "",
+             **options: Any) -> tuple[Trainer, str]:
     """The job's :class:`Trainer` (the model on ``dev``, AdamW at ``lr`` and its learning-rate schedule,
     resumed from the state file ``resume`` when one is given) and its :func:`recipe_line`, logged and
     said (``run.status``, else ``print``) by process 0."""
     em.to(dev)
+    options["strategy_options"] = _options(options["strategy"], options.get("strategy_options"))
     opt = torch.optim.AdamW(em.parameters(), lr=lr, weight_decay=run.weight_decay)
     tr = Trainer(em, train, optimizer=opt, loss_fn=loss_fn, device=dev, max_grad_norm=run.max_grad_norm,
                  distribution=run.distribution, parallel=run.parallel,
@@ -311,11 +354,16 @@ def _trainer(em: Any, train: Any, dev: Any, *, loss_fn: Any, output_fn: Any, lr:
                  **({} if output_fn is None else {"output_fn": output_fn}))
     if resume is not None:
         tr.load_state(str(resume))
-    recipe = recipe_line(tr, lr=lr, schedule=schedule, warmup=warmup, dropout=dropout)
+    recipe = recipe_line(tr, lr=lr, schedule=schedule, warmup=warmup, dropout=dropout, order=order)
     _log.info(recipe)
     if rank == 0:
         (run.status or print)(recipe)
     return tr, recipe
+
+
+def _options(strategy: str, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The strategy's options: ``given`` over ``DEFAULTS["strategy_options"]`` when ``strategy`` is the default one."""
+    return {**(DEFAULTS["strategy_options"] if strategy == DEFAULTS["strategy"] else {}), **(given or {})}
 
 
 def _always(em: ElasticModel, always: Sequence[str] | None) -> Sequence[str]:
@@ -323,10 +371,11 @@ def _always(em: ElasticModel, always: Sequence[str] | None) -> Sequence[str]:
     return list(em.presets) if always is None else always
 
 
-def recipe_line(tr: Trainer, *, lr: float, schedule: str, warmup: float, dropout: bool) -> str:
+def recipe_line(tr: Trainer, *, lr: float, schedule: str, warmup: float, dropout: bool, order: str = "") -> str:
     """The one line naming a :func:`train_file` job's recipe, e.g. ``recipe: subnetwork-to-go + distillation from
-    the original (cosine), lr 0.0001 constant, dropout off, always: large, medium, small, tiny``, and under
-    ``torchrun`` the processes and how they share the model (``, 2 processes (FSDP2, 9 sharded units)``)."""
+    the original (cosine), lr 0.0001 constant, dropout off, always: large, medium, small, tiny``, then ``order``
+    (how the units were ordered, e.g. ``units sorted by activation importance on 8 batches of the data``) and
+    under ``torchrun`` the processes and how they share the model (``, 2 processes (FSDP2, 9 sharded units)``)."""
     opts = tr.strategy.options()
     parts = [tr.strategy.name + (" (" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ")" if opts else "")]
     if tr.teacher is not None:
@@ -339,7 +388,7 @@ def recipe_line(tr: Trainer, *, lr: float, schedule: str, warmup: float, dropout
     procs = f", {tr.world} processes ({'FSDP2, ' + str(len(tr.units)) + ' sharded units' if tr.parallel == 'fsdp' else 'DDP'})" \
         if tr.world > 1 else ""
     return (f"recipe: {' + '.join(parts)}, lr {lr:g} {sched}, dropout {'on' if dropout else 'off'}, always: {always}"
-            f"{procs}")
+            f"{', ' + order if order else ''}{procs}")
 
 
 def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, output: str | os.PathLike,
@@ -363,7 +412,7 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
         lr: AdamW (peak) learning rate.
         seed: sampler and data-split seed.
         strategy: a registered strategy (see :func:`~elasticize.train.make_strategy`).
-        strategy_options: the strategy's options.
+        strategy_options: the strategy's options (over ``DEFAULTS["strategy_options"]`` for the default strategy).
         schedule: a :data:`~elasticize.train.schedules.SCHEDULES` name.
         warmup: the one-cycle warm-up share of ``steps``, in (0, 1).
         distill: distil from the original (None: the module's default; text: always).
@@ -398,8 +447,8 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
             a ``distill_loss`` not of the data's kind (or, on logits, without distillation); ``distill=False`` for
             lines of text; empty data or bad labelled text (:func:`~elasticize.train.labelled.labelled_text_data`); a
             resume state of another run; text for a model without a tokenizer; a file :func:`elasticize.load` refuses.
-        KeyError, TypeError: an ``always`` name that is not a preset or an unknown ``strategy``; a
-            ``strategy_options`` key the strategy does not take. Also the errors of :meth:`RunOptions.check`.
+        KeyError, TypeError: an ``always`` name that is not a preset or an unknown ``strategy``; a ``strategy_options``
+            key the strategy does not take. Also the errors of :meth:`RunOptions.check` and of ``run.sort`` (see it).
     """
     src, out, d, run = Path(path), Path(output), Path(data), run or RunOptions()
     _check_job(src, out, d, steps=steps, eval_every=eval_every, schedule=schedule, warmup=warmup, state=state,
@@ -409,12 +458,12 @@ def train_file(path: str | os.PathLike, *, data: str | os.PathLike, steps: int, 
                                      resume=resume, schedule=schedule, steps=steps, distill=distill,
                                      distill_loss=distill_loss, dropout=dropout, labelled=labelled)
     with process_group(device or ("cuda" if torch.cuda.is_available() else "cpu")) as (rank, world, dev):
-        train, held, loss_fn, output_fn, metric = _task(
+        train, held, loss_fn, output_fn, metric, order = _task(
             d, em, text=text, distill_loss=distill_loss, batch_size=batch_size, eval_fraction=eval_fraction,
-            max_length=max_length, seed=seed, shard=(rank, world), run=run)
+            max_length=max_length, seed=seed, shard=(rank, world), run=run, dev=dev)
         tr, recipe = _trainer(
             em, train, dev, loss_fn=loss_fn, output_fn=output_fn, lr=lr, steps=steps, schedule=schedule, warmup=warmup,
-            strategy=strategy, strategy_options=strategy_options, seed=seed, distill_loss=distill_loss,
+            strategy=strategy, strategy_options=strategy_options, seed=seed, distill_loss=distill_loss, order=order,
             distill=True if text and not labelled else "auto" if distill is None else distill, dropout=dropout,
             calibration_batches=calibration_batches, always=_always(em, always), amp=amp, resume=resume, run=run, rank=rank)
         history, metrics = _train_and_save(tr, held, metric, out, steps=steps, eval_every=eval_every, on_eval=on_eval,

@@ -281,7 +281,8 @@ class SubnetworkToGo(Strategy):
         ValueError: ``full_weight`` not a finite number > 0.
     """
 
-    cli_options = (StrategyOption("--full-weight", "full_weight", "factor on the full network's loss.", float),)
+    cli_options = (StrategyOption("--full-weight", "full_weight", "factor on the full network's loss "
+                                  "(elasticize train's default: 3; the paper's: 1).", float),)
 
     def __init__(self, *, full_weight: float = 1.0) -> None:
         w = float(full_weight)
