@@ -59,7 +59,7 @@ def test_train_ranks_a_fresh_file_and_never_a_trained_one(digits_job):
     assert res.exit_code == 0 and "units as in the file" in res.output.splitlines()[0], res.output
     assert elasticize.read_manifest(d / "k.safetensors")["importance"]["order"] == "magnitude"
     res = _train(d / "k.safetensors", d / "digits", d / "c.safetensors")
-    assert "units as in the file (it has been trained (its presets have measured metrics))" in res.output
+    assert "units as in the file (it has been trained: its presets have measured metrics)" in res.output
     res = _train(d / "k.safetensors", d / "digits", d / "c2.safetensors", "--sort", "activation")
     assert res.exit_code == 1 and "Traceback" not in res.output, res.output
     assert "--sort activation would re-rank the units" in res.output and "--sort keep" in res.output

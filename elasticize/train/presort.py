@@ -44,7 +44,7 @@ def presort_blocker(em: Any) -> str | None:
         em: the :class:`~elasticize.ElasticModel`, as loaded.
 
     Returns:
-        The reason, a clause such as ``"it has been trained (its presets have measured metrics)"``, or None.
+        The reason, a clause such as ``"it has been trained: its presets have measured metrics"``, or None.
     """
     order = em.importance.get("order")
     if order != "magnitude":
@@ -52,7 +52,7 @@ def presort_blocker(em: Any) -> str | None:
                 "it keeps its channel order (converted with --no-sort)" if order is None and "order" in em.importance
                 else "its importance order is not recorded")
     if any(em.metrics.get(p) for p in em.metrics):
-        return "it has been trained (its presets have measured metrics)"
+        return "it has been trained: its presets have measured metrics"
     if em.measurements:
         return "it holds `elasticize eval` measurements"
     if em.bn_stats or em.compensation.means:
