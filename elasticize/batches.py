@@ -17,7 +17,7 @@ floating-point tensors by :func:`float_tensors`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -92,6 +92,13 @@ def default_output(output: Any, batch: Any = None) -> torch.Tensor:
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise TypeError(f"cannot find the output tensor in a {type(output).__name__}; pass output_fn=")
+
+
+def same_outputs(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], rtol: float) -> bool:
+    """Whether two :func:`float_tensors` lists agree: the same shapes, every difference within ``rtol`` of the
+    reference's largest magnitude (at least 1)."""
+    return len(got) == len(ref) and all(
+        a.shape == b.shape and bool((a - b).abs().max() <= rtol * max(1.0, b.abs().max().item())) for a, b in zip(got, ref))
 
 
 def float_tensors(output: Any) -> list[torch.Tensor]:

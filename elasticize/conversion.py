@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, adapter_for_model, get_adapter
-from .batches import float_tensors
+from .batches import float_tensors, same_outputs
 from .elastic import ElasticModel
 from .graph import Analysis
 from .graph import analyze as trace_and_analyze
@@ -224,9 +224,7 @@ def sort_units(model: nn.Module, plan: Plan, inputs: tuple, sort: str, calibrati
 def _same_function(model: nn.Module, inputs: tuple, ref: list[torch.Tensor], rtol: float = 1e-4) -> bool:
     """Whether ``model(*inputs)`` still gives ``ref``, within ``rtol`` of its largest magnitude."""
     with torch.no_grad():
-        got = float_tensors(model(*inputs))
-    return len(got) == len(ref) and all(
-        a.shape == b.shape and bool((a - b).abs().max() <= rtol * max(1.0, b.abs().max().item())) for a, b in zip(got, ref))
+        return same_outputs(float_tensors(model(*inputs)), ref, rtol)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 
-from ..batches import float_tensors, forward_batch, to_device
+from ..batches import float_tensors, forward_batch, same_outputs, to_device
 from ..importance import activation_importance, sort_by_importance
 
 __all__ = ["SORTS", "presort_blocker", "sort_by_activation"]
@@ -101,7 +101,7 @@ def sort_by_activation(em: Any, batches: Sequence[Any], *, device: Any = None, r
                     scores[name] = t.cpu()
             perms = sort_by_importance(em.model, em.plan, scores)
             got = float_tensors(forward_batch(em, batches[0]))
-            if not _same(got, ref, rtol):
+            if not same_outputs(got, ref, rtol):
                 sort_by_importance(em.model, em.plan, {n: -torch.tensor(p, dtype=torch.float64) for n, p in perms.items()})
                 raise ValueError("sorting by activation importance changed the full network's output (a tensor "
                                  "outside the plan shares the channels); the order is kept: pass --sort keep")
@@ -109,8 +109,3 @@ def sort_by_activation(em: Any, batches: Sequence[Any], *, device: Any = None, r
         em.train(was_training)
     em.importance = {"order": "activation", "calibration_batches": len(batches)}
     return perms
-
-
-def _same(got: list[torch.Tensor], ref: list[torch.Tensor], rtol: float) -> bool:
-    return len(got) == len(ref) and all(
-        a.shape == b.shape and bool((a - b).abs().max() <= rtol * max(1.0, b.abs().max().item())) for a, b in zip(got, ref))
