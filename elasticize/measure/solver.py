@@ -249,11 +249,9 @@ def refine(em: Any, score: Callable[[dict], float], start: dict, *, max_macs: fl
     bounds = _bounds(em, max_macs, max_params)
     units = _units(em)
     current = em.resolve(start)
-    best: tuple[dict, float] | None = None
-    if _within(current, bounds):
-        best = (current, score(current))
+    here = score(current)
+    best = (current, here) if _within(current, bounds) else None
     for _ in range(max(rounds, 0)):
-        here = score(current) if best is None or best[0] != current else best[1]
         near = [(dim, name, ch[max(i - steps, 0):i + steps + 1])
                 for dim, name, ch in units for i in [ch.index(current[dim][name])]]
         drops = {(dim, name, k): 0.0 if k == current[dim][name] else here - score(_one(current, dim, name, k))
@@ -262,9 +260,9 @@ def refine(em: Any, score: Callable[[dict], float], start: dict, *, max_macs: fl
         if pick is None or pick[0] == current:
             break
         current = pick[0]
-        measured = score(current)
-        if best is None or measured > best[1]:
-            best = (current, measured)
+        here = score(current)
+        if best is None or here > best[1]:
+            best = (current, here)
     if best is None:
         raise ValueError(f"no sub-network within max_macs={max_macs}, max_params={max_params} near {start}")
     return best
